@@ -1,0 +1,245 @@
+"""A BERT / RoBERTa encoder in plain MindSpore, plus the soft prompt and the head.
+
+One file, read top to bottom: the encoder (embeddings, attention, feed-forward),
+then `PromptClassifier`, which puts a learned prompt in front of the word
+embeddings and a small head on top.  Everything here runs in GRAPH_MODE and
+exports to MindIR with dynamic batch and sequence axes.
+
+The prompt follows PEFT's prompt tuning exactly, so adapters interoperate:
+the virtual tokens go *before* [CLS]/<s>, the attention mask gets a prefix of
+ones, token types a prefix of zeros, and position embeddings count the prompt
+positions too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+
+DEVICES = ("CPU", "GPU", "Ascend")
+
+
+def use_device(device: str = "CPU") -> None:
+    """Graph mode on the given device; everything in the builder assumes it."""
+    if device not in DEVICES:
+        raise ValueError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device(device)
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    model_type: str  # "bert" or "roberta"
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_positions: int
+    type_vocab_size: int
+    layer_norm_eps: float
+    pad_token_id: int
+    hidden_act: str = "gelu"
+
+    @property
+    def position_offset(self) -> int:
+        # RoBERTa numbers positions from pad_token_id + 1 (a fairseq legacy);
+        # with right padding and no pads inside the text this is a plain offset.
+        return self.pad_token_id + 1 if self.model_type == "roberta" else 0
+
+
+def erf(x):
+    """erf from Abramowitz & Stegun 7.1.26 (max error 1.5e-7).
+
+    MindSpore's ONNX exporter has no Erf op, so the graph exported to ONNX
+    computes it from exp and arithmetic.  Training and MindIR use the native
+    GELU: the formula costs 25% of a forward pass on CPU.
+    """
+    sign = x / (ops.abs(x) + 1e-30)  # no Sign op in the ONNX exporter either
+    a = ops.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return sign * (1.0 - poly * ops.exp(-a * a))
+
+
+def gelu_erf_free(x):
+    return 0.5 * x * (1.0 + erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def gelu_exact(x):
+    return ops.gelu(x, approximate="none")
+
+
+class Embeddings(nn.Cell):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.word = Parameter(np.zeros((cfg.vocab_size, h), np.float32), name="word")
+        self.position = Parameter(np.zeros((cfg.max_positions, h), np.float32), name="position")
+        self.token_type = Parameter(np.zeros((cfg.type_vocab_size, h), np.float32), name="token_type")
+        self.norm = nn.LayerNorm((h,), epsilon=cfg.layer_norm_eps)
+        self.offset = cfg.position_offset
+
+    def construct(self, inputs_embeds, token_type_ids):
+        seq = inputs_embeds.shape[1]
+        # Slicing the table (not cumsum over the mask) keeps the graph ONNX-exportable.
+        positions = self.position[self.offset : self.offset + seq]
+        types = ops.gather(self.token_type, token_type_ids, 0)
+        return self.norm(inputs_embeds + positions + types)
+
+
+class Attention(nn.Cell):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.heads = cfg.num_heads
+        self.head_dim = h // cfg.num_heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.qkv = nn.Dense(h, 3 * h)  # one GEMM for query, key and value
+        self.out = nn.Dense(h, h)
+        self.norm = nn.LayerNorm((h,), epsilon=cfg.layer_norm_eps)
+
+    def construct(self, x, mask_bias):
+        b, s, h = x.shape
+        qkv = self.qkv(x)
+        # Slicing the last axis and reshaping to 4-D is 3x faster on CPU than
+        # one 5-D reshape + transpose + index (measured: 53 vs 148 ms a layer).
+        q = qkv[:, :, :h].reshape(b, s, self.heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = qkv[:, :, h : 2 * h].reshape(b, s, self.heads, self.head_dim).transpose(0, 2, 3, 1)
+        v = qkv[:, :, 2 * h :].reshape(b, s, self.heads, self.head_dim).transpose(0, 2, 1, 3)
+        scores = ops.matmul(q, k) * self.scale + mask_bias
+        ctx = ops.matmul(ops.softmax(scores, -1), v)
+        ctx = ctx.transpose(0, 2, 1, 3).reshape(b, s, h)
+        return self.norm(x + self.out(ctx))
+
+
+class FeedForward(nn.Cell):
+    def __init__(self, cfg: EncoderConfig, erf_free: bool):
+        super().__init__()
+        self.gelu = gelu_erf_free if erf_free else gelu_exact
+        self.up = nn.Dense(cfg.hidden_size, cfg.intermediate_size)
+        self.down = nn.Dense(cfg.intermediate_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm((cfg.hidden_size,), epsilon=cfg.layer_norm_eps)
+
+    def construct(self, x):
+        return self.norm(x + self.down(self.gelu(self.up(x))))
+
+
+class Layer(nn.Cell):
+    def __init__(self, cfg: EncoderConfig, erf_free: bool):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.ffn = FeedForward(cfg, erf_free)
+
+    def construct(self, x, mask_bias):
+        return self.ffn(self.attention(x, mask_bias))
+
+
+class Encoder(nn.Cell):
+    """The transformer body: embeddings and layers, taking embeddings as input.
+
+    `erf_free=True` builds the variant for MindSpore's ONNX exporter (see erf).
+    """
+
+    def __init__(self, cfg: EncoderConfig, erf_free: bool = False):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.CellList([Layer(cfg, erf_free) for _ in range(cfg.num_layers)])
+
+    def construct(self, inputs_embeds, attention_mask, token_type_ids):
+        x = self.embeddings(inputs_embeds, token_type_ids)
+        # [b, s] -> [b, 1, 1, s]; masked keys get a large negative score.
+        mask_bias = (1.0 - attention_mask.astype(ms.float32)).expand_dims(1).expand_dims(1) * -1e9
+        for layer in self.layers:
+            x = layer(x, mask_bias)
+        return x
+
+
+class Pooler(nn.Cell):
+    """BERT's pooler (and RoBERTa's head dense): tanh(W h[:, 0] + b)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.dense = nn.Dense(hidden, hidden, activation="tanh")
+
+    def construct(self, hidden_states):
+        return self.dense(hidden_states[:, 0])
+
+
+class PromptClassifier(nn.Cell):
+    """Soft prompt + frozen encoder + pooling + linear head.
+
+    inputs:  input_ids, attention_mask, token_type_ids  (int32, [batch, seq])
+    output:  logits [batch, num_labels]
+
+    With `num_virtual_tokens=0` this is a plain classifier over the text as
+    tokenized (used for hard prompts, where the template is text).
+    """
+
+    def __init__(self, encoder: Encoder, num_virtual_tokens: int, num_labels: int, pooling: str):
+        super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', not {pooling!r}")
+        h = encoder.config.hidden_size
+        self.encoder = encoder
+        self.num_virtual_tokens = num_virtual_tokens
+        self.pooling = pooling
+        self.prompt = Parameter(np.zeros((max(num_virtual_tokens, 1), h), np.float32), name="prompt_embeddings")
+        self.pooler = Pooler(h) if pooling == "cls" else None
+        self.classifier = nn.Dense(h, num_labels)
+
+    def construct(self, input_ids, attention_mask, token_type_ids):
+        b = input_ids.shape[0]
+        embeds = ops.gather(self.encoder.embeddings.word, input_ids, 0)
+        mask, types = attention_mask, token_type_ids
+        p = self.num_virtual_tokens
+        if p > 0:
+            prompt = ops.broadcast_to(self.prompt.expand_dims(0), (b, p, self.prompt.shape[1]))
+            embeds = ops.concat((prompt, embeds), 1)
+            mask = ops.concat((ops.ones((b, p), attention_mask.dtype), attention_mask), 1)
+            types = ops.concat((ops.zeros((b, p), token_type_ids.dtype), token_type_ids), 1)
+        hidden = self.encoder(embeds, mask, types)
+        return self.classifier(self.pool(hidden, attention_mask))
+
+    def head_state(self) -> dict:
+        """The prompt and head as numpy arrays, under stable names.
+
+        MindSpore renames Parameters when a Cell is wrapped (e.g. by a train
+        step), so the bundle and checkpoints use these names instead:
+        `prompt_embeddings` (PEFT's key), `pooler.*`, `classifier.*`.
+        """
+        state = {"classifier.weight": self.classifier.weight, "classifier.bias": self.classifier.bias}
+        if self.num_virtual_tokens > 0:
+            state["prompt_embeddings"] = self.prompt
+        if self.pooler is not None:
+            state["pooler.weight"], state["pooler.bias"] = self.pooler.dense.weight, self.pooler.dense.bias
+        return {k: v.asnumpy().copy() for k, v in state.items()}
+
+    def load_head_state(self, values: dict) -> None:
+        targets = {"classifier.weight": self.classifier.weight, "classifier.bias": self.classifier.bias,
+                   "prompt_embeddings": self.prompt}
+        if self.pooler is not None:
+            targets["pooler.weight"], targets["pooler.bias"] = self.pooler.dense.weight, self.pooler.dense.bias
+        for name, value in values.items():
+            if name not in targets:
+                raise KeyError(f"{name} is not part of this model's head (has {', '.join(targets)})")
+            value = np.asarray(value, np.float32)
+            if value.shape != tuple(targets[name].shape):
+                raise ValueError(f"{name}: shape {value.shape}, the model expects {tuple(targets[name].shape)}")
+            targets[name].set_data(Tensor(value))
+
+    def pool(self, hidden, attention_mask):
+        if self.pooling == "cls":
+            # Position 0 is the first virtual token (PEFT's behaviour).
+            return self.pooler(hidden)
+        # Mean over the text tokens only, as sentence-transformers pooled in
+        # pre-training; the virtual tokens steer those states, they are not text.
+        text = hidden[:, self.num_virtual_tokens :]
+        m = attention_mask.astype(ms.float32).expand_dims(2)
+        return (text * m).sum(1) / ops.maximum(m.sum(1), 1e-9)

@@ -1,0 +1,219 @@
+"""The training loop: a soft prompt and a head on a frozen encoder.
+
+Read it like nanoGPT's train.py: build the model, make the batches, run a
+compiled train step, evaluate on dev after each epoch, keep the best epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import Counter
+
+import click
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from ptbundle.runtime.metrics import classification_metrics
+from ptbundle.runtime.text import encode, length_sorted_batches, load_tokenizer, pad
+
+from .backbone import Backbone
+from .errors import DataError
+from .model import PromptClassifier
+from .recipe import Recipe
+
+
+def build_classifier(backbone: Backbone, recipe: Recipe, num_labels: int, prompt_init) -> PromptClassifier:
+    """The model to train: frozen encoder, initial prompt, fresh head."""
+    net = PromptClassifier(backbone.build_encoder(), recipe.virtual_tokens, num_labels, recipe.pooling)
+    rng = np.random.RandomState(recipe.seed)
+    h = backbone.config.hidden_size
+    values = {"classifier.weight": rng.normal(0, 0.02, (num_labels, h)), "classifier.bias": np.zeros(num_labels)}
+    if recipe.virtual_tokens > 0:
+        values["prompt_embeddings"] = prompt_init
+    if recipe.pooling == "cls":
+        pretrained = backbone.pooler_weights()
+        if pretrained is not None:  # BERT: the checkpoint's pooler, frozen as in PEFT
+            values["pooler.weight"], values["pooler.bias"] = pretrained
+            for p in net.pooler.get_parameters():
+                p.requires_grad = False
+        else:  # RoBERTa's head dense is new: train it with the head
+            values["pooler.weight"] = rng.normal(0, 0.02, (h, h))
+            values["pooler.bias"] = np.zeros(h)
+    net.load_head_state(values)
+    if recipe.virtual_tokens == 0:
+        net.prompt.requires_grad = False
+    return net
+
+
+def initial_prompt(backbone: Backbone, recipe: Recipe, tokenizer, texts) -> np.ndarray:
+    """Starting vectors for the prompt, as in Lester et al. (2021) section 2.2."""
+    table = backbone.weights["embeddings.word_embeddings.weight"]
+    rng = np.random.RandomState(recipe.seed)
+    n = recipe.virtual_tokens
+    if recipe.init == "random":
+        return rng.normal(0, table.std(), (n, table.shape[1])).astype(np.float32)
+    if recipe.init == "text":
+        if not recipe.init_text:
+            raise ValueError("--init text needs --init-text")
+        ids = tokenizer.encode(recipe.init_text, add_special_tokens=False).ids
+        if not ids:
+            raise ValueError(f"--init-text {recipe.init_text!r} has no tokens")
+        ids = (ids * math.ceil(n / len(ids)))[:n]  # repeat to fill, as PEFT does
+        return table[ids].copy()
+    if recipe.init == "vocab":
+        # Sample among the 5,000 most frequent tokens of the training text.
+        counts = Counter(i for e in encode(tokenizer, texts) for i, s in zip(e.ids, e.special_tokens_mask) if not s)
+        frequent = [i for i, _ in counts.most_common(5000)]
+        return table[rng.choice(frequent, n, replace=len(frequent) < n)].copy()
+    raise ValueError(f"unknown prompt init {recipe.init!r} (vocab, text, random)")
+
+
+def lr_schedule(peak: float, total: int, warmup: float) -> list:
+    """Linear warmup to `peak`, then linear decay to zero."""
+    warm = max(1, int(total * warmup))
+    return [peak * (s + 1) / warm if s < warm else peak * max(0.0, (total - s) / max(1, total - warm))
+            for s in range(total)]
+
+
+def bucketed_batches(lengths, batch_size: int, rng) -> list:
+    """Shuffled batches of similar length; padding then costs little.
+
+    Sort within pools of 50 batches (not globally) so each epoch still mixes
+    examples; drop the one ragged batch so every step has the same batch size
+    and few shapes need compiling.
+    """
+    order = rng.permutation(len(lengths))
+    pool = batch_size * 50
+    batches = []
+    for start in range(0, len(order), pool):
+        chunk = order[start : start + pool]
+        chunk = chunk[np.argsort(np.asarray(lengths)[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+class TrainStep(nn.Cell):
+    """One compiled step: forward, loss, gradients of the trainable params, AdamW."""
+
+    def __init__(self, net: PromptClassifier, recipe: Recipe, steps: int):
+        super().__init__(auto_prefix=False)  # keep the net's parameter names
+        self.net = net
+        trainable = net.trainable_params()
+        prompt = [p for p in trainable if p.name == "prompt_embeddings"]
+        head = [p for p in trainable if p.name != "prompt_embeddings"]
+        groups = [{"params": head, "lr": lr_schedule(recipe.head_lr, steps, recipe.warmup),
+                   "weight_decay": recipe.weight_decay}]
+        if prompt:
+            groups.append({"params": prompt, "lr": lr_schedule(recipe.prompt_lr, steps, recipe.warmup),
+                           "weight_decay": 0.0})
+        self.optimizer = nn.AdamWeightDecay(groups)
+        self.grad_fn = ms.value_and_grad(self.loss, None, self.optimizer.parameters, has_aux=True)
+
+    def loss(self, ids, mask, types, onehot):
+        logits = self.net(ids, mask, types)
+        return -(ops.log_softmax(logits, -1) * onehot).sum(-1).mean(), logits
+
+    def construct(self, ids, mask, types, onehot):
+        (loss, logits), grads = self.grad_fn(ids, mask, types, onehot)
+        self.optimizer(grads)
+        return loss, logits
+
+
+def progress(items, label: str, status):
+    """click's progress bar on a terminal; in a log, a line every 10%."""
+    if sys.stderr.isatty():
+        with click.progressbar(items, label=label, show_eta=True, show_pos=True, width=24,
+                               item_show_func=lambda _: status(), file=sys.stderr) as bar:
+            yield from bar
+        return
+    started, total = time.time(), len(items)
+    marks = {max(1, total * k // 10) for k in range(1, 11)}
+    for done, item in enumerate(items, start=1):
+        yield item
+        if done in marks:
+            elapsed = time.time() - started
+            print(f"{label}: {done}/{total} {status()} [{elapsed:.0f} s, eta {elapsed / done * (total - done):.0f} s]",
+                  file=sys.stderr, flush=True)
+
+
+def predict_logits(net, encodings, pad_id: int, batch_size: int = 64) -> np.ndarray:
+    """Logits in input order; batches sorted by length, padded to full size."""
+    net.set_train(False)
+    out = np.zeros((len(encodings), net.classifier.weight.shape[0]), np.float32)
+    for index in length_sorted_batches([len(e.ids) for e in encodings], batch_size):
+        rows = list(index) + [index[-1]] * (batch_size - len(index))  # one shape per length
+        arrays = pad([encodings[i] for i in rows], pad_id)
+        logits = net(*(Tensor(a) for a in arrays)).asnumpy()
+        out[index] = logits[: len(index)]
+    return out
+
+
+def evaluate(net, encodings, gold, pad_id: int, num_labels: int) -> dict:
+    if not encodings:
+        return {}
+    predicted = predict_logits(net, encodings, pad_id).argmax(-1)
+    return classification_metrics(predicted, gold, num_labels)
+
+
+def train(backbone: Backbone, dataset, recipe: Recipe, log=print):
+    """Train; return (net with the best dev epoch's weights, curve, metrics)."""
+    ms.set_seed(recipe.seed)
+    rng = np.random.RandomState(recipe.seed)
+    tokenizer = load_tokenizer(backbone.tokenizer_path, recipe.max_length)
+    pad_id = backbone.config.pad_token_id
+    splits = {}
+    for name in ("train", "dev", "test"):
+        examples = getattr(dataset, name)
+        texts_b = [e.text_b for e in examples] if dataset.is_pair else None
+        splits[name] = (encode(tokenizer, [e.text for e in examples], texts_b), np.array(dataset.label_ids(examples)))
+    train_enc, train_y = splits["train"]
+    if len(train_enc) < recipe.batch_size:
+        raise DataError(f"{len(train_enc)} training examples, fewer than one batch of {recipe.batch_size}")
+    num_labels = len(dataset.labels)
+    prompt_init = initial_prompt(backbone, recipe, tokenizer, [e.text for e in dataset.train]) \
+        if recipe.virtual_tokens > 0 else None
+    net = build_classifier(backbone, recipe, num_labels, prompt_init)
+
+    lengths = [len(e.ids) for e in train_enc]
+    steps_per_epoch = len(train_enc) // recipe.batch_size
+    train_step = TrainStep(net, recipe, steps_per_epoch * recipe.epochs)
+    onehot = np.eye(num_labels, dtype=np.float32)
+    curve, best, best_dev = [], None, -1.0
+    started, step_seconds = time.time(), []
+    for epoch in range(1, recipe.epochs + 1):
+        train_step.set_train(True)
+        batches = bucketed_batches(lengths, recipe.batch_size, rng)
+        seen = correct = 0
+        loss_sum = 0.0
+        stats = {}
+        for index in progress(batches, f"epoch {epoch}/{recipe.epochs}", lambda: stats.get("text", "")):
+            arrays = pad([train_enc[i] for i in index], pad_id)
+            y = train_y[index]
+            t0 = time.perf_counter()
+            loss, logits = train_step(*(Tensor(a) for a in arrays), Tensor(onehot[y]))
+            loss_sum += float(loss.asnumpy()) * len(index)
+            step_seconds.append(time.perf_counter() - t0)
+            correct += int((logits.asnumpy().argmax(-1) == y).sum())
+            seen += len(index)
+            stats["text"] = f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f}"
+        dev = evaluate(net, *splits["dev"], pad_id, num_labels)
+        point = {"epoch": epoch, "step": epoch * steps_per_epoch, "train_loss": loss_sum / seen,
+                 "train_accuracy": correct / seen, "dev": dev, "seconds": round(time.time() - started, 1)}
+        curve.append(point)
+        log(f"epoch {epoch}: train loss {point['train_loss']:.4f} acc {point['train_accuracy']:.4f}, "
+            f"dev acc {dev['accuracy']:.4f} macro-F1 {dev['macro_f1']:.4f} ({point['seconds']:.0f} s)")
+        if dev["accuracy"] > best_dev:
+            best_dev, best = dev["accuracy"], (epoch, net.head_state())
+    best_epoch, weights = best
+    net.load_head_state(weights)
+    metrics = {"best_epoch": best_epoch, "dev": curve[best_epoch - 1]["dev"],
+               "test": evaluate(net, *splits["test"], pad_id, num_labels),
+               "train_seconds": round(time.time() - started, 1),
+               # the median leaves out the steps that compiled a new shape
+               "seconds_per_step_median": round(float(np.median(step_seconds)), 3),
+               "steps": len(step_seconds)}
+    return net, curve, metrics

@@ -1,0 +1,122 @@
+"""`pt-run`: serve a bundle from the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .bundle import DEVICES, BundleError
+
+DEFAULT_BUNDLE = "exports/mr-soft"
+
+
+class InputError(click.ClickException):
+    pass
+
+
+def read_lines(stream, name: str) -> list:
+    """One text per line; empty lines and undecodable bytes are errors that name the line."""
+    texts, problems = [], []
+    for number, raw in enumerate(stream.read().split(b"\n"), start=1):
+        raw = raw.removesuffix(b"\r")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(f"{name}:{number}: not valid UTF-8 (byte {e.start + 1})")
+            continue
+        if not text.strip():
+            problems.append(f"{name}:{number}: empty line")
+            continue
+        texts.append(text)
+    # A final newline ends the last line; it does not start an empty one.
+    if problems and problems[-1] == f"{name}:{number}: empty line" and raw == b"":
+        problems.pop()
+    if problems:
+        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise InputError(f"{len(problems)} input line(s) cannot be used, nothing was predicted:\n  {shown}")
+    return texts
+
+
+@click.group()
+@click.version_option(package_name="ptbundle")
+def cli():
+    """Load ptbundle bundles and predict with them."""
+
+
+@cli.command()
+@click.argument("file", type=click.File("rb"))
+@click.option("--bundle", "bundle_path", default=DEFAULT_BUNDLE, show_default=True, type=click.Path(),
+              help="Bundle directory.")
+@click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "jsonl"]))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--device", default="CPU", show_default=True, type=click.Choice(DEVICES))
+def predict(file, bundle_path, fmt, batch_size, device):
+    """Predict a label for each line of FILE ('-' for stdin)."""
+    from .bundle import Bundle
+
+    name = getattr(file, "name", "<stdin>")
+    texts = read_lines(file, "<stdin>" if name in ("<stdin>", "-") else name)
+    bundle = load(bundle_path, device)
+    predictions = bundle.predict(texts, batch_size=batch_size)
+    out = []
+    for text, p in zip(texts, predictions):
+        if fmt == "jsonl":
+            out.append(json.dumps({"text": text, **p.to_dict()}, ensure_ascii=False))
+        else:
+            out.append(f"{p.label}\t{p.probabilities[p.label]:.4f}\t{text}")
+    # Written once at the end: an error part-way leaves no half output.
+    click.echo("\n".join(out))
+
+
+@cli.command()
+@click.argument("bundle_path", metavar="BUNDLE", default=DEFAULT_BUNDLE)
+def info(bundle_path):
+    """Show what a bundle holds: task, labels, backbone, recipe, metrics, files."""
+    from pathlib import Path
+
+    from .bundle import read_manifest
+
+    try:
+        m = read_manifest(Path(bundle_path))
+    except BundleError as e:
+        raise click.ClickException(str(e))
+    click.echo(f"{bundle_path}: {m.get('kind', '?')} prompt bundle for {m.get('task', '?')}")
+    click.echo(f"  labels      {', '.join(m['labels'])}")
+    if m.get("template"):
+        click.echo(f"  template    {m['template']}")
+    bb = m.get("backbone", {})
+    click.echo(f"  backbone    {bb.get('name')} ({bb.get('model_type')}, {bb.get('layers')}x{bb.get('hidden_size')}),"
+               f" sha256 {str(bb.get('sha256'))[:12]}")
+    click.echo(f"  prompt      {m.get('num_virtual_tokens', 0)} virtual tokens, {m.get('pooling')} pooling,"
+               f" max length {m['max_length']}")
+    recipe = m.get("recipe") or {}
+    if recipe:
+        click.echo("  recipe      " + ", ".join(f"{k}={v}" for k, v in recipe.items() if v is not None))
+    metrics = m.get("metrics") or {}
+    for split in ("dev", "test"):
+        s = metrics.get(split)
+        if s:
+            click.echo(f"  {split:<11} accuracy {s['accuracy']:.4f}, macro-F1 {s['macro_f1']:.4f} (n={s['n']})")
+    if "seconds_per_step_median" in metrics:
+        click.echo(f"  training    {metrics.get('steps')} steps, {metrics['seconds_per_step_median']} s/step (median),"
+                   f" {metrics.get('train_seconds')} s")
+    click.echo(f"  created     {m.get('created')}")
+    click.echo("  versions    " + ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items()))
+    click.echo("  files")
+    for name, digest in m["files"].items():
+        click.echo(f"    {name:<22} sha256 {digest[:16]}")
+
+
+def load(path, device):
+    from .bundle import Bundle
+
+    try:
+        return Bundle.load(path, device=device)
+    except BundleError as e:
+        raise click.ClickException(str(e))
+
+
+def main():
+    cli()

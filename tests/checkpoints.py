@@ -1,0 +1,144 @@
+"""Tiny random checkpoints in the real Hugging Face layout, for tests.
+
+`write_checkpoint(dir, "bert")` writes config.json, model.safetensors (tensor
+names as transformers saves them, with the "bert."/"roberta." prefix) and a
+real `tokenizers` tokenizer.json.  Everything is drawn from a seeded
+RandomState, so the same call writes the same bytes on every machine; the
+reference logits in fixtures/ were computed from exactly these weights by
+fixtures/make_reference.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+WORDS = (
+    "the a an and but or not no very really quite so too movie film story plot acting actor "
+    "cast scene script director good great fine wonderful brilliant funny moving bad awful "
+    "terrible boring dull weak long short slow is was it this that of to in with for on "
+    "love hate like best worst ever never one two , . ! ? ' s"
+).split()
+
+HIDDEN, LAYERS, HEADS, INTERMEDIATE, MAX_POSITIONS = 32, 2, 4, 64, 128
+
+
+def bert_tokenizer() -> Tokenizer:
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tok.decoder = decoders.WordPiece()
+    return tok
+
+
+def roberta_tokenizer() -> Tokenizer:
+    """Byte-level BPE with the byte alphabet and no merges: tiny but real."""
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def config(model_type: str, vocab_size: int) -> dict:
+    roberta = model_type == "roberta"
+    return {
+        "architectures": ["RobertaModel" if roberta else "BertModel"],
+        "model_type": model_type,
+        "vocab_size": vocab_size,
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "intermediate_size": INTERMEDIATE,
+        "hidden_act": "gelu",
+        "max_position_embeddings": MAX_POSITIONS + (2 if roberta else 0),
+        "type_vocab_size": 1 if roberta else 2,
+        "layer_norm_eps": 1e-12 if not roberta else 1e-5,
+        "pad_token_id": 1 if roberta else 0,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1,
+    }
+
+
+def random_weights(cfg: dict, seed: int) -> dict:
+    rng = np.random.RandomState(seed)
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+
+    def normal(*shape):
+        return (rng.standard_normal(shape) * 0.2).astype(np.float32)
+
+    def norm():  # LayerNorm weights near 1, so the random net stays well scaled
+        return 1.0 + normal(h) * 0.5, normal(h) * 0.5
+
+    p = cfg["model_type"] + "."
+    w = {
+        p + "embeddings.word_embeddings.weight": normal(cfg["vocab_size"], h),
+        p + "embeddings.position_embeddings.weight": normal(cfg["max_position_embeddings"], h),
+        p + "embeddings.token_type_embeddings.weight": normal(cfg["type_vocab_size"], h),
+    }
+    w[p + "embeddings.LayerNorm.weight"], w[p + "embeddings.LayerNorm.bias"] = norm()
+    for n in range(cfg["num_hidden_layers"]):
+        l = f"{p}encoder.layer.{n}."
+        for proj in ("query", "key", "value"):
+            w[l + f"attention.self.{proj}.weight"] = normal(h, h)
+            w[l + f"attention.self.{proj}.bias"] = normal(h)
+        w[l + "attention.output.dense.weight"] = normal(h, h)
+        w[l + "attention.output.dense.bias"] = normal(h)
+        w[l + "attention.output.LayerNorm.weight"], w[l + "attention.output.LayerNorm.bias"] = norm()
+        w[l + "intermediate.dense.weight"] = normal(i, h)
+        w[l + "intermediate.dense.bias"] = normal(i)
+        w[l + "output.dense.weight"] = normal(h, i)
+        w[l + "output.dense.bias"] = normal(h)
+        w[l + "output.LayerNorm.weight"], w[l + "output.LayerNorm.bias"] = norm()
+    if cfg["model_type"] == "bert":
+        w[p + "pooler.dense.weight"] = normal(h, h)
+        w[p + "pooler.dense.bias"] = normal(h)
+    return w
+
+
+def write_checkpoint(directory, model_type: str = "bert", seed: int = 0) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = bert_tokenizer() if model_type == "bert" else roberta_tokenizer()
+    cfg = config(model_type, tok.get_vocab_size())
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_file(random_weights(cfg, seed), str(directory / "model.safetensors"))
+    tok.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def random_head(hidden: int, num_virtual_tokens: int, num_labels: int, seed: int) -> dict:
+    """A prompt and head to compare implementations with (not trained, just fixed)."""
+    rng = np.random.RandomState(seed)
+    return {
+        "prompt_embeddings": (rng.standard_normal((num_virtual_tokens, hidden)) * 0.5).astype(np.float32),
+        "pooler.weight": (rng.standard_normal((hidden, hidden)) * 0.1).astype(np.float32),
+        "pooler.bias": (rng.standard_normal(hidden) * 0.1).astype(np.float32),
+        "classifier.weight": (rng.standard_normal((num_labels, hidden)) * 0.5).astype(np.float32),
+        "classifier.bias": (rng.standard_normal(num_labels) * 0.1).astype(np.float32),
+    }
+
+
+SENTENCES = [
+    "a great movie",
+    "this film was terrible , boring and far too long !",
+    "not bad",
+    "the acting is wonderful but the plot is dull",
+    "one of the best films ever",
+]

@@ -1,0 +1,81 @@
+"""The two commands as a user runs them: pt-run predict / info, and pt-build's errors."""
+
+import json
+import os
+
+from click.testing import CliRunner
+
+from ptbundle.builder.cli import cli as build_cli
+from ptbundle.runtime.cli import cli as run_cli
+
+
+def run(args, input=None):
+    return CliRunner().invoke(run_cli, args, input=input)
+
+
+def test_predict_prints_one_result_per_line_in_order(tiny_bundle, tmp_path):
+    texts = [("a great movie", "the worst film ever")[i % 2] + f" {i}" for i in range(1000)]
+    f = tmp_path / "in.txt"
+    f.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    result = run(["predict", str(f), "--bundle", str(tiny_bundle), "--format", "jsonl"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["text"] for r in rows] == texts
+    assert {r["label"] for r in rows} <= {"neg", "pos"}
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
+
+
+def test_predict_text_format_and_stdin(tiny_bundle):
+    result = run(["predict", "-", "--bundle", str(tiny_bundle)], input="a great movie\nthe worst film\n")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].endswith("\ta great movie") and lines[1].split("\t")[0] in ("neg", "pos")
+
+
+def test_empty_and_undecodable_lines_are_reported_not_dropped(tiny_bundle, tmp_path):
+    f = tmp_path / "bad.txt"
+    f.write_bytes(b"fine\n\nalso fine\nbroken \xff\n")
+    result = run(["predict", str(f), "--bundle", str(tiny_bundle)])
+    assert result.exit_code != 0
+    assert "bad.txt:2: empty line" in result.output
+    assert "bad.txt:4: not valid UTF-8" in result.output
+    assert "fine" not in result.stdout  # nothing half-printed
+
+
+def test_predict_names_a_missing_bundle(tmp_path):
+    f = tmp_path / "in.txt"
+    f.write_text("hello\n")
+    result = run(["predict", str(f), "--bundle", str(tmp_path / "nope")])
+    assert result.exit_code != 0 and "no such bundle directory" in result.output
+
+
+def test_info_shows_the_manifest(tiny_bundle):
+    result = run(["info", str(tiny_bundle)])
+    assert result.exit_code == 0, result.output
+    for expected in ("soft prompt bundle", "labels      neg, pos", "4 virtual tokens", "dev ", "model.mindir"):
+        assert expected in result.stdout
+
+
+def build(args, tmp_path):
+    return CliRunner().invoke(build_cli, ["export", "--out", str(tmp_path / "exports"), *args])
+
+
+def test_build_reports_a_malformed_row_and_writes_nothing(tmp_path, tiny_bert, toy_files):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("text\tlabel\ngood film\tpos\nno label\n")
+    result = build(["--train", str(bad), "--dev", str(toy_files[1]), "--backbone", str(tiny_bert)], tmp_path)
+    assert result.exit_code != 0
+    assert "bad.tsv:3: 1 fields, the header has 2" in str(result.exception)
+    assert not (tmp_path / "exports").exists() or os.listdir(tmp_path / "exports") == []
+
+
+def test_build_reports_a_bad_backbone(tmp_path, toy_files):
+    (tmp_path / "ckpt").mkdir()
+    result = build(["--train", str(toy_files[0]), "--dev", str(toy_files[1]), "--backbone", str(tmp_path / "ckpt")],
+                   tmp_path)
+    assert result.exit_code != 0 and "missing config.json" in str(result.exception)
+
+
+def test_build_needs_train_and_dev_together(tmp_path, toy_files):
+    result = build(["--train", str(toy_files[0])], tmp_path)
+    assert result.exit_code == 2 and "--train and --dev go together" in result.output

@@ -1,0 +1,135 @@
+"""Export: the MindIR reloads with the trained model's logits; bundles are whole or absent."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from mindspore import Tensor
+from safetensors.numpy import load_file
+
+from ptbundle.builder import export as export_module
+from ptbundle.builder.backbone import load_backbone
+from ptbundle.builder.export import write_bundle
+from ptbundle.builder.model import PromptClassifier
+from ptbundle.runtime import Bundle, BundleError
+from ptbundle.runtime.bundle import MindSporeModel, sha256_file
+from ptbundle.runtime.text import encode, load_tokenizer, pad
+from checkpoints import random_head
+
+BUNDLE_FILES = {"manifest.json", "model.mindir", "tokenizer.json", "prompt.safetensors", "training_log.json"}
+
+
+def trained_like_net(backbone, pooling="mean", virtual_tokens=4):
+    net = PromptClassifier(backbone.build_encoder(), virtual_tokens, 3, pooling)
+    head = random_head(32, virtual_tokens, 3, seed=2)
+    if pooling == "mean":
+        head.pop("pooler.weight"), head.pop("pooler.bias")
+    net.load_head_state(head)
+    return net
+
+
+def minimal_manifest(backbone):
+    return {"kind": "soft", "labels": ["a", "b", "c"], "max_length": 64, "pad_id": backbone.config.pad_token_id}
+
+
+@pytest.mark.parametrize("family, pooling", [("bert", "mean"), ("bert", "cls"), ("roberta", "cls")])
+def test_reloaded_mindir_matches_in_memory_model(tmp_path, tiny_bert, tiny_roberta, family, pooling):
+    backbone = load_backbone(tiny_bert if family == "bert" else tiny_roberta)
+    net = trained_like_net(backbone, pooling)
+    bundle = write_bundle(tmp_path / "b", net, backbone, minimal_manifest(backbone), curve=[])
+    graph = MindSporeModel(bundle / "model.mindir", "CPU")
+    rng = np.random.RandomState(0)
+    for batch, seq in [(1, 5), (2, 17), (7, 32), (16, 64)]:  # shapes never seen at export
+        ids = rng.randint(5, backbone.config.vocab_size, (batch, seq)).astype(np.int32)
+        mask = np.ones_like(ids)
+        mask[0, seq // 2:] = 0  # a padded row
+        types = np.zeros_like(ids)
+        expected = net(Tensor(ids), Tensor(mask), Tensor(types)).asnumpy()
+        np.testing.assert_allclose(graph(ids, mask, types), expected, atol=1e-5, rtol=0)
+
+
+def test_bundle_files_manifest_and_prompt(tiny_bundle):
+    assert {p.name for p in tiny_bundle.iterdir()} == BUNDLE_FILES
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert set(m["files"]) == BUNDLE_FILES - {"manifest.json"}
+    for name, digest in m["files"].items():
+        assert sha256_file(tiny_bundle / name) == digest
+    assert m["labels"] == ["neg", "pos"] and m["num_virtual_tokens"] == 4 and m["pooling"] == "mean"
+    assert m["export"]["mindir_max_abs_diff"] <= 1e-5
+    assert m["metrics"]["dev"]["n"] == 24 and 0 <= m["metrics"]["test"]["accuracy"] <= 1
+    assert m["recipe"]["seed"] == 0 and m["backbone"]["model_type"] == "bert"
+    tensors = load_file(str(tiny_bundle / "prompt.safetensors"))
+    assert tensors["prompt_embeddings"].shape == (4, 32)
+    assert tensors["classifier.weight"].shape == (2, 32)
+    curve = json.loads((tiny_bundle / "training_log.json").read_text())
+    assert [p["epoch"] for p in curve] == [1, 2]
+
+
+def test_runtime_predictions_equal_the_training_graph(tiny_bundle, toy_files, tiny_bert):
+    """What Bundle.predict returns is what the trained net computes, in input order."""
+    bundle = Bundle.load(tiny_bundle)
+    texts = [line.split("\t")[0] for line in toy_files[1].read_text().splitlines()[1:]]
+    logits = bundle.logits(texts, batch_size=5)
+    backbone = load_backbone(tiny_bert)
+    net = PromptClassifier(backbone.build_encoder(), 4, 2, "mean")
+    net.load_head_state(load_file(str(tiny_bundle / "prompt.safetensors")))
+    tokenizer = load_tokenizer(tiny_bundle / "tokenizer.json", 128)
+    for i, text in enumerate(texts):  # one at a time: no batching, no sorting
+        arrays = pad(encode(tokenizer, [text]), 0)
+        np.testing.assert_allclose(logits[i], net(*(Tensor(a) for a in arrays)).asnumpy()[0], atol=1e-5)
+    predictions = bundle.predict(texts)
+    assert [p.label for p in predictions] == [bundle.labels[i] for i in logits.argmax(-1)]
+    assert all(abs(sum(p.probabilities.values()) - 1) < 1e-5 for p in predictions)
+
+
+def test_tampered_or_incomplete_bundle_is_refused(tiny_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, copy)
+    with open(copy / "prompt.safetensors", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match="prompt.safetensors: sha256 .* does not match"):
+        Bundle.load(copy)
+    (copy / "model.mindir").unlink()
+    with pytest.raises(BundleError, match="model.mindir: missing"):
+        Bundle.load(copy)
+    with pytest.raises(BundleError, match="not a bundle"):
+        Bundle.load(tmp_path)
+    with pytest.raises(BundleError, match="no such bundle directory"):
+        Bundle.load(tmp_path / "nope")
+
+
+def test_interrupted_build_leaves_no_bundle_and_keeps_the_old_one(tmp_path, tiny_bert, monkeypatch):
+    backbone = load_backbone(tiny_bert)
+    net = trained_like_net(backbone)
+    destination = tmp_path / "exports" / "b"
+    write_bundle(destination, net, backbone, minimal_manifest(backbone), curve=[])
+    before = {p.name: sha256_file(p) for p in destination.iterdir()}
+
+    def interrupted(path, manifest):  # Ctrl-C while the last file is written
+        path.write_text("{")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "write_manifest", interrupted)
+    net.load_head_state({"classifier.bias": np.ones(3, np.float32)})
+    with pytest.raises(KeyboardInterrupt):
+        write_bundle(destination, net, backbone, minimal_manifest(backbone), curve=[])
+    assert os.listdir(tmp_path / "exports") == ["b"]  # no temporary directory left behind
+    assert {p.name: sha256_file(p) for p in destination.iterdir()} == before
+
+    fresh = tmp_path / "exports" / "new"
+    with pytest.raises(KeyboardInterrupt):
+        write_bundle(fresh, net, backbone, minimal_manifest(backbone), curve=[])
+    assert not fresh.exists()
+
+
+def test_export_refuses_a_graph_that_does_not_match(tmp_path, tiny_bert, monkeypatch):
+    backbone = load_backbone(tiny_bert)
+    net = trained_like_net(backbone)
+    real_call = MindSporeModel.__call__
+    monkeypatch.setattr(MindSporeModel, "__call__", lambda self, *a: real_call(self, *a) + 1e-3)
+    with pytest.raises(export_module.ExportError, match="differs from the trained model"):
+        write_bundle(tmp_path / "b", net, backbone, minimal_manifest(backbone), curve=[])
+    assert not (tmp_path / "b").exists() and os.listdir(tmp_path) == []

@@ -1,0 +1,95 @@
+"""Training on a tiny random checkpoint: only the prompt and head move, and they learn."""
+
+import numpy as np
+import pytest
+
+from conftest import toy_rows
+from ptbundle.builder.backbone import load_backbone
+from ptbundle.builder.data import Dataset, Example
+from ptbundle.builder.recipe import Recipe
+from ptbundle.builder.train import bucketed_batches, initial_prompt, lr_schedule, train
+from ptbundle.runtime.text import load_tokenizer
+
+
+def toy_dataset(pair=False):
+    def examples(rows):
+        return [Example(t, l, "the film" if pair else None) for t, l in rows]
+
+    return Dataset("toy", ("neg", "pos"), examples(toy_rows(64)), examples(toy_rows(24, 1)), examples(toy_rows(24, 2)))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_training_moves_prompt_and_head_only_and_learns(tiny_bert, pooling):
+    backbone = load_backbone(tiny_bert)
+    frozen = {k: v.copy() for k, v in backbone.weights.items()}
+    recipe = Recipe(virtual_tokens=4, pooling=pooling, epochs=6, batch_size=8, prompt_lr=0.05, head_lr=0.05)
+    net, curve, metrics = train(backbone, toy_dataset(), recipe, log=lambda m: None)
+
+    assert [p["epoch"] for p in curve] == [1, 2, 3, 4, 5, 6]
+    assert curve[-1]["train_loss"] < curve[0]["train_loss"] / 2
+    assert metrics["dev"]["accuracy"] >= 0.85  # chance is 0.5; the toy task hinges on one word
+    assert metrics["test"]["n"] == 24 and metrics["steps"] == 6 * (64 // 8)
+    # the encoder inside the net is exactly the checkpoint
+    encoder_word = net.encoder.embeddings.word.asnumpy()
+    np.testing.assert_array_equal(encoder_word, frozen["embeddings.word_embeddings.weight"])
+    qkv = net.encoder.layers[1].attention.qkv.weight.asnumpy()
+    np.testing.assert_array_equal(qkv[:32], frozen["encoder.layer.1.attention.self.query.weight"])
+    if pooling == "cls":  # BERT's pretrained pooler stays frozen, as in PEFT
+        np.testing.assert_array_equal(net.head_state()["pooler.weight"], frozen["pooler.dense.weight"])
+    assert not np.allclose(net.head_state()["prompt_embeddings"],
+                           initial_prompt(backbone, recipe, load_tokenizer(backbone.tokenizer_path, 128),
+                                          [e.text for e in toy_dataset().train]))
+
+
+def test_best_epoch_weights_are_kept(tiny_bert):
+    backbone = load_backbone(tiny_bert)
+    recipe = Recipe(virtual_tokens=2, epochs=2, batch_size=8, prompt_lr=0.05, head_lr=0.05)
+    net, curve, metrics = train(backbone, toy_dataset(), recipe, log=lambda m: None)
+    best = max(curve, key=lambda p: p["dev"]["accuracy"])
+    assert metrics["best_epoch"] == best["epoch"]
+    assert metrics["dev"] == best["dev"]
+
+
+def test_sentence_pairs_train(tiny_roberta):
+    recipe = Recipe(virtual_tokens=2, epochs=1, batch_size=8, prompt_lr=0.05, head_lr=0.05)
+    net, curve, metrics = train(load_backbone(tiny_roberta), toy_dataset(pair=True), recipe, log=lambda m: None)
+    assert np.isfinite(curve[0]["train_loss"])
+
+
+def test_prompt_initialisations(tiny_bert):
+    backbone = load_backbone(tiny_bert)
+    table = backbone.weights["embeddings.word_embeddings.weight"]
+    tokenizer = load_tokenizer(backbone.tokenizer_path, 128)
+    texts = ["a great movie", "the film"]
+
+    vocab = initial_prompt(backbone, Recipe(virtual_tokens=5), tokenizer, texts)
+    ids = {tokenizer.token_to_id(w) for w in "a great movie the film".split()}
+    assert all(any(np.array_equal(row, table[i]) for i in ids) for row in vocab)
+
+    text = initial_prompt(backbone, Recipe(virtual_tokens=5, init="text", init_text="great movie"), tokenizer, texts)
+    g, m = tokenizer.token_to_id("great"), tokenizer.token_to_id("movie")
+    np.testing.assert_array_equal(text, table[[g, m, g, m, g]])  # repeated to fill, as PEFT does
+
+    rand = initial_prompt(backbone, Recipe(virtual_tokens=50, init="random"), tokenizer, texts)
+    assert rand.shape == (50, 32) and abs(rand.std() - table.std()) < 0.05
+
+    with pytest.raises(ValueError, match="--init text needs --init-text"):
+        initial_prompt(backbone, Recipe(init="text"), tokenizer, texts)
+
+
+def test_bucketed_batches_cover_every_example_once_with_similar_lengths():
+    rng = np.random.RandomState(0)
+    lengths = rng.randint(5, 60, 1000)
+    batches = bucketed_batches(lengths, 32, np.random.RandomState(1))
+    flat = np.concatenate(batches)
+    assert all(len(b) == 32 for b in batches)  # one shape per length bucket
+    assert len(flat) == len(set(flat)) == 1000 // 32 * 32
+    spread = np.mean([lengths[b].max() - lengths[b].min() for b in batches])
+    assert spread < 5  # random batches would spread over ~50 tokens
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    s = lr_schedule(1.0, 100, 0.1)
+    assert len(s) == 100 and s[9] == pytest.approx(1.0) and max(s) == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(s[:10], s[1:10])) and all(a >= b for a, b in zip(s[10:], s[11:]))
+    assert s[-1] == pytest.approx(0.0, abs=0.02)
