@@ -1,0 +1,49 @@
+"""model.onnx run by onnxruntime on CPU: the light backend of the runtime.
+
+Imports only numpy and onnxruntime (about 0.2 s and 50 MB, against 3 s and
+400 MB for MindSpore), so an application serving an ONNX bundle never loads
+MindSpore or the builder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def default_threads() -> int:
+    # The cores this process may run on (a container or taskset may allow
+    # fewer than the machine has).
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class OnnxModel:
+    """Same call as MindSporeModel: int32 [batch, seq] arrays in, float32 logits out."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # One request at a time through a chain of GEMMs: all threads go to
+        # parallelism inside each operator, none to running operators side by side.
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = threads or default_threads()
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in self.session.get_inputs()]
+        unknown = set(names) - set(INPUT_NAMES)
+        if unknown:
+            raise ValueError(f"{path}: unexpected graph inputs {sorted(unknown)} (expected {', '.join(INPUT_NAMES)})")
+        self.input_names = names  # a graph may not use all three (e.g. token types)
+
+    def __call__(self, ids, mask, types) -> np.ndarray:
+        arrays = dict(zip(INPUT_NAMES, (ids, mask, types)))
+        feed = {name: np.ascontiguousarray(arrays[name], dtype=np.int32) for name in self.input_names}
+        return self.session.run(None, feed)[0]
