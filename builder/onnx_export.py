@@ -30,8 +30,8 @@ Constants that move are of two kinds:
 The graph is exported from an erf-free twin of the net (see `model.erf`):
 MindSpore's exporter has no Erf, CumSum, Sign or Reciprocal operator.  ONNX
 itself has Erf, so once exported, each polynomial erf (about 20 elementwise
-operators over the [batch * seq, intermediate] activations, 35% of the
-onnxruntime time on MiniLM) is put back as one native Erf node; a subgraph is
+operators over the [batch * seq, intermediate] activations, a third of
+onnxruntime's time on MiniLM) is put back as one native Erf node; a subgraph is
 replaced only after evaluating it and finding it equal to erf within 1e-6.
 """
 
@@ -49,7 +49,7 @@ import numpy as np
 import mindspore as ms
 import onnx
 from mindspore import Tensor
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from .model import Encoder, PromptClassifier
 
