@@ -59,9 +59,11 @@ def cli():
 @click.option("--out", "out_dir", default="exports", show_default=True, type=click.Path(file_okay=False),
               help="Directory that receives the bundle.")
 @click.option("--name", default=None, help="Bundle name [default: <data>-soft].")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Also write model.int8.onnx (dynamic quantization) and its accuracy.")
 def export(data, train_file, dev_file, test_file, text_column, text_b_column, label_column, backbone,
            virtual_tokens, init, init_text, pooling, epochs, batch_size, prompt_lr, head_lr, warmup,
-           max_length, seed, device, out_dir, name):
+           max_length, seed, device, out_dir, name, quantize):
     """Train a soft prompt and write a bundle under exports/."""
     started = time.time()
     dataset = load_dataset(data, train_file, dev_file, test_file, text_column, text_b_column, label_column)
@@ -72,7 +74,7 @@ def export(data, train_file, dev_file, test_file, text_column, text_b_column, la
     from .model import use_device
     from .backbone import load_backbone
     from .export import write_bundle
-    from .train import train
+    from .train import encode_split, train
 
     use_device(device)
     bb = load_backbone(backbone)
@@ -90,7 +92,14 @@ def export(data, train_file, dev_file, test_file, text_column, text_b_column, la
                      "layers": bb.config.num_layers, "sha256": bb.sha256},
         "recipe": asdict(recipe), "metrics": metrics, "device": device,
     }
-    write_bundle(destination, net, bb, manifest, curve)
+    int8_sets = None
+    if quantize:
+        from ptbundle.runtime.text import load_tokenizer
+
+        tokenizer = load_tokenizer(bb.tokenizer_path, recipe.max_length)
+        int8_sets = {split: (*encode_split(tokenizer, dataset, split), len(dataset.labels))
+                     for split in ("dev", "test") if getattr(dataset, split)}
+    write_bundle(destination, net, bb, manifest, curve, int8_sets)
     summary(destination, metrics, time.time() - started)
 
 
@@ -100,6 +109,9 @@ def summary(destination: Path, metrics: dict, seconds: float) -> None:
     click.echo(f"  dev  accuracy {dev['accuracy']:.4f}  macro-F1 {dev['macro_f1']:.4f}  (epoch {metrics['best_epoch']})")
     if test:
         click.echo(f"  test accuracy {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  (n={test['n']})")
+    int8 = (metrics.get("onnx_int8") or {}).get("int8", {})
+    for split, m in int8.items():
+        click.echo(f"  {split} accuracy int8 ONNX {m['accuracy']:.4f}")
 
 
 def main():

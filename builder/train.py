@@ -164,17 +164,20 @@ def evaluate(net, encodings, gold, pad_id: int, num_labels: int) -> dict:
     return classification_metrics(predicted, gold, num_labels)
 
 
+def encode_split(tokenizer, dataset, split: str):
+    """(encodings, label ids) of one split, tokenized as the bundle will tokenize."""
+    examples = getattr(dataset, split)
+    texts_b = [e.text_b for e in examples] if dataset.is_pair else None
+    return encode(tokenizer, [e.text for e in examples], texts_b), np.array(dataset.label_ids(examples))
+
+
 def train(backbone: Backbone, dataset, recipe: Recipe, log=print):
     """Train; return (net with the best dev epoch's weights, curve, metrics)."""
     ms.set_seed(recipe.seed)
     rng = np.random.RandomState(recipe.seed)
     tokenizer = load_tokenizer(backbone.tokenizer_path, recipe.max_length)
     pad_id = backbone.config.pad_token_id
-    splits = {}
-    for name in ("train", "dev", "test"):
-        examples = getattr(dataset, name)
-        texts_b = [e.text_b for e in examples] if dataset.is_pair else None
-        splits[name] = (encode(tokenizer, [e.text for e in examples], texts_b), np.array(dataset.label_ids(examples)))
+    splits = {name: encode_split(tokenizer, dataset, name) for name in ("train", "dev", "test")}
     train_enc, train_y = splits["train"]
     if len(train_enc) < recipe.batch_size:
         raise DataError(f"{len(train_enc)} training examples, fewer than one batch of {recipe.batch_size}")

@@ -4,8 +4,10 @@
     bundle = Bundle.load("exports/mr-soft")
     bundle.predict(["a gorgeous, witty film"])  # -> [Prediction(label="positive", ...)]
 
-Nothing here imports the builder; MindSpore is imported only when the
-MindSpore backend is used.
+Two backends run the same folded graph: onnxruntime (`model.onnx`, the
+default on CPU: light to install, quick to start) and MindSpore
+(`model.mindir`, the default on GPU and Ascend).  Nothing here imports the
+builder; MindSpore is imported only when its backend is used.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .text import encode, length_sorted_batches, load_tokenizer, pad
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DEVICES = ("CPU", "GPU", "Ascend")
+BACKENDS = ("onnxruntime", "mindspore")
 
 
 class BundleError(ValueError):
@@ -73,19 +76,26 @@ def verify_files(directory: Path, manifest: dict) -> None:
             raise BundleError(f"{path}: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}...")
 
 
-class MindSporeModel:
-    """model.mindir run by MindSpore's GraphCell on CPU, GPU or Ascend."""
+def default_backend(device: str) -> str:
+    return "onnxruntime" if device == "CPU" else "mindspore"
 
-    def __init__(self, path: Path, device: str):
-        import mindspore as ms
 
-        ms.set_device(device)
-        self.ms = ms
-        self.cell = ms.nn.GraphCell(ms.load(str(path)))
+def open_model(directory: Path, manifest: dict, backend: str, device: str, int8: bool):
+    if backend == "mindspore":
+        if int8:
+            raise BundleError("int8 is an ONNX graph: use backend='onnxruntime'")
+        from .mindspore_backend import MindSporeModel
 
-    def __call__(self, ids, mask, types) -> np.ndarray:
-        Tensor = self.ms.Tensor
-        return self.cell(Tensor(ids), Tensor(mask), Tensor(types)).asnumpy()
+        return MindSporeModel(directory / "model.mindir", device)
+    if device != "CPU":
+        raise BundleError(f"the onnxruntime backend runs on CPU; use backend='mindspore' for {device}")
+    name = "model.int8.onnx" if int8 else "model.onnx"
+    if name not in manifest["files"]:
+        hint = " (build it with pt-build export --quantize int8)" if int8 else ""
+        raise BundleError(f"{directory}: this bundle has no {name}{hint}")
+    from .onnx_backend import OnnxModel
+
+    return OnnxModel(directory / name)
 
 
 class Bundle:
@@ -97,17 +107,22 @@ class Bundle:
         self.tokenizer = tokenizer
 
     @classmethod
-    def load(cls, path, device: str = "CPU", verify: bool = True) -> "Bundle":
+    def load(cls, path, device: str = "CPU", backend: str | None = None, int8: bool = False,
+             verify: bool = True) -> "Bundle":
+        """Open a bundle; backend defaults to onnxruntime on CPU, MindSpore elsewhere."""
         directory = Path(path)
         if device not in DEVICES:
             raise BundleError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+        backend = backend or default_backend(device)
+        if backend not in BACKENDS:
+            raise BundleError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
         if not directory.is_dir():
             raise BundleError(f"{directory}: no such bundle directory")
         manifest = read_manifest(directory)
         if verify:
             verify_files(directory, manifest)
         tokenizer = load_tokenizer(directory / "tokenizer.json", manifest["max_length"])
-        model = MindSporeModel(directory / "model.mindir", device)
+        model = open_model(directory, manifest, backend, device, int8)
         return cls(directory, manifest, model, tokenizer)
 
     @property
@@ -122,17 +137,22 @@ class Bundle:
         out = np.zeros((len(texts), len(self.labels)), np.float32)
         if not texts:
             return out
-        encodings = encode(self.tokenizer, texts, texts_b)
-        for index in length_sorted_batches([len(e.ids) for e in encodings], batch_size):
-            arrays = pad([encodings[i] for i in index], self.manifest["pad_id"])
-            out[index] = self.model(*arrays)
-        return out
+        return batched_logits(self.model, encode(self.tokenizer, texts, texts_b), self.manifest["pad_id"],
+                              len(self.labels), batch_size)
 
     def predict(self, texts, texts_b=None, batch_size: int = 64) -> list:
         logits = self.logits(texts, texts_b, batch_size)
         probs = softmax(logits)
         return [Prediction(self.labels[int(p.argmax())], {l: float(v) for l, v in zip(self.labels, p)})
                 for p in probs]
+
+
+def batched_logits(model, encodings, pad_id: int, num_labels: int, batch_size: int = 64) -> np.ndarray:
+    """Run `model` over length-sorted batches; logits come back in input order."""
+    out = np.zeros((len(encodings), num_labels), np.float32)
+    for index in length_sorted_batches([len(e.ids) for e in encodings], batch_size):
+        out[index] = model(*pad([encodings[i] for i in index], pad_id))
+    return out
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

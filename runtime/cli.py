@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .bundle import DEVICES, BundleError
+from .bundle import BACKENDS, DEVICES, BundleError
 
 DEFAULT_BUNDLE = "exports/mr-soft"
 
@@ -52,13 +52,14 @@ def cli():
 @click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "jsonl"]))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--device", default="CPU", show_default=True, type=click.Choice(DEVICES))
-def predict(file, bundle_path, fmt, batch_size, device):
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+              help="[default: onnxruntime on CPU, mindspore on GPU/Ascend]")
+@click.option("--int8", is_flag=True, help="Use the bundle's int8 ONNX graph (pt-build export --quantize int8).")
+def predict(file, bundle_path, fmt, batch_size, device, backend, int8):
     """Predict a label for each line of FILE ('-' for stdin)."""
-    from .bundle import Bundle
-
     name = getattr(file, "name", "<stdin>")
     texts = read_lines(file, "<stdin>" if name in ("<stdin>", "-") else name)
-    bundle = load(bundle_path, device)
+    bundle = load(bundle_path, device, backend, int8)
     predictions = bundle.predict(texts, batch_size=batch_size)
     out = []
     for text, p in zip(texts, predictions):
@@ -109,11 +110,11 @@ def info(bundle_path):
         click.echo(f"    {name:<22} sha256 {digest[:16]}")
 
 
-def load(path, device):
+def load(path, device, backend, int8):
     from .bundle import Bundle
 
     try:
-        return Bundle.load(path, device=device)
+        return Bundle.load(path, device=device, backend=backend, int8=int8)
     except BundleError as e:
         raise click.ClickException(str(e))
 

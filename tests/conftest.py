@@ -64,6 +64,6 @@ def tiny_bundle(tmp_path_factory, tiny_bert, toy_files):
     result = CliRunner().invoke(cli, ["export", "--train", str(train), "--dev", str(dev), "--test", str(dev),
                                       "--backbone", str(tiny_bert), "--virtual-tokens", "4", "--epochs", "2",
                                       "--batch-size", "8", "--prompt-lr", "0.05", "--head-lr", "0.05",
-                                      "--out", str(out), "--name", "toy-soft"])
+                                      "--out", str(out), "--name", "toy-soft", "--quantize", "int8"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return out / "toy-soft"

@@ -13,11 +13,13 @@ from ptbundle.builder.backbone import load_backbone
 from ptbundle.builder.export import write_bundle
 from ptbundle.builder.model import PromptClassifier
 from ptbundle.runtime import Bundle, BundleError
-from ptbundle.runtime.bundle import MindSporeModel, sha256_file
+from ptbundle.runtime.bundle import sha256_file
+from ptbundle.runtime.mindspore_backend import MindSporeModel
 from ptbundle.runtime.text import encode, load_tokenizer, pad
 from checkpoints import random_head
 
-BUNDLE_FILES = {"manifest.json", "model.mindir", "tokenizer.json", "prompt.safetensors", "training_log.json"}
+BUNDLE_FILES = {"manifest.json", "model.mindir", "model.onnx", "model.int8.onnx", "tokenizer.json",
+                "prompt.safetensors", "training_log.json"}
 
 
 def trained_like_net(backbone, pooling="mean", virtual_tokens=4):
@@ -56,7 +58,10 @@ def test_bundle_files_manifest_and_prompt(tiny_bundle):
     for name, digest in m["files"].items():
         assert sha256_file(tiny_bundle / name) == digest
     assert m["labels"] == ["neg", "pos"] and m["num_virtual_tokens"] == 4 and m["pooling"] == "mean"
-    assert m["export"]["mindir_max_abs_diff"] <= 1e-5
+    assert m["export"]["mindir_max_abs_diff"] <= 1e-5 and m["export"]["onnx_max_abs_diff"] <= 1e-4
+    int8 = m["metrics"]["onnx_int8"]
+    assert int8["fp32"]["test"]["n"] == int8["int8"]["test"]["n"] == 24
+    assert int8["fp32"]["test"]["accuracy"] == m["metrics"]["test"]["accuracy"]  # ONNX fp32 = the trained net
     assert m["metrics"]["dev"]["n"] == 24 and 0 <= m["metrics"]["test"]["accuracy"] <= 1
     assert m["recipe"]["seed"] == 0 and m["backbone"]["model_type"] == "bert"
     tensors = load_file(str(tiny_bundle / "prompt.safetensors"))
@@ -81,6 +86,34 @@ def test_runtime_predictions_equal_the_training_graph(tiny_bundle, toy_files, ti
     predictions = bundle.predict(texts)
     assert [p.label for p in predictions] == [bundle.labels[i] for i in logits.argmax(-1)]
     assert all(abs(sum(p.probabilities.values()) - 1) < 1e-5 for p in predictions)
+
+
+def test_backends_agree(tiny_bundle):
+    texts = ["a great movie", "the worst film ever , boring", "the best script", "a dull story"]
+    onnx = Bundle.load(tiny_bundle)  # CPU default: onnxruntime
+    mindspore = Bundle.load(tiny_bundle, backend="mindspore")
+    assert type(onnx.model).__name__ == "OnnxModel" and type(mindspore.model).__name__ == "MindSporeModel"
+    np.testing.assert_allclose(onnx.logits(texts), mindspore.logits(texts), atol=1e-4)
+    int8 = Bundle.load(tiny_bundle, int8=True).logits(texts)
+    assert np.abs(int8 - onnx.logits(texts)).max() < 0.5  # quantized: close, not equal
+    with pytest.raises(BundleError, match="onnxruntime backend runs on CPU"):
+        Bundle.load(tiny_bundle, device="GPU", backend="onnxruntime")
+
+
+def test_runtime_on_onnxruntime_never_imports_mindspore_or_the_builder(tiny_bundle):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from ptbundle.runtime import Bundle\n"
+        f"b = Bundle.load({str(tiny_bundle)!r})\n"
+        "print(b.predict(['a great movie'])[0].label)\n"
+        "heavy = sorted(m for m in sys.modules if m.startswith(('mindspore', 'ptbundle.builder', 'onnx.')))\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] in ("neg", "pos") and out[1] == "[]"
 
 
 def test_tampered_or_incomplete_bundle_is_refused(tiny_bundle, tmp_path):
