@@ -65,9 +65,12 @@ def read_manifest(directory: Path) -> dict:
     return manifest
 
 
-def verify_files(directory: Path, manifest: dict) -> None:
-    """Every file the manifest lists exists and has the recorded sha256."""
-    for name, expected in manifest["files"].items():
+def verify_files(directory: Path, manifest: dict, names=None) -> None:
+    """The files (default: every file the manifest lists) exist and have the recorded sha256."""
+    for name in names or manifest["files"]:
+        if name not in manifest["files"]:
+            raise BundleError(f"{directory}: this bundle has no {name}")
+        expected = manifest["files"][name]
         path = directory / name
         if not path.is_file():
             raise BundleError(f"{path}: missing (listed in {MANIFEST})")
@@ -80,22 +83,28 @@ def default_backend(device: str) -> str:
     return "onnxruntime" if device == "CPU" else "mindspore"
 
 
-def open_model(directory: Path, manifest: dict, backend: str, device: str, int8: bool):
+def graph_file(manifest: dict, backend: str, device: str, int8: bool) -> str:
     if backend == "mindspore":
         if int8:
             raise BundleError("int8 is an ONNX graph: use backend='onnxruntime'")
-        from .mindspore_backend import MindSporeModel
-
-        return MindSporeModel(directory / "model.mindir", device)
+        return "model.mindir"
     if device != "CPU":
         raise BundleError(f"the onnxruntime backend runs on CPU; use backend='mindspore' for {device}")
     name = "model.int8.onnx" if int8 else "model.onnx"
     if name not in manifest["files"]:
         hint = " (build it with pt-build export --quantize int8)" if int8 else ""
-        raise BundleError(f"{directory}: this bundle has no {name}{hint}")
+        raise BundleError(f"this bundle has no {name}{hint}")
+    return name
+
+
+def open_model(path: Path, backend: str, device: str):
+    if backend == "mindspore":
+        from .mindspore_backend import MindSporeModel
+
+        return MindSporeModel(path, device)
     from .onnx_backend import OnnxModel
 
-    return OnnxModel(directory / name)
+    return OnnxModel(path)
 
 
 class Bundle:
@@ -119,10 +128,11 @@ class Bundle:
         if not directory.is_dir():
             raise BundleError(f"{directory}: no such bundle directory")
         manifest = read_manifest(directory)
-        if verify:
-            verify_files(directory, manifest)
+        graph = graph_file(manifest, backend, device, int8)
+        if verify:  # what this process reads; the other graphs may be large and unused
+            verify_files(directory, manifest, ["tokenizer.json", graph])
         tokenizer = load_tokenizer(directory / "tokenizer.json", manifest["max_length"])
-        model = open_model(directory, manifest, backend, device, int8)
+        model = open_model(directory / graph, backend, device)
         return cls(directory, manifest, model, tokenizer)
 
     @property

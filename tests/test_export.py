@@ -121,13 +121,13 @@ def test_tampered_or_incomplete_bundle_is_refused(tiny_bundle, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_bundle, copy)
-    with open(copy / "prompt.safetensors", "ab") as f:
+    with open(copy / "model.onnx", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(BundleError, match="prompt.safetensors: sha256 .* does not match"):
+    with pytest.raises(BundleError, match="model.onnx: sha256 .* does not match"):
         Bundle.load(copy)
     (copy / "model.mindir").unlink()
     with pytest.raises(BundleError, match="model.mindir: missing"):
-        Bundle.load(copy)
+        Bundle.load(copy, backend="mindspore")
     with pytest.raises(BundleError, match="not a bundle"):
         Bundle.load(tmp_path)
     with pytest.raises(BundleError, match="no such bundle directory"):
