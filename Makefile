@@ -1,5 +1,5 @@
 # Two commands set up a fresh machine and run everything:
-#   make bundle   train + export the default MR soft-prompt bundle, then predict with it
+#   make bundle   train + export the default MR soft-prompt bundle (with its int8 graph), then predict with it
 #   make test     run the test suite
 # Both create .venv on first use (MindSpore is a 2.4 GB wheel: the first run takes a few minutes).
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 bundle: $(STAMP)
-	$(BIN)/pt-build export
+	$(BIN)/pt-build export --quantize int8
 	printf '%s\n' "a gorgeous, witty, seductive movie." "the plot is nothing but boilerplate clichés." \
 		| $(BIN)/pt-run predict -
 

@@ -14,7 +14,7 @@ class Recipe:
     init_text: str | None = None
     pooling: str = "mean"
     epochs: int = 1
-    batch_size: int = 32
+    batch_size: int = 16  # dev 77.9 vs 77.4 at 32 (1 epoch): twice the updates for the same compute
     prompt_lr: float = 3e-2  # soft prompts need rates 10-100x a head's
     head_lr: float = 3e-3
     weight_decay: float = 0.01  # on the head only; decaying a prompt pulls it to 0
