@@ -16,8 +16,12 @@ class InputError(click.ClickException):
     pass
 
 
-def read_lines(stream, name: str) -> list:
-    """One text per line; empty lines and undecodable bytes are errors that name the line."""
+def read_lines(stream, name: str, pair: bool = False) -> list:
+    """One text per line (a pair: two texts split by a tab).
+
+    Empty lines, undecodable bytes and pairs without exactly one tab are
+    errors that name the line; nothing is silently dropped.
+    """
     texts, problems = [], []
     for number, raw in enumerate(stream.read().split(b"\n"), start=1):
         raw = raw.removesuffix(b"\r")
@@ -29,6 +33,12 @@ def read_lines(stream, name: str) -> list:
         if not text.strip():
             problems.append(f"{name}:{number}: empty line")
             continue
+        if pair:
+            parts = text.split("\t")
+            if len(parts) != 2 or not all(p.strip() for p in parts):
+                problems.append(f"{name}:{number}: expected two texts separated by one tab (a sentence-pair bundle)")
+                continue
+            text = tuple(parts)
         texts.append(text)
     # A final newline ends the last line; it does not start an empty one.
     if problems and problems[-1] == f"{name}:{number}: empty line" and raw == b"":
@@ -36,6 +46,8 @@ def read_lines(stream, name: str) -> list:
     if problems:
         shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise InputError(f"{len(problems)} input line(s) cannot be used, nothing was predicted:\n  {shown}")
+    if not texts:
+        raise InputError(f"{name}: no input lines")
     return texts
 
 
@@ -56,17 +68,25 @@ def cli():
               help="[default: onnxruntime on CPU, mindspore on GPU/Ascend]")
 @click.option("--int8", is_flag=True, help="Use the bundle's int8 ONNX graph (pt-build export --quantize int8).")
 def predict(file, bundle_path, fmt, batch_size, device, backend, int8):
-    """Predict a label for each line of FILE ('-' for stdin)."""
-    name = getattr(file, "name", "<stdin>")
-    texts = read_lines(file, "<stdin>" if name in ("<stdin>", "-") else name)
+    """Predict a label for each line of FILE ('-' for stdin).
+
+    For a sentence-pair bundle each line holds the two texts separated by a tab.
+    """
     bundle = load(bundle_path, device, backend, int8)
-    predictions = bundle.predict(texts, batch_size=batch_size)
+    name = getattr(file, "name", "<stdin>")
+    texts = read_lines(file, "<stdin>" if name in ("<stdin>", "-") else name, bundle.is_pair)
+    if bundle.is_pair:
+        predictions = bundle.predict([a for a, _ in texts], [b for _, b in texts], batch_size=batch_size)
+    else:
+        predictions = bundle.predict(texts, batch_size=batch_size)
     out = []
     for text, p in zip(texts, predictions):
+        shown = "\t".join(text) if bundle.is_pair else text
         if fmt == "jsonl":
-            out.append(json.dumps({"text": text, **p.to_dict()}, ensure_ascii=False))
+            fields = {"text": text[0], "text_b": text[1]} if bundle.is_pair else {"text": text}
+            out.append(json.dumps({**fields, **p.to_dict()}, ensure_ascii=False))
         else:
-            out.append(f"{p.label}\t{p.probabilities[p.label]:.4f}\t{text}")
+            out.append(f"{p.label}\t{p.probabilities[p.label]:.4f}\t{shown}")
     # Written once at the end: an error part-way leaves no half output.
     click.echo("\n".join(out))
 

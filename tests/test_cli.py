@@ -3,6 +3,7 @@
 import json
 import os
 
+import pytest
 from click.testing import CliRunner
 
 from ptbundle.builder.cli import cli as build_cli
@@ -40,6 +41,38 @@ def test_empty_and_undecodable_lines_are_reported_not_dropped(tiny_bundle, tmp_p
     assert "bad.txt:2: empty line" in result.output
     assert "bad.txt:4: not valid UTF-8" in result.output
     assert "fine" not in result.stdout  # nothing half-printed
+
+
+def test_empty_input_is_an_error(tiny_bundle):
+    result = run(["predict", "-", "--bundle", str(tiny_bundle)], input="")
+    assert result.exit_code != 0 and "no input lines" in result.output
+
+
+@pytest.fixture(scope="module")
+def pair_bundle(tmp_path_factory, tiny_roberta):
+    d = tmp_path_factory.mktemp("pairs")
+    rows = [("a great movie", "the best film", "1"), ("a great movie", "the worst film", "0")] * 8
+    for split in ("train", "dev"):
+        (d / f"{split}.tsv").write_text("s1\ts2\tq\n" + "".join("\t".join(r) + "\n" for r in rows))
+    result = build(["--train", str(d / "train.tsv"), "--dev", str(d / "dev.tsv"), "--text-column", "s1",
+                    "--text-b-column", "s2", "--label-column", "q", "--backbone", str(tiny_roberta),
+                    "--virtual-tokens", "2", "--batch-size", "8", "--name", "pairs"], d)
+    assert result.exit_code == 0, result.output
+    return d / "exports" / "pairs"
+
+
+def test_sentence_pair_bundle_end_to_end(pair_bundle):
+    import json as _json
+
+    manifest = _json.loads((pair_bundle / "manifest.json").read_text())
+    assert manifest["pair"] is True and manifest["labels"] == ["0", "1"]
+    result = run(["predict", "-", "--bundle", str(pair_bundle), "--format", "jsonl"],
+                 input="a great movie\tthe best film\nthe plot\tthe story\n")
+    assert result.exit_code == 0, result.output
+    rows = [_json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["text"], r["text_b"]) for r in rows] == [("a great movie", "the best film"), ("the plot", "the story")]
+    bad = run(["predict", "-", "--bundle", str(pair_bundle)], input="only one text\n")
+    assert bad.exit_code != 0 and "<stdin>:1: expected two texts separated by one tab" in bad.output
 
 
 def test_predict_names_a_missing_bundle(tmp_path):
