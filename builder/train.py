@@ -6,6 +6,7 @@ compiled train step, evaluate on dev after each epoch, keep the best epoch.
 
 from __future__ import annotations
 
+import gc
 import math
 import sys
 import time
@@ -217,6 +218,10 @@ def train(backbone: Backbone, dataset, recipe: Recipe, log=print):
         if dev["accuracy"] > best_dev:
             best_dev, best = dev["accuracy"], (epoch, net.head_state())
     best_epoch, weights = best
+    # The compiled train graphs hold GBs of buffers (see TRAIN_PAD_MULTIPLE);
+    # drop them before evaluation and export compile graphs of their own.
+    del train_step
+    gc.collect()
     net.load_head_state(weights)
     metrics = {"best_epoch": best_epoch, "dev": curve[best_epoch - 1]["dev"],
                "test": evaluate(net, *splits["test"], pad_id, num_labels),
