@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from ptbundle.runtime.bundle import DEVICES
+
 from .errors import BuildError
 from .recipe import Recipe
 
@@ -55,7 +57,7 @@ def cli():
 @click.option("--max-length", default=DEFAULTS.max_length, show_default=True, type=click.IntRange(8),
               help="Text tokens per input (special tokens included), before the prompt.")
 @click.option("--seed", default=DEFAULTS.seed, show_default=True, type=int)
-@click.option("--device", default="CPU", show_default=True, type=click.Choice(["CPU", "GPU", "Ascend"]))
+@click.option("--device", default="CPU", show_default=True, type=click.Choice(DEVICES))
 @click.option("--out", "out_dir", default="exports", show_default=True, type=click.Path(file_okay=False),
               help="Directory that receives the bundle.")
 @click.option("--name", default=None, help="Bundle name [default: <data>-soft].")

@@ -20,8 +20,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-
-DEVICES = ("CPU", "GPU", "Ascend")
+from ptbundle.runtime.bundle import DEVICES
 
 
 def use_device(device: str = "CPU") -> None:
