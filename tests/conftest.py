@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -6,7 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # for checkpoints.py
 
-from checkpoints import SENTENCES, write_checkpoint  # noqa: E402
+from checkpoints import write_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
