@@ -27,17 +27,12 @@ import click
 
 from ptbundle.runtime import Bundle
 
-ROOT = Path(__file__).resolve().parent.parent
-MR_DIR = ROOT / "data" / "mr"
-
 
 def mr_test_texts() -> list:
-    """The canonical MR test split (line i % 10 == 0 of each file), as plain text."""
-    texts = []
-    for name in ("rt-polarity.neg", "rt-polarity.pos"):
-        lines = (MR_DIR / name).read_bytes().decode("cp1252").split("\n")
-        texts += [line.strip() for i, line in enumerate(lines) if line.strip() and i % 10 == 0]
-    return texts
+    """The canonical MR test split, read as the builder reads it (ptbundle.builder.data is light)."""
+    from ptbundle.builder.data import load_mr
+
+    return [e.text for e in load_mr().test]
 
 
 def spread(values) -> dict:

@@ -111,8 +111,7 @@ def summary(destination: Path, metrics: dict, seconds: float) -> None:
     click.echo(f"  dev  accuracy {dev['accuracy']:.4f}  macro-F1 {dev['macro_f1']:.4f}  (epoch {metrics['best_epoch']})")
     if test:
         click.echo(f"  test accuracy {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  (n={test['n']})")
-    int8 = (metrics.get("onnx_int8") or {}).get("int8", {})
-    for split, m in int8.items():
+    for split, m in (metrics.get("int8") or {}).items():
         click.echo(f"  {split} accuracy int8 ONNX {m['accuracy']:.4f}")
 
 

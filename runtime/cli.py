@@ -122,11 +122,8 @@ def info(bundle_path):
     if "seconds_per_step_median" in metrics:
         click.echo(f"  training    {metrics.get('steps')} steps, {metrics['seconds_per_step_median']} s/step (median),"
                    f" {metrics.get('train_seconds')} s")
-    int8 = metrics.get("onnx_int8") or {}
-    for split in ("dev", "test"):
-        if split in int8.get("int8", {}):
-            click.echo(f"  int8 {split:<6} accuracy {int8['int8'][split]['accuracy']:.4f}"
-                       f" (ONNX fp32 {int8['fp32'][split]['accuracy']:.4f})")
+    for split, s in (metrics.get("int8") or {}).items():
+        click.echo(f"  int8 {split:<6} accuracy {s['accuracy']:.4f} (fp32 {metrics[split]['accuracy']:.4f})")
     export = m.get("export") or {}
     if export:
         click.echo("  parity      " + ", ".join(f"{k} {v:.1e}" for k, v in export.items()))
