@@ -1,6 +1,9 @@
 # Two commands set up a fresh machine and run everything:
-#   make bundle   train + export the default MR soft-prompt bundle (with its int8 graph), then predict with it
+#   make bundle   train + export the MR soft-prompt bundle and the two hard-prompt bundles (with int8 graphs),
+#                 print the table comparing them, then predict with the soft one
 #   make test     run the test suite
+#   make bench    benchmarks of the bundle in exports/mr-soft against the GEMM limit and PyTorch + PEFT (sized for 15 min;
+#                 creates bench/.peer-venv on first use); BENCH_ARGS=--quick for a smoke run
 # Both create .venv on first use (MindSpore is a 2.4 GB wheel: the first run takes a few minutes).
 
 PYTHON ?= python3
@@ -8,7 +11,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: bundle test clean
+.PHONY: bundle test bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,5 +29,8 @@ bundle: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+bench: $(STAMP)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) exports/*-soft exports/.*tmp-*
+	rm -rf $(VENV) bench/.peer-venv exports/*-soft exports/*-hard-* exports/.*tmp-*

@@ -1,11 +1,22 @@
 """Inference speed of a bundle: throughput on MR test and cold start of pt-run.
 
-    .venv/bin/python bench/inference.py [--bundle exports/mr-soft] [--batch-size 64] [--repeats 5]
+    .venv/bin/python bench/inference.py [--bundle exports/mr-soft] [--batch-sizes 1,8,64] [--repeats 5]
 
 For each backend (onnxruntime fp32, onnxruntime int8 when the bundle has it,
 MindSpore fp32):
-- throughput: sentences/s over full passes of the 1,068 MR test sentences
-  (min/median/max of --repeats passes, after one warm-up pass);
+- throughput: sentences/s at each batch size, with the runtime's
+  sorted-length batching (`Bundle.predict`) and without it (consecutive
+  batches in input order, padded to their longest row); min/median/max of
+  --repeats passes over the sentences, after a warm-up pass over two batches.
+  Batch 1 has one row per batch, so sorting changes nothing: measured once.
+  Batch 8 and 64 use MR test (1,068 sentences; --every K takes every K-th),
+  batch 1 every --every-batch1-th (all of MR test at batch 1 takes minutes on
+  MindSpore).  Each row records the sentences it ran on.
+- FLOPs: useful GFLOP/s = sentences/s * matmul FLOPs of each sentence at its
+  own length with the prompt (bench/roofline.py, flops_per_sequence), and its
+  fraction of the GEMM limit measured by bench/roofline.py (read from
+  --roofline, or measured now if that file is missing); executed GFLOP/s
+  counts the padded shapes the backend really ran.
 - cold start: wall time of a new `pt-run predict` process on 10 lines
   (import, load and hash-check the bundle, predict, print, exit).
 Everything runs in this one invocation, so the ratios compare like with like.
@@ -15,8 +26,6 @@ Writes bench/results/inference.json.
 from __future__ import annotations
 
 import json
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,29 +33,90 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 
+import roofline
+from common import cpu_threads, every_kth, load_mr, machine_info, spread, subset_name
 from ptbundle.runtime import Bundle
+from ptbundle.runtime.bundle import Prediction, softmax
+from ptbundle.runtime.text import PAD_MULTIPLE, encode, length_sorted_batches, pad
 
 
-def mr_test_texts() -> list:
-    """The canonical MR test split, read as the builder reads it (ptbundle.builder.data is light)."""
-    from ptbundle.builder.data import load_mr
-
-    return [e.text for e in load_mr().test]
-
-
-def spread(values) -> dict:
-    return {"min": round(min(values), 3), "median": round(statistics.median(values), 3), "max": round(max(values), 3)}
+def mr_test() -> tuple:
+    """Texts and gold labels of the canonical MR test split, read as the builder reads it."""
+    test = load_mr().test
+    return [e.text for e in test], [e.label for e in test]
 
 
-def throughput(bundle: Bundle, texts, batch_size: int, repeats: int) -> dict:
-    bundle.predict(texts[: batch_size * 2], batch_size=batch_size)  # warm-up (MindSpore compiles here)
-    rates = []
+def bundle_encode(bundle: Bundle, texts) -> list:
+    """Tokenize as the bundle does (a hard-prompt bundle may carry a text template)."""
+    template = getattr(bundle, "template", None)
+    return encode(bundle.tokenizer, texts) if template is None else encode(bundle.tokenizer, texts, None, template)
+
+
+def predict_in_input_order(bundle: Bundle, texts, batch_size: int) -> list:
+    """Bundle.predict without the length sort: consecutive batches, each padded to its longest row.
+
+    The same steps as Bundle.logits + Bundle.predict (tokenize all, pad, run,
+    softmax, Prediction objects), only the batch plan differs.
+    """
+    encodings = bundle_encode(bundle, texts)
+    logits = np.zeros((len(texts), len(bundle.labels)), np.float32)
+    for start in range(0, len(encodings), batch_size):
+        chunk = encodings[start : start + batch_size]
+        logits[start : start + len(chunk)] = bundle.model(*pad(chunk, bundle.manifest["pad_id"]))
+    return [Prediction(bundle.labels[int(p.argmax())], {l: float(v) for l, v in zip(bundle.labels, p)})
+            for p in softmax(logits)]
+
+
+def run_pass(bundle: Bundle, texts, batch_size: int, sort: bool) -> list:
+    if sort:
+        return bundle.predict(texts, batch_size=batch_size)
+    return predict_in_input_order(bundle, texts, batch_size)
+
+
+def batch_plan(lengths, batch_size: int, sort: bool) -> list:
+    """(rows, padded length) of every batch a pass runs, as runtime.text pads them."""
+    lengths = np.asarray(lengths)
+    if sort:
+        batches = length_sorted_batches(lengths, batch_size)
+    else:
+        batches = [np.arange(s, min(s + batch_size, len(lengths))) for s in range(0, len(lengths), batch_size)]
+    return [(len(b), -(-int(lengths[b].max()) // PAD_MULTIPLE) * PAD_MULTIPLE) for b in batches]
+
+
+def flop_counts(lengths, batch_size: int, sort: bool, virtual_tokens: int, cfg) -> dict:
+    """Useful FLOPs (each sentence at its length) and executed FLOPs (padded batches) of one pass."""
+    useful = roofline.flops_of_lengths(lengths, virtual_tokens, cfg)
+    executed = sum(roofline.flops_of_batch(rows, seq, virtual_tokens, cfg)
+                   for rows, seq in batch_plan(lengths, batch_size, sort))
+    return {"useful": useful, "executed": executed}
+
+
+def throughput(bundle: Bundle, texts, batch_size: int, repeats: int, sort: bool = True) -> tuple:
+    """Seconds per pass over `texts`, `repeats` passes after a two-batch warm-up; the last pass's predictions."""
+    run_pass(bundle, texts[: batch_size * 2], batch_size, sort)  # warm-up (MindSpore compiles here)
+    seconds, predictions = [], []
     for _ in range(repeats):
         t = time.perf_counter()
-        bundle.predict(texts, batch_size=batch_size)
-        rates.append(len(texts) / (time.perf_counter() - t))
-    return spread(rates)
+        predictions = run_pass(bundle, texts, batch_size, sort)
+        seconds.append(time.perf_counter() - t)
+    return seconds, predictions
+
+
+def throughput_row(bundle, texts, gold, subset: str, batch_size: int, sort: bool, repeats: int, flops: dict,
+                   limit_gflops: float) -> dict:
+    seconds, predictions = throughput(bundle, texts, batch_size, repeats, sort)
+    useful = [flops["useful"] / s / 1e9 for s in seconds]
+    return {"batch_size": batch_size, "sorted": sort, "sentences": len(texts), "subset": subset,
+            "sentences_per_second": spread([len(texts) / s for s in seconds], 2),
+            "useful_gflops": spread(useful, 2),
+            "executed_gflops": spread([flops["executed"] / s / 1e9 for s in seconds], 2),
+            "fraction_of_limit": spread([g / limit_gflops for g in useful], 3),
+            "useful_gflop_per_sentence": round(flops["useful"] / len(texts) / 1e9, 5),
+            "padding_overhead": round(flops["executed"] / flops["useful"] - 1, 3),
+            # on these sentences; the peer reports the same, a check that both run the same model
+            "accuracy": round(float(np.mean([p.label == g for p, g in zip(predictions, gold)])), 4)}
 
 
 def cold_start(bundle_path: str, args: list, repeats: int, texts) -> dict:
@@ -63,33 +133,115 @@ def cold_start(bundle_path: str, args: list, repeats: int, texts) -> dict:
     return spread(seconds)
 
 
+def backend_configs(manifest: dict, backends) -> list:
+    """(name, Bundle.load kwargs, pt-run options) of every backend the bundle can run."""
+    configs = []
+    if "onnxruntime" in backends:
+        configs.append(("onnxruntime fp32", {"backend": "onnxruntime"}, ["--backend", "onnxruntime"]))
+        if "model.int8.onnx" in manifest["files"]:
+            configs.append(("onnxruntime int8", {"backend": "onnxruntime", "int8": True},
+                            ["--backend", "onnxruntime", "--int8"]))
+    if "mindspore" in backends:
+        configs.append(("mindspore fp32", {"backend": "mindspore"}, ["--backend", "mindspore"]))
+    return configs
+
+
+def model_shape(manifest: dict) -> roofline.ModelShape:
+    """The FLOP-count shape from the manifest; the feed-forward width is BERT's 4 * hidden (MiniLM: 1536)."""
+    backbone = manifest["backbone"]
+    h = backbone["hidden_size"]
+    return roofline.ModelShape(hidden_size=h, intermediate_size=4 * h, num_layers=backbone["layers"],
+                               num_labels=len(manifest["labels"]))
+
+
+def load_limit(path: str) -> dict:
+    """The GEMM roofline of this run: read it if bench/roofline.py wrote one, else measure it now."""
+    if Path(path).is_file():
+        result = json.loads(Path(path).read_text())
+        result["source"] = path
+        return result
+    click.echo(f"{path} not found: measuring the GEMM limit now (bench/roofline.py)")
+    result = roofline.measure(repeats=10)
+    result["source"] = "measured by bench/inference.py"
+    return result
+
+
+def int_list(text: str) -> list:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+HEADER = f"{'config':<18}{'batch':>6}{'sorted':>7}{'sents':>6}{'sentences/s':>12} {'[min-max]':<15}{'GFLOP/s':>8}{'limit':>8}"
+
+
+def format_row(name: str, row: dict) -> str:
+    r, g, f = row["sentences_per_second"], row["useful_gflops"], row["fraction_of_limit"]
+    span = f"[{r['min']:.1f}-{r['max']:.1f}]"
+    return (f"{name:<18}{row['batch_size']:>6}{'on' if row['sorted'] else 'off':>7}{row['sentences']:>6}"
+            f"{r['median']:>12.1f} {span:<15}{g['median']:>8.1f}{f['median']:>8.1%}")
+
+
 @click.command()
 @click.option("--bundle", "bundle_path", default="exports/mr-soft", show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--repeats", default=5, show_default=True)
+@click.option("--batch-sizes", default="1,8,64", show_default=True)
+@click.option("--batch-size", default=None, type=int, help="One batch size only (overrides --batch-sizes).")
+@click.option("--sorting", type=click.Choice(["both", "on", "off"]), default="both", show_default=True,
+              help="Sorted-length batching (the runtime's) and/or input order.")
+@click.option("--backends", default="onnxruntime,mindspore", show_default=True)
+@click.option("--repeats", default=5, show_default=True, help="Timed passes per row.")
+@click.option("--cold-repeats", default=None, type=int, help="pt-run cold starts per backend [default: --repeats].")
+@click.option("--every", default=1, show_default=True, help="Batch 8/64 run on every K-th MR test sentence.")
+@click.option("--every-batch1", default=4, show_default=True, help="Batch 1 runs on every K-th MR test sentence.")
+@click.option("--roofline", "roofline_path", default="bench/results/roofline.json", show_default=True)
 @click.option("--out", default="bench/results/inference.json", show_default=True)
-def main(bundle_path, batch_size, repeats, out):
-    texts = mr_test_texts()
+def main(bundle_path, batch_sizes, batch_size, sorting, backends, repeats, cold_repeats, every, every_batch1,
+         roofline_path, out):
+    sizes = [batch_size] if batch_size else int_list(batch_sizes)
+    sorts = {"both": [True, False], "on": [True], "off": [False]}[sorting]
+    texts, gold = mr_test()
     manifest = json.loads((Path(bundle_path) / "manifest.json").read_text())
-    configs = [("onnxruntime fp32", {"backend": "onnxruntime"}, ["--backend", "onnxruntime"])]
-    if "model.int8.onnx" in manifest["files"]:
-        configs.append(("onnxruntime int8", {"backend": "onnxruntime", "int8": True}, ["--backend", "onnxruntime", "--int8"]))
-    configs.append(("mindspore fp32", {"backend": "mindspore"}, ["--backend", "mindspore"]))
-    rows = []
-    for name, load_args, cli_args in configs:
+    virtual_tokens, cfg = manifest.get("num_virtual_tokens", 0), model_shape(manifest)
+    limit = load_limit(roofline_path)
+    limit_gflops = limit["limit_gflops"]
+    click.echo(f"GEMM limit {limit_gflops:.1f} GFLOP/s ({limit['limit_library']}, {limit['source']}); "
+               f"{cpu_threads()} threads")
+    click.echo(HEADER)
+    rows, mean_gflop = [], 0.0
+    for name, load_args, cli_args in backend_configs(manifest, backends.split(",")):
         bundle = Bundle.load(bundle_path, **load_args)
-        row = {"config": name,
-               "sentences_per_second": throughput(bundle, texts, batch_size, repeats),
-               "cold_start_seconds": cold_start(bundle_path, cli_args, repeats, texts)}
-        rows.append(row)
+        lengths = [len(e.ids) for e in bundle_encode(bundle, texts)]
+        mean_gflop = roofline.flops_of_lengths(lengths, virtual_tokens, cfg) / len(lengths) / 1e9
+        row = {"config": name, "throughput": []}
+        for size in sizes:
+            k = every_batch1 if size == 1 else every
+            for sort in (sorts if size > 1 else [True]):  # one row per batch: order is irrelevant
+                flops = flop_counts(every_kth(lengths, k), size, sort, virtual_tokens, cfg)
+                measured = throughput_row(bundle, every_kth(texts, k), every_kth(gold, k), subset_name(len(texts), k),
+                                          size, sort, repeats, flops, limit_gflops)
+                row["throughput"].append(measured)
+                click.echo(format_row(name, measured))
+        # The previous report's figure (one batch size, sorted), under its old key.
+        headline = next((t for t in row["throughput"] if t["sorted"] and t["batch_size"] == max(sizes)), None)
+        if headline:
+            row["sentences_per_second"] = headline["sentences_per_second"]
         del bundle
-        click.echo(f"{name:<18} {row['sentences_per_second']['median']:>8.1f} sentences/s "
-                   f"(min {row['sentences_per_second']['min']:.1f}, max {row['sentences_per_second']['max']:.1f})   "
-                   f"cold start {row['cold_start_seconds']['median']:.2f} s "
-                   f"(min {row['cold_start_seconds']['min']:.2f}, max {row['cold_start_seconds']['max']:.2f})")
-    result = {"bundle": bundle_path, "sentences": len(texts), "batch_size": batch_size, "repeats": repeats,
-              "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
-              "versions": manifest.get("versions"), "results": rows}
+        row["cold_start_seconds"] = cold_start(bundle_path, cli_args, cold_repeats or repeats, texts)
+        c = row["cold_start_seconds"]
+        click.echo(f"{name:<18} cold start {c['median']:.2f} s (min {c['min']:.2f}, max {c['max']:.2f})")
+        rows.append(row)
+    import onnxruntime
+    import tokenizers
+
+    versions = dict(manifest.get("versions") or {}, onnxruntime_run=onnxruntime.__version__,
+                    tokenizers_run=tokenizers.__version__, numpy_run=np.__version__)
+    threads = {"onnxruntime_intra_op": cpu_threads()}  # what runtime/onnx_backend.py sets
+    if "mindspore" in sys.modules:
+        versions["mindspore_run"] = sys.modules["mindspore"].__version__
+        threads["mindspore_runtime_num_threads"] = sys.modules["mindspore"].get_context("runtime_num_threads")
+    result = {"bundle": bundle_path, "sentences": len(texts), "batch_sizes": sizes, "repeats": repeats,
+              "virtual_tokens": virtual_tokens, "threads": threads,
+              "mean_useful_gflop_per_sentence": round(mean_gflop, 4),
+              "limit": {k: limit[k] for k in ("limit_gflops", "limit_library", "tokens", "source")},
+              "machine": machine_info(), "versions": versions, "results": rows}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     click.echo(f"-> {out}")

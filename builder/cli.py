@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -17,7 +17,7 @@ DEFAULTS = Recipe()
 
 
 def load_dataset(data, train_file, dev_file, test_file, text_column, text_b_column, label_column):
-    from .data import Columns, load_files, load_mr
+    from ptbundle.runtime.data import Columns, load_files, load_mr
 
     if train_file or dev_file:
         if not (train_file and dev_file):
@@ -35,6 +35,14 @@ def cli():
 
 
 @cli.command()
+@click.option("--prompt", "prompt_kind", default="all", show_default=True, type=click.Choice(["all", "soft", "hard"]),
+              help="Which bundles: the soft prompt, the hard prompt (a text template), or all of them side by side.")
+@click.option("--head", "hard_head", default=None, type=click.Choice(["zero-shot", "probe"]),
+              help="Hard prompts: only this head [default: both].")
+@click.option("--template", default=None,
+              help="Hard-prompt template with a {text} slot ({text_b} for pairs) [default: chosen per task].")
+@click.option("--label-text", "label_texts", multiple=True, metavar="LABEL=TEXT",
+              help="Zero-shot verbalizer: a description of LABEL; repeat for more labels or descriptions.")
 @click.option("--data", default="mr", show_default=True, help="Shipped dataset (mr), unless --train/--dev are given.")
 @click.option("--train", "train_file", type=click.Path(exists=True, dir_okay=False), help="Training file (.tsv, .csv, .jsonl).")
 @click.option("--dev", "dev_file", type=click.Path(exists=True, dir_okay=False), help="Dev file, used to pick the best epoch.")
@@ -59,64 +67,106 @@ def cli():
 @click.option("--seed", default=DEFAULTS.seed, show_default=True, type=int)
 @click.option("--device", default="CPU", show_default=True, type=click.Choice(DEVICES))
 @click.option("--out", "out_dir", default="exports", show_default=True, type=click.Path(file_okay=False),
-              help="Directory that receives the bundle.")
-@click.option("--name", default=None, help="Bundle name [default: <data>-soft].")
+              help="Directory that receives the bundles.")
+@click.option("--name", default=None,
+              help="Bundle name when one bundle is built, else the prefix of the names [default: the data's name].")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Also write model.int8.onnx (dynamic quantization) and its accuracy.")
-def export(data, train_file, dev_file, test_file, text_column, text_b_column, label_column, backbone,
-           virtual_tokens, init, init_text, pooling, epochs, batch_size, prompt_lr, head_lr, warmup,
-           max_length, seed, device, out_dir, name, quantize):
-    """Train a soft prompt and write a bundle under exports/."""
+@click.pass_context
+def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file, dev_file, test_file, text_column,
+           text_b_column, label_column, backbone, virtual_tokens, init, init_text, pooling, epochs, batch_size,
+           prompt_lr, head_lr, warmup, max_length, seed, device, out_dir, name, quantize):
+    """Train prompts on a frozen encoder and write bundles under exports/.
+
+    With no options: the MR soft-prompt bundle and both hard-prompt bundles
+    (zero-shot and probe), then one table comparing them.
+    """
+    from ptbundle.runtime.template import Template
+
+    from .build import default_label_texts, default_template
+
     started = time.time()
     dataset = load_dataset(data, train_file, dev_file, test_file, text_column, text_b_column, label_column)
     recipe = Recipe(virtual_tokens=virtual_tokens, init="text" if init_text else init, init_text=init_text,
                     pooling=pooling, epochs=epochs, batch_size=batch_size, prompt_lr=prompt_lr, head_lr=head_lr,
                     warmup=warmup, max_length=max_length, seed=seed)
+    heads = [] if prompt_kind == "soft" else [hard_head] if hard_head else ["zero-shot", "probe"]
+    template = Template.parse(template or default_template(dataset), pair=dataset.is_pair) if heads else None
+    label_texts = label_texts or default_label_texts(dataset)
+    names = bundle_names(name, dataset.name, prompt_kind != "hard", heads)
+    commands = rebuild_commands(ctx, template, label_texts)
+
     # MindSpore takes seconds to import: only after the cheap checks above.
-    from .model import use_device
     from .backbone import load_backbone
-    from .export import write_bundle
-    from .train import encode_split, train
+    from .build import build_hard, build_soft, comparison_table
+    from .model import use_device
 
     use_device(device)
     bb = load_backbone(backbone)
-    click.echo(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.dev)} dev / {len(dataset.test)} test, "
-               f"labels {', '.join(dataset.labels)}; backbone {bb.name} ({bb.config.model_type}, "
-               f"{bb.config.num_layers}x{bb.config.hidden_size})", err=True)
-    net, curve, metrics = train(bb, dataset, recipe, log=lambda m: click.echo(m, err=True))
-    destination = Path(out_dir) / (name or f"{dataset.name}-soft")
-    manifest = {
-        "format": "ptbundle", "kind": "soft", "task": dataset.name, "labels": list(dataset.labels),
-        "pair": dataset.is_pair, "template": None, "max_length": recipe.max_length,
-        "pad_id": bb.config.pad_token_id, "pooling": recipe.pooling, "num_virtual_tokens": recipe.virtual_tokens,
-        "inputs": ["input_ids", "attention_mask", "token_type_ids"], "outputs": ["logits"],
-        "backbone": {"name": bb.name, "model_type": bb.config.model_type, "hidden_size": bb.config.hidden_size,
-                     "layers": bb.config.num_layers, "sha256": bb.sha256},
-        "recipe": asdict(recipe), "metrics": metrics, "device": device,
-    }
-    int8_sets = None
-    if quantize:
-        from ptbundle.runtime.text import load_tokenizer
-
-        tokenizer = load_tokenizer(bb.tokenizer_path, recipe.max_length)
-        int8_sets = {split: (*encode_split(tokenizer, dataset, split), len(dataset.labels))
-                     for split in ("dev", "test") if getattr(dataset, split)}
-    write_bundle(destination, net, bb, manifest, curve, int8_sets)
-    summary(destination, metrics, time.time() - started)
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    log(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.dev)} dev / {len(dataset.test)} test, "
+        f"labels {', '.join(dataset.labels)}; backbone {bb.name} ({bb.config.model_type}, "
+        f"{bb.config.num_layers}x{bb.config.hidden_size})")
+    out = Path(out_dir)
+    built = []
+    if heads:  # minutes, against the soft prompt's quarter of an hour: first
+        built += build_hard({h: out / names[h] for h in heads}, bb, dataset, recipe, template, label_texts,
+                            device, quantize == "int8", commands, log)
+    if prompt_kind != "hard":
+        built.insert(0, build_soft(out / names["soft"], bb, dataset, recipe, device, quantize == "int8",
+                                   commands["soft"], log))
+    click.echo(f"built {len(built)} bundle(s) in {time.time() - started:.0f} s")
+    click.echo(comparison_table(built, eval_data_args(data, train_file, dev_file, test_file, text_column,
+                                                      text_b_column, label_column)))
 
 
-def summary(destination: Path, metrics: dict, seconds: float) -> None:
-    dev, test = metrics["dev"], metrics.get("test") or {}
-    click.echo(f"wrote {destination} in {seconds:.0f} s")
-    click.echo(f"  dev  accuracy {dev['accuracy']:.4f}  macro-F1 {dev['macro_f1']:.4f}  (epoch {metrics['best_epoch']})")
-    if test:
-        click.echo(f"  test accuracy {test['accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  (n={test['n']})")
-    for split, m in (metrics.get("int8") or {}).items():
-        click.echo(f"  {split} accuracy int8 ONNX {m['accuracy']:.4f}")
+def bundle_names(name, data_name: str, soft: bool, heads: list) -> dict:
+    """One bundle: --name, else <data>-soft / <data>-hard-zeroshot / <data>-hard-probe; several: --name is the prefix."""
+    suffixes = ({"soft": "soft"} if soft else {}) | {h: "hard-" + h.replace("-", "") for h in heads}
+    if name and len(suffixes) == 1:
+        return {k: name for k in suffixes}
+    return {k: f"{name or data_name}-{v}" for k, v in suffixes.items()}
+
+
+def rebuild_commands(ctx, template, label_texts) -> dict:
+    """For each bundle, the pt-build command that rebuilds it alone, with the options given here."""
+    from click.core import ParameterSource
+
+    own = {"prompt_kind", "hard_head", "template", "label_texts", "name"}
+    base = ["pt-build", "export"]
+    for param in ctx.command.params:
+        if param.name in own or ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[param.name]
+        flag = param.opts[0]
+        if param.is_flag:
+            base += [flag] if value else []
+        else:
+            base += [x for v in (value if param.multiple else [value]) for x in (flag, str(v))]
+    hard = ["--template", template.source] if template else []
+    return {"soft": shlex.join(base + ["--prompt", "soft"]),
+            "zero-shot": shlex.join(base + ["--prompt", "hard", "--head", "zero-shot"] + hard
+                                    + [x for t in label_texts for x in ("--label-text", t)]),
+            "probe": shlex.join(base + ["--prompt", "hard", "--head", "probe"] + hard)}
+
+
+def eval_data_args(data: str, train_file, dev_file, test_file, text_column, text_b_column, label_column) -> list:
+    """The pt-run eval options that score a bundle on the data it was built on (test if there is one)."""
+    if not train_file:
+        return ["--data", data, "--split", "test"]
+    args = ["--data", str(test_file or dev_file)]
+    for flag, value, default in (("--text-column", text_column, "text"), ("--text-b-column", text_b_column, None),
+                                 ("--label-column", label_column, "label")):
+        if value != default:
+            args += [flag, value]
+    return args
 
 
 def main():
+    from ptbundle.runtime.data import DataError
+    from ptbundle.runtime.template import TemplateError
+
     try:
         cli()
-    except BuildError as e:
+    except (BuildError, DataError, TemplateError) as e:
         raise SystemExit(f"error: {e}")

@@ -8,6 +8,3 @@ class BuildError(ValueError):
 class BackboneError(BuildError):
     """A backbone directory that cannot be used, with the reason."""
 
-
-class DataError(BuildError):
-    """A data file that cannot be used; the message names file and line."""

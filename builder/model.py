@@ -178,10 +178,14 @@ class PromptClassifier(nn.Cell):
     output:  logits [batch, num_labels]
 
     With `num_virtual_tokens=0` this is a plain classifier over the text as
-    tokenized (used for hard prompts, where the template is text).
+    tokenized (used for hard prompts, where the template is text).  With
+    `normalize`, the pooled vector is scaled to unit length before the head:
+    a head whose rows are unit label embeddings then computes cosine
+    similarities (the zero-shot verbalizer head).
     """
 
-    def __init__(self, encoder: Encoder, num_virtual_tokens: int, num_labels: int, pooling: str):
+    def __init__(self, encoder: Encoder, num_virtual_tokens: int, num_labels: int, pooling: str,
+                 normalize: bool = False):
         super().__init__()
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', not {pooling!r}")
@@ -189,11 +193,16 @@ class PromptClassifier(nn.Cell):
         self.encoder = encoder
         self.num_virtual_tokens = num_virtual_tokens
         self.pooling = pooling
+        self.normalize = normalize
         self.prompt = Parameter(np.zeros((max(num_virtual_tokens, 1), h), np.float32), name="prompt_embeddings")
         self.pooler = Pooler(h) if pooling == "cls" else None
         self.classifier = nn.Dense(h, num_labels)
 
     def construct(self, input_ids, attention_mask, token_type_ids):
+        return self.classifier(self.features(input_ids, attention_mask, token_type_ids))
+
+    def features(self, input_ids, attention_mask, token_type_ids):
+        """The pooled vector the head reads (unit length with `normalize`)."""
         b = input_ids.shape[0]
         embeds = ops.gather(self.encoder.embeddings.word, input_ids, 0)
         mask, types = attention_mask, token_type_ids
@@ -203,8 +212,10 @@ class PromptClassifier(nn.Cell):
             embeds = ops.concat((prompt, embeds), 1)
             mask = ops.concat((ops.ones((b, p), attention_mask.dtype), attention_mask), 1)
             types = ops.concat((ops.zeros((b, p), token_type_ids.dtype), token_type_ids), 1)
-        hidden = self.encoder(embeds, mask, types)
-        return self.classifier(self.pool(hidden, attention_mask))
+        pooled = self.pool(self.encoder(embeds, mask, types), attention_mask)
+        if self.normalize:
+            pooled = pooled / ops.maximum(ops.sqrt((pooled * pooled).sum(-1, keepdims=True)), 1e-12)
+        return pooled
 
     def head_state(self) -> dict:
         """The prompt and head as numpy arrays, under stable names.
@@ -242,3 +253,25 @@ class PromptClassifier(nn.Cell):
         text = hidden[:, self.num_virtual_tokens :]
         m = attention_mask.astype(ms.float32).expand_dims(2)
         return (text * m).sum(1) / ops.maximum(m.sum(1), 1e-9)
+
+
+class Features(nn.Cell):
+    """A classifier's pooled vectors: what its head reads."""
+
+    def __init__(self, net: PromptClassifier):
+        super().__init__(auto_prefix=False)
+        self.net = net
+
+    def construct(self, input_ids, attention_mask, token_type_ids):
+        return self.net.features(input_ids, attention_mask, token_type_ids)
+
+
+class HeadOnly(nn.Cell):
+    """A classifier's head on precomputed features: trains a probe without re-running the frozen encoder."""
+
+    def __init__(self, net: PromptClassifier):
+        super().__init__(auto_prefix=False)
+        self.classifier = net.classifier
+
+    def construct(self, features):
+        return self.classifier(features)

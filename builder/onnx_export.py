@@ -85,7 +85,7 @@ def erf_free_twin(net: PromptClassifier) -> PromptClassifier:
             raise OnnxExportError(f"{source.name}: shape {tuple(source.shape)} vs {tuple(target.shape)}")
         target.set_data(Tensor(source.asnumpy()))
     num_labels = net.classifier.weight.shape[0]
-    twin = PromptClassifier(encoder, net.num_virtual_tokens, num_labels, net.pooling)
+    twin = PromptClassifier(encoder, net.num_virtual_tokens, num_labels, net.pooling, net.normalize)
     twin.load_head_state(net.head_state())
     twin.set_train(False)
     return twin

@@ -21,7 +21,7 @@ from ptbundle.runtime.metrics import classification_metrics
 from ptbundle.runtime.text import encode, length_sorted_batches, load_tokenizer, pad
 
 from .backbone import Backbone
-from .errors import DataError
+from ptbundle.runtime.data import DataError
 from .model import PromptClassifier
 from .recipe import Recipe
 
@@ -119,12 +119,14 @@ class TrainStep(nn.Cell):
         self.optimizer = nn.AdamWeightDecay(groups)
         self.grad_fn = ms.value_and_grad(self.loss, None, self.optimizer.parameters, has_aux=True)
 
-    def loss(self, ids, mask, types, onehot):
-        logits = self.net(ids, mask, types)
+    def loss(self, *args):
+        *inputs, onehot = args
+        logits = self.net(*inputs)
         return -(ops.log_softmax(logits, -1) * onehot).sum(-1).mean(), logits
 
-    def construct(self, ids, mask, types, onehot):
-        (loss, logits), grads = self.grad_fn(ids, mask, types, onehot)
+    def construct(self, *args):
+        """args: what the net takes (ids, mask, types; or features for a head alone), then one-hot labels."""
+        (loss, logits), grads = self.grad_fn(*args)
         self.optimizer(grads)
         return loss, logits
 
@@ -147,14 +149,18 @@ def progress(items, label: str, status):
 
 
 def predict_logits(net, encodings, pad_id: int, batch_size: int = 64) -> np.ndarray:
-    """Logits in input order; batches sorted by length, padded to full size."""
-    net.set_train(False)
-    out = np.zeros((len(encodings), net.classifier.weight.shape[0]), np.float32)
+    """Logits in input order."""
+    return run_batches(net, encodings, pad_id, net.classifier.weight.shape[0], batch_size)
+
+
+def run_batches(cell, encodings, pad_id: int, width: int, batch_size: int = 64) -> np.ndarray:
+    """cell(ids, mask, types) -> [n, width] in input order; batches sorted by length, padded to full size."""
+    cell.set_train(False)
+    out = np.zeros((len(encodings), width), np.float32)
     for index in length_sorted_batches([len(e.ids) for e in encodings], batch_size):
         rows = list(index) + [index[-1]] * (batch_size - len(index))  # one shape per length
         arrays = pad([encodings[i] for i in rows], pad_id, TRAIN_PAD_MULTIPLE)
-        logits = net(*(Tensor(a) for a in arrays)).asnumpy()
-        out[index] = logits[: len(index)]
+        out[index] = cell(*(Tensor(a) for a in arrays)).asnumpy()[: len(index)]
     return out
 
 
@@ -165,11 +171,11 @@ def evaluate(net, encodings, gold, pad_id: int, num_labels: int) -> dict:
     return classification_metrics(predicted, gold, num_labels)
 
 
-def encode_split(tokenizer, dataset, split: str):
+def encode_split(tokenizer, dataset, split: str, template=None):
     """(encodings, label ids) of one split, tokenized as the bundle will tokenize."""
     examples = getattr(dataset, split)
     texts_b = [e.text_b for e in examples] if dataset.is_pair else None
-    return encode(tokenizer, [e.text for e in examples], texts_b), np.array(dataset.label_ids(examples))
+    return encode(tokenizer, [e.text for e in examples], texts_b, template), np.array(dataset.label_ids(examples))
 
 
 def train(backbone: Backbone, dataset, recipe: Recipe, log=print):

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .template import Template, TemplateError
 from .text import encode, length_sorted_batches, load_tokenizer, pad
 
 FORMAT_VERSION = 1
@@ -114,6 +116,7 @@ class Bundle:
         self.labels = list(manifest["labels"])
         self.model = model
         self.tokenizer = tokenizer
+        self.template = read_template(manifest, directory)
 
     @classmethod
     def load(cls, path, device: str = "CPU", backend: str | None = None, int8: bool = False,
@@ -129,10 +132,20 @@ class Bundle:
             raise BundleError(f"{directory}: no such bundle directory")
         manifest = read_manifest(directory)
         graph = graph_file(manifest, backend, device, int8)
-        if verify:  # what this process reads; the other graphs may be large and unused
-            verify_files(directory, manifest, ["tokenizer.json", graph])
-        tokenizer = load_tokenizer(directory / "tokenizer.json", manifest["max_length"])
-        model = open_model(directory / graph, backend, device)
+        with ThreadPoolExecutor(1) as pool:
+            # Hash what this process reads (the other graphs may be large and
+            # unused) on a second thread while the graph loads: hashlib lets go
+            # of the GIL, and a cold start is mostly these two.
+            check = pool.submit(verify_files, directory, manifest, ["tokenizer.json", graph]) if verify else None
+            try:
+                tokenizer = load_tokenizer(directory / "tokenizer.json", manifest["max_length"])
+                model = open_model(directory / graph, backend, device)
+            except Exception:
+                if check is not None:
+                    check.result()  # a missing or altered file explains the failure best
+                raise
+            if check is not None:
+                check.result()  # a mismatch raises here, before the bundle is handed out
         return cls(directory, manifest, model, tokenizer)
 
     @property
@@ -147,14 +160,24 @@ class Bundle:
         out = np.zeros((len(texts), len(self.labels)), np.float32)
         if not texts:
             return out
-        return batched_logits(self.model, encode(self.tokenizer, texts, texts_b), self.manifest["pad_id"],
-                              len(self.labels), batch_size)
+        return batched_logits(self.model, encode(self.tokenizer, texts, texts_b, self.template),
+                              self.manifest["pad_id"], len(self.labels), batch_size)
 
     def predict(self, texts, texts_b=None, batch_size: int = 64) -> list:
         logits = self.logits(texts, texts_b, batch_size)
         probs = softmax(logits)
         return [Prediction(self.labels[int(p.argmax())], {l: float(v) for l, v in zip(self.labels, p)})
                 for p in probs]
+
+
+def read_template(manifest: dict, directory: Path):
+    """A hard-prompt bundle's template (None for a soft prompt): inputs go into it before the graph."""
+    if not manifest.get("template"):
+        return None
+    try:
+        return Template.parse(manifest["template"], pair=bool(manifest.get("pair")))
+    except TemplateError as e:
+        raise BundleError(f"{directory / MANIFEST}: {e}") from e
 
 
 def batched_logits(model, encodings, pad_id: int, num_labels: int, batch_size: int = 64) -> np.ndarray:

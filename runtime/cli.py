@@ -90,6 +90,52 @@ def predict(file, bundle_path, fmt, batch_size, device, backend, int8):
     click.echo("\n".join(out))
 
 
+@cli.command("eval")
+@click.option("--bundle", "bundle_paths", multiple=True, required=True, type=click.Path(),
+              help="A bundle to score; repeat to compare several.")
+@click.option("--data", default="mr", show_default=True,
+              help="'mr' (the shipped MR, canonical split) or a labelled .tsv/.csv/.jsonl file.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["dev", "test"]), help="MR split.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--text-b-column", default=None, help="Second text column, for sentence pairs.")
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--backend", type=click.Choice(BACKENDS), default=None, help="[default: onnxruntime on CPU]")
+@click.option("--int8", is_flag=True, help="Use each bundle's int8 ONNX graph.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also write a bar chart PNG here.")
+def evaluate(bundle_paths, data, split, text_column, text_b_column, label_column, batch_size, backend, int8,
+             as_json, plot):
+    """Accuracy, macro-F1 and throughput of bundles side by side, on the same labelled data."""
+    from pathlib import Path
+
+    from .data import Columns, DataError
+    from .evaluate import load_eval_examples, plot as plot_png, score, table
+
+    try:
+        examples, described = load_eval_examples(data, split, Columns(text_column, label_column, text_b_column))
+    except DataError as e:
+        raise click.ClickException(str(e))
+    rows = []
+    for path in bundle_paths:
+        bundle = load(path, "CPU", backend, int8)
+        try:
+            metrics = score(bundle, examples, batch_size)
+        except DataError as e:
+            raise click.ClickException(str(e))
+        rows.append({"bundle": path, "kind": describe(bundle.manifest), **metrics})
+    if plot:
+        try:
+            plot_png(rows, described, Path(plot))
+        except RuntimeError as e:
+            raise click.ClickException(str(e))
+    if as_json:
+        click.echo(json.dumps({"data": described, "n": len(examples), "results": rows}, indent=2))
+    else:
+        click.echo(f"{described}: {len(examples)} examples")
+        click.echo(table(rows))
+
+
 @cli.command()
 @click.argument("bundle_path", metavar="BUNDLE", default=DEFAULT_BUNDLE)
 def info(bundle_path):
@@ -102,7 +148,8 @@ def info(bundle_path):
         m = read_manifest(Path(bundle_path))
     except BundleError as e:
         raise click.ClickException(str(e))
-    click.echo(f"{bundle_path}: {m.get('kind', '?')} prompt bundle for {m.get('task', '?')}")
+    head = f" ({m['head']} head)" if m.get("kind") == "hard" else ""
+    click.echo(f"{bundle_path}: {m.get('kind', '?')} prompt bundle{head} for {m.get('task', '?')}")
     click.echo(f"  labels      {', '.join(m['labels'])}")
     if m.get("template"):
         click.echo(f"  template    {m['template']}")
@@ -111,6 +158,8 @@ def info(bundle_path):
                f" sha256 {str(bb.get('sha256'))[:12]}")
     click.echo(f"  prompt      {m.get('num_virtual_tokens', 0)} virtual tokens, {m.get('pooling')} pooling,"
                f" max length {m['max_length']}")
+    for label, texts in (m.get("verbalizer") or {}).items():
+        click.echo(f"  verbalizer  {label}: " + " | ".join(texts))
     recipe = m.get("recipe") or {}
     if recipe:
         click.echo("  recipe      " + ", ".join(f"{k}={v}" for k, v in recipe.items() if v is not None))
@@ -132,6 +181,12 @@ def info(bundle_path):
     click.echo("  files")
     for name, digest in m["files"].items():
         click.echo(f"    {name:<22} sha256 {digest[:16]}")
+
+
+def describe(manifest: dict) -> str:
+    """'soft', or 'hard zero-shot' / 'hard probe'."""
+    kind = manifest.get("kind", "?")
+    return f"{kind} {manifest['head']}" if kind == "hard" and manifest.get("head") else kind
 
 
 def load(path, device, backend, int8):

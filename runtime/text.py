@@ -19,8 +19,14 @@ def load_tokenizer(path, max_length: int) -> Tokenizer:
     return tokenizer
 
 
-def encode(tokenizer: Tokenizer, texts, texts_b=None) -> list:
-    """Token id lists (with special tokens, truncated), one per text or pair."""
+def encode(tokenizer: Tokenizer, texts, texts_b=None, template=None) -> list:
+    """Token id lists (with special tokens, truncated), one per text or pair.
+
+    With a hard-prompt `template` (runtime.template.Template) the inputs are
+    put into it in token space.
+    """
+    if template is not None:
+        return template.encode(tokenizer, texts, texts_b)
     inputs = list(texts) if texts_b is None else list(zip(texts, texts_b))
     return tokenizer.encode_batch(inputs)
 

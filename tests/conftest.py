@@ -51,18 +51,32 @@ def toy_files(tmp_path_factory):
     return write_tsv(d / "train.tsv", toy_rows(64)), write_tsv(d / "dev.tsv", toy_rows(24, seed=1))
 
 
+TOY_TEMPLATE = "this movie , {text} it was"
+TOY_LABEL_TEXTS = ("pos=great", "pos=best", "neg=dull", "neg=worst")
+
+
 @pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory, tiny_bert, toy_files):
-    """A real bundle built by the real CLI from the tiny checkpoint."""
+def tiny_build(tmp_path_factory, tiny_bert, toy_files):
+    """Real bundles built by the real CLI from the tiny checkpoint: the soft prompt and both hard heads.
+
+    Returns (exports dir, pt-build's stdout).
+    """
     from click.testing import CliRunner
 
     from ptbundle.builder.cli import cli
 
     out = tmp_path_factory.mktemp("exports")
     train, dev = toy_files
+    label_texts = [x for t in TOY_LABEL_TEXTS for x in ("--label-text", t)]
     result = CliRunner().invoke(cli, ["export", "--train", str(train), "--dev", str(dev), "--test", str(dev),
                                       "--backbone", str(tiny_bert), "--virtual-tokens", "4", "--epochs", "2",
                                       "--batch-size", "8", "--prompt-lr", "0.05", "--head-lr", "0.05",
-                                      "--out", str(out), "--name", "toy-soft", "--quantize", "int8"])
+                                      "--template", TOY_TEMPLATE, *label_texts,
+                                      "--out", str(out), "--name", "toy", "--quantize", "int8"])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    return out / "toy-soft"
+    return out, result.stdout
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_build):
+    return tiny_build[0] / "toy-soft"

@@ -56,23 +56,31 @@ def pair_bundle(tmp_path_factory, tiny_roberta):
         (d / f"{split}.tsv").write_text("s1\ts2\tq\n" + "".join("\t".join(r) + "\n" for r in rows))
     result = build(["--train", str(d / "train.tsv"), "--dev", str(d / "dev.tsv"), "--text-column", "s1",
                     "--text-b-column", "s2", "--label-column", "q", "--backbone", str(tiny_roberta),
-                    "--virtual-tokens", "2", "--batch-size", "8", "--name", "pairs"], d)
+                    "--virtual-tokens", "2", "--batch-size", "8", "--template", "{text} ? {text_b}",
+                    "--name", "pairs"], d)
     assert result.exit_code == 0, result.output
-    return d / "exports" / "pairs"
+    return d / "exports"
 
 
-def test_sentence_pair_bundle_end_to_end(pair_bundle):
+@pytest.mark.parametrize("name", ["pairs-soft", "pairs-hard-zeroshot", "pairs-hard-probe"])
+def test_sentence_pair_bundles_end_to_end(pair_bundle, name):
     import json as _json
 
-    manifest = _json.loads((pair_bundle / "manifest.json").read_text())
+    bundle = pair_bundle / name
+    manifest = _json.loads((bundle / "manifest.json").read_text())
     assert manifest["pair"] is True and manifest["labels"] == ["0", "1"]
-    result = run(["predict", "-", "--bundle", str(pair_bundle), "--format", "jsonl"],
+    assert manifest["template"] == (None if name == "pairs-soft" else "{text} ? {text_b}")
+    result = run(["predict", "-", "--bundle", str(bundle), "--format", "jsonl"],
                  input="a great movie\tthe best film\nthe plot\tthe story\n")
     assert result.exit_code == 0, result.output
     rows = [_json.loads(line) for line in result.stdout.splitlines()]
     assert [(r["text"], r["text_b"]) for r in rows] == [("a great movie", "the best film"), ("the plot", "the story")]
-    bad = run(["predict", "-", "--bundle", str(pair_bundle)], input="only one text\n")
+    bad = run(["predict", "-", "--bundle", str(bundle)], input="only one text\n")
     assert bad.exit_code != 0 and "<stdin>:1: expected two texts separated by one tab" in bad.output
+    scored = run(["eval", "--bundle", str(bundle), "--data", str(pair_bundle.parent / "dev.tsv"),
+                  "--text-column", "s1", "--text-b-column", "s2", "--label-column", "q", "--json"])
+    assert scored.exit_code == 0, scored.output
+    assert _json.loads(scored.stdout)["results"][0]["accuracy"] == pytest.approx(manifest["metrics"]["dev"]["accuracy"])
 
 
 def test_predict_names_a_missing_bundle(tmp_path):

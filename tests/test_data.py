@@ -5,8 +5,8 @@ import json
 import pytest
 
 from conftest import write_tsv
-from ptbundle.builder.data import MR_DIR, Columns, load_files, load_mr, read_examples, read_mr_file
-from ptbundle.builder.errors import DataError
+from ptbundle.runtime.data import MR_DIR, Columns, load_files, load_mr, read_examples, read_mr_file
+from ptbundle.runtime.data import DataError
 
 
 def test_mr_canonical_split_sizes_and_labels():

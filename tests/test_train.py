@@ -5,7 +5,7 @@ import pytest
 
 from conftest import toy_rows
 from ptbundle.builder.backbone import load_backbone
-from ptbundle.builder.data import Dataset, Example
+from ptbundle.runtime.data import Dataset, Example
 from ptbundle.builder.recipe import Recipe
 from ptbundle.builder.train import bucketed_batches, initial_prompt, lr_schedule, train
 from ptbundle.runtime.text import load_tokenizer

@@ -1,7 +1,8 @@
 """Datasets: MR with its canonical split, and generic TSV / CSV / JSONL files.
 
 An `Example` is one or two texts and a label string.  Readers report every
-malformed row by file and line (`DataError`), never skip it silently.
+malformed row by file and line (`DataError`), never skip it silently.  Both
+rooms use this module: the builder trains on it, `pt-run eval` scores on it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DataError
+
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names file and line."""
+
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MR_DIR = PROJECT_ROOT / "data" / "mr"
@@ -67,6 +73,9 @@ def canonical_split(index: int) -> str:
 
 
 def load_mr(directory: Path = MR_DIR) -> Dataset:
+    if not Path(directory).is_dir():
+        raise DataError(f"{directory}: the MR data is not there (it ships in the project's data/mr/;"
+                        f" an installed copy of ptbundle has no data: pass a file instead)")
     splits = {"train": [], "dev": [], "test": []}
     for label in MR_LABELS:
         suffix = "pos" if label == "positive" else "neg"

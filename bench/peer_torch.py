@@ -1,0 +1,393 @@
+"""The peer: the same model and recipe in PyTorch + transformers + PEFT prompt tuning, on CPU.
+
+Runs in its own environment (bench/.peer-venv: torch, transformers, peft,
+tokenizers, safetensors, numpy), never with ptbundle or MindSpore:
+
+    bench/.peer-venv/bin/python bench/peer_torch.py --data bench/results/peer-inputs/data.json \\
+        --init bench/results/peer-inputs/init.npz --head exports/mr-soft/prompt.safetensors \\
+        --out bench/results/peer.json
+
+bench/run.py writes the inputs (bench/peer_inputs.py) and runs this.  The
+model is the one tests/fixtures/make_reference.py checks ours against: PEFT
+PromptTuningConfig(task_type=FEATURE_EXTRACTION) over AutoModel (the prompt
+goes before [CLS], the mask gets a prefix of ones), mean pooling over the
+text tokens, a linear head.  Dropout is off, as in our encoder (which has
+none); the checkpoint's unused pooler is not built.  Eager PyTorch (no
+torch.compile), the attention implementation transformers picks by default
+(recorded), float32, torch.set_num_threads(--threads).
+
+Measures, with min/median/max over repeats:
+- gemm: torch.matmul GFLOP/s at a layer's four GEMM shapes (as bench/roofline.py);
+- inference: sentences/s at each batch size, sorted-length batching on and
+  off, on the same sentences and with the same padding (multiple of 8) as
+  bench/inference.py, tokenization to labels included, under
+  torch.inference_mode, with the bundle's prompt and head (--head); the
+  accuracy of the last pass checks it is the same model;
+- training: seconds per step at the recipe's batch size on the same batches
+  in the same order as builder.train (padded to multiples of 16 as there),
+  from our initial prompt and head (--init): AdamW (torch's; eps 1e-6 as
+  MindSpore's AdamWeightDecay, which unlike torch's applies no bias
+  correction), prompt lr 3e-2, head lr 1e-3 with weight decay 0.01, linear
+  warmup over 10% then linear decay; the first step of each shape is
+  reported apart, as bench/train_step.py does.  Projected epoch = median
+  step * steps per epoch.  --full-epochs K trains K real epochs instead and
+  reports dev accuracy per epoch and test accuracy of the best dev epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: the backbone is a local directory
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import numpy as np  # noqa: E402
+import peft  # noqa: E402
+import tokenizers  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from peft import PromptTuningConfig, TaskType, get_peft_model  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+from transformers import AutoModel  # noqa: E402
+
+INFER_PAD_MULTIPLE = 8  # ptbundle.runtime.text.PAD_MULTIPLE
+TRAIN_PAD_MULTIPLE = 16  # ptbundle.builder.train.TRAIN_PAD_MULTIPLE
+
+
+def spread(values, digits: int = 3) -> dict:
+    return {"min": round(min(values), digits), "median": round(statistics.median(values), digits),
+            "max": round(max(values), digits)}
+
+
+def every_kth(items, k: int) -> list:
+    return list(items[::k]) if k > 1 else list(items)
+
+
+def subset_name(total: int, k: int) -> str:
+    return f"all {total}" if k <= 1 else f"every {k}th of {total} ({-(-total // k)})"
+
+
+def load_tokenizer(path, max_length: int) -> Tokenizer:
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()  # padded per batch, as ptbundle does
+    tokenizer.enable_truncation(max_length)
+    return tokenizer
+
+
+def pad(encodings, pad_id: int, multiple: int):
+    """(input_ids, attention_mask) int64 [batch, seq], seq = longest row rounded up to `multiple`."""
+    longest = max(len(e.ids) for e in encodings)
+    seq = -(-longest // multiple) * multiple
+    ids = np.full((len(encodings), seq), pad_id, np.int64)
+    mask = np.zeros((len(encodings), seq), np.int64)
+    for row, e in enumerate(encodings):
+        ids[row, : len(e.ids)] = e.ids
+        mask[row, : len(e.ids)] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+class PeerModel(torch.nn.Module):
+    """PEFT prompt tuning (feature extraction) + mean pooling over the text + linear head."""
+
+    def __init__(self, backbone: str, virtual_tokens: int, num_labels: int, attn_implementation: str | None):
+        super().__init__()
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        base = AutoModel.from_pretrained(backbone, add_pooling_layer=False, hidden_dropout_prob=0.0,
+                                         attention_probs_dropout_prob=0.0, **kwargs)
+        self.attn_implementation = base.config._attn_implementation
+        self.virtual_tokens = virtual_tokens
+        self.peft = get_peft_model(base, PromptTuningConfig(task_type=TaskType.FEATURE_EXTRACTION,
+                                                           num_virtual_tokens=virtual_tokens))
+        self.head = torch.nn.Linear(base.config.hidden_size, num_labels)
+
+    @property
+    def prompt(self) -> torch.nn.Parameter:
+        return self.peft.prompt_encoder["default"].embedding.weight
+
+    def load(self, values: dict) -> None:
+        """prompt_embeddings, classifier.weight, classifier.bias (ptbundle's names) from numpy."""
+        with torch.no_grad():
+            self.prompt.copy_(torch.from_numpy(np.asarray(values["prompt_embeddings"], np.float32)))
+            self.head.weight.copy_(torch.from_numpy(np.asarray(values["classifier.weight"], np.float32)))
+            self.head.bias.copy_(torch.from_numpy(np.asarray(values["classifier.bias"], np.float32)))
+
+    def state(self) -> dict:
+        return {"prompt_embeddings": self.prompt.detach().numpy().copy(),
+                "classifier.weight": self.head.weight.detach().numpy().copy(),
+                "classifier.bias": self.head.bias.detach().numpy().copy()}
+
+    def forward(self, ids, mask):
+        hidden = self.peft(input_ids=ids, attention_mask=mask).last_hidden_state[:, self.virtual_tokens :]
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * m).sum(1) / m.sum(1).clamp_min(1e-9))
+
+
+# --- GEMM ---------------------------------------------------------------------------
+
+def gemm(tokens: int, hidden: int, intermediate: int, repeats: int) -> dict:
+    """torch.matmul GFLOP/s at the four GEMM shapes of a layer (bench/roofline.py's method)."""
+    shapes, total_flops, total_seconds = {}, 0, 0.0
+    for name, m, k, n in [("qkv", tokens, hidden, 3 * hidden), ("attn_out", tokens, hidden, hidden),
+                          ("ffn_up", tokens, hidden, intermediate), ("ffn_down", tokens, intermediate, hidden)]:
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+        out = torch.empty(m, n)
+        call = lambda: torch.matmul(a, b, out=out)  # noqa: E731
+        call()
+        t = time.perf_counter()
+        call()
+        inner = max(1, int(0.05 / max(time.perf_counter() - t, 1e-6)))
+        seconds = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for _ in range(inner):
+                call()
+            seconds.append((time.perf_counter() - t) / inner)
+        flops = 2 * m * k * n
+        shapes[name] = {"m": m, "k": k, "n": n, "gflops": spread([flops / s / 1e9 for s in seconds], 1),
+                        "ms_per_call": spread([s * 1e3 for s in seconds], 3)}
+        total_flops += flops
+        total_seconds += statistics.median(seconds)
+    return {"tokens": tokens, "repeats": repeats, "shapes": shapes,
+            "layer_gflops": round(total_flops / total_seconds / 1e9, 1)}
+
+
+# --- inference -----------------------------------------------------------------------
+
+def predict(model, tokenizer, texts, labels, pad_id: int, batch_size: int, sort: bool) -> list:
+    """Labels in input order: tokenize, batch (sorted by length or not), pad, run, softmax."""
+    encodings = tokenizer.encode_batch(list(texts))
+    if sort:
+        order = np.argsort([len(e.ids) for e in encodings], kind="stable")  # as ptbundle's length_sorted_batches
+    else:
+        order = np.arange(len(encodings))
+    probs = np.zeros((len(encodings), len(labels)), np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            logits = model(*pad([encodings[i] for i in index], pad_id, INFER_PAD_MULTIPLE))
+            probs[index] = torch.softmax(logits, -1).numpy()
+    return [labels[i] for i in probs.argmax(-1)]
+
+
+def throughput(model, tokenizer, texts, gold, labels, pad_id, batch_size, sort, repeats, subset) -> dict:
+    predict(model, tokenizer, texts[: batch_size * 2], labels, pad_id, batch_size, sort)  # warm-up
+    seconds, predicted = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        predicted = predict(model, tokenizer, texts, labels, pad_id, batch_size, sort)
+        seconds.append(time.perf_counter() - t)
+    return {"batch_size": batch_size, "sorted": sort, "sentences": len(texts), "subset": subset,
+            "sentences_per_second": spread([len(texts) / s for s in seconds], 2),
+            "accuracy": round(float(np.mean([p == g for p, g in zip(predicted, gold)])), 4)}
+
+
+# --- training ------------------------------------------------------------------------
+
+def lr_schedule(peak: float, total: int, warmup: float) -> list:
+    """Linear warmup to `peak`, then linear decay to zero (builder.train.lr_schedule)."""
+    warm = max(1, int(total * warmup))
+    return [peak * (s + 1) / warm if s < warm else peak * max(0.0, (total - s) / max(1, total - warm))
+            for s in range(total)]
+
+
+class Trainer:
+    """The recipe's optimizer and schedule over the prompt and the head; the backbone stays frozen."""
+
+    def __init__(self, model: PeerModel, recipe: dict, total_steps: int):
+        self.model = model
+        self.optimizer = torch.optim.AdamW(
+            [{"params": list(model.head.parameters()), "weight_decay": recipe["weight_decay"]},
+             {"params": [model.prompt], "weight_decay": 0.0}],
+            lr=recipe["head_lr"], betas=(0.9, 0.999), eps=1e-6)
+        self.schedules = [lr_schedule(recipe["head_lr"], total_steps, recipe["warmup"]),
+                          lr_schedule(recipe["prompt_lr"], total_steps, recipe["warmup"])]
+        self.step_index = 0
+
+    def step(self, ids, mask, y) -> float:
+        for group, schedule in zip(self.optimizer.param_groups, self.schedules):
+            group["lr"] = schedule[min(self.step_index, len(schedule) - 1)]
+        self.step_index += 1
+        loss = torch.nn.functional.cross_entropy(self.model(ids, mask), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
+def frozen_check(model: PeerModel) -> int:
+    """Trainable parameter count; only the prompt and the head may train."""
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all("prompt_encoder" in n or n.startswith("head.") for n in trainable), trainable
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def run_steps(trainer: Trainer, encodings, y, batches, pad_id: int, limit: int | None = None) -> dict:
+    """Train on `batches`; seconds per step, the first step of each padded shape apart."""
+    trainer.model.train()
+    seen_shapes, first, seconds, losses = set(), [], [], []
+    for index in batches:
+        ids, mask = pad([encodings[i] for i in index], pad_id, TRAIN_PAD_MULTIPLE)
+        t = time.perf_counter()
+        losses.append(trainer.step(ids, mask, torch.from_numpy(y[index])))
+        elapsed = time.perf_counter() - t
+        if ids.shape in seen_shapes:
+            seconds.append(elapsed)
+        else:
+            seen_shapes.add(ids.shape)
+            first.append(elapsed)
+        if limit is not None and len(seconds) >= limit:
+            break
+    return {"seconds": seconds, "first_step_per_shape_seconds": [round(s, 3) for s in first],
+            "mean_loss": float(np.mean(losses))}
+
+
+def accuracy(model, tokenizer, split: dict, labels, pad_id: int) -> float:
+    model.eval()
+    predicted = predict(model, tokenizer, split["texts"], labels, pad_id, 64, True)
+    return round(float(np.mean([p == g for p, g in zip(predicted, split["labels"])])), 4)
+
+
+def training(args, data, tokenizer, init) -> dict:
+    recipe, labels, pad_id = data["recipe"], data["labels"], data["pad_id"]
+    encodings = tokenizer.encode_batch(data["train"]["texts"])
+    y = np.array([labels.index(label) for label in data["train"]["labels"]], np.int64)
+    model = PeerModel(data["backbone"], recipe["virtual_tokens"], len(labels), args.attn_implementation)
+    model.load(init)
+    trainable = frozen_check(model)
+    epochs = args.full_epochs or 1
+    if epochs > len(data["train_batches"]):
+        raise SystemExit(f"--full-epochs {epochs}: the data file has batches for {len(data['train_batches'])} epochs")
+    trainer = Trainer(model, recipe, data["schedule_steps_per_epoch"] * epochs)
+    steps_per_epoch = len(data["train_batches"][0])
+    result = {"batch_size": recipe["batch_size"], "virtual_tokens": recipe["virtual_tokens"], "recipe": recipe,
+              "pad_multiple": TRAIN_PAD_MULTIPLE, "trainable_parameters": trainable,
+              "steps_per_epoch": steps_per_epoch,
+              "optimizer": "torch.optim.AdamW(betas=(0.9, 0.999), eps=1e-6), bias-corrected"}
+    if not args.full_epochs:
+        run = run_steps(trainer, encodings, y, data["train_batches"][0], pad_id, args.train_steps)
+        seconds = run["seconds"]
+    else:
+        curve, best, seconds = [], None, []
+        for epoch in range(epochs):
+            t = time.perf_counter()
+            run = run_steps(trainer, encodings, y, data["train_batches"][epoch], pad_id)
+            epoch_seconds = time.perf_counter() - t
+            seconds += run["seconds"] if epoch == 0 else []
+            dev = accuracy(model, tokenizer, data["dev"], labels, pad_id)
+            curve.append({"epoch": epoch + 1, "train_loss": round(run["mean_loss"], 4), "dev_accuracy": dev,
+                          "seconds": round(epoch_seconds, 1)})
+            print(f"peer epoch {epoch + 1}: loss {run['mean_loss']:.4f} dev {dev:.4f} ({epoch_seconds:.0f} s)",
+                  flush=True)
+            if best is None or dev > best[1]:
+                best = (epoch + 1, dev, model.state())
+        model.load(best[2])
+        result.update({"curve": curve, "best_epoch": best[0], "dev_accuracy": best[1],
+                       "test_accuracy": accuracy(model, tokenizer, data["test"], labels, pad_id),
+                       "epoch_seconds": spread([c["seconds"] for c in curve], 1)})
+    median = statistics.median(seconds)
+    result.update({"steps": len(seconds), "seconds_per_step": spread(seconds),
+                   "first_step_per_shape_seconds": run["first_step_per_shape_seconds"],
+                   "projected_epoch_seconds": round(median * steps_per_epoch, 1),
+                   "projected_epoch_seconds_range": {k: round(v * steps_per_epoch, 1)
+                                                     for k, v in spread(seconds).items()}})
+    return result
+
+
+# --- main ------------------------------------------------------------------------------
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="data.json from bench/peer_inputs.py")
+    p.add_argument("--init", required=True, help="init.npz from bench/peer_inputs.py (training starts here)")
+    p.add_argument("--head", required=True, help="the bundle's prompt.safetensors (inference runs with it)")
+    p.add_argument("--backbone", default=None, help="backbone directory [default: the one in --data]")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json [default: the backbone's]")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--batch-sizes", default="1,8,64")
+    p.add_argument("--sorting", choices=["both", "on", "off"], default="both")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--every", type=int, default=1)
+    p.add_argument("--every-batch1", type=int, default=4)
+    p.add_argument("--train-steps", type=int, default=30)
+    p.add_argument("--full-epochs", type=int, default=0, help="train K real epochs (slow) instead of --train-steps")
+    p.add_argument("--gemm-tokens", type=int, default=64 * 48)
+    p.add_argument("--gemm-repeats", type=int, default=20)
+    p.add_argument("--attn-implementation", default=None, help="eager, sdpa [default: transformers' choice]")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: gemm, inference, training")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices inside transformers/peft
+    data = json.loads(Path(args.data).read_text())
+    if args.backbone:
+        data["backbone"] = args.backbone
+    recipe, labels, pad_id = data["recipe"], data["labels"], data["pad_id"]
+    tokenizer = load_tokenizer(args.tokenizer or Path(data["backbone"]) / "tokenizer.json", recipe["max_length"])
+    skip = set(filter(None, args.skip.split(",")))
+    config = json.loads((Path(data["backbone"]) / "config.json").read_text())
+    result = {"versions": {"python": platform.python_version(), "torch": torch.__version__,
+                           "transformers": transformers.__version__, "peft": peft.__version__,
+                           "tokenizers": tokenizers.__version__, "numpy": np.__version__},
+              "threads": {"torch_num_threads": torch.get_num_threads(),
+                          "torch_interop_threads": torch.get_num_interop_threads()},
+              "torch_parallel_info": torch.__config__.parallel_info(),
+              "backbone": data["backbone"], "virtual_tokens": recipe["virtual_tokens"]}
+    started = time.perf_counter()
+
+    if "gemm" not in skip:
+        result["gemm"] = gemm(args.gemm_tokens, config["hidden_size"], config["intermediate_size"], args.gemm_repeats)
+        print(f"torch GEMM layer rate {result['gemm']['layer_gflops']:.1f} GFLOP/s", flush=True)
+
+    if "inference" not in skip:
+        head = load_file(args.head)
+        model = PeerModel(data["backbone"], recipe["virtual_tokens"], len(labels), args.attn_implementation)
+        model.load(head)
+        model.eval()
+        result["attn_implementation"] = model.attn_implementation
+        texts, gold = data["test"]["texts"], data["test"]["labels"]
+        rows = []
+        for size in [int(x) for x in args.batch_sizes.split(",") if x.strip()]:
+            k = args.every_batch1 if size == 1 else args.every
+            for sort in ([True, False] if args.sorting == "both" else [args.sorting == "on"]) if size > 1 else [True]:
+                row = throughput(model, tokenizer, every_kth(texts, k), every_kth(gold, k), labels, pad_id, size,
+                                 sort, args.repeats, subset_name(len(texts), k))
+                rows.append(row)
+                r = row["sentences_per_second"]
+                print(f"torch eager fp32 batch {size:>3} sorted {'on ' if sort else 'off'} {row['sentences']:>5} "
+                      f"sentences: {r['median']:.1f}/s [{r['min']:.1f}-{r['max']:.1f}] acc {row['accuracy']:.4f}",
+                      flush=True)
+        result["inference"] = rows
+        del model
+
+    if "training" not in skip:
+        result["training"] = training(args, data, tokenizer, dict(np.load(args.init)))
+        t = result["training"]
+        s = t["seconds_per_step"]
+        print(f"torch train step batch {t['batch_size']}: median {s['median']:.3f} s [{s['min']:.3f}-{s['max']:.3f}] "
+              f"over {t['steps']} steps; epoch of {t['steps_per_epoch']} steps ~{t['projected_epoch_seconds']:.0f} s",
+              flush=True)
+
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

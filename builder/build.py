@@ -1,0 +1,128 @@
+"""From a dataset and a recipe to bundles on disk: the soft bundle, the hard ones, the comparison.
+
+`pt-build export` is a thin layer of options over these functions.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ptbundle.runtime.template import Template
+from ptbundle.runtime.text import load_tokenizer
+
+from .backbone import Backbone
+from .recipe import Recipe
+
+# Chosen on MR dev only, by bench/zero_shot_search.py (README, "Soft and hard
+# prompts"); other tasks default to the bare text and the label names.
+MR_TEMPLATE = "{text} All in all, the movie was"
+MR_LABEL_TEXTS = ("positive=The critic loved the film.", "positive=A positive review of a good movie.",
+                  "negative=The critic hated the film.", "negative=A negative review of a bad movie.")
+
+
+@dataclass
+class Built:
+    """One bundle written, for the comparison table."""
+
+    path: Path
+    kind: str  # "soft", "hard zero-shot" or "hard probe"
+    metrics: dict
+    command: str  # the pt-build command that rebuilds just this bundle
+
+
+def default_template(dataset) -> str:
+    if dataset.name == "mr":
+        return MR_TEMPLATE
+    return "{text} {text_b}" if dataset.is_pair else "{text}"
+
+
+def default_label_texts(dataset) -> tuple:
+    return MR_LABEL_TEXTS if dataset.name == "mr" else ()
+
+
+def base_manifest(dataset, backbone: Backbone, recipe: Recipe, device: str) -> dict:
+    return {
+        "format": "ptbundle", "task": dataset.name, "labels": list(dataset.labels), "pair": dataset.is_pair,
+        "max_length": recipe.max_length, "pad_id": backbone.config.pad_token_id, "pooling": recipe.pooling,
+        "inputs": ["input_ids", "attention_mask", "token_type_ids"], "outputs": ["logits"],
+        "backbone": {"name": backbone.name, "model_type": backbone.config.model_type,
+                     "hidden_size": backbone.config.hidden_size, "layers": backbone.config.num_layers,
+                     "sha256": backbone.sha256},
+        "device": device,
+    }
+
+
+def int8_sets(backbone: Backbone, dataset, recipe: Recipe, template=None) -> dict:
+    """{split: (encodings, gold, num_labels)} on which the int8 graph is scored."""
+    from .train import encode_split
+
+    tokenizer = load_tokenizer(backbone.tokenizer_path, recipe.max_length)
+    return {split: (*encode_split(tokenizer, dataset, split, template), len(dataset.labels))
+            for split in ("dev", "test") if getattr(dataset, split)}
+
+
+def build_soft(destination: Path, backbone: Backbone, dataset, recipe: Recipe, device: str, quantize: bool,
+               command: str, log) -> Built:
+    from .export import write_bundle
+    from .train import train
+
+    net, curve, metrics = train(backbone, dataset, recipe, log=log)
+    manifest = {**base_manifest(dataset, backbone, recipe, device), "kind": "soft",
+                "template": None, "num_virtual_tokens": recipe.virtual_tokens, "recipe": asdict(recipe),
+                "metrics": metrics}
+    write_bundle(destination, net, backbone, manifest, curve,
+                 int8_sets(backbone, dataset, recipe) if quantize else None)
+    return Built(destination, "soft", manifest["metrics"], command)
+
+
+def build_hard(destinations: dict, backbone: Backbone, dataset, recipe: Recipe, template: Template,
+               label_texts, device: str, quantize: bool, commands: dict, log) -> list:
+    """The hard-prompt bundles named in `destinations` ({head: path}), sharing one pass of the encoder."""
+    from .export import write_bundle
+    from .hard import FeatureCache, Verbalizer, build_probe, build_zero_shot
+
+    cache = FeatureCache(backbone, dataset, recipe, template, log)
+    verbalizer = Verbalizer.parse(label_texts, dataset.labels)
+    built = []
+    for head, destination in destinations.items():
+        if head == "zero-shot":
+            result = build_zero_shot(cache, backbone, recipe, verbalizer)
+            details = {"verbalizer": verbalizer.descriptions, "seed": recipe.seed,
+                       "calibration_texts": result.metrics.pop("calibration_texts")}
+        else:
+            result = build_probe(cache, backbone, recipe, log)
+            details = {"recipe": {k: v for k, v in asdict(recipe).items()
+                                  if k not in ("virtual_tokens", "init", "init_text", "prompt_lr")}}
+        manifest = {**base_manifest(dataset, backbone, recipe, device), "kind": "hard", "head": head,
+                    "template": template.source, "num_virtual_tokens": 0, **details, "metrics": result.metrics}
+        write_bundle(destination, result.net, backbone, manifest, result.curve,
+                     int8_sets(backbone, dataset, recipe, template) if quantize else None)
+        log(f"wrote {destination}: dev accuracy {result.metrics['dev']['accuracy']:.4f}")
+        built.append(Built(destination, f"hard {head}", manifest["metrics"], commands[head]))
+    return built
+
+
+def comparison_table(built: list, eval_args: list) -> str:
+    """One row per bundle: accuracy and macro-F1 on dev and test, and the commands that reproduce them."""
+    width = max(len(str(b.path)) for b in built)
+    int8 = any(b.metrics.get("int8") for b in built)
+    header = (f"{'bundle':<{width}}  {'kind':<14} {'dev acc':>8} {'test acc':>8} {'test F1':>8}"
+              + (f" {'int8 test':>9}" if int8 else ""))
+    lines = [header, "-" * len(header)]
+    for b in built:
+        dev, test = b.metrics.get("dev") or {}, b.metrics.get("test") or {}
+        line = (f"{str(b.path):<{width}}  {b.kind:<14} {percent(dev, 'accuracy'):>8} "
+                f"{percent(test, 'accuracy'):>8} {percent(test, 'macro_f1'):>8}")
+        if int8:
+            line += f" {percent((b.metrics.get('int8') or {}).get('test') or {}, 'accuracy'):>9}"
+        lines.append(line)
+    lines += ["", "each row is rebuilt by:"] + [f"  {b.command}" for b in built]
+    lines += ["and scored again from the bundles' files by:",
+              "  " + shlex.join(["pt-run", "eval"] + [x for b in built for x in ("--bundle", str(b.path))] + eval_args)]
+    return "\n".join(lines)
+
+
+def percent(metrics: dict, key: str) -> str:
+    return f"{100 * metrics[key]:.2f}" if key in metrics else "-"

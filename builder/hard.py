@@ -1,0 +1,206 @@
+"""Hard prompts: a fixed text template on the frozen encoder, and two heads for it.
+
+- zero-shot: no training.  Each label is described in words ("It was
+  great.", "It was terrible."); the descriptions are embedded by the same
+  encoder, and the head's rows are the labels' unit centroids, so the graph
+  computes cosine similarities.  A bias calibrates the label prior: on
+  unlabelled training text every label gets the same mean score.
+- probe: the template stays fixed and only the linear head is trained, with
+  the soft prompt's data, epochs, seed and head recipe.  The gap between the
+  probe and the soft bundle is what the learned prompt adds.
+
+Nothing before the head trains in either, so the encoder runs once per text:
+the pooled features are computed once and both heads are fitted on them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from mindspore import Tensor
+
+from ptbundle.runtime.metrics import classification_metrics
+from ptbundle.runtime.template import Template
+from ptbundle.runtime.text import encode, load_tokenizer
+
+from .backbone import Backbone
+from .errors import BuildError
+from .model import Features, HeadOnly, PromptClassifier
+from .recipe import Recipe
+from .train import TrainStep, bucketed_batches, encode_split, progress, run_batches
+
+HEADS = ("zero-shot", "probe")
+# Cosine similarities of sentence embeddings differ by a few hundredths
+# between labels; this scale turns them into usable probabilities.  It does
+# not change which label wins.
+ZERO_SHOT_SCALE = 20.0
+# At most this many unlabelled training texts calibrate the zero-shot prior.
+CALIBRATION_TEXTS = 2000
+
+
+@dataclass(frozen=True)
+class Verbalizer:
+    """Label -> descriptions whose embeddings stand for the label."""
+
+    descriptions: dict
+
+    @classmethod
+    def parse(cls, items, labels) -> "Verbalizer":
+        """From "label=description" strings; a label without any is described by its own name."""
+        descriptions = {label: [] for label in labels}
+        for item in items:
+            label, sep, text = item.partition("=")
+            if not sep or not text.strip():
+                raise BuildError(f"--label-text {item!r}: expected LABEL=DESCRIPTION")
+            if label not in descriptions:
+                raise BuildError(f"--label-text {item!r}: unknown label {label!r} (labels: {', '.join(labels)})")
+            descriptions[label].append(text.strip())
+        return cls({label: texts or [label] for label, texts in descriptions.items()})
+
+    def as_args(self) -> list:
+        return [f"{label}={text}" for label, texts in self.descriptions.items() for text in texts]
+
+
+def hard_classifier(backbone: Backbone, num_labels: int, pooling: str, normalize: bool) -> PromptClassifier:
+    if pooling == "cls" and backbone.pooler_weights() is None:
+        raise BuildError(f"hard prompts with cls pooling need a checkpoint with a trained pooler; "
+                         f"{backbone.name} has none: use --pooling mean")
+    net = PromptClassifier(backbone.build_encoder(), 0, num_labels, pooling, normalize)
+    net.prompt.requires_grad = False
+    if pooling == "cls":
+        weight, bias = backbone.pooler_weights()
+        net.load_head_state({"pooler.weight": weight, "pooler.bias": bias})
+        for p in net.pooler.get_parameters():
+            p.requires_grad = False
+    return net
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def zero_shot_head(label_features: list, unlabelled: np.ndarray, scale: float = ZERO_SHOT_SCALE) -> dict:
+    """Head weights from description embeddings (one [k, h] array per label) and unlabelled features."""
+    centroids = np.stack([unit(unit(f).mean(0)) for f in label_features])
+    prior = (unit(unlabelled) @ centroids.T).mean(0)  # mean cosine per label: the bias to remove
+    return {"classifier.weight": (scale * centroids).astype(np.float32),
+            "classifier.bias": (-scale * prior).astype(np.float32)}
+
+
+def head_logits(features: np.ndarray, head: dict, normalize: bool) -> np.ndarray:
+    """What the folded graph computes after pooling, in numpy."""
+    x = unit(features) if normalize else features
+    return x @ head["classifier.weight"].T + head["classifier.bias"]
+
+
+@dataclass
+class HardResult:
+    head: str
+    net: PromptClassifier
+    curve: list
+    metrics: dict
+
+
+class FeatureCache:
+    """Pooled features of each split under the template, computed on first use."""
+
+    def __init__(self, backbone: Backbone, dataset, recipe: Recipe, template: Template, log):
+        self.dataset, self.template, self.log = dataset, template, log
+        self.tokenizer = load_tokenizer(backbone.tokenizer_path, recipe.max_length)
+        self.pad_id = backbone.config.pad_token_id
+        net = hard_classifier(backbone, len(dataset.labels), recipe.pooling, normalize=False)
+        self.features, self.width = Features(net), net.classifier.weight.shape[1]
+        self.cache = {}
+
+    def embed(self, encodings) -> np.ndarray:
+        return run_batches(self.features, encodings, self.pad_id, self.width)
+
+    def split(self, name: str):
+        """(features, gold label ids, token lengths) of a split."""
+        if name not in self.cache:
+            encodings, gold = encode_split(self.tokenizer, self.dataset, name, self.template)
+            started = time.time()
+            features = self.embed(encodings) if encodings else np.zeros((0, 1), np.float32)
+            self.log(f"encoded {name} with the template: {len(encodings)} texts in {time.time() - started:.0f} s")
+            self.cache[name] = (features, gold, [len(e.ids) for e in encodings])
+        return self.cache[name]
+
+    def sample(self, name: str, size: int, seed: int) -> np.ndarray:
+        """Features of `size` examples of a split drawn with `seed`, labels unused."""
+        examples = getattr(self.dataset, name)
+        chosen = np.random.RandomState(seed).permutation(len(examples))[:size]
+        if name in self.cache:
+            return self.cache[name][0][chosen]
+        texts = [examples[i].text for i in chosen]
+        texts_b = [examples[i].text_b for i in chosen] if self.dataset.is_pair else None
+        return self.embed(encode(self.tokenizer, texts, texts_b, self.template))
+
+    def texts(self, texts) -> np.ndarray:
+        """Plain texts (no template): label descriptions."""
+        return self.embed(encode(self.tokenizer, texts))
+
+
+def build_zero_shot(cache: FeatureCache, backbone: Backbone, recipe: Recipe, verbalizer: Verbalizer) -> HardResult:
+    labels = cache.dataset.labels
+    label_features = [cache.texts(verbalizer.descriptions[label]) for label in labels]
+    unlabelled = cache.sample("train", CALIBRATION_TEXTS, recipe.seed)
+    head = zero_shot_head(label_features, unlabelled)
+    net = hard_classifier(backbone, len(labels), recipe.pooling, normalize=True)
+    net.load_head_state(head)
+    metrics = {split: split_metrics(cache, split, head, normalize=True) for split in ("dev", "test")}
+    metrics = {k: v for k, v in metrics.items() if v}
+    metrics["calibration_texts"] = len(unlabelled)
+    return HardResult("zero-shot", net, [], metrics)
+
+
+def split_metrics(cache: FeatureCache, split: str, head: dict, normalize: bool) -> dict:
+    features, gold, _ = cache.split(split)
+    if len(gold) == 0:
+        return {}
+    predicted = head_logits(features, head, normalize).argmax(-1)
+    return classification_metrics(predicted, gold, len(cache.dataset.labels))
+
+
+def build_probe(cache: FeatureCache, backbone: Backbone, recipe: Recipe, log) -> HardResult:
+    """Train the head alone on the cached features, as train.train trains the soft prompt's head."""
+    features, gold, lengths = cache.split("train")
+    num_labels = len(cache.dataset.labels)
+    if len(gold) < recipe.batch_size:
+        raise BuildError(f"{len(gold)} training examples, fewer than one batch of {recipe.batch_size}")
+    net = hard_classifier(backbone, num_labels, recipe.pooling, normalize=False)
+    rng = np.random.RandomState(recipe.seed)
+    h = features.shape[1]
+    net.load_head_state({"classifier.weight": rng.normal(0, 0.02, (num_labels, h)),
+                         "classifier.bias": np.zeros(num_labels)})
+    steps_per_epoch = len(gold) // recipe.batch_size
+    step = TrainStep(HeadOnly(net), recipe, steps_per_epoch * recipe.epochs)
+    onehot = np.eye(num_labels, dtype=np.float32)
+    curve, best, best_dev = [], None, -1.0
+    started = time.time()
+    for epoch in range(1, recipe.epochs + 1):
+        step.set_train(True)
+        loss_sum = seen = correct = 0
+        for index in progress(bucketed_batches(lengths, recipe.batch_size, rng), f"probe epoch {epoch}",
+                              lambda: ""):
+            loss, logits = step(Tensor(features[index]), Tensor(onehot[gold[index]]))
+            loss_sum += float(loss.asnumpy()) * len(index)
+            correct += int((logits.asnumpy().argmax(-1) == gold[index]).sum())
+            seen += len(index)
+        head = net.head_state()
+        dev = split_metrics(cache, "dev", head, normalize=False)
+        curve.append({"epoch": epoch, "step": epoch * steps_per_epoch, "train_loss": loss_sum / seen,
+                      "train_accuracy": correct / seen, "dev": dev, "seconds": round(time.time() - started, 1)})
+        log(f"probe epoch {epoch}: train loss {loss_sum / seen:.4f} acc {correct / seen:.4f}, "
+            f"dev acc {dev['accuracy']:.4f}")
+        if dev["accuracy"] > best_dev:
+            best_dev, best = dev["accuracy"], (epoch, head)
+    best_epoch, head = best
+    net.load_head_state(head)
+    metrics = {"best_epoch": best_epoch, "dev": curve[best_epoch - 1]["dev"],
+               "train_seconds": round(time.time() - started, 1)}
+    test = split_metrics(cache, "test", head, normalize=False)
+    if test:
+        metrics["test"] = test
+    return HardResult("probe", net, curve, metrics)

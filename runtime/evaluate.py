@@ -1,0 +1,87 @@
+"""Score bundles on labelled data, side by side: accuracy, macro-F1, throughput.
+
+    pt-run eval --bundle exports/mr-soft --bundle exports/mr-hard-probe --data mr --split test
+
+Every bundle sees the same examples through its own `Bundle.predict` path
+(template, tokenizer, graph), so the numbers compare what a user would get.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .data import Columns, DataError, load_mr, read_examples
+from .metrics import classification_metrics
+
+
+def load_eval_examples(data: str, split: str, columns: Columns) -> tuple:
+    """(examples, description): MR's canonical dev/test split, or every row of a labelled file."""
+    if data == "mr":
+        return getattr(load_mr(), split), f"mr {split}"
+    return read_examples(data, columns), str(data)
+
+
+def score(bundle, examples, batch_size: int = 64) -> dict:
+    """Metrics of one bundle on labelled examples, and its throughput (tokenization included)."""
+    index = {label: i for i, label in enumerate(bundle.labels)}
+    for e in examples:
+        if e.label not in index:
+            raise DataError(f"{e.where or 'data'}: label {e.label!r} is not one of the bundle's labels"
+                            f" ({', '.join(bundle.labels)})")
+        if (e.text_b is not None) != bundle.is_pair:
+            need = "two texts (a sentence-pair bundle)" if bundle.is_pair else "one text"
+            raise DataError(f"{e.where or 'data'}: {bundle.directory} takes {need} per example")
+    texts = [e.text for e in examples]
+    texts_b = [e.text_b for e in examples] if bundle.is_pair else None
+    started = time.perf_counter()
+    logits = bundle.logits(texts, texts_b, batch_size)
+    seconds = time.perf_counter() - started
+    gold = np.array([index[e.label] for e in examples])
+    result = classification_metrics(logits.argmax(-1), gold, len(bundle.labels))
+    result["sentences_per_second"] = round(len(examples) / seconds, 1)
+    return result
+
+
+def table(rows: list) -> str:
+    header = f"{'bundle':<30} {'kind':<16} {'accuracy':>8} {'macro-F1':>8} {'sent/s':>8}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['bundle']:<30} {r['kind']:<16} {100 * r['accuracy']:>8.2f} {100 * r['macro_f1']:>8.2f} "
+                     f"{r['sentences_per_second']:>8.1f}")
+    return "\n".join(lines)
+
+
+def plot(rows: list, title: str, path: Path) -> None:
+    """Bar chart PNG: accuracy and macro-F1 per bundle, and throughput beside them."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no screen
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("--plot needs matplotlib: pip install 'ptbundle[plot]'") from e
+    names = [Path(r["bundle"]).name for r in rows]
+    x = np.arange(len(rows))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(4 + 2.2 * len(rows), 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    for offset, key, label in ((-0.2, "accuracy", "accuracy"), (0.2, "macro_f1", "macro-F1")):
+        values = [100 * r[key] for r in rows]
+        bars = left.bar(x + offset, values, 0.4, label=label)
+        left.bar_label(bars, fmt="%.1f", fontsize=8)
+    left.set_xticks(x, names, rotation=15)
+    left.set_ylabel("%")
+    left.set_ylim(0, 100)
+    left.legend(loc="lower right")
+    left.set_title(title)
+    bars = right.bar(x, [r["sentences_per_second"] for r in rows], 0.6, color="tab:gray")
+    right.bar_label(bars, fmt="%.0f", fontsize=8)
+    right.set_xticks(x, names, rotation=15)
+    right.set_ylabel("sentences / s")
+    right.set_title("throughput")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    tmp.replace(path)  # a finished file or none
