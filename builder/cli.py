@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import shlex
 import time
 from pathlib import Path
@@ -94,7 +95,7 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
     template = Template.parse(template or default_template(dataset), pair=dataset.is_pair) if heads else None
     label_texts = label_texts or default_label_texts(dataset)
     names = bundle_names(name, dataset.name, prompt_kind != "hard", heads)
-    commands = rebuild_commands(ctx, template, label_texts)
+    commands = rebuild_commands(ctx, template, label_texts, names)
 
     # MindSpore takes seconds to import: only after the cheap checks above.
     from .backbone import load_backbone
@@ -103,18 +104,23 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
 
     use_device(device)
     bb = load_backbone(backbone)
-    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    def log(message: str) -> None:
+        click.echo(message, err=True)
+
     log(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.dev)} dev / {len(dataset.test)} test, "
         f"labels {', '.join(dataset.labels)}; backbone {bb.name} ({bb.config.model_type}, "
         f"{bb.config.num_layers}x{bb.config.hidden_size})")
     out = Path(out_dir)
     built = []
-    if heads:  # minutes, against the soft prompt's quarter of an hour: first
+    # The soft prompt first: its train graphs are the largest memory peak,
+    # and MindSpore's CPU allocator keeps what earlier graphs took.
+    if prompt_kind != "hard":
+        built.append(build_soft(out / names["soft"], bb, dataset, recipe, device, quantize == "int8",
+                                commands["soft"], log))
+        gc.collect()
+    if heads:
         built += build_hard({h: out / names[h] for h in heads}, bb, dataset, recipe, template, label_texts,
                             device, quantize == "int8", commands, log)
-    if prompt_kind != "hard":
-        built.insert(0, build_soft(out / names["soft"], bb, dataset, recipe, device, quantize == "int8",
-                                   commands["soft"], log))
     click.echo(f"built {len(built)} bundle(s) in {time.time() - started:.0f} s")
     click.echo(comparison_table(built, eval_data_args(data, train_file, dev_file, test_file, text_column,
                                                       text_b_column, label_column)))
@@ -128,7 +134,7 @@ def bundle_names(name, data_name: str, soft: bool, heads: list) -> dict:
     return {k: f"{name or data_name}-{v}" for k, v in suffixes.items()}
 
 
-def rebuild_commands(ctx, template, label_texts) -> dict:
+def rebuild_commands(ctx, template, label_texts, names: dict) -> dict:
     """For each bundle, the pt-build command that rebuilds it alone, with the options given here."""
     from click.core import ParameterSource
 
@@ -144,10 +150,11 @@ def rebuild_commands(ctx, template, label_texts) -> dict:
         else:
             base += [x for v in (value if param.multiple else [value]) for x in (flag, str(v))]
     hard = ["--template", template.source] if template else []
-    return {"soft": shlex.join(base + ["--prompt", "soft"]),
-            "zero-shot": shlex.join(base + ["--prompt", "hard", "--head", "zero-shot"] + hard
-                                    + [x for t in label_texts for x in ("--label-text", t)]),
-            "probe": shlex.join(base + ["--prompt", "hard", "--head", "probe"] + hard)}
+    own_args = {"soft": ["--prompt", "soft"],
+                "zero-shot": ["--prompt", "hard", "--head", "zero-shot"] + hard
+                + [x for t in label_texts for x in ("--label-text", t)],
+                "probe": ["--prompt", "hard", "--head", "probe"] + hard}
+    return {kind: shlex.join(base + own_args[kind] + ["--name", name]) for kind, name in names.items()}
 
 
 def eval_data_args(data: str, train_file, dev_file, test_file, text_column, text_b_column, label_column) -> list:
