@@ -62,10 +62,3 @@ def every_kth(items, k: int) -> list:
 
 def subset_name(total: int, k: int) -> str:
     return f"all {total}" if k <= 1 else f"every {k}th of {total} ({math.ceil(total / k)})"
-
-
-def load_mr():
-    """MR with its canonical split, read by the project's own reader (never re-implemented here)."""
-    from ptbundle.runtime.data import load_mr as load
-
-    return load()

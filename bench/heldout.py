@@ -27,6 +27,8 @@ from pathlib import Path
 
 import click
 
+from ptbundle.runtime.bundle import bundle_kind, read_manifest
+
 PACKAGE = "sentiment@5.0.2"
 TARBALL = "sentiment-5.0.2.tgz"
 SHA256 = "89302eb03d2005d03b214fe65814bb48adb7d3c42c8ca80bdee6a3ecb7e4480f"
@@ -84,8 +86,8 @@ def main(bundles, out):
     data = {domain: read_domain(tarball, domain) for domain in DOMAINS}
     rows = []
     for bundle in bundles:
-        manifest = json.loads((Path(bundle) / "manifest.json").read_text())
-        row = {"bundle": bundle, "kind": manifest["kind"] + (f" {manifest['head']}" if manifest["kind"] == "hard" else ""),
+        manifest = read_manifest(Path(bundle))
+        row = {"bundle": bundle, "kind": bundle_kind(manifest),
                "mr_test_accuracy": manifest["metrics"]["test"]["accuracy"]}
         correct = total = 0
         for domain, examples in data.items():

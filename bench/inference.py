@@ -36,9 +36,10 @@ import click
 import numpy as np
 
 import roofline
-from common import cpu_threads, every_kth, load_mr, machine_info, spread, subset_name
+from common import cpu_threads, every_kth, machine_info, spread, subset_name
+from ptbundle.runtime.data import load_mr
 from ptbundle.runtime import Bundle
-from ptbundle.runtime.bundle import Prediction, softmax
+from ptbundle.runtime.bundle import Prediction, read_manifest, softmax
 from ptbundle.runtime.text import PAD_MULTIPLE, encode, length_sorted_batches, pad
 
 
@@ -198,7 +199,7 @@ def main(bundle_path, batch_sizes, batch_size, sorting, backends, repeats, cold_
     sizes = [batch_size] if batch_size else int_list(batch_sizes)
     sorts = {"both": [True, False], "on": [True], "off": [False]}[sorting]
     texts, gold = mr_test()
-    manifest = json.loads((Path(bundle_path) / "manifest.json").read_text())
+    manifest = read_manifest(Path(bundle_path))
     virtual_tokens, cfg = manifest.get("num_virtual_tokens", 0), model_shape(manifest)
     limit = load_limit(roofline_path)
     limit_gflops = limit["limit_gflops"]

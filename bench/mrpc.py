@@ -23,6 +23,8 @@ from pathlib import Path
 
 import click
 
+from ptbundle.runtime.bundle import read_manifest
+
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ["--text-column", "#1 String", "--text-b-column", "#2 String", "--label-column", "Quality"]
 MAJORITY = {"accuracy": 0.684, "f1": 0.812}
@@ -66,7 +68,7 @@ def main(mrpc_dir, epochs, out, bundle_dir):
                                check=True, capture_output=True, text=True).stdout
     result = {"dev_accuracy": report["accuracy"], "dev_f1": report["f1"], "dev_macro_f1": report["macro_f1"],
               "majority_baseline": MAJORITY, "epochs": epochs, "build_seconds": round(build_seconds),
-              "manifest_metrics": json.loads((bundle / "manifest.json").read_text())["metrics"]}
+              "manifest_metrics": read_manifest(bundle)["metrics"]}
     click.echo(f"MRPC dev (GLUE, 408 pairs): accuracy {100 * report['accuracy']:.2f}  F1 {100 * report['f1']:.2f}"
                f"   majority baseline: accuracy 68.40  F1 81.20   (build {build_seconds:.0f} s)")
     click.echo("pt-run predict on two pairs:\n" + predicted)

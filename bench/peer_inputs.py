@@ -22,9 +22,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
+
+from ptbundle.runtime.bundle import read_manifest
 import numpy as np
 
-from common import load_mr
+from ptbundle.runtime.data import load_mr
 
 
 def default_backbone_dir() -> Path:
@@ -45,7 +47,7 @@ def write_inputs(bundle_path: str, out_dir: str, epochs: int) -> dict:
     from ptbundle.builder.train import build_classifier, bucketed_batches, encode_split, initial_prompt
     from ptbundle.runtime.text import load_tokenizer
 
-    manifest = json.loads((Path(bundle_path) / "manifest.json").read_text())
+    manifest = read_manifest(Path(bundle_path))
     use_device("CPU")
     backbone, mr = load_backbone(default_backbone_dir()), load_mr()
     if backbone.sha256 != manifest["backbone"]["sha256"]:

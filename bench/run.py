@@ -39,6 +39,8 @@ from pathlib import Path
 
 import click
 
+from ptbundle.runtime.bundle import read_manifest
+
 from common import cpu_threads, machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -275,7 +277,7 @@ def recipe_differences(bundle_recipe: dict, peer_data: dict | None) -> list:
 def summarize(results: Path, bundle_path: str, settings: dict, stages: dict, quick: bool, machine: dict) -> dict:
     roofline, inference = read(results / "roofline.json"), read(results / "inference.json")
     train, peer = read(results / "train_step.json"), read(results / "peer.json")
-    manifest = json.loads((Path(bundle_path) / "manifest.json").read_text())
+    manifest = read_manifest(Path(bundle_path))
     lim = limits(roofline, peer)
     inf_rows, inf_targets = inference_rows(inference, peer, lim["limit_gflops"])
     cold, cold_targets = cold_rows(inference)
@@ -317,7 +319,7 @@ def main(bundle_path, quick, no_peer, peer_full_epochs, results_dir):
     results.mkdir(parents=True, exist_ok=True)
     for name in ("roofline.json", "inference.json", "train_step.json", "peer.json"):
         (results / name).unlink(missing_ok=True)  # a figure in the summary always comes from this run
-    manifest = json.loads((Path(bundle_path) / "manifest.json").read_text())
+    manifest = read_manifest(Path(bundle_path))
     virtual_tokens = manifest.get("num_virtual_tokens", 20)
     stages = {}
     env = dict(os.environ, GLOG_v=os.environ.get("GLOG_v", "3"))  # MindSpore: errors only in the log

@@ -20,7 +20,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from common import cpu_threads, load_mr, machine_info, spread
+from common import cpu_threads, machine_info, spread
+from ptbundle.runtime.data import load_mr
 
 
 def measure(batch_size: int = 16, steps: int = 30, virtual_tokens: int | None = None) -> dict:

@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 import click
-import numpy as np
 
 TEMPLATES = [
     "{text}",
@@ -71,9 +70,7 @@ def main(calibration, out):
         for name, verbalizer in VERBALIZERS.items():
             label_features = [description_features[tuple(verbalizer[label])] for label in mr.labels]
             for calibrated in (False, True):
-                head = zero_shot_head(label_features, unlabelled if calibrated else np.zeros((1, dev.shape[1])))
-                if not calibrated:  # zero features give prior 0: no bias
-                    head["classifier.bias"][:] = 0
+                head = zero_shot_head(label_features, unlabelled if calibrated else None)
                 predicted = head_logits(dev, head, normalize=True).argmax(-1)
                 m = classification_metrics(predicted, gold, len(mr.labels))
                 rows.append({"template": source, "verbalizer": name, "calibrated": calibrated,
@@ -87,9 +84,7 @@ def main(calibration, out):
     unlabelled, (test, gold, _) = saved[best["template"]], cache.split("test")
     verbalizer = VERBALIZERS[best["verbalizer"]]
     label_features = [description_features[tuple(verbalizer[label])] for label in mr.labels]
-    head = zero_shot_head(label_features, unlabelled)
-    if not best["calibrated"]:
-        head["classifier.bias"][:] = 0
+    head = zero_shot_head(label_features, unlabelled if best["calibrated"] else None)
     test_accuracy = float((head_logits(test, head, normalize=True).argmax(-1) == gold).mean())
     click.echo(f"its test accuracy: {test_accuracy:.4f}")
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ptbundle.runtime.bundle import bundle_kind
 from ptbundle.runtime.template import Template
 from ptbundle.runtime.text import load_tokenizer
 
@@ -74,7 +75,7 @@ def build_soft(destination: Path, backbone: Backbone, dataset, recipe: Recipe, d
                 "metrics": metrics}
     write_bundle(destination, net, backbone, manifest, curve,
                  int8_sets(backbone, dataset, recipe) if quantize else None)
-    return Built(destination, "soft", manifest["metrics"], command)
+    return Built(destination, bundle_kind(manifest), manifest["metrics"], command)
 
 
 def build_hard(destinations: dict, backbone: Backbone, dataset, recipe: Recipe, template: Template,
@@ -100,7 +101,7 @@ def build_hard(destinations: dict, backbone: Backbone, dataset, recipe: Recipe, 
         write_bundle(destination, result.net, backbone, manifest, result.curve,
                      int8_sets(backbone, dataset, recipe, template) if quantize else None)
         log(f"wrote {destination}: dev accuracy {result.metrics['dev']['accuracy']:.4f}")
-        built.append(Built(destination, f"hard {head}", manifest["metrics"], commands[head]))
+        built.append(Built(destination, bundle_kind(manifest), manifest["metrics"], commands[head]))
     return built
 
 

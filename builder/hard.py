@@ -16,7 +16,7 @@ the pooled features are computed once and both heads are fitted on them.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from mindspore import Tensor
@@ -29,7 +29,7 @@ from .backbone import Backbone
 from .errors import BuildError
 from .model import Features, HeadOnly, PromptClassifier
 from .recipe import Recipe
-from .train import TrainStep, bucketed_batches, encode_split, progress, run_batches
+from .train import TrainStep, bucketed_batches, build_classifier, encode_split, progress, run_batches
 
 HEADS = ("zero-shot", "probe")
 # Cosine similarities of sentence embeddings differ by a few hundredths
@@ -59,32 +59,26 @@ class Verbalizer:
             descriptions[label].append(text.strip())
         return cls({label: texts or [label] for label, texts in descriptions.items()})
 
-    def as_args(self) -> list:
-        return [f"{label}={text}" for label, texts in self.descriptions.items() for text in texts]
 
-
-def hard_classifier(backbone: Backbone, num_labels: int, pooling: str, normalize: bool) -> PromptClassifier:
-    if pooling == "cls" and backbone.pooler_weights() is None:
+def hard_classifier(backbone: Backbone, recipe: Recipe, num_labels: int, normalize: bool) -> PromptClassifier:
+    """No virtual tokens: the soft prompt's classifier, frozen encoder and seeded head, reading the template."""
+    if recipe.pooling == "cls" and backbone.pooler_weights() is None:
         raise BuildError(f"hard prompts with cls pooling need a checkpoint with a trained pooler; "
                          f"{backbone.name} has none: use --pooling mean")
-    net = PromptClassifier(backbone.build_encoder(), 0, num_labels, pooling, normalize)
-    net.prompt.requires_grad = False
-    if pooling == "cls":
-        weight, bias = backbone.pooler_weights()
-        net.load_head_state({"pooler.weight": weight, "pooler.bias": bias})
-        for p in net.pooler.get_parameters():
-            p.requires_grad = False
-    return net
+    return build_classifier(backbone, replace(recipe, virtual_tokens=0), num_labels, None, normalize)
 
 
 def unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def zero_shot_head(label_features: list, unlabelled: np.ndarray, scale: float = ZERO_SHOT_SCALE) -> dict:
-    """Head weights from description embeddings (one [k, h] array per label) and unlabelled features."""
+def zero_shot_head(label_features: list, unlabelled: np.ndarray | None, scale: float = ZERO_SHOT_SCALE) -> dict:
+    """Head weights from description embeddings (one [k, h] array per label).
+
+    With unlabelled features the bias calibrates the label prior; with None there is no bias.
+    """
     centroids = np.stack([unit(unit(f).mean(0)) for f in label_features])
-    prior = (unit(unlabelled) @ centroids.T).mean(0)  # mean cosine per label: the bias to remove
+    prior = np.zeros(len(centroids)) if unlabelled is None else (unit(unlabelled) @ centroids.T).mean(0)
     return {"classifier.weight": (scale * centroids).astype(np.float32),
             "classifier.bias": (-scale * prior).astype(np.float32)}
 
@@ -97,7 +91,6 @@ def head_logits(features: np.ndarray, head: dict, normalize: bool) -> np.ndarray
 
 @dataclass
 class HardResult:
-    head: str
     net: PromptClassifier
     curve: list
     metrics: dict
@@ -110,7 +103,7 @@ class FeatureCache:
         self.dataset, self.template, self.log = dataset, template, log
         self.tokenizer = load_tokenizer(backbone.tokenizer_path, recipe.max_length)
         self.pad_id = backbone.config.pad_token_id
-        net = hard_classifier(backbone, len(dataset.labels), recipe.pooling, normalize=False)
+        net = hard_classifier(backbone, recipe, len(dataset.labels), normalize=False)
         self.features, self.width = Features(net), net.classifier.weight.shape[1]
         self.cache = {}
 
@@ -147,12 +140,12 @@ def build_zero_shot(cache: FeatureCache, backbone: Backbone, recipe: Recipe, ver
     label_features = [cache.texts(verbalizer.descriptions[label]) for label in labels]
     unlabelled = cache.sample("train", CALIBRATION_TEXTS, recipe.seed)
     head = zero_shot_head(label_features, unlabelled)
-    net = hard_classifier(backbone, len(labels), recipe.pooling, normalize=True)
+    net = hard_classifier(backbone, recipe, len(labels), normalize=True)
     net.load_head_state(head)
     metrics = {split: split_metrics(cache, split, head, normalize=True) for split in ("dev", "test")}
     metrics = {k: v for k, v in metrics.items() if v}
     metrics["calibration_texts"] = len(unlabelled)
-    return HardResult("zero-shot", net, [], metrics)
+    return HardResult(net, [], metrics)
 
 
 def split_metrics(cache: FeatureCache, split: str, head: dict, normalize: bool) -> dict:
@@ -169,11 +162,8 @@ def build_probe(cache: FeatureCache, backbone: Backbone, recipe: Recipe, log) ->
     num_labels = len(cache.dataset.labels)
     if len(gold) < recipe.batch_size:
         raise BuildError(f"{len(gold)} training examples, fewer than one batch of {recipe.batch_size}")
-    net = hard_classifier(backbone, num_labels, recipe.pooling, normalize=False)
-    rng = np.random.RandomState(recipe.seed)
-    h = features.shape[1]
-    net.load_head_state({"classifier.weight": rng.normal(0, 0.02, (num_labels, h)),
-                         "classifier.bias": np.zeros(num_labels)})
+    net = hard_classifier(backbone, recipe, num_labels, normalize=False)
+    rng = np.random.RandomState(recipe.seed)  # the batch order, as train.train draws it
     steps_per_epoch = len(gold) // recipe.batch_size
     step = TrainStep(HeadOnly(net), recipe, steps_per_epoch * recipe.epochs)
     onehot = np.eye(num_labels, dtype=np.float32)
@@ -203,4 +193,4 @@ def build_probe(cache: FeatureCache, backbone: Backbone, recipe: Recipe, log) ->
     test = split_metrics(cache, "test", head, normalize=False)
     if test:
         metrics["test"] = test
-    return HardResult("probe", net, curve, metrics)
+    return HardResult(net, curve, metrics)

@@ -31,9 +31,10 @@ from .recipe import Recipe
 TRAIN_PAD_MULTIPLE = 16
 
 
-def build_classifier(backbone: Backbone, recipe: Recipe, num_labels: int, prompt_init) -> PromptClassifier:
-    """The model to train: frozen encoder, initial prompt, fresh head."""
-    net = PromptClassifier(backbone.build_encoder(), recipe.virtual_tokens, num_labels, recipe.pooling)
+def build_classifier(backbone: Backbone, recipe: Recipe, num_labels: int, prompt_init,
+                     normalize: bool = False) -> PromptClassifier:
+    """The model to train: frozen encoder, initial prompt (none with 0 virtual tokens), fresh head."""
+    net = PromptClassifier(backbone.build_encoder(), recipe.virtual_tokens, num_labels, recipe.pooling, normalize)
     rng = np.random.RandomState(recipe.seed)
     h = backbone.config.hidden_size
     values = {"classifier.weight": rng.normal(0, 0.02, (num_labels, h)), "classifier.bias": np.zeros(num_labels)}

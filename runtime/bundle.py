@@ -157,9 +157,6 @@ class Bundle:
         texts = list(texts)
         if texts_b is not None and len(texts_b) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(texts_b)} second texts")
-        out = np.zeros((len(texts), len(self.labels)), np.float32)
-        if not texts:
-            return out
         return batched_logits(self.model, encode(self.tokenizer, texts, texts_b, self.template),
                               self.manifest["pad_id"], len(self.labels), batch_size)
 
@@ -168,6 +165,12 @@ class Bundle:
         probs = softmax(logits)
         return [Prediction(self.labels[int(p.argmax())], {l: float(v) for l, v in zip(self.labels, p)})
                 for p in probs]
+
+
+def bundle_kind(manifest: dict) -> str:
+    """'soft', or 'hard zero-shot' / 'hard probe': how tables name a bundle."""
+    kind = manifest.get("kind", "?")
+    return f"{kind} {manifest['head']}" if kind == "hard" and manifest.get("head") else kind
 
 
 def read_template(manifest: dict, directory: Path):

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .bundle import BACKENDS, DEVICES, BundleError
+from .bundle import BACKENDS, DEVICES, BundleError, bundle_kind
 
 DEFAULT_BUNDLE = "exports/mr-soft"
 
@@ -123,7 +123,7 @@ def evaluate(bundle_paths, data, split, text_column, text_b_column, label_column
             metrics = score(bundle, examples, batch_size)
         except DataError as e:
             raise click.ClickException(str(e))
-        rows.append({"bundle": path, "kind": describe(bundle.manifest), **metrics})
+        rows.append({"bundle": path, "kind": bundle_kind(bundle.manifest), **metrics})
     if plot:
         try:
             plot_png(rows, described, Path(plot))
@@ -181,12 +181,6 @@ def info(bundle_path):
     click.echo("  files")
     for name, digest in m["files"].items():
         click.echo(f"    {name:<22} sha256 {digest[:16]}")
-
-
-def describe(manifest: dict) -> str:
-    """'soft', or 'hard zero-shot' / 'hard probe'."""
-    kind = manifest.get("kind", "?")
-    return f"{kind} {manifest['head']}" if kind == "hard" and manifest.get("head") else kind
 
 
 def load(path, device, backend, int8):

@@ -100,14 +100,14 @@ class Template:
         a = tokenizer.encode_batch([slot_space["text"] + t for t in texts], add_special_tokens=False)
         b = tokenizer.encode_batch([slot_space["text_b"] + t for t in texts_b], add_special_tokens=False) \
             if self.pair else [None] * len(texts)
+        # segment B starts at the {text_b} slot
+        split = next((i for i, p in enumerate(self.pieces) if p[:2] == ("slot", "text_b")), len(self.pieces))
         out = []
         for ea, eb in zip(a, b):
             if budget is not None:
                 fit(ea, eb, budget)
             slot = {"text": ea, "text_b": eb}
             joined = [literals[p] if p[0] == "literal" else slot[p[1]] for p in self.pieces]
-            split = next(i for i, p in enumerate(self.pieces) if p[0] == "slot" and p[1] == "text_b") \
-                if self.pair else len(joined)
             first = Encoding.merge(joined[:split], growing_offsets=True)
             second = Encoding.merge(joined[split:], growing_offsets=True) if self.pair else None
             out.append(tokenizer.post_process(first, second, add_special_tokens=True))
