@@ -40,7 +40,7 @@ from common import cpu_threads, every_kth, machine_info, spread, subset_name
 from ptbundle.runtime.data import load_mr
 from ptbundle.runtime import Bundle
 from ptbundle.runtime.bundle import Prediction, read_manifest, softmax
-from ptbundle.runtime.text import PAD_MULTIPLE, encode, length_sorted_batches, pad
+from ptbundle.runtime.text import encode, length_sorted_batches, pad
 
 
 def mr_test() -> tuple:
@@ -65,7 +65,8 @@ def predict_in_input_order(bundle: Bundle, texts, batch_size: int) -> list:
     logits = np.zeros((len(texts), len(bundle.labels)), np.float32)
     for start in range(0, len(encodings), batch_size):
         chunk = encodings[start : start + batch_size]
-        logits[start : start + len(chunk)] = bundle.model(*pad(chunk, bundle.manifest["pad_id"]))
+        logits[start : start + len(chunk)] = bundle.model(*pad(chunk, bundle.manifest["pad_id"],
+                                                               bundle.model.pad_multiple))
     return [Prediction(bundle.labels[int(p.argmax())], {l: float(v) for l, v in zip(bundle.labels, p)})
             for p in softmax(logits)]
 
@@ -76,21 +77,21 @@ def run_pass(bundle: Bundle, texts, batch_size: int, sort: bool) -> list:
     return predict_in_input_order(bundle, texts, batch_size)
 
 
-def batch_plan(lengths, batch_size: int, sort: bool) -> list:
+def batch_plan(lengths, batch_size: int, sort: bool, multiple: int) -> list:
     """(rows, padded length) of every batch a pass runs, as runtime.text pads them."""
     lengths = np.asarray(lengths)
     if sort:
         batches = length_sorted_batches(lengths, batch_size)
     else:
         batches = [np.arange(s, min(s + batch_size, len(lengths))) for s in range(0, len(lengths), batch_size)]
-    return [(len(b), -(-int(lengths[b].max()) // PAD_MULTIPLE) * PAD_MULTIPLE) for b in batches]
+    return [(len(b), -(-int(lengths[b].max()) // multiple) * multiple) for b in batches]
 
 
-def flop_counts(lengths, batch_size: int, sort: bool, virtual_tokens: int, cfg) -> dict:
+def flop_counts(lengths, batch_size: int, sort: bool, multiple: int, virtual_tokens: int, cfg) -> dict:
     """Useful FLOPs (each sentence at its length) and executed FLOPs (padded batches) of one pass."""
     useful = roofline.flops_of_lengths(lengths, virtual_tokens, cfg)
     executed = sum(roofline.flops_of_batch(rows, seq, virtual_tokens, cfg)
-                   for rows, seq in batch_plan(lengths, batch_size, sort))
+                   for rows, seq in batch_plan(lengths, batch_size, sort, multiple))
     return {"useful": useful, "executed": executed}
 
 
@@ -215,7 +216,7 @@ def main(bundle_path, batch_sizes, batch_size, sorting, backends, repeats, cold_
         for size in sizes:
             k = every_batch1 if size == 1 else every
             for sort in (sorts if size > 1 else [True]):  # one row per batch: order is irrelevant
-                flops = flop_counts(every_kth(lengths, k), size, sort, virtual_tokens, cfg)
+                flops = flop_counts(every_kth(lengths, k), size, sort, bundle.model.pad_multiple, virtual_tokens, cfg)
                 measured = throughput_row(bundle, every_kth(texts, k), every_kth(gold, k), subset_name(len(texts), k),
                                           size, sort, repeats, flops, limit_gflops)
                 row["throughput"].append(measured)

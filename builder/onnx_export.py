@@ -1,404 +1,183 @@
-"""ONNX export of a folded classifier, with dynamic batch and sequence axes.
+"""The ONNX graph of a folded classifier, written op by op from its weights.
 
-MindSpore's ONNX exporter only writes static shapes: every Reshape target,
-the Slice over the position table, the prompt broadcast and the prefixes of
-the attention mask and token types come out with the probe batch and sequence
-length baked in as constants.  So we export the same net twice, at two probe
-shapes, and diff the two graphs: a constant that is equal in both is truly
-static, and a constant that differs is a function of batch or seq that we
-replace by a small subgraph computing it from `Shape(input_ids)`.
+MindSpore's ONNX exporter writes static shapes only and no fused operators:
+every LayerNorm comes out as nine elementwise ops, GELU as a polynomial, and
+attention as a chain of reshapes and transposes that onnxruntime's fusion
+passes do not recognise.  So this module writes the graph itself, the way
+onnxruntime runs a BERT fastest on CPU (one fused kernel per block):
 
-Why two exports rather than one export at "distinctive" sizes: looking for
-the value 11 in a graph cannot tell a sequence length from a hidden size, a
-head count or a label count that happens to equal it, and real checkpoints
-have many small integers.  The diff is exact: it finds precisely the elements
-that move with the input shape, whatever their values.  The probes change
-batch by 2 and seq by 5, so each moving element can be classified without
-ambiguity as `k * batch` (the delta is even and the value a multiple of the
-batch) or `seq + c` (the delta is 5; c absorbs the prompt length and the
-RoBERTa position offset).  Anything else (a moving float, a moving attribute,
-a different graph structure) is refused with an error, never guessed at.
+    embeddings     Gather + Add, LayerNormalization
+    attention      com.microsoft.Attention   (QKV GEMM, scaled scores, mask, softmax, context)
+                   MatMul, SkipLayerNormalization (+ bias, + residual, LayerNorm)
+    feed-forward   MatMul, BiasGelu (exact erf GELU), MatMul, SkipLayerNormalization
+    head           mean or cls pooling, optional unit normalisation, MatMul + Add
 
-Constants that move are of two kinds:
-- integer shape vectors (Reshape targets, Expand shapes, Slice ends): rebuilt
-  element by element with Concat;
-- data tensors whose extent follows the batch (the all-ones mask prefix and
-  all-zeros token-type prefix MindSpore constant-folds to [batch, p]): kept
-  as one slice and broadcast with Expand to the dynamic shape, after checking
-  the tensor really is constant along the moving axes.
-
-The graph is exported from an erf-free twin of the net (see `model.erf`):
-MindSpore's exporter has no Erf, CumSum, Sign or Reciprocal operator.  ONNX
-itself has Erf, so once exported, each polynomial erf (about 20 elementwise
-operators over the [batch * seq, intermediate] activations, a third of
-onnxruntime's time on MiniLM) is put back as one native Erf node; a subgraph is
-replaced only after evaluating it and finding it equal to erf within 1e-6.
+Batch and sequence axes are symbolic; the prompt is a constant broadcast in
+front of the word embeddings, exactly as `PromptClassifier.features` does it.
+The export checks this graph against the MindSpore net (export.check_parity),
+so a mistake here fails the build instead of shipping.
 """
 
 from __future__ import annotations
 
-import math
-import tempfile
 from pathlib import Path
 
 import numpy as np
 # mindspore before onnx: MindSpore's *_pb2 modules need the pure-Python
 # protobuf, which it selects (PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python)
 # only if protobuf is not loaded yet; importing onnx first loads the C one
-# and `import mindspore` then fails with "Descriptors cannot be created directly".
-import mindspore as ms
+# and a later `import mindspore` fails with "Descriptors cannot be created directly".
+import mindspore  # noqa: F401
 import onnx
-from mindspore import Tensor
-from onnx import helper, numpy_helper
-
-from .model import Encoder, PromptClassifier
+from onnx import TensorProto, helper, numpy_helper
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "logits"
-# (batch, seq) of the two static exports.  Batch moves by an even step and
-# seq by an odd one, so `k * batch` and `seq + c` never explain the same delta;
-# batch 1 is avoided because exporters like to special-case it.
-PROBES = ((3, 11), (5, 16))
+OPSET = 17  # LayerNormalization
+CONTRIB = "com.microsoft"  # onnxruntime's fused transformer operators
+MASK_FILL = -1e9  # what model.Encoder adds to masked attention scores
+HEAD_NODES = ("pooler", "classifier")  # names of the head's MatMul nodes (int8 export keeps them fp32)
 
 
-class OnnxExportError(RuntimeError):
-    pass
+class Graph:
+    """Collects nodes and initializers; every op call returns its output's name."""
 
+    def __init__(self):
+        self.nodes, self.initializers, self.count = [], [], 0
 
-# ---------------------------------------------------------------------------
-# MindSpore side: the erf-free twin and its static exports
+    def const(self, name: str, value, dtype=None) -> str:
+        array = np.asarray(value, dtype)
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
 
-
-def erf_free_twin(net: PromptClassifier) -> PromptClassifier:
-    """The same classifier, built with the polynomial erf the exporter can write."""
-    encoder = Encoder(net.encoder.config, erf_free=True)
-    # Copied before the twin is wrapped, while its names carry no prefix; the
-    # source's names may carry any number of prefixes ("encoder.", a train
-    # step's "network."...), so pair by position and check the name's tail.
-    mine, theirs = list(encoder.get_parameters()), list(net.encoder.get_parameters())
-    if len(mine) != len(theirs):
-        raise OnnxExportError(f"encoder has {len(theirs)} parameters, its erf-free twin {len(mine)}")
-    for target, source in zip(mine, theirs):
-        if not (source.name == target.name or source.name.endswith("." + target.name)):
-            raise OnnxExportError(f"parameter order differs: {source.name} vs {target.name}")
-        if tuple(source.shape) != tuple(target.shape):
-            raise OnnxExportError(f"{source.name}: shape {tuple(source.shape)} vs {tuple(target.shape)}")
-        target.set_data(Tensor(source.asnumpy()))
-    num_labels = net.classifier.weight.shape[0]
-    twin = PromptClassifier(encoder, net.num_virtual_tokens, num_labels, net.pooling, net.normalize)
-    twin.load_head_state(net.head_state())
-    twin.set_train(False)
-    return twin
-
-
-def export_static(net: PromptClassifier, directory: Path, batch: int, seq: int) -> onnx.ModelProto:
-    ids = Tensor(np.zeros((batch, seq), np.int32))
-    stem = Path(directory) / f"static-{batch}x{seq}"
-    ms.export(net, ids, ids, ids, file_name=str(stem), file_format="ONNX")
-    return onnx.load(str(stem.with_suffix(".onnx")))
-
-
-def export_onnx(net: PromptClassifier, path: Path) -> Path:
-    """Write `net` as ONNX with inputs [batch, seq] and output [batch, num_labels]."""
-    path = Path(path)
-    twin = erf_free_twin(net)
-    with tempfile.TemporaryDirectory() as tmp:
-        graphs = [export_static(twin, Path(tmp), b, s) for b, s in PROBES]
-    model = make_dynamic(graphs[0], graphs[1], PROBES[0], PROBES[1])
-    restore_erf(model)
-    onnx.checker.check_model(model, full_check=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
-
-
-# ---------------------------------------------------------------------------
-# ONNX side: two static graphs -> one dynamic graph (no MindSpore needed)
-
-
-def classify(a: int, b: int, probe_a, probe_b):
-    """How one integer moves between the probes: None (static), ("batch", k) or ("seq", c)."""
-    (ba, sa), (bb, sb) = probe_a, probe_b
-    if a == b:
-        return None
-    if b - a == sb - sa:
-        return ("seq", a - sa)
-    if (b - a) % (bb - ba) == 0:
-        k = (b - a) // (bb - ba)
-        if a == k * ba and b == k * bb:
-            return ("batch", k)
-    raise OnnxExportError(f"a constant is {a} at {probe_a} and {b} at {probe_b}: "
-                          "neither k * batch nor seq + c")
-
-
-def constants(graph: onnx.GraphProto) -> dict:
-    """name -> array for every initializer and Constant node output."""
-    found = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            attr = node.attribute[0]
-            if attr.name != "value":
-                raise OnnxExportError(f"Constant {node.name}: unsupported attribute {attr.name}")
-            found[node.output[0]] = numpy_helper.to_array(attr.t)
-    return found
-
-
-def check_same_structure(a: onnx.GraphProto, b: onnx.GraphProto) -> None:
-    """The probes must differ in constants only; anything else is not ours to patch."""
-    if len(a.node) != len(b.node):
-        raise OnnxExportError(f"the probe exports differ in structure ({len(a.node)} vs {len(b.node)} nodes)")
-    for x, y in zip(a.node, b.node):
-        if (x.op_type, list(x.input), list(x.output)) != (y.op_type, list(y.input), list(y.output)):
-            raise OnnxExportError(f"the probe exports differ at node {x.name} ({x.op_type} vs {y.op_type})")
-        if x.op_type != "Constant" and list(x.attribute) != list(y.attribute):
-            raise OnnxExportError(f"node {x.name} ({x.op_type}) has an attribute that depends on the input shape")
-    if [t.name for t in a.initializer] != [t.name for t in b.initializer]:
-        raise OnnxExportError("the probe exports have different initializers")
-    if [i.name for i in a.input] != [i.name for i in b.input] or len(a.output) != len(b.output):
-        raise OnnxExportError("the probe exports have different inputs or outputs")
-
-
-class ShapeBuilder:
-    """Emits the nodes computing shape vectors from Shape(input_ids), shared and cached."""
-
-    def __init__(self, source: str):
-        self.nodes, self.initializers, self.cache = [], [], {}
-        self.count = 0
-        shape = self.node("Shape", [source])
-        self.dims = {"batch": self.node("Gather", [shape, self.const([0])], axis=0),
-                     "seq": self.node("Gather", [shape, self.const([1])], axis=0)}
-
-    def fresh(self) -> str:
+    def op(self, op_type: str, inputs, domain: str = "", name: str | None = None, **attrs) -> str:
         self.count += 1
-        return f"dyn/{self.count}"
-
-    def const(self, values, dtype=np.int64) -> str:
-        key = ("const", np.dtype(dtype).str, tuple(np.asarray(values).ravel().tolist()), np.shape(values))
-        if key not in self.cache:
-            name = self.fresh()
-            self.initializers.append(numpy_helper.from_array(np.asarray(values, dtype), name))
-            self.cache[key] = name
-        return self.cache[key]
-
-    def node(self, op: str, inputs, **attrs) -> str:
-        out = self.fresh()
-        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        out = f"{op_type}_{self.count}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=name or out, domain=domain, **attrs))
         return out
 
-    def dim(self, kind: str, param: int) -> str:
-        """1-D int64 [1]: k * batch or seq + c."""
-        key = ("dim", kind, param)
-        if key not in self.cache:
-            base = self.dims[kind]
-            if kind == "batch":
-                self.cache[key] = base if param == 1 else self.node("Mul", [base, self.const([param])])
-            else:
-                self.cache[key] = base if param == 0 else self.node("Add", [base, self.const([param])])
-        return self.cache[key]
 
-    def vector(self, elements, dtype, scalar: bool = False) -> str:
-        """A shape vector whose elements are ints or ("batch"|"seq", param) pairs."""
-        key = ("vector", tuple(elements), np.dtype(dtype).str, scalar)
-        if key in self.cache:
-            return self.cache[key]
-        pieces, run = [], []
-        for e in elements:
-            if isinstance(e, tuple):
-                if run:
-                    pieces.append(self.const(run))
-                    run = []
-                pieces.append(self.dim(*e))
-            else:
-                run.append(e)
-        if run:
-            pieces.append(self.const(run))
-        out = pieces[0] if len(pieces) == 1 else self.node("Concat", pieces, axis=0)
-        if np.dtype(dtype) != np.int64:
-            out = self.node("Cast", [out], to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
-        if scalar:
-            out = self.node("Reshape", [out, self.const(np.zeros(0, np.int64))])
-        self.cache[key] = out
-        return out
-
-    def expand(self, value: np.ndarray, shape: str) -> str:
-        return self.node("Expand", [self.const(value, value.dtype), shape])
+def f32(a) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(a, np.float32))
 
 
-def dynamic_tensor(name, a: np.ndarray, b: np.ndarray, probes, builder: ShapeBuilder) -> str:
-    """The name of a subgraph computing constant `name` for any input shape."""
-    if a.shape == b.shape:
-        if a.ndim > 1 or not np.issubdtype(a.dtype, np.integer):
-            raise OnnxExportError(f"constant {name} {a.shape} {a.dtype} changes values with the input shape")
-        elements = [classify(int(x), int(y), *probes) or int(x) for x, y in zip(a.ravel(), b.ravel())]
-        return builder.vector(elements, a.dtype, scalar=a.ndim == 0)
-    # A data tensor whose extent moves: it must be a broadcast of one slice.
-    if a.ndim != b.ndim:
-        raise OnnxExportError(f"constant {name} changes rank with the input shape ({a.shape} vs {b.shape})")
-    moving = [axis for axis in range(a.ndim) if a.shape[axis] != b.shape[axis]]
-    core = a[tuple(slice(0, 1) if axis in moving else slice(None) for axis in range(a.ndim))]
-    if not (np.array_equal(np.broadcast_to(core, a.shape), a) and np.array_equal(np.broadcast_to(core, b.shape), b)):
-        raise OnnxExportError(f"constant {name} {a.shape} is not constant along its batch/seq axes")
-    shape = [classify(x, y, *probes) or x for x, y in zip(a.shape, b.shape)]
-    return builder.expand(core, builder.vector(shape, np.int64))
+def weights_of(net) -> dict:
+    """The arrays the graph needs, read off a PromptClassifier."""
+    enc = net.encoder
+    w = {"word": enc.embeddings.word, "position": enc.embeddings.position,
+         "token_type": enc.embeddings.token_type,
+         "emb_ln.gamma": enc.embeddings.norm.gamma, "emb_ln.beta": enc.embeddings.norm.beta,
+         "classifier.weight": net.classifier.weight, "classifier.bias": net.classifier.bias,
+         "prompt": net.prompt}
+    if net.pooler is not None:
+        w["pooler.weight"], w["pooler.bias"] = net.pooler.dense.weight, net.pooler.dense.bias
+    for i, layer in enumerate(enc.layers):
+        a, f = layer.attention, layer.ffn
+        for name, cell in (("qkv", a.qkv), ("out", a.out), ("up", f.up), ("down", f.down)):
+            w[f"{i}.{name}.weight"], w[f"{i}.{name}.bias"] = cell.weight, cell.bias
+        for name, norm in (("attn_ln", a.norm), ("ffn_ln", f.norm)):
+            w[f"{i}.{name}.gamma"], w[f"{i}.{name}.beta"] = norm.gamma, norm.beta
+    return {k: f32(v.asnumpy()) for k, v in w.items()}
 
 
-def rename_tensors(graph: onnx.GraphProto, renames: dict) -> None:
-    for node in graph.node:
-        node.input[:] = [renames.get(n, n) for n in node.input]
-        node.output[:] = [renames.get(n, n) for n in node.output]
-    for value in list(graph.input) + list(graph.output):
-        value.name = renames.get(value.name, value.name)
+def build_graph(weights: dict, config, num_virtual_tokens: int, pooling: str, normalize: bool) -> onnx.ModelProto:
+    """The classifier as an onnx.ModelProto: int32 [batch, seq] x3 in, float32 [batch, labels] out."""
+    g = Graph()
+    h, heads, eps, p = config.hidden_size, config.num_heads, config.layer_norm_eps, num_virtual_tokens
+    ids, mask, types = INPUT_NAMES
+    one = g.const("one", [1], np.int64)
+    shape = g.op("Shape", [ids])
+    batch = g.op("Gather", [shape, g.const("zero", [0], np.int64)], axis=0)  # [1]
+    seq = g.op("Gather", [shape, one], axis=0)  # [1]
 
+    embeds = g.op("Gather", [g.const("word_embeddings", weights["word"]), ids], axis=0)  # [b, s, h]
+    if p > 0:
+        # The prompt in front of the text; the mask gets ones, token types zeros.
+        prompt_shape = g.op("Concat", [batch, g.const("prompt_len_hidden", [p, h], np.int64)], axis=0)
+        prompt = g.op("Expand", [g.const("prompt_embeddings", weights["prompt"][None]), prompt_shape])
+        embeds = g.op("Concat", [prompt, embeds], axis=1)
+        prefix_shape = g.op("Concat", [batch, g.const("prompt_len", [p], np.int64)], axis=0)
+        ones = g.op("Expand", [g.const("prefix_ones", [[1]], np.int32), prefix_shape])
+        zeros = g.op("Expand", [g.const("prefix_zeros", [[0]], np.int32), prefix_shape])
+        full_mask = g.op("Concat", [ones, mask], axis=1)
+        types = g.op("Concat", [zeros, types], axis=1)
+    else:
+        full_mask = mask
+    # Position rows offset .. offset + p + seq (RoBERTa starts after the pad id).
+    start = config.position_offset
+    end = g.op("Add", [seq, g.const("position_end_offset", [start + p], np.int64)])
+    positions = g.op("Slice", [g.const("position_embeddings", weights["position"]),
+                               g.const("position_start", [start], np.int64), end, g.const("axis0", [0], np.int64)])
+    type_embeds = g.op("Gather", [g.const("token_type_embeddings", weights["token_type"]), types], axis=0)
+    x = g.op("Add", [g.op("Add", [embeds, positions]), type_embeds])
+    x = g.op("LayerNormalization", [x, g.const("emb_ln.gamma", weights["emb_ln.gamma"]),
+                                    g.const("emb_ln.beta", weights["emb_ln.beta"])], axis=-1, epsilon=eps)
 
-def set_dims(value: onnx.ValueInfoProto, dims) -> None:
-    """dims: ints (static) or strings (symbolic)."""
-    shape = value.type.tensor_type.shape
-    del shape.dim[:]
-    for d in dims:
-        dim = shape.dim.add()
-        if isinstance(d, str):
-            dim.dim_param = d
-        else:
-            dim.dim_value = d
+    for i in range(config.num_layers):
+        x = encoder_layer(g, weights, i, x, full_mask, heads, eps)
 
+    pooled = pool(g, weights, x, mask, p, pooling)
+    if normalize:
+        norm = g.op("ReduceL2", [pooled], axes=[-1], keepdims=1)
+        pooled = g.op("Div", [pooled, g.op("Max", [norm, g.const("norm_floor", 1e-12, np.float32)])])
+    dense(g, weights, "classifier", pooled)
+    g.nodes[-1].output[0] = OUTPUT_NAME
 
-def symbolic_dims(a_value, b_value, probes) -> list:
-    dims = []
-    for x, y in zip(a_value.type.tensor_type.shape.dim, b_value.type.tensor_type.shape.dim):
-        if x.dim_param:
-            dims.append(x.dim_param)
-            continue
-        moved = classify(x.dim_value, y.dim_value, *probes)
-        if moved is None:
-            dims.append(x.dim_value)
-        elif moved in (("batch", 1), ("seq", 0)):
-            dims.append(moved[0])
-        else:
-            dims.append(f"{moved[0]}_{moved[1]}")  # never seen here; named, not pinned
-    return dims
-
-
-def make_dynamic(static_a: onnx.ModelProto, static_b: onnx.ModelProto, probe_a, probe_b) -> onnx.ModelProto:
-    """One dynamic model from two static exports of the same net at (batch, seq) probes."""
-    a, b = static_a.graph, static_b.graph
-    check_same_structure(a, b)
-    if len(a.input) != len(INPUT_NAMES) or len(a.output) != 1:
-        raise OnnxExportError(f"expected 3 inputs and 1 output, got {len(a.input)} and {len(a.output)}")
-    probes = (tuple(probe_a), tuple(probe_b))
-    model = onnx.ModelProto()
-    model.CopyFrom(static_a)
-    graph = model.graph
-    in_dims = [symbolic_dims(x, y, probes) for x, y in zip(a.input, b.input)]
-    out_dims = symbolic_dims(a.output[0], b.output[0], probes)
-
-    renames = {v.name: new for v, new in zip(graph.input, INPUT_NAMES)}
-    renames[graph.output[0].name] = OUTPUT_NAME
-    rename_tensors(graph, renames)
-
-    builder = ShapeBuilder(INPUT_NAMES[0])
-    values_a, values_b = constants(a), constants(b)
-    replaced = {}  # constant name -> name of the tensor computing it
-    for name, value in values_a.items():
-        other = values_b[name]
-        if value.shape != other.shape or not np.array_equal(value, other):
-            replaced[renames.get(name, name)] = dynamic_tensor(name, value, other, probes, builder)
-
-    kept_nodes = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in replaced)]
-    kept_inits = [t for t in graph.initializer if t.name not in replaced]
-    for node in kept_nodes:
-        node.input[:] = [replaced.get(n, n) for n in node.input]
-    del graph.node[:]
-    graph.node.extend(builder.nodes + kept_nodes)  # the shape subgraph needs only the inputs
-    del graph.initializer[:]
-    graph.initializer.extend(kept_inits + builder.initializers)
-    inputs = [v for v in graph.input if v.name not in replaced]  # old IRs list initializers as inputs
-    del graph.input[:]
-    graph.input.extend(inputs)
-
-    for value, dims in zip(graph.input, in_dims):
-        set_dims(value, dims)
-    set_dims(graph.output[0], out_dims)
-    # Shapes recorded at the probe would pin dimensions; onnxruntime infers its own.
-    del graph.value_info[:]
+    int_input = lambda name: helper.make_tensor_value_info(name, TensorProto.INT32, ["batch", "seq"])
+    graph = helper.make_graph(
+        g.nodes, "ptbundle_classifier", [int_input(n) for n in INPUT_NAMES],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", weights["classifier.bias"].shape[0]])],
+        g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(CONTRIB, 1)],
+                              producer_name="ptbundle")
+    model.ir_version = 8  # onnxruntime reads IR 8 and newer
     return model
 
 
-# ---------------------------------------------------------------------------
-# Native Erf in place of the polynomial the exporter needed
+def encoder_layer(g: Graph, w: dict, i: int, x: str, mask: str, heads: int, eps: float) -> str:
+    """One transformer layer (post-LayerNorm, as BERT) over x [b, s, h]."""
+    def const(name):
+        return g.const(f"layer{i}.{name}", w[f"{i}.{name}"])
 
-ELEMENTWISE = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
-               "Abs": np.abs, "Neg": np.negative, "Exp": np.exp, "Cast": lambda v: v}
-# From Abs(x), the chain to the result of `model.erf`: sign * (1 - poly * exp(-a * a)).
-ERF_CHAIN = ("Neg", "Mul", "Exp", "Mul", "Sub", "Mul")
+    def transposed(name):  # Dense keeps [out, in]; MatMul wants [in, out]
+        return g.const(f"layer{i}.{name}", w[f"{i}.{name}"].T)
 
-
-def evaluate(name, x, x_value, consts, producer, memo):
-    """Value of tensor `name` as a function of tensor `x` alone, over the elementwise
-    ops above; LookupError if it depends on anything else."""
-    if name == x:
-        return x_value
-    if name in consts:
-        return consts[name].astype(np.float64)
-    if name not in memo:
-        node = producer.get(name)
-        if node is None or node.op_type not in ELEMENTWISE:
-            raise LookupError(name)
-        args = [evaluate(i, x, x_value, consts, producer, memo) for i in node.input]
-        memo[name] = ELEMENTWISE[node.op_type](*args)
-    return memo[name]
+    ctx = g.op("Attention", [x, transposed("qkv.weight"), const("qkv.bias"), mask], domain=CONTRIB,
+               num_heads=heads, mask_filter_value=MASK_FILL)
+    x = g.op("SkipLayerNormalization", [g.op("MatMul", [ctx, transposed("out.weight")]), x,
+                                        const("attn_ln.gamma"), const("attn_ln.beta"), const("out.bias")],
+             domain=CONTRIB, epsilon=eps)
+    up = g.op("BiasGelu", [g.op("MatMul", [x, transposed("up.weight")]), const("up.bias")], domain=CONTRIB)
+    return g.op("SkipLayerNormalization", [g.op("MatMul", [up, transposed("down.weight")]), x,
+                                           const("ffn_ln.gamma"), const("ffn_ln.beta"), const("down.bias")],
+                domain=CONTRIB, epsilon=eps)
 
 
-def restore_erf(model: onnx.ModelProto) -> int:
-    """Replace every polynomial erf subgraph by an Erf node; returns how many."""
-    graph = model.graph
-    consts = constants(graph)
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-
-    def follow(name, op):
-        found = [n for n in consumers.get(name, ()) if n.op_type == op]
-        return found[0].output[0] if len(found) == 1 else None
-
-    xs = np.linspace(-6.0, 6.0, 2401)
-    reference = np.array([math.erf(v) for v in xs])
-    erf_of = {}  # output of a polynomial erf -> its input
-    for node in graph.node:
-        if node.op_type != "Abs":
-            continue
-        name = node.output[0]
-        for op in ERF_CHAIN:
-            name = name and follow(name, op)
-        if not name:
-            continue
-        try:
-            value = evaluate(name, node.input[0], xs, consts, producer, {})
-        except (LookupError, ValueError):  # not a function of x alone
-            continue
-        if np.shape(value) == xs.shape and np.abs(value - reference).max() < 1e-6:
-            erf_of[name] = node.input[0]
-    if not erf_of:
-        return 0
-    nodes = [helper.make_node("Erf", [erf_of[n.output[0]]], [n.output[0]], name=n.output[0] + "/erf")
-             if n.output and n.output[0] in erf_of else n for n in graph.node]
-    remove_dead_nodes(graph, nodes)
-    return len(erf_of)
+def dense(g: Graph, w: dict, name: str, x: str) -> str:
+    """x W^T + b for a head layer; its MatMul node is called `name` (see HEAD_NODES)."""
+    product = g.op("MatMul", [x, g.const(f"{name}.weight", w[f"{name}.weight"].T)], name=name)
+    return g.op("Add", [product, g.const(f"{name}.bias", w[f"{name}.bias"])])
 
 
-def remove_dead_nodes(graph: onnx.GraphProto, nodes) -> None:
-    """Keep `nodes` that feed the outputs, and the initializers they read."""
-    outputs = {o.name for o in graph.output}
-    while True:
-        used = outputs | {name for node in nodes for name in node.input}
-        alive = [node for node in nodes if any(out in used for out in node.output)]
-        if len(alive) == len(nodes):
-            break
-        nodes = alive
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {name for node in nodes for name in node.input}
-    initializers = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
+def pool(g: Graph, w: dict, hidden: str, mask: str, p: int, pooling: str) -> str:
+    """[b, s, h] -> [b, h], as PromptClassifier.pool."""
+    if pooling == "cls":  # position 0: the first virtual token when there is a prompt (PEFT)
+        first = g.op("Gather", [hidden, g.const("position0", 0, np.int64)], axis=1)
+        return g.op("Tanh", [dense(g, w, "pooler", first)])
+    # Mean over the text tokens (the prompt positions steer, they are not text).
+    text = g.op("Slice", [hidden, g.const("text_start", [p], np.int64),
+                          g.const("text_end", [np.iinfo(np.int64).max], np.int64), g.const("axis1", [1], np.int64)])
+    m = g.op("Unsqueeze", [g.op("Cast", [mask], to=TensorProto.FLOAT), g.const("axis2", [2], np.int64)])
+    total = g.op("ReduceSum", [g.op("Mul", [text, m]), g.const("axis1_sum", [1], np.int64)], keepdims=0)
+    count = g.op("ReduceSum", [m, g.const("axis1_count", [1], np.int64)], keepdims=0)
+    return g.op("Div", [total, g.op("Max", [count, g.const("count_floor", 1e-9, np.float32)])])
+
+
+def export_onnx(net, path: Path) -> Path:
+    """Write `net` (a PromptClassifier) as ONNX with symbolic batch and sequence axes."""
+    model = build_graph(weights_of(net), net.encoder.config, net.num_virtual_tokens, net.pooling, net.normalize)
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path

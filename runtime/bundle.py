@@ -187,7 +187,7 @@ def batched_logits(model, encodings, pad_id: int, num_labels: int, batch_size: i
     """Run `model` over length-sorted batches; logits come back in input order."""
     out = np.zeros((len(encodings), num_labels), np.float32)
     for index in length_sorted_batches([len(e.ids) for e in encodings], batch_size):
-        out[index] = model(*pad([encodings[i] for i in index], pad_id))
+        out[index] = model(*pad([encodings[i] for i in index], pad_id, model.pad_multiple))
     return out
 
 

@@ -28,6 +28,10 @@ def default_threads() -> int:
 class OnnxModel:
     """Same call as MindSporeModel: int32 [batch, seq] arrays in, float32 logits out."""
 
+    # onnxruntime plans every call afresh, so a new sequence length costs
+    # nothing: pad a batch to its longest row and not a token more.
+    pad_multiple = 1
+
     def __init__(self, path: Path, threads: int | None = None):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from tokenizers import Tokenizer
 
-PAD_MULTIPLE = 8  # few distinct shapes (graph backends cache per shape), little extra padding
+PAD_MULTIPLE = 8  # few distinct shapes for backends that prepare per shape, little extra padding
 
 
 def load_tokenizer(path, max_length: int) -> Tokenizer:

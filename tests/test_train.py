@@ -93,3 +93,43 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert len(s) == 100 and s[9] == pytest.approx(1.0) and max(s) == pytest.approx(1.0)
     assert all(a <= b for a, b in zip(s[:10], s[1:10])) and all(a >= b for a, b in zip(s[10:], s[11:]))
     assert s[-1] == pytest.approx(0.0, abs=0.02)
+
+
+def test_layer_norm_input_gradient_and_gelu_match_mindspores_own():
+    """The encoder's hand-written LayerNorm backward and erf GELU give what nn.LayerNorm and ops.gelu give."""
+    import mindspore as ms
+    from mindspore import Tensor, nn, ops
+
+    from ptbundle.builder.model import FrozenLayerNorm, gelu
+
+    rng = np.random.RandomState(0)
+    x = rng.normal(0, 3, (3, 5, 16)).astype(np.float32)
+    x[0, 0, :4] = [0.0, 1e-6, -40.0, 12.0]  # gelu's flat ends and its middle
+    weights = Tensor(rng.normal(0, 1, x.shape).astype(np.float32))  # a loss that weighs every output
+    gamma, beta = rng.normal(1, 0.2, 16).astype(np.float32), rng.normal(0, 0.2, 16).astype(np.float32)
+    reference_norm, norm = nn.LayerNorm((16,), epsilon=1e-12), FrozenLayerNorm(16, 1e-12)
+    for cell in (reference_norm, norm):
+        cell.gamma.set_data(Tensor(gamma))
+        cell.beta.set_data(Tensor(beta))
+
+    class Loss(nn.Cell):
+        def __init__(self, f):
+            super().__init__()
+            self.f = f
+
+        def construct(self, x):
+            return (self.f(x) * weights).sum()
+
+    class ReferenceGelu(nn.Cell):
+        def construct(self, x):
+            return ops.gelu(x, approximate="none")
+
+    class Gelu(nn.Cell):
+        def construct(self, x):
+            return gelu(x)
+
+    for reference, mine in ((reference_norm, norm), (ReferenceGelu(), Gelu())):
+        np.testing.assert_allclose(mine(Tensor(x)).asnumpy(), reference(Tensor(x)).asnumpy(), atol=1e-6)
+        expected = ms.grad(Loss(reference))(Tensor(x)).asnumpy()
+        np.testing.assert_allclose(ms.grad(Loss(mine))(Tensor(x)).asnumpy(), expected, atol=1e-5)
+        assert np.abs(expected).max() > 0.5  # the gradient is not trivially zero
