@@ -3,14 +3,18 @@
 MindSpore's ONNX exporter writes static shapes only and no fused operators:
 every LayerNorm comes out as nine elementwise ops, GELU as a polynomial, and
 attention as a chain of reshapes and transposes that onnxruntime's fusion
-passes do not recognise.  So this module writes the graph itself, the way
-onnxruntime runs a BERT fastest on CPU (one fused kernel per block):
+passes do not recognise.  So this module writes the graph itself, with the
+kernels onnxruntime runs a BERT fastest with on CPU (measured, bench/fusion.py):
 
     embeddings     Gather + Add, LayerNormalization
     attention      com.microsoft.Attention   (QKV GEMM, scaled scores, mask, softmax, context)
-                   MatMul, SkipLayerNormalization (+ bias, + residual, LayerNorm)
-    feed-forward   MatMul, BiasGelu (exact erf GELU), MatMul, SkipLayerNormalization
+                   MatMul + Add, Add (residual), LayerNormalization
+    feed-forward   MatMul + Add, Gelu (exact erf), MatMul + Add, Add, LayerNormalization
     head           mean or cls pooling, optional unit normalisation, MatMul + Add
+
+Residual + LayerNorm and bias + GELU stay separate ops: onnxruntime's fused
+SkipLayerNormalization and BiasGelu are slower here (runtime.onnx_backend
+turns off the passes that would fuse them).
 
 Batch and sequence axes are symbolic; the prompt is a constant broadcast in
 front of the word embeddings, exactly as `PromptClassifier.features` does it.
@@ -33,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "logits"
-OPSET = 17  # LayerNormalization
+OPSET = 20  # Gelu (and LayerNormalization, 17)
 CONTRIB = "com.microsoft"  # onnxruntime's fused transformer operators
 MASK_FILL = -1e9  # what model.Encoder adds to masked attention scores
 HEAD_NODES = ("pooler", "classifier")  # names of the head's MatMul nodes (int8 export keeps them fp32)
@@ -118,7 +122,7 @@ def build_graph(weights: dict, config, num_virtual_tokens: int, pooling: str, no
 
     pooled = pool(g, weights, x, mask, p, pooling)
     if normalize:
-        norm = g.op("ReduceL2", [pooled], axes=[-1], keepdims=1)
+        norm = g.op("ReduceL2", [pooled, g.const("last_axis", [-1], np.int64)], keepdims=1)
         pooled = g.op("Div", [pooled, g.op("Max", [norm, g.const("norm_floor", 1e-12, np.float32)])])
     dense(g, weights, "classifier", pooled)
     g.nodes[-1].output[0] = OUTPUT_NAME
@@ -130,7 +134,7 @@ def build_graph(weights: dict, config, num_virtual_tokens: int, pooling: str, no
         g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(CONTRIB, 1)],
                               producer_name="ptbundle")
-    model.ir_version = 8  # onnxruntime reads IR 8 and newer
+    model.ir_version = 9  # what opset 20 needs; onnxruntime reads it
     return model
 
 
@@ -142,15 +146,17 @@ def encoder_layer(g: Graph, w: dict, i: int, x: str, mask: str, heads: int, eps:
     def transposed(name):  # Dense keeps [out, in]; MatMul wants [in, out]
         return g.const(f"layer{i}.{name}", w[f"{i}.{name}"].T)
 
+    def add_norm(y, residual, name):
+        return g.op("LayerNormalization", [g.op("Add", [y, residual]), const(f"{name}.gamma"), const(f"{name}.beta")],
+                    axis=-1, epsilon=eps)
+
+    def linear(y, name):
+        return g.op("Add", [g.op("MatMul", [y, transposed(f"{name}.weight")]), const(f"{name}.bias")])
+
     ctx = g.op("Attention", [x, transposed("qkv.weight"), const("qkv.bias"), mask], domain=CONTRIB,
                num_heads=heads, mask_filter_value=MASK_FILL)
-    x = g.op("SkipLayerNormalization", [g.op("MatMul", [ctx, transposed("out.weight")]), x,
-                                        const("attn_ln.gamma"), const("attn_ln.beta"), const("out.bias")],
-             domain=CONTRIB, epsilon=eps)
-    up = g.op("BiasGelu", [g.op("MatMul", [x, transposed("up.weight")]), const("up.bias")], domain=CONTRIB)
-    return g.op("SkipLayerNormalization", [g.op("MatMul", [up, transposed("down.weight")]), x,
-                                           const("ffn_ln.gamma"), const("ffn_ln.beta"), const("down.bias")],
-                domain=CONTRIB, epsilon=eps)
+    x = add_norm(linear(ctx, "out"), x, "attn_ln")
+    return add_norm(linear(g.op("Gelu", [linear(x, "up")]), "down"), x, "ffn_ln")
 
 
 def dense(g: Graph, w: dict, name: str, x: str) -> str:
