@@ -78,9 +78,9 @@ def weights_of(net) -> dict:
     for i, layer in enumerate(enc.layers):
         a, f = layer.attention, layer.ffn
         for name, cell in (("qkv", a.qkv), ("out", a.out), ("up", f.up), ("down", f.down)):
-            w[f"{i}.{name}.weight"], w[f"{i}.{name}.bias"] = cell.weight, cell.bias
+            w[f"layer{i}.{name}.weight"], w[f"layer{i}.{name}.bias"] = cell.weight, cell.bias
         for name, norm in (("attn_ln", a.norm), ("ffn_ln", f.norm)):
-            w[f"{i}.{name}.gamma"], w[f"{i}.{name}.beta"] = norm.gamma, norm.beta
+            w[f"layer{i}.{name}.gamma"], w[f"layer{i}.{name}.beta"] = norm.gamma, norm.beta
     return {k: f32(v.asnumpy()) for k, v in w.items()}
 
 
@@ -124,7 +124,7 @@ def build_graph(weights: dict, config, num_virtual_tokens: int, pooling: str, no
     if normalize:
         norm = g.op("ReduceL2", [pooled, g.const("last_axis", [-1], np.int64)], keepdims=1)
         pooled = g.op("Div", [pooled, g.op("Max", [norm, g.const("norm_floor", 1e-12, np.float32)])])
-    dense(g, weights, "classifier", pooled)
+    linear(g, weights, "classifier", pooled)
     g.nodes[-1].output[0] = OUTPUT_NAME
 
     int_input = lambda name: helper.make_tensor_value_info(name, TensorProto.INT32, ["batch", "seq"])
@@ -140,27 +140,21 @@ def build_graph(weights: dict, config, num_virtual_tokens: int, pooling: str, no
 
 def encoder_layer(g: Graph, w: dict, i: int, x: str, mask: str, heads: int, eps: float) -> str:
     """One transformer layer (post-LayerNorm, as BERT) over x [b, s, h]."""
-    def const(name):
-        return g.const(f"layer{i}.{name}", w[f"{i}.{name}"])
-
-    def transposed(name):  # Dense keeps [out, in]; MatMul wants [in, out]
-        return g.const(f"layer{i}.{name}", w[f"{i}.{name}"].T)
-
     def add_norm(y, residual, name):
-        return g.op("LayerNormalization", [g.op("Add", [y, residual]), const(f"{name}.gamma"), const(f"{name}.beta")],
-                    axis=-1, epsilon=eps)
+        return g.op("LayerNormalization", [g.op("Add", [y, residual]), g.const(f"{name}.gamma", w[f"{name}.gamma"]),
+                                           g.const(f"{name}.beta", w[f"{name}.beta"])], axis=-1, epsilon=eps)
 
-    def linear(y, name):
-        return g.op("Add", [g.op("MatMul", [y, transposed(f"{name}.weight")]), const(f"{name}.bias")])
-
-    ctx = g.op("Attention", [x, transposed("qkv.weight"), const("qkv.bias"), mask], domain=CONTRIB,
+    at = f"layer{i}"
+    qkv_weight = g.const(f"{at}.qkv.weight", w[f"{at}.qkv.weight"].T)  # [in, 3 * hidden], as Attention wants
+    ctx = g.op("Attention", [x, qkv_weight, g.const(f"{at}.qkv.bias", w[f"{at}.qkv.bias"]), mask], domain=CONTRIB,
                num_heads=heads, mask_filter_value=MASK_FILL)
-    x = add_norm(linear(ctx, "out"), x, "attn_ln")
-    return add_norm(linear(g.op("Gelu", [linear(x, "up")]), "down"), x, "ffn_ln")
+    x = add_norm(linear(g, w, f"{at}.out", ctx), x, f"{at}.attn_ln")
+    up = g.op("Gelu", [linear(g, w, f"{at}.up", x)])
+    return add_norm(linear(g, w, f"{at}.down", up), x, f"{at}.ffn_ln")
 
 
-def dense(g: Graph, w: dict, name: str, x: str) -> str:
-    """x W^T + b for a head layer; its MatMul node is called `name` (see HEAD_NODES)."""
+def linear(g: Graph, w: dict, name: str, x: str) -> str:
+    """x W^T + b with the Dense weights `name`.weight ([out, in]) and `name`.bias; the MatMul node is `name`."""
     product = g.op("MatMul", [x, g.const(f"{name}.weight", w[f"{name}.weight"].T)], name=name)
     return g.op("Add", [product, g.const(f"{name}.bias", w[f"{name}.bias"])])
 
@@ -169,7 +163,7 @@ def pool(g: Graph, w: dict, hidden: str, mask: str, p: int, pooling: str) -> str
     """[b, s, h] -> [b, h], as PromptClassifier.pool."""
     if pooling == "cls":  # position 0: the first virtual token when there is a prompt (PEFT)
         first = g.op("Gather", [hidden, g.const("position0", 0, np.int64)], axis=1)
-        return g.op("Tanh", [dense(g, w, "pooler", first)])
+        return g.op("Tanh", [linear(g, w, "pooler", first)])
     # Mean over the text tokens (the prompt positions steer, they are not text).
     text = g.op("Slice", [hidden, g.const("text_start", [p], np.int64),
                           g.const("text_end", [np.iinfo(np.int64).max], np.int64), g.const("axis1", [1], np.int64)])
