@@ -10,8 +10,9 @@ class Recipe:
     """Everything that decides the result; recorded in the manifest.
 
     Two epochs: they beat one on MR dev (79.55 vs 78.14; README, "The
-    default recipe"), and on a 2-core CPU an epoch takes about 5 minutes, so
-    `make bundle` (set-up, this soft bundle and both hard ones) fits in 20.
+    default recipe"), and on a 2-core CPU an epoch takes about 6 minutes, so
+    `make bundle` (set-up, this soft bundle and both hard ones) fits in 20
+    (18 min 42 s measured).
     """
 
     virtual_tokens: int = 20
