@@ -1,4 +1,4 @@
-"""Small helpers the project-side benchmarks share (standard library only).
+"""Small helpers the project-side benchmarks share (the peer's script, in its own venv, uses none).
 
 The scripts are run as `python bench/<name>.py`, so `bench/` is on sys.path
 and they import this as `common`.
@@ -23,11 +23,10 @@ def spread(values, digits: int = 3) -> dict:
 
 
 def cpu_threads() -> int:
-    """The cores this process may run on (what the runtime's onnxruntime backend uses)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    """The cores this process may run on: the thread count the runtime gives onnxruntime."""
+    from ptbundle.runtime.onnx_backend import default_threads
+
+    return default_threads()
 
 
 def machine_info() -> dict:

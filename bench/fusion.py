@@ -25,6 +25,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from common import cpu_threads, machine_info, spread
+from ptbundle.runtime.onnx_backend import UNFUSED
 
 HIDDEN, INTERMEDIATE, BATCH = 384, 1536, 64  # all-MiniLM-L6-v2, the bench's batch
 
@@ -40,7 +41,7 @@ def session(nodes, width: int, tokens: int, params: dict, fuse: bool, optimized:
     options.intra_op_num_threads = cpu_threads()
     options.inter_op_num_threads = 1
     options.optimized_model_filepath = str(optimized)
-    disabled = [] if fuse else ["SkipLayerNormFusion", "BiasGeluFusion"]
+    disabled = [] if fuse else UNFUSED
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=disabled)
 

@@ -5,8 +5,8 @@
 For each backend (onnxruntime fp32, onnxruntime int8 when the bundle has it,
 MindSpore fp32):
 - throughput: sentences/s at each batch size, with the runtime's
-  sorted-length batching (`Bundle.predict`) and without it (consecutive
-  batches in input order, padded to their longest row); min/median/max of
+  sorted-length batching (`Bundle.predict`) and without it
+  (`sort_by_length=False`: consecutive batches in input order); min/median/max of
   --repeats passes over the sentences, after a warm-up pass over two batches.
   Batch 1 has one row per batch, so sorting changes nothing: measured once.
   Batch 8 and 64 use MR test (1,068 sentences; --every K takes every K-th),
@@ -39,8 +39,8 @@ import roofline
 from common import cpu_threads, every_kth, machine_info, spread, subset_name
 from ptbundle.runtime.data import load_mr
 from ptbundle.runtime import Bundle
-from ptbundle.runtime.bundle import Prediction, read_manifest, softmax
-from ptbundle.runtime.text import encode, length_sorted_batches, pad
+from ptbundle.runtime.bundle import read_manifest
+from ptbundle.runtime.text import batch_indices
 
 
 def mr_test() -> tuple:
@@ -49,42 +49,11 @@ def mr_test() -> tuple:
     return [e.text for e in test], [e.label for e in test]
 
 
-def bundle_encode(bundle: Bundle, texts) -> list:
-    """Tokenize as the bundle does (a hard-prompt bundle may carry a text template)."""
-    template = getattr(bundle, "template", None)
-    return encode(bundle.tokenizer, texts) if template is None else encode(bundle.tokenizer, texts, None, template)
-
-
-def predict_in_input_order(bundle: Bundle, texts, batch_size: int) -> list:
-    """Bundle.predict without the length sort: consecutive batches, each padded to its longest row.
-
-    The same steps as Bundle.logits + Bundle.predict (tokenize all, pad, run,
-    softmax, Prediction objects), only the batch plan differs.
-    """
-    encodings = bundle_encode(bundle, texts)
-    logits = np.zeros((len(texts), len(bundle.labels)), np.float32)
-    for start in range(0, len(encodings), batch_size):
-        chunk = encodings[start : start + batch_size]
-        logits[start : start + len(chunk)] = bundle.model(*pad(chunk, bundle.manifest["pad_id"],
-                                                               bundle.model.pad_multiple))
-    return [Prediction(bundle.labels[int(p.argmax())], {l: float(v) for l, v in zip(bundle.labels, p)})
-            for p in softmax(logits)]
-
-
-def run_pass(bundle: Bundle, texts, batch_size: int, sort: bool) -> list:
-    if sort:
-        return bundle.predict(texts, batch_size=batch_size)
-    return predict_in_input_order(bundle, texts, batch_size)
-
-
 def batch_plan(lengths, batch_size: int, sort: bool, multiple: int) -> list:
-    """(rows, padded length) of every batch a pass runs, as runtime.text pads them."""
+    """(rows, padded length) of every batch a pass runs, as Bundle.logits batches and pads them."""
     lengths = np.asarray(lengths)
-    if sort:
-        batches = length_sorted_batches(lengths, batch_size)
-    else:
-        batches = [np.arange(s, min(s + batch_size, len(lengths))) for s in range(0, len(lengths), batch_size)]
-    return [(len(b), -(-int(lengths[b].max()) // multiple) * multiple) for b in batches]
+    return [(len(b), -(-int(lengths[b].max()) // multiple) * multiple)
+            for b in batch_indices(lengths, batch_size, sort)]
 
 
 def flop_counts(lengths, batch_size: int, sort: bool, multiple: int, virtual_tokens: int, cfg) -> dict:
@@ -97,11 +66,11 @@ def flop_counts(lengths, batch_size: int, sort: bool, multiple: int, virtual_tok
 
 def throughput(bundle: Bundle, texts, batch_size: int, repeats: int, sort: bool = True) -> tuple:
     """Seconds per pass over `texts`, `repeats` passes after a two-batch warm-up; the last pass's predictions."""
-    run_pass(bundle, texts[: batch_size * 2], batch_size, sort)  # warm-up (MindSpore compiles here)
+    bundle.predict(texts[: batch_size * 2], batch_size=batch_size, sort_by_length=sort)  # warm-up (MindSpore compiles)
     seconds, predictions = [], []
     for _ in range(repeats):
         t = time.perf_counter()
-        predictions = run_pass(bundle, texts, batch_size, sort)
+        predictions = bundle.predict(texts, batch_size=batch_size, sort_by_length=sort)
         seconds.append(time.perf_counter() - t)
     return seconds, predictions
 
@@ -210,7 +179,7 @@ def main(bundle_path, batch_sizes, batch_size, sorting, backends, repeats, cold_
     rows, mean_gflop = [], 0.0
     for name, load_args, cli_args in backend_configs(manifest, backends.split(",")):
         bundle = Bundle.load(bundle_path, **load_args)
-        lengths = [len(e.ids) for e in bundle_encode(bundle, texts)]
+        lengths = [len(e.ids) for e in bundle.encode(texts)]
         mean_gflop = roofline.flops_of_lengths(lengths, virtual_tokens, cfg) / len(lengths) / 1e9
         row = {"config": name, "throughput": []}
         for size in sizes:
@@ -221,10 +190,6 @@ def main(bundle_path, batch_sizes, batch_size, sorting, backends, repeats, cold_
                                           size, sort, repeats, flops, limit_gflops)
                 row["throughput"].append(measured)
                 click.echo(format_row(name, measured))
-        # The previous report's figure (one batch size, sorted), under its old key.
-        headline = next((t for t in row["throughput"] if t["sorted"] and t["batch_size"] == max(sizes)), None)
-        if headline:
-            row["sentences_per_second"] = headline["sentences_per_second"]
         del bundle
         row["cold_start_seconds"] = cold_start(bundle_path, cli_args, cold_repeats or repeats, texts)
         c = row["cold_start_seconds"]

@@ -168,7 +168,7 @@ def predict(model, tokenizer, texts, labels, pad_id: int, batch_size: int, sort:
     """Labels in input order: tokenize, batch (sorted by length or not), pad, run, softmax."""
     encodings = tokenizer.encode_batch(list(texts))
     if sort:
-        order = np.argsort([len(e.ids) for e in encodings], kind="stable")  # as ptbundle's length_sorted_batches
+        order = np.argsort([len(e.ids) for e in encodings], kind="stable")  # as ptbundle's batch_indices
     else:
         order = np.arange(len(encodings))
     probs = np.zeros((len(encodings), len(labels)), np.float32)

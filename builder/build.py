@@ -86,6 +86,11 @@ def build_hard(destinations: dict, backbone: Backbone, dataset, recipe: Recipe, 
 
     cache = FeatureCache(backbone, dataset, recipe, template, log)
     verbalizer = Verbalizer.parse(label_texts, dataset.labels)
+    if "probe" in destinations:
+        # The probe reads every training text; encoded first, they also give the
+        # zero-shot calibration its sample, which would otherwise run the encoder
+        # over 2,000 of them a second time.
+        cache.split("train")
     built = []
     for head, destination in destinations.items():
         if head == "zero-shot":

@@ -56,9 +56,9 @@ class LayerNormInputGrad(nn.Cell):
     """layer_norm(x, gamma, beta) over the last axis, whose backward pass gives x's gradient only.
 
     The encoder is frozen, so gamma's and beta's gradients are thrown away;
-    MindSpore's CPU LayerNormGrad computes them anyway, slowly: 9 ms a call
-    at [16 x 52, 384], 120 ms of a 650 ms train step.  `bprop` computes the
-    input gradient alone.  (A bprop may not read Parameters, hence gamma and
+    MindSpore's CPU LayerNormGrad computes them anyway, slowly: about a sixth
+    of a train step (bench/profile_step.py).  `bprop` computes the input
+    gradient alone.  (A bprop may not read Parameters, hence gamma and
     beta come in as arguments.)
     """
 
@@ -73,8 +73,9 @@ class LayerNormInputGrad(nn.Cell):
     def bprop(self, x, gamma, beta, out, dout):
         shape, h = x.shape, x.shape[-1]
         x, dout = x.reshape(-1, h), dout.reshape(-1, h)
-        # Row means as a product with a column of 1/h: MindSpore's CPU
-        # ReduceMean takes 1.7 ms at [832, 384], the GEMV a tenth of that.
+        # Row means as a product with a column of 1/h: with ReduceMean here
+        # instead, the backward cost as much as the LayerNormGrad it replaces
+        # (MindSpore's CPU reductions are slow; its GEMV is not).
         average = ops.ones((h, 1), x.dtype) / h
         centered = x - ops.matmul(x, average)
         rstd = ops.rsqrt(ops.matmul(centered * centered, average) + self.eps)
@@ -101,7 +102,7 @@ def gelu(x):
     """GELU with the exact erf, as BERT uses it.
 
     Written out rather than ops.gelu: that one divides by sqrt 2, and on
-    CPU the division and its gradient cost 20 ms of a 500 ms train step.
+    CPU the division and its gradient are slow (Div in bench/profile_step.py).
     """
     return x * (0.5 + 0.5 * ops.erf(x * (1.0 / math.sqrt(2.0))))
 

@@ -35,7 +35,8 @@ import mindspore  # noqa: F401
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+from ptbundle.runtime.onnx_backend import INPUT_NAMES
+
 OUTPUT_NAME = "logits"
 OPSET = 20  # Gelu (and LayerNormalization, 17)
 CONTRIB = "com.microsoft"  # onnxruntime's fused transformer operators
@@ -54,9 +55,10 @@ class Graph:
         self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
-    def op(self, op_type: str, inputs, domain: str = "", name: str | None = None, **attrs) -> str:
+    def op(self, op_type: str, inputs, domain: str = "", name: str | None = None, output: str | None = None,
+           **attrs) -> str:
         self.count += 1
-        out = f"{op_type}_{self.count}"
+        out = output or f"{op_type}_{self.count}"
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=name or out, domain=domain, **attrs))
         return out
 
@@ -124,8 +126,7 @@ def build_graph(weights: dict, config, num_virtual_tokens: int, pooling: str, no
     if normalize:
         norm = g.op("ReduceL2", [pooled, g.const("last_axis", [-1], np.int64)], keepdims=1)
         pooled = g.op("Div", [pooled, g.op("Max", [norm, g.const("norm_floor", 1e-12, np.float32)])])
-    linear(g, weights, "classifier", pooled)
-    g.nodes[-1].output[0] = OUTPUT_NAME
+    linear(g, weights, "classifier", pooled, output=OUTPUT_NAME)
 
     int_input = lambda name: helper.make_tensor_value_info(name, TensorProto.INT32, ["batch", "seq"])
     graph = helper.make_graph(
@@ -153,10 +154,10 @@ def encoder_layer(g: Graph, w: dict, i: int, x: str, mask: str, heads: int, eps:
     return add_norm(linear(g, w, f"{at}.down", up), x, f"{at}.ffn_ln")
 
 
-def linear(g: Graph, w: dict, name: str, x: str) -> str:
+def linear(g: Graph, w: dict, name: str, x: str, output: str | None = None) -> str:
     """x W^T + b with the Dense weights `name`.weight ([out, in]) and `name`.bias; the MatMul node is `name`."""
     product = g.op("MatMul", [x, g.const(f"{name}.weight", w[f"{name}.weight"].T)], name=name)
-    return g.op("Add", [product, g.const(f"{name}.bias", w[f"{name}.bias"])])
+    return g.op("Add", [product, g.const(f"{name}.bias", w[f"{name}.bias"])], output=output)
 
 
 def pool(g: Graph, w: dict, hidden: str, mask: str, p: int, pooling: str) -> str:

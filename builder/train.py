@@ -18,7 +18,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ptbundle.runtime.metrics import classification_metrics
-from ptbundle.runtime.text import encode, length_sorted_batches, load_tokenizer, pad
+from ptbundle.runtime.text import batch_indices, encode, load_tokenizer, pad
 
 from .backbone import Backbone
 from ptbundle.runtime.data import DataError
@@ -158,7 +158,7 @@ def run_batches(cell, encodings, pad_id: int, width: int, batch_size: int = 64) 
     """cell(ids, mask, types) -> [n, width] in input order; batches sorted by length, padded to full size."""
     cell.set_train(False)
     out = np.zeros((len(encodings), width), np.float32)
-    for index in length_sorted_batches([len(e.ids) for e in encodings], batch_size):
+    for index in batch_indices([len(e.ids) for e in encodings], batch_size):
         rows = list(index) + [index[-1]] * (batch_size - len(index))  # one shape per length
         arrays = pad([encodings[i] for i in rows], pad_id, TRAIN_PAD_MULTIPLE)
         out[index] = cell(*(Tensor(a) for a in arrays)).asnumpy()[: len(index)]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .template import Template, TemplateError
-from .text import encode, length_sorted_batches, load_tokenizer, pad
+from .text import batch_indices, encode, load_tokenizer, pad
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -152,19 +152,26 @@ class Bundle:
     def is_pair(self) -> bool:
         return bool(self.manifest.get("pair"))
 
-    def logits(self, texts, texts_b=None, batch_size: int = 64) -> np.ndarray:
-        """Logits [len(texts), num_labels] in input order."""
+    def logits(self, texts, texts_b=None, batch_size: int = 64, sort_by_length: bool = True) -> np.ndarray:
+        """Logits [len(texts), num_labels] in input order.
+
+        Batches group texts of similar length (less padding) unless
+        `sort_by_length=False`, which runs consecutive texts together.
+        """
         texts = list(texts)
         if texts_b is not None and len(texts_b) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(texts_b)} second texts")
-        return batched_logits(self.model, encode(self.tokenizer, texts, texts_b, self.template),
-                              self.manifest["pad_id"], len(self.labels), batch_size)
+        return batched_logits(self.model, self.encode(texts, texts_b), self.manifest["pad_id"], len(self.labels),
+                              batch_size, sort_by_length)
 
-    def predict(self, texts, texts_b=None, batch_size: int = 64) -> list:
-        logits = self.logits(texts, texts_b, batch_size)
-        probs = softmax(logits)
+    def predict(self, texts, texts_b=None, batch_size: int = 64, sort_by_length: bool = True) -> list:
+        logits = self.logits(texts, texts_b, batch_size, sort_by_length)
         return [Prediction(self.labels[int(p.argmax())], {l: float(v) for l, v in zip(self.labels, p)})
-                for p in probs]
+                for p in softmax(logits)]
+
+    def encode(self, texts, texts_b=None) -> list:
+        """Token encodings as the graph receives them (the template applied, if any)."""
+        return encode(self.tokenizer, texts, texts_b, self.template)
 
 
 def bundle_kind(manifest: dict) -> str:
@@ -183,10 +190,11 @@ def read_template(manifest: dict, directory: Path):
         raise BundleError(f"{directory / MANIFEST}: {e}") from e
 
 
-def batched_logits(model, encodings, pad_id: int, num_labels: int, batch_size: int = 64) -> np.ndarray:
-    """Run `model` over length-sorted batches; logits come back in input order."""
+def batched_logits(model, encodings, pad_id: int, num_labels: int, batch_size: int = 64,
+                   sort_by_length: bool = True) -> np.ndarray:
+    """Run `model` over batches (length-sorted by default); logits come back in input order."""
     out = np.zeros((len(encodings), num_labels), np.float32)
-    for index in length_sorted_batches([len(e.ids) for e in encodings], batch_size):
+    for index in batch_indices([len(e.ids) for e in encodings], batch_size, sort_by_length):
         out[index] = model(*pad([encodings[i] for i in index], pad_id, model.pad_multiple))
     return out
 

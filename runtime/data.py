@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-
-
 class DataError(ValueError):
     """A data file that cannot be used; the message names file and line."""
 

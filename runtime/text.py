@@ -9,9 +9,6 @@ from __future__ import annotations
 import numpy as np
 from tokenizers import Tokenizer
 
-PAD_MULTIPLE = 8  # few distinct shapes for backends that prepare per shape, little extra padding
-
-
 def load_tokenizer(path, max_length: int) -> Tokenizer:
     tokenizer = Tokenizer.from_file(str(path))
     tokenizer.no_padding()  # we pad per batch, to the batch's longest row
@@ -31,8 +28,12 @@ def encode(tokenizer: Tokenizer, texts, texts_b=None, template=None) -> list:
     return tokenizer.encode_batch(inputs)
 
 
-def pad(encodings, pad_id: int, multiple: int = PAD_MULTIPLE):
-    """Encodings -> (input_ids, attention_mask, token_type_ids), int32 [batch, seq]."""
+def pad(encodings, pad_id: int, multiple: int = 1):
+    """Encodings -> (input_ids, attention_mask, token_type_ids), int32 [batch, seq].
+
+    seq is the longest row rounded up to `multiple` (a backend that prepares
+    per input shape wants few distinct shapes).
+    """
     longest = max(len(e.ids) for e in encodings)
     seq = -(-longest // multiple) * multiple
     ids = np.full((len(encodings), seq), pad_id, np.int32)
@@ -46,7 +47,8 @@ def pad(encodings, pad_id: int, multiple: int = PAD_MULTIPLE):
     return ids, mask, types
 
 
-def length_sorted_batches(lengths, batch_size: int) -> list:
-    """Index batches in order of length: little padding, results put back by index."""
-    order = np.argsort(np.asarray(lengths), kind="stable")
+def batch_indices(lengths, batch_size: int, by_length: bool = True) -> list:
+    """Index arrays of the batches: in order of length (little padding; results
+    are put back by index), or consecutive in input order."""
+    order = np.argsort(np.asarray(lengths), kind="stable") if by_length else np.arange(len(lengths))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

@@ -88,6 +88,8 @@ def test_runtime_predictions_equal_the_training_graph(tiny_bundle, toy_files, ti
     for i, text in enumerate(texts):  # one at a time: no batching, no sorting
         arrays = pad(encode(tokenizer, [text]), 0)
         np.testing.assert_allclose(logits[i], net(*(Tensor(a) for a in arrays)).asnumpy()[0], atol=1e-5)
+    # batches in input order (padded more) give the same logits
+    np.testing.assert_allclose(bundle.logits(texts, batch_size=5, sort_by_length=False), logits, atol=1e-5)
     predictions = bundle.predict(texts)
     assert [p.label for p in predictions] == [bundle.labels[i] for i in logits.argmax(-1)]
     assert all(abs(sum(p.probabilities.values()) - 1) < 1e-5 for p in predictions)
