@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from ptbundle.runtime.bundle import sha256_file
+from ptbundle.runtime.format import sha256_file
 
 from .errors import BackboneError
 from .model import Encoder, EncoderConfig

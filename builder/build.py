@@ -6,10 +6,10 @@
 from __future__ import annotations
 
 import shlex
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from ptbundle.runtime.bundle import bundle_kind
+from ptbundle.runtime.format import BackboneInfo, Manifest
 from ptbundle.runtime.template import Template
 from ptbundle.runtime.text import load_tokenizer
 
@@ -43,16 +43,30 @@ def default_label_texts(dataset) -> tuple:
     return MR_LABEL_TEXTS if dataset.name == "mr" else ()
 
 
-def base_manifest(dataset, backbone: Backbone, recipe: Recipe, device: str) -> dict:
-    return {
-        "format": "ptbundle", "task": dataset.name, "labels": list(dataset.labels), "pair": dataset.is_pair,
-        "max_length": recipe.max_length, "pad_id": backbone.config.pad_token_id, "pooling": recipe.pooling,
-        "inputs": ["input_ids", "attention_mask", "token_type_ids"], "outputs": ["logits"],
-        "backbone": {"name": backbone.name, "model_type": backbone.config.model_type,
-                     "hidden_size": backbone.config.hidden_size, "layers": backbone.config.num_layers,
-                     "sha256": backbone.sha256},
-        "device": device,
-    }
+def base_manifest(dataset, backbone: Backbone, recipe: Recipe, device: str, recipe_json: dict | None = None,
+                  **fields) -> Manifest:
+    """What every bundle of this build shares; `fields` add what its kind knows (kind, head, metrics...)."""
+    cfg = backbone.config
+    values = dict(task=dataset.name, labels=tuple(dataset.labels), pair=dataset.is_pair,
+                  max_length=recipe.max_length, pad_id=cfg.pad_token_id, pooling=recipe.pooling,
+                  backbone=BackboneInfo(name=backbone.name, model_type=cfg.model_type, hidden_size=cfg.hidden_size,
+                                        layers=cfg.num_layers, heads=cfg.num_heads,
+                                        intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
+                                        sha256=backbone.sha256),
+                  device=device, recipe=recipe_json or recipe.to_json())
+    return Manifest(**{**values, **fields})
+
+
+def check_fits(recipe: Recipe, backbone: Backbone, soft: bool) -> None:
+    """The longest input (text + prompt) must have position embeddings in the backbone."""
+    from .errors import RecipeError
+
+    cfg = backbone.config
+    room = cfg.max_positions - cfg.position_offset
+    needed = recipe.max_length + (recipe.virtual_tokens if soft else 0)
+    if needed > room:
+        raise RecipeError(f"--max-length {recipe.max_length}" + (f" + --virtual-tokens {recipe.virtual_tokens}"
+                          if soft else "") + f" = {needed} positions; {backbone.name} has {room}")
 
 
 def int8_sets(backbone: Backbone, dataset, recipe: Recipe, template=None) -> dict:
@@ -70,12 +84,12 @@ def build_soft(destination: Path, backbone: Backbone, dataset, recipe: Recipe, d
     from .train import train
 
     net, curve, metrics = train(backbone, dataset, recipe, log=log)
-    manifest = {**base_manifest(dataset, backbone, recipe, device), "kind": "soft",
-                "template": None, "num_virtual_tokens": recipe.virtual_tokens, "recipe": asdict(recipe),
-                "metrics": metrics}
-    write_bundle(destination, net, backbone, manifest, curve,
-                 int8_sets(backbone, dataset, recipe) if quantize else None)
-    return Built(destination, bundle_kind(manifest), manifest["metrics"], command)
+    manifest = base_manifest(dataset, backbone, recipe, device, kind="soft", head="linear",
+                             prompt_method="prompt-tuning", num_virtual_tokens=recipe.virtual_tokens,
+                             metrics=metrics)
+    written = write_bundle(destination, net, backbone, manifest, curve,
+                           int8_sets(backbone, dataset, recipe) if quantize else None)
+    return Built(destination, written.kind_label, written.metrics, command)
 
 
 def build_hard(destinations: dict, backbone: Backbone, dataset, recipe: Recipe, template: Template,
@@ -93,20 +107,24 @@ def build_hard(destinations: dict, backbone: Backbone, dataset, recipe: Recipe, 
         cache.split("train")
     built = []
     for head, destination in destinations.items():
+        # Only the fields that decide a hard bundle: it has no prompt to initialise or train.
+        hard_recipe = {k: v for k, v in recipe.to_json().items()
+                       if k not in ("virtual_tokens", "init", "init_text", "prompt_lr")}
         if head == "zero-shot":
             result = build_zero_shot(cache, backbone, recipe, verbalizer)
-            details = {"verbalizer": verbalizer.descriptions, "seed": recipe.seed,
-                       "calibration_texts": result.metrics.pop("calibration_texts")}
+            metrics = dict(result.metrics)
+            details = {"verbalizer": verbalizer.descriptions, "calibration_texts": metrics.pop("calibration_texts")}
+            hard_recipe = {"seed": recipe.seed, "max_length": recipe.max_length, "pooling": recipe.pooling}
         else:
             result = build_probe(cache, backbone, recipe, log)
-            details = {"recipe": {k: v for k, v in asdict(recipe).items()
-                                  if k not in ("virtual_tokens", "init", "init_text", "prompt_lr")}}
-        manifest = {**base_manifest(dataset, backbone, recipe, device), "kind": "hard", "head": head,
-                    "template": template.source, "num_virtual_tokens": 0, **details, "metrics": result.metrics}
-        write_bundle(destination, result.net, backbone, manifest, result.curve,
-                     int8_sets(backbone, dataset, recipe, template) if quantize else None)
-        log(f"wrote {destination}: dev accuracy {result.metrics['dev']['accuracy']:.4f}")
-        built.append(Built(destination, bundle_kind(manifest), manifest["metrics"], commands[head]))
+            metrics, details = result.metrics, {}
+        manifest = base_manifest(dataset, backbone, recipe, device, kind="hard", head=head, prompt_method="none",
+                                 num_virtual_tokens=0, template=template.source, recipe_json=hard_recipe,
+                                 details=details, metrics=metrics)
+        written = write_bundle(destination, result.net, backbone, manifest, result.curve,
+                               int8_sets(backbone, dataset, recipe, template) if quantize else None)
+        log(f"wrote {destination}: dev accuracy {written.metrics['dev']['accuracy']:.4f}")
+        built.append(Built(destination, written.kind_label, written.metrics, commands[head]))
     return built
 
 

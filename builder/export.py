@@ -1,10 +1,11 @@
 """Fold a trained classifier into a bundle directory, atomically.
 
-The prompt and head are Parameters of the inference Cell; `mindspore.export`
-stores them inside model.mindir, and onnx_export writes them into model.onnx
-as constants, so the exported model needs nothing but token ids.  A bundle is assembled in a hidden temporary directory beside its
-destination and renamed into place only when every file is written and the
-reloaded graph has been checked against the in-memory model.
+The prompt and head are Parameters of the inference Cell; every export
+target (a small registry: MindIR, ONNX) writes them into its graph as
+constants, so the exported model needs nothing but token ids.  A bundle is
+assembled in a hidden temporary directory beside its destination and
+renamed into place only when every file is written and each reloaded graph
+has been checked against the in-memory model.
 """
 
 from __future__ import annotations
@@ -14,37 +15,60 @@ import json
 import os
 import platform
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 from safetensors.numpy import save_file
 
-from ptbundle.runtime.bundle import FORMAT_VERSION, MANIFEST, batched_logits, sha256_file
+from ptbundle.runtime.bundle import batched_logits
+from ptbundle.runtime.format import GRAPHS, PROMPT, TOKENIZER, TRAINING_LOG, Manifest, sha256_file
 from ptbundle.runtime.metrics import classification_metrics
 from ptbundle.runtime.mindspore_backend import MindSporeModel
 from ptbundle.runtime.onnx_backend import OnnxModel
 from ptbundle.runtime.text import load_tokenizer
 
+from .errors import ExportError
 from .onnx_export import HEAD_NODES, export_onnx
 
-# MindIR runs the very same kernels (measured diff 0.0); onnxruntime's fused
-# kernels sum in another order (measured 2.4e-6 on MiniLM).
-TOLERANCE = {"mindir": 1e-5, "onnx": 1e-4}
 PARITY_SHAPES = ((1, 8), (3, 16), (8, 40))  # (batch, seq) probes at export time
 
 
-class ExportError(RuntimeError):
-    pass
-
-
-def export_mindir(net, path_stem: Path) -> Path:
+def export_mindir(net, path: Path) -> Path:
     """MINDIR with dynamic batch and sequence axes."""
     net.set_train(False)
     spec = Tensor(shape=[None, None], dtype=ms.int32)
-    ms.export(net, spec, spec, spec, file_name=str(path_stem), file_format="MINDIR")
-    return path_stem.with_suffix(".mindir")
+    ms.export(net, spec, spec, spec, file_name=str(Path(path).with_suffix("")), file_format="MINDIR")
+    return Path(path)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A graph format the bundle carries: how to write it, how to run it back, how close it must come."""
+
+    name: str
+    file: str
+    tolerance: float  # max |logit difference| from the trained net on the parity probes
+    export: Callable  # (net, path) -> path
+    load: Callable  # (path, device) -> model called like the runtime's backends
+
+
+TARGETS: dict = {}
+
+
+def register(target: Target) -> Target:
+    TARGETS[target.name] = target
+    return target
+
+
+# MindIR runs the very same kernels (measured difference 0.0); onnxruntime's
+# fused kernels sum in another order (the manifest's export.onnx records it:
+# 1.0e-6 on MiniLM).  MindIR is checked on the device the build runs on.
+register(Target("mindir", GRAPHS["mindir"], 1e-5, export_mindir, MindSporeModel))
+register(Target("onnx", GRAPHS["onnx"], 1e-4, export_onnx, lambda path, device: OnnxModel(path)))
 
 
 def probe_inputs(vocab_size: int, pad_id: int, seed: int = 0):
@@ -60,14 +84,15 @@ def probe_inputs(vocab_size: int, pad_id: int, seed: int = 0):
         yield ids, mask, np.zeros_like(ids)
 
 
-def check_parity(net, reloaded, kind: str, vocab_size: int, pad_id: int) -> float:
+def check_parity(net, reloaded, target: Target, vocab_size: int, pad_id: int) -> float:
     """Max |logit difference| between the in-memory net and an exported graph."""
     worst = 0.0
     for arrays in probe_inputs(vocab_size, pad_id):
         expected = net(*(Tensor(a) for a in arrays)).asnumpy()
         worst = max(worst, float(np.abs(reloaded(*arrays) - expected).max()))
-    if worst > TOLERANCE[kind]:
-        raise ExportError(f"exported {kind} graph differs from the trained model by {worst:.2e} (> {TOLERANCE[kind]})")
+    if not worst <= target.tolerance:  # NaN fails too
+        raise ExportError(f"exported {target.name} graph differs from the trained model by {worst:.2e}"
+                          f" (> {target.tolerance})")
     return worst
 
 
@@ -106,11 +131,15 @@ def library_versions() -> dict:
             "tokenizers": tokenizers.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def write_bundle(destination, net, backbone, manifest: dict, curve: list, int8_eval_sets: dict | None = None) -> Path:
-    """Write every file of the bundle, check it, then move it into place.
+def write_bundle(destination, net, backbone, manifest: Manifest, curve: list,
+                 int8_eval_sets: dict | None = None) -> Manifest:
+    """Write every file of the bundle, check it, then move it into place; return the manifest written.
 
-    With `int8_eval_sets` ({split: (encodings, gold label ids, num_labels)}),
-    an int8 ONNX graph is added and its accuracy recorded as metrics["int8"].
+    `manifest` describes the bundle; this adds what only the export knows
+    (parity, files and hashes, versions, time) to a new Manifest, never
+    changing the caller's.  With `int8_eval_sets` ({split: (encodings, gold
+    label ids, num_labels)}), an int8 ONNX graph is added and its accuracy
+    recorded as metrics["int8"].
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -118,36 +147,32 @@ def write_bundle(destination, net, backbone, manifest: dict, curve: list, int8_e
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        vocab, pad_id = backbone.config.vocab_size, manifest["pad_id"]
-        mindir = export_mindir(net, tmp / "model")
-        onnx_path = export_onnx(net, tmp / "model.onnx")
-        manifest["export"] = {
-            # MindIR is checked on CPU whatever the target device: it is the same graph.
-            "mindir_max_abs_diff": check_parity(net, MindSporeModel(mindir, "CPU"), "mindir", vocab, pad_id),
-            "onnx_max_abs_diff": check_parity(net, OnnxModel(onnx_path), "onnx", vocab, pad_id),
-        }
+        vocab, pad_id = backbone.config.vocab_size, manifest.pad_id
+        parity, metrics = {}, dict(manifest.metrics)
+        for target in TARGETS.values():
+            path = target.export(net, tmp / target.file)
+            parity[target.name] = check_parity(net, target.load(path, manifest.device), target, vocab, pad_id)
         if int8_eval_sets:
-            manifest["metrics"]["int8"] = quantize_int8(onnx_path, tmp / "model.int8.onnx", pad_id,
-                                                             int8_eval_sets)
-        load_tokenizer(backbone.tokenizer_path, manifest["max_length"]).save(str(tmp / "tokenizer.json"))
-        save_file(net.head_state(), str(tmp / "prompt.safetensors"))
-        (tmp / "training_log.json").write_text(json.dumps(curve, indent=2))
+            metrics["int8"] = quantize_int8(tmp / GRAPHS["onnx"], tmp / GRAPHS["onnx-int8"], pad_id, int8_eval_sets)
+        load_tokenizer(backbone.tokenizer_path, manifest.max_length).save(str(tmp / TOKENIZER))
+        save_file(net.head_state(), str(tmp / PROMPT))
+        (tmp / TRAINING_LOG).write_text(json.dumps(curve, indent=2))
         for path in tmp.iterdir():
             path.chmod(0o644)  # MindSpore writes the graph read-only for its owner
-        manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-        manifest["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        manifest["versions"] = library_versions()
-        manifest["format_version"] = FORMAT_VERSION
-        write_manifest(tmp / MANIFEST, manifest)
+        written = manifest.replace(
+            metrics=metrics, export=parity, files={p.name: sha256_file(p) for p in sorted(tmp.iterdir())},
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            versions=library_versions())
+        write_manifest(tmp, written)
         replace_directory(tmp, destination)
     except BaseException:  # Ctrl-C included: never leave a half bundle
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return destination
+    return written
 
 
-def write_manifest(path: Path, manifest: dict) -> None:
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    manifest.write(directory)
 
 
 def replace_directory(new: Path, destination: Path) -> None:

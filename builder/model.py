@@ -20,13 +20,15 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from ptbundle.runtime.bundle import DEVICES
+from ptbundle.runtime.format import DEVICES
+
+from .errors import RecipeError
 
 
 def use_device(device: str = "CPU") -> None:
     """Graph mode on the given device; everything in the builder assumes it."""
     if device not in DEVICES:
-        raise ValueError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+        raise RecipeError(f"device {device!r} is not one of {', '.join(DEVICES)}")
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device(device)
 

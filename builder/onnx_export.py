@@ -35,7 +35,7 @@ import mindspore  # noqa: F401
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ptbundle.runtime.onnx_backend import INPUT_NAMES
+from ptbundle.runtime.format import INPUT_NAMES
 
 OUTPUT_NAME = "logits"
 OPSET = 20  # Gelu (and LayerNormalization, 17)

@@ -1,29 +1,112 @@
-"""The training recipe: every choice that decides the result, recorded in the manifest."""
+"""The training recipe: every choice that decides the result, recorded in the manifest.
+
+`Recipe` is the one source of truth: its fields carry their defaults, help
+text and limits; `recipe_options` turns them into pt-build's click options,
+and `Recipe(...)` checks every value with a message naming the option.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+
+import click
+
+from .errors import RecipeError
+
+INITS = ("vocab", "text", "random")
+POOLINGS = ("mean", "cls")  # builder.model.POOLING holds what each computes; a test keeps the two equal
 
 
-@dataclass
+def knob(default, help: str, *, low=None, high=None, choices=None, kind=None):
+    """A recipe field with what its pt-build option shows and accepts."""
+    return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices,
+                                            "kind": kind})
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Everything that decides the result; recorded in the manifest.
 
-    Two epochs: they beat one on MR dev (79.55 vs 78.14; README, "The
-    default recipe"), and on a 2-core CPU an epoch takes about 6 minutes, so
-    `make bundle` (set-up, this soft bundle and both hard ones) fits in 20
-    (18 min 42 s measured).
+    Two epochs: they beat one on MR dev (README, "The default recipe").
     """
 
-    virtual_tokens: int = 20
-    init: str = "vocab"  # "vocab" (sampled frequent tokens), "text", or "random"
-    init_text: str | None = None
-    pooling: str = "mean"
-    epochs: int = 2
-    batch_size: int = 16  # twice the updates of 32 for the same compute (MR dev 77.9 vs 77.4)
-    prompt_lr: float = 3e-2  # soft prompts need rates 10-100x a head's
-    head_lr: float = 1e-3  # chosen on MR dev: 3e-4 78.9, 1e-3 79.9, 3e-3 77.9 (README, "The default recipe")
-    weight_decay: float = 0.01  # on the head only; decaying a prompt pulls it to 0
-    warmup: float = 0.1  # fraction of all steps
-    max_length: int = 128
-    seed: int = 0
+    virtual_tokens: int = knob(20, "Virtual tokens of the soft prompt (0: none, the head alone).", low=0, high=256)
+    init: str = knob("vocab", "Prompt init: embeddings of sampled frequent tokens, of --init-text, or random.",
+                     choices=INITS)
+    init_text: str | None = knob(None, "Text whose token embeddings start the prompt (implies --init text).",
+                                 kind=str)
+    pooling: str = knob("mean", "How the head reads the encoder: mean of the text tokens, or the first position"
+                        " through the pooler.", choices=POOLINGS)
+    epochs: int = knob(2, "Passes over the training data; the best epoch on dev is kept.", low=1, high=1000)
+    # Twice the updates of 32 for the same compute (MR dev 77.9 vs 77.4, round 1).
+    batch_size: int = knob(16, "Training batch size.", low=1, high=4096)
+    prompt_lr: float = knob(3e-2, "Peak learning rate of the prompt (soft prompts need 10-100x a head's).",
+                            low=0.0)
+    head_lr: float = knob(1e-3, "Peak learning rate of the head.", low=0.0)
+    weight_decay: float = knob(0.01, "AdamW weight decay, on the head only (decaying a prompt pulls it to 0).",
+                               low=0.0, high=1.0)
+    warmup: float = knob(0.1, "Fraction of the steps spent warming up the learning rates.", low=0.0, high=1.0)
+    max_length: int = knob(128, "Text tokens per input (special tokens included), before the prompt.",
+                           low=8, high=8192)
+    seed: int = knob(0, "Seed of the prompt init, head init and batch order.", low=0, high=2**31 - 1)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            flag = option_flag(f.name)
+            if value is None and f.default is None:
+                continue
+            kind = float if f.type in ("float", float) else int if f.type in ("int", int) else str
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                object.__setattr__(self, f.name, value)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise RecipeError(f"{flag}: expected {kind.__name__}, got {value!r}")
+            if meta["choices"] and value not in meta["choices"]:
+                raise RecipeError(f"{flag} {value!r}: choose one of {', '.join(meta['choices'])}")
+            if meta["low"] is not None and value < meta["low"] or meta["high"] is not None and value > meta["high"]:
+                raise RecipeError(f"{flag} {value!r}: must be between {meta['low']} and {meta['high']}"
+                                  if meta["high"] is not None else f"{flag} {value!r}: must be at least {meta['low']}")
+        if self.init == "text" and not (self.init_text or "").strip():
+            raise RecipeError("--init text needs --init-text TEXT (the words whose embeddings start the prompt)")
+        if self.init_text is not None and self.init != "text":
+            raise RecipeError(f"--init-text starts the prompt from text, --init {self.init} from elsewhere:"
+                              f" give one of them")
+
+    @classmethod
+    def from_options(cls, **values) -> "Recipe":
+        """From pt-build's options: --init-text alone implies --init text."""
+        if values.get("init_text") is not None and values.get("init") is None:
+            values["init"] = "text"
+        return cls(**{k: v for k, v in values.items() if v is not None})
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def option_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def recipe_options(command):
+    """Decorate a click command with one option per Recipe field (defaults, help and limits from the field)."""
+    defaults = Recipe()
+    for f in reversed(dataclasses.fields(Recipe)):
+        meta = f.metadata
+        if meta["choices"]:
+            kind = click.Choice(meta["choices"])
+        elif f.type in ("int", int):
+            kind = click.IntRange(meta["low"], meta["high"])
+        elif f.type in ("float", float):
+            kind = click.FloatRange(meta["low"], meta["high"])
+        else:
+            kind = str
+        default = getattr(defaults, f.name)
+        # Options left out stay None, so from_options can tell "not given" from the default.
+        command = click.option(option_flag(f.name), f.name, type=kind, default=None,
+                               help=meta["help"] + (f"  [default: {default}]" if default is not None else ""))(command)
+    return command
+
+
+RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))

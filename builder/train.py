@@ -21,7 +21,7 @@ from ptbundle.runtime.metrics import classification_metrics
 from ptbundle.runtime.text import batch_indices, encode, load_tokenizer, pad
 
 from .backbone import Backbone
-from ptbundle.runtime.data import DataError
+from .errors import DataError, RecipeError
 from .model import PromptClassifier
 from .recipe import Recipe
 
@@ -63,11 +63,9 @@ def initial_prompt(backbone: Backbone, recipe: Recipe, tokenizer, texts) -> np.n
     if recipe.init == "random":
         return rng.normal(0, table.std(), (n, table.shape[1])).astype(np.float32)
     if recipe.init == "text":
-        if not recipe.init_text:
-            raise ValueError("--init text needs --init-text")
         ids = tokenizer.encode(recipe.init_text, add_special_tokens=False).ids
         if not ids:
-            raise ValueError(f"--init-text {recipe.init_text!r} has no tokens")
+            raise RecipeError(f"--init-text {recipe.init_text!r} has no tokens in {backbone.name}'s vocabulary")
         ids = (ids * math.ceil(n / len(ids)))[:n]  # repeat to fill, as PEFT does
         return table[ids].copy()
     if recipe.init == "vocab":
@@ -75,7 +73,7 @@ def initial_prompt(backbone: Backbone, recipe: Recipe, tokenizer, texts) -> np.n
         counts = Counter(i for e in encode(tokenizer, texts) for i, s in zip(e.ids, e.special_tokens_mask) if not s)
         frequent = [i for i, _ in counts.most_common(5000)]
         return table[rng.choice(frequent, n, replace=len(frequent) < n)].copy()
-    raise ValueError(f"unknown prompt init {recipe.init!r} (vocab, text, random)")
+    raise RecipeError(f"unknown prompt init {recipe.init!r} (vocab, text, random)")
 
 
 def lr_schedule(peak: float, total: int, warmup: float) -> list:

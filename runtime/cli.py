@@ -6,13 +6,11 @@ import json
 
 import click
 
-from .bundle import BACKENDS, DEVICES, BundleError, bundle_kind
+from .backends import BACKENDS
+from .errors import ErrorsAsMessages, InputError
+from .format import DEVICES
 
 DEFAULT_BUNDLE = "exports/mr-soft"
-
-
-class InputError(click.ClickException):
-    pass
 
 
 def read_lines(stream, name: str, pair: bool = False) -> list:
@@ -50,7 +48,7 @@ def read_lines(stream, name: str, pair: bool = False) -> list:
     return texts
 
 
-@click.group()
+@click.group(cls=ErrorsAsMessages)
 @click.version_option(package_name="ptbundle")
 def cli():
     """Load ptbundle bundles and predict with them."""
@@ -63,7 +61,7 @@ def cli():
 @click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "jsonl"]))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--device", default="CPU", show_default=True, type=click.Choice(DEVICES))
-@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+@click.option("--backend", type=click.Choice(list(BACKENDS)), default=None,
               help="[default: onnxruntime on CPU, mindspore on GPU/Ascend]")
 @click.option("--int8", is_flag=True, help="Use the bundle's int8 ONNX graph (pt-build export --quantize int8).")
 def predict(file, bundle_path, fmt, batch_size, device, backend, int8):
@@ -100,7 +98,7 @@ def predict(file, bundle_path, fmt, batch_size, device, backend, int8):
 @click.option("--text-b-column", default=None, help="Second text column, for sentence pairs.")
 @click.option("--label-column", default="label", show_default=True)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--backend", type=click.Choice(BACKENDS), default=None, help="[default: onnxruntime on CPU]")
+@click.option("--backend", type=click.Choice(list(BACKENDS)), default=None, help="[default: onnxruntime on CPU]")
 @click.option("--int8", is_flag=True, help="Use each bundle's int8 ONNX graph.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also write a bar chart PNG here.")
@@ -109,26 +107,17 @@ def evaluate(bundle_paths, data, split, text_column, text_b_column, label_column
     """Accuracy, macro-F1 and throughput of bundles side by side, on the same labelled data."""
     from pathlib import Path
 
-    from .data import Columns, DataError
+    from .data import Columns
     from .evaluate import load_eval_examples, plot as plot_png, score, table
 
-    try:
-        examples, described = load_eval_examples(data, split, Columns(text_column, label_column, text_b_column))
-    except DataError as e:
-        raise click.ClickException(str(e))
+    examples, described = load_eval_examples(data, split, Columns(text_column, label_column, text_b_column))
     rows = []
     for path in bundle_paths:
         bundle = load(path, "CPU", backend, int8)
-        try:
-            metrics = score(bundle, examples, batch_size)
-        except DataError as e:
-            raise click.ClickException(str(e))
-        rows.append({"bundle": path, "kind": bundle_kind(bundle.manifest), **metrics})
+        metrics = score(bundle, examples, batch_size)
+        rows.append({"bundle": path, "kind": bundle.manifest.kind_label, **metrics})
     if plot:
-        try:
-            plot_png(rows, described, Path(plot))
-        except RuntimeError as e:
-            raise click.ClickException(str(e))
+        plot_png(rows, described, Path(plot))
     if as_json:
         click.echo(json.dumps({"data": described, "n": len(examples), "results": rows}, indent=2))
     else:
@@ -142,28 +131,23 @@ def info(bundle_path):
     """Show what a bundle holds: task, labels, backbone, recipe, metrics, files."""
     from pathlib import Path
 
-    from .bundle import read_manifest
+    from .format import Manifest
 
-    try:
-        m = read_manifest(Path(bundle_path))
-    except BundleError as e:
-        raise click.ClickException(str(e))
-    head = f" ({m['head']} head)" if m.get("kind") == "hard" else ""
-    click.echo(f"{bundle_path}: {m.get('kind', '?')} prompt bundle{head} for {m.get('task', '?')}")
-    click.echo(f"  labels      {', '.join(m['labels'])}")
-    if m.get("template"):
-        click.echo(f"  template    {m['template']}")
-    bb = m.get("backbone", {})
-    click.echo(f"  backbone    {bb.get('name')} ({bb.get('model_type')}, {bb.get('layers')}x{bb.get('hidden_size')}),"
-               f" sha256 {str(bb.get('sha256'))[:12]}")
-    click.echo(f"  prompt      {m.get('num_virtual_tokens', 0)} virtual tokens, {m.get('pooling')} pooling,"
-               f" max length {m['max_length']}")
-    for label, texts in (m.get("verbalizer") or {}).items():
+    m = Manifest.read(Path(bundle_path))
+    head = f" ({m.head} head)" if m.kind == "hard" else ""
+    click.echo(f"{bundle_path}: {m.kind} prompt bundle{head} for {m.task}")
+    click.echo(f"  labels      {', '.join(m.labels)}")
+    if m.template:
+        click.echo(f"  template    {m.template}")
+    bb = m.backbone
+    click.echo(f"  backbone    {bb.name} ({bb.model_type}, {bb.layers}x{bb.hidden_size}), sha256 {bb.sha256[:12]}")
+    click.echo(f"  prompt      {m.prompt_method}, {m.num_virtual_tokens} virtual tokens, {m.pooling} pooling,"
+               f" {m.head} head, max length {m.max_length}")
+    for label, texts in (m.details.get("verbalizer") or {}).items():
         click.echo(f"  verbalizer  {label}: " + " | ".join(texts))
-    recipe = m.get("recipe") or {}
-    if recipe:
-        click.echo("  recipe      " + ", ".join(f"{k}={v}" for k, v in recipe.items() if v is not None))
-    metrics = m.get("metrics") or {}
+    if m.recipe:
+        click.echo("  recipe      " + ", ".join(f"{k}={v}" for k, v in m.recipe.items() if v is not None))
+    metrics = m.metrics
     for split in ("dev", "test"):
         s = metrics.get(split)
         if s:
@@ -173,23 +157,19 @@ def info(bundle_path):
                    f" {metrics.get('train_seconds')} s")
     for split, s in (metrics.get("int8") or {}).items():
         click.echo(f"  int8 {split:<6} accuracy {s['accuracy']:.4f} (fp32 {metrics[split]['accuracy']:.4f})")
-    export = m.get("export") or {}
-    if export:
-        click.echo("  parity      " + ", ".join(f"{k} {v:.1e}" for k, v in export.items()))
-    click.echo(f"  created     {m.get('created')}")
-    click.echo("  versions    " + ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items()))
+    if m.export:
+        click.echo("  parity      " + ", ".join(f"{k} {v:.1e}" for k, v in m.export.items()))
+    click.echo(f"  created     {m.created}")
+    click.echo("  versions    " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
     click.echo("  files")
-    for name, digest in m["files"].items():
+    for name, digest in m.files.items():
         click.echo(f"    {name:<22} sha256 {digest[:16]}")
 
 
 def load(path, device, backend, int8):
     from .bundle import Bundle
 
-    try:
-        return Bundle.load(path, device=device, backend=backend, int8=int8)
-    except BundleError as e:
-        raise click.ClickException(str(e))
+    return Bundle.load(path, device=device, backend=backend, int8=int8)
 
 
 def main():

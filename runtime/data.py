@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-class DataError(ValueError):
-    """A data file that cannot be used; the message names file and line."""
+from .errors import DataError  # noqa: E402  (defined with every user-facing error)
 
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Columns, DataError, load_mr, read_examples
+from .data import Columns, load_mr, read_examples
+from .errors import DataError, InputError
 from .metrics import classification_metrics
 
 
@@ -62,7 +63,7 @@ def plot(rows: list, title: str, path: Path) -> None:
         matplotlib.use("Agg")  # files only, no screen
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise RuntimeError("--plot needs matplotlib: pip install 'ptbundle[plot]'") from e
+        raise InputError("--plot needs matplotlib: pip install 'ptbundle[plot]'") from e
     names = [Path(r["bundle"]).name for r in rows]
     x = np.arange(len(rows))
     fig, (left, right) = plt.subplots(1, 2, figsize=(4 + 2.2 * len(rows), 4.2), gridspec_kw={"width_ratios": [2, 1]})

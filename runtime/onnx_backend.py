@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+from .errors import BundleError
+from .format import INPUT_NAMES
 # onnxruntime would fuse Add + LayerNormalization into SkipLayerNormalization
 # and Add + Gelu into BiasGelu; on this CPU those fused kernels take 3.9x and
 # 1.25x the time of the ops they replace (bench/fusion.py).
@@ -36,7 +37,7 @@ class OnnxModel:
     # nothing: pad a batch to its longest row and not a token more.
     pad_multiple = 1
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, device: str = "CPU", threads: int | None = None):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # One request at a time through a chain of GEMMs: all threads go to
@@ -44,12 +45,15 @@ class OnnxModel:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = threads or default_threads()
         options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                            disabled_optimizers=UNFUSED)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                                disabled_optimizers=UNFUSED)
+        except Exception as e:  # onnxruntime raises its own types for unreadable graphs
+            raise BundleError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from e
         names = [i.name for i in self.session.get_inputs()]
         unknown = set(names) - set(INPUT_NAMES)
         if unknown:
-            raise ValueError(f"{path}: unexpected graph inputs {sorted(unknown)} (expected {', '.join(INPUT_NAMES)})")
+            raise BundleError(f"{path}: unexpected graph inputs {sorted(unknown)} (expected {', '.join(INPUT_NAMES)})")
         self.input_names = names  # a graph may not use all three (e.g. token types)
 
     def __call__(self, ids, mask, types) -> np.ndarray:

@@ -26,8 +26,7 @@ from tokenizers import Encoding
 SLOTS = ("text", "text_b")
 
 
-class TemplateError(ValueError):
-    """A template that cannot be used, with the reason."""
+from .errors import TemplateError  # noqa: E402  (defined with every user-facing error)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,9 @@ WORDS = (
 ).split()
 
 HIDDEN, LAYERS, HEADS, INTERMEDIATE, MAX_POSITIONS = 32, 2, 4, 64, 128
+# Room for the default --max-length 128 plus a prompt; drawn from a second
+# generator so the other weights (and the tests' learnability) stay as they were.
+EXTRA_POSITIONS = 32
 
 
 def bert_tokenizer() -> Tokenizer:
@@ -65,7 +68,7 @@ def config(model_type: str, vocab_size: int) -> dict:
         "num_attention_heads": HEADS,
         "intermediate_size": INTERMEDIATE,
         "hidden_act": "gelu",
-        "max_position_embeddings": MAX_POSITIONS + (2 if roberta else 0),
+        "max_position_embeddings": MAX_POSITIONS + EXTRA_POSITIONS + (2 if roberta else 0),
         "type_vocab_size": 1 if roberta else 2,
         "layer_norm_eps": 1e-12 if not roberta else 1e-5,
         "pad_token_id": 1 if roberta else 0,
@@ -89,7 +92,9 @@ def random_weights(cfg: dict, seed: int) -> dict:
     p = cfg["model_type"] + "."
     w = {
         p + "embeddings.word_embeddings.weight": normal(cfg["vocab_size"], h),
-        p + "embeddings.position_embeddings.weight": normal(cfg["max_position_embeddings"], h),
+        p + "embeddings.position_embeddings.weight": np.concatenate([
+            normal(cfg["max_position_embeddings"] - EXTRA_POSITIONS, h),
+            (np.random.RandomState(seed + 1).standard_normal((EXTRA_POSITIONS, h)) * 0.2).astype(np.float32)]),
         p + "embeddings.token_type_embeddings.weight": normal(cfg["type_vocab_size"], h),
     }
     w[p + "embeddings.LayerNorm.weight"], w[p + "embeddings.LayerNorm.bias"] = norm()

@@ -13,7 +13,7 @@ from ptbundle.builder.backbone import load_backbone
 from ptbundle.builder.export import write_bundle
 from ptbundle.builder.model import PromptClassifier
 from ptbundle.runtime import Bundle, BundleError
-from ptbundle.runtime.bundle import sha256_file
+from ptbundle.runtime.format import Manifest, sha256_file
 from ptbundle.runtime.data import read_examples
 from ptbundle.runtime.evaluate import score
 from ptbundle.runtime.mindspore_backend import MindSporeModel
@@ -34,15 +34,21 @@ def trained_like_net(backbone, pooling="mean", virtual_tokens=4):
 
 
 def minimal_manifest(backbone):
-    return {"kind": "soft", "labels": ["a", "b", "c"], "max_length": 64, "pad_id": backbone.config.pad_token_id}
+    from ptbundle.builder.build import base_manifest
+    from ptbundle.builder.recipe import Recipe
+    from ptbundle.runtime.data import Dataset, Example
+
+    dataset = Dataset("abc", ("a", "b", "c"), [Example("x", "a")], [], [])
+    return base_manifest(dataset, backbone, Recipe(max_length=64), "CPU", kind="soft", head="linear",
+                         prompt_method="prompt-tuning", num_virtual_tokens=4)
 
 
 @pytest.mark.parametrize("family, pooling", [("bert", "mean"), ("bert", "cls"), ("roberta", "cls")])
 def test_reloaded_mindir_matches_in_memory_model(tmp_path, tiny_bert, tiny_roberta, family, pooling):
     backbone = load_backbone(tiny_bert if family == "bert" else tiny_roberta)
     net = trained_like_net(backbone, pooling)
-    bundle = write_bundle(tmp_path / "b", net, backbone, minimal_manifest(backbone), curve=[])
-    graph = MindSporeModel(bundle / "model.mindir", "CPU")
+    write_bundle(tmp_path / "b", net, backbone, minimal_manifest(backbone), curve=[])
+    graph = MindSporeModel(tmp_path / "b" / "model.mindir", "CPU")
     rng = np.random.RandomState(0)
     for batch, seq in [(1, 5), (2, 17), (7, 32), (16, 64)]:  # shapes never seen at export
         ids = rng.randint(5, backbone.config.vocab_size, (batch, seq)).astype(np.int32)
@@ -60,7 +66,9 @@ def test_bundle_files_manifest_and_prompt(tiny_bundle, toy_files):
     for name, digest in m["files"].items():
         assert sha256_file(tiny_bundle / name) == digest
     assert m["labels"] == ["neg", "pos"] and m["num_virtual_tokens"] == 4 and m["pooling"] == "mean"
-    assert m["export"]["mindir_max_abs_diff"] <= 1e-5 and m["export"]["onnx_max_abs_diff"] <= 1e-4
+    assert set(m["export"]) == {"mindir", "onnx"}  # each target's measured parity is recorded
+    assert m["signature"]["inputs"]["input_ids"] == {"dtype": "int32", "axes": ["batch", "seq"]}
+    assert Manifest.read(tiny_bundle).to_json() == m  # what is written reads back unchanged
     # the recorded accuracies are those of the graphs in the bundle (the build's dev and test file are one)
     examples = read_examples(toy_files[1])
     for int8, metrics in ((False, m["metrics"]), (True, m["metrics"]["int8"])):
@@ -148,8 +156,8 @@ def test_interrupted_build_leaves_no_bundle_and_keeps_the_old_one(tmp_path, tiny
     write_bundle(destination, net, backbone, minimal_manifest(backbone), curve=[])
     before = {p.name: sha256_file(p) for p in destination.iterdir()}
 
-    def interrupted(path, manifest):  # Ctrl-C while the last file is written
-        path.write_text("{")
+    def interrupted(directory, manifest):  # Ctrl-C while the last file is written
+        (directory / "manifest.json").write_text("{")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(export_module, "write_manifest", interrupted)

@@ -12,7 +12,7 @@ from ptbundle.builder.hard import CALIBRATION_TEXTS, ZERO_SHOT_SCALE, Verbalizer
 from ptbundle.builder.model import Features, PromptClassifier
 from ptbundle.builder.train import run_batches
 from ptbundle.runtime import Bundle
-from ptbundle.runtime.bundle import read_manifest
+from ptbundle.runtime.format import Manifest
 from ptbundle.runtime.cli import cli as run_cli
 from ptbundle.runtime.data import read_examples
 from ptbundle.runtime.template import Template
@@ -53,9 +53,9 @@ def test_zero_shot_graph_is_the_cosine_similarity_to_the_label_descriptions(tiny
 
 def test_probe_trains_the_head_alone_on_the_template(tiny_build, tiny_bert):
     directory = tiny_build[0] / "toy-hard-probe"
-    m = read_manifest(directory)
-    assert m["kind"] == "hard" and m["head"] == "probe" and m["template"] == TOY_TEMPLATE
-    assert m["num_virtual_tokens"] == 0 and m["recipe"]["epochs"] == 2 and m["recipe"]["seed"] == 0
+    m = Manifest.read(directory)
+    assert m.kind == "hard" and m.head == "probe" and m.template == TOY_TEMPLATE
+    assert m.num_virtual_tokens == 0 and m.recipe["epochs"] == 2 and m.recipe["seed"] == 0
     assert set(load_file(str(directory / "prompt.safetensors"))) == {"classifier.weight", "classifier.bias"}
     log = json.loads((directory / "training_log.json").read_text())
     assert [p["epoch"] for p in log] == [1, 2]
@@ -86,7 +86,7 @@ def test_eval_reproduces_each_bundles_recorded_accuracy(tiny_build, toy_files, t
     report = json.loads(result.stdout)
     assert report["n"] == 24 and [r["kind"] for r in report["results"]] == ["soft", "hard zero-shot", "hard probe"]
     for name, row in zip(names, report["results"]):
-        recorded = read_manifest(out / name)["metrics"]["test"]  # the build's test file is this dev file
+        recorded = Manifest.read(out / name).metrics["test"]  # the build's test file is this dev file
         assert row["accuracy"] == pytest.approx(recorded["accuracy"])
         assert row["macro_f1"] == pytest.approx(recorded["macro_f1"])
         assert row["sentences_per_second"] > 0

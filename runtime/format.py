@@ -1,0 +1,206 @@
+"""The bundle format, in one place: file names, graph signature, manifest, version.
+
+A bundle is a directory:
+
+    manifest.json        this module's `Manifest`: what the bundle is, how it was made, sha256 of every file
+    model.mindir         the folded graph for MindSpore (Ascend, GPU, CPU)
+    model.onnx           the same graph for onnxruntime
+    model.int8.onnx      optional: int8 copy of model.onnx
+    tokenizer.json       read with the `tokenizers` library
+    prompt.safetensors   the learned prompt (`prompt_embeddings`, PEFT's key) and the head
+    training_log.json    the training curve
+
+Every graph has the signature `SIGNATURE`: int32 `input_ids`,
+`attention_mask`, `token_type_ids` of shape [batch, seq] in, float32 `logits`
+[batch, num_labels] out.  The builder writes a `Manifest` with
+`Manifest.write`; the runtime reads it with `Manifest.read`, which checks
+every field and names the file and field of anything wrong.  Nothing else
+reads or writes manifest.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BundleError
+
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+PROMPT = "prompt.safetensors"
+TRAINING_LOG = "training_log.json"
+GRAPHS = {"mindir": "model.mindir", "onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}  # graph kind -> file
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+OUTPUT_NAME = "logits"
+# name -> (dtype, axes); axes are symbolic, any batch and sequence length.
+SIGNATURE = {
+    "inputs": {name: ("int32", ("batch", "seq")) for name in INPUT_NAMES},
+    "outputs": {OUTPUT_NAME: ("float32", ("batch", "num_labels"))},
+}
+DEVICES = ("CPU", "GPU", "Ascend")
+REBUILD = "rebuild it with this version's pt-build export (or pt-build import for a PEFT adapter)"
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """The frozen backbone the graph contains, and its shape (so no consumer guesses it)."""
+
+    name: str
+    model_type: str
+    hidden_size: int
+    layers: int
+    heads: int
+    intermediate_size: int
+    vocab_size: int
+    sha256: str  # of the checkpoint's model.safetensors: bundles on the same backbone share it
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a consumer needs to know about a bundle, validated on read."""
+
+    task: str
+    kind: str  # "soft" (learned prompt) or "hard" (text template)
+    labels: tuple
+    pair: bool  # two texts per input
+    max_length: int  # text tokens per input, special tokens included, before any prompt
+    pad_id: int
+    pooling: str  # registry name: "mean", "cls"
+    head: str  # registry name: "linear", "zero-shot", "probe"
+    prompt_method: str  # registry name: "prompt-tuning" (shallow soft prompt) or "none"
+    num_virtual_tokens: int
+    backbone: BackboneInfo
+    device: str  # the device it was trained on
+    template: str | None = None  # hard prompts: applied in token space before the graph
+    recipe: dict = field(default_factory=dict)  # the training choices, as given
+    details: dict = field(default_factory=dict)  # per kind, e.g. the zero-shot verbalizer
+    metrics: dict = field(default_factory=dict)  # dev/test (and int8) accuracy, F1, timing
+    export: dict = field(default_factory=dict)  # parity of each graph with the trained model
+    files: dict = field(default_factory=dict)  # file name -> sha256
+    created: str = ""
+    versions: dict = field(default_factory=dict)  # libraries that built it
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def kind_label(self) -> str:
+        """'soft', or 'hard zero-shot' / 'hard probe': how tables name a bundle."""
+        return f"hard {self.head}" if self.kind == "hard" else self.kind
+
+    def replace(self, **changes) -> "Manifest":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["labels"] = list(self.labels)
+        out["signature"] = {part: {n: {"dtype": d, "axes": list(a)} for n, (d, a) in io.items()}
+                            for part, io in SIGNATURE.items()}
+        return {"format": "ptbundle", **out}
+
+    def write(self, directory: Path) -> Path:
+        path = Path(directory) / MANIFEST
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def read(cls, directory: Path) -> "Manifest":
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not path.is_file():
+            raise BundleError(f"{directory}: not a bundle (no {MANIFEST})")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BundleError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(raw, dict):
+            raise BundleError(f"{path}: expected a JSON object")
+        return cls.from_json(raw, path)
+
+    @classmethod
+    def from_json(cls, raw: dict, path: Path | str = MANIFEST) -> "Manifest":
+        version = raw.get("format_version")
+        if version == 1:
+            raw = upgrade_v1(raw)
+        elif version != FORMAT_VERSION:
+            raise BundleError(f"{path}: format_version {version!r}; this runtime reads versions 1 and"
+                              f" {FORMAT_VERSION}: {REBUILD}")
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in raw:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise BundleError(f"{path}: missing field {f.name!r}")
+                continue
+            values[f.name] = raw[f.name]
+        try:
+            values["backbone"] = BackboneInfo(**values["backbone"])
+        except TypeError as e:
+            raise BundleError(f"{path}: field 'backbone': {e}") from e
+        manifest = cls(**values)
+        manifest.check(path)
+        return manifest.replace(labels=tuple(manifest.labels))
+
+    def check(self, path) -> None:
+        """Types and values of the fields; the message names the field."""
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise BundleError(f"{path}: field {name!r} {what}")
+
+        need(isinstance(self.labels, (list, tuple)) and len(self.labels) >= 2
+             and all(isinstance(l, str) for l in self.labels), "labels", "must list at least two label strings")
+        need(len(set(self.labels)) == len(self.labels), "labels", "has duplicates")
+        need(self.kind in ("soft", "hard"), "kind", f"is {self.kind!r}, not 'soft' or 'hard'")
+        for name in ("max_length", "pad_id", "num_virtual_tokens"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
+                 f"must be a non-negative integer, not {value!r}")
+        need(isinstance(self.pair, bool), "pair", "must be true or false")
+        need(self.template is None or isinstance(self.template, str), "template", "must be a string or null")
+        need(self.device in DEVICES, "device", f"is {self.device!r}, not one of {', '.join(DEVICES)}")
+        need(isinstance(self.files, dict) and all(isinstance(v, str) for v in self.files.values()), "files",
+             "must map file names to sha256 strings")
+        for name in ("recipe", "details", "metrics", "export", "versions"):
+            need(isinstance(getattr(self, name), dict), name, "must be a JSON object")
+
+
+def upgrade_v1(raw: dict) -> dict:
+    """Round-1 bundles (format_version 1) differ only in naming: read them as version 2."""
+    bb = raw.get("backbone") or {}
+    hidden = bb.get("hidden_size", 0)
+    out = {k: v for k, v in raw.items() if k not in ("format", "inputs", "outputs", "verbalizer",
+                                                     "calibration_texts", "seed")}
+    out["backbone"] = {"name": bb.get("name", "?"), "model_type": bb.get("model_type", "?"), "hidden_size": hidden,
+                       "layers": bb.get("layers", 0), "heads": 0, "intermediate_size": 0, "vocab_size": 0,
+                       "sha256": bb.get("sha256", "")}
+    out["head"] = raw.get("head") or "linear"
+    out["prompt_method"] = "prompt-tuning" if raw.get("num_virtual_tokens") else "none"
+    out["num_virtual_tokens"] = raw.get("num_virtual_tokens", 0)
+    out["details"] = {k: raw[k] for k in ("verbalizer", "calibration_texts") if k in raw}
+    out["device"] = raw.get("device", "CPU")
+    out["format_version"] = FORMAT_VERSION
+    return out
+
+
+def verify_files(directory: Path, manifest: Manifest, names=None) -> None:
+    """The files (default: every file the manifest lists) exist and have the recorded sha256."""
+    for name in names or manifest.files:
+        if name not in manifest.files:
+            raise BundleError(f"{directory}: this bundle has no {name}")
+        expected = manifest.files[name]
+        path = Path(directory) / name
+        if not path.is_file():
+            raise BundleError(f"{path}: missing (listed in {MANIFEST})")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise BundleError(f"{path}: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}...")
