@@ -96,9 +96,9 @@ def build_hard(destinations: dict, backbone: Backbone, dataset, recipe: Recipe, 
                label_texts, device: str, quantize: bool, commands: dict, log) -> list:
     """The hard-prompt bundles named in `destinations` ({head: path}), sharing one pass of the encoder."""
     from .export import write_bundle
-    from .hard import FeatureCache, Verbalizer, build_probe, build_zero_shot
+    from .hard import HEADS, FeatureCache, Verbalizer
 
-    cache = FeatureCache(backbone, dataset, recipe, template, log)
+    cache = FeatureCache(backbone, dataset, recipe, template, log, device)
     verbalizer = Verbalizer.parse(label_texts, dataset.labels)
     if "probe" in destinations:
         # The probe reads every training text; encoded first, they also give the
@@ -107,20 +107,10 @@ def build_hard(destinations: dict, backbone: Backbone, dataset, recipe: Recipe, 
         cache.split("train")
     built = []
     for head, destination in destinations.items():
-        # Only the fields that decide a hard bundle: it has no prompt to initialise or train.
-        hard_recipe = {k: v for k, v in recipe.to_json().items()
-                       if k not in ("virtual_tokens", "init", "init_text", "prompt_lr")}
-        if head == "zero-shot":
-            result = build_zero_shot(cache, backbone, recipe, verbalizer)
-            metrics = dict(result.metrics)
-            details = {"verbalizer": verbalizer.descriptions, "calibration_texts": metrics.pop("calibration_texts")}
-            hard_recipe = {"seed": recipe.seed, "max_length": recipe.max_length, "pooling": recipe.pooling}
-        else:
-            result = build_probe(cache, backbone, recipe, log)
-            metrics, details = result.metrics, {}
+        result, details, recorded = HEADS[head].build(cache, backbone, recipe, verbalizer, log)
         manifest = base_manifest(dataset, backbone, recipe, device, kind="hard", head=head, prompt_method="none",
-                                 num_virtual_tokens=0, template=template.source, recipe_json=hard_recipe,
-                                 details=details, metrics=metrics)
+                                 num_virtual_tokens=0, template=template.source, recipe_json=recorded,
+                                 details=details, metrics=result.metrics)
         written = write_bundle(destination, result.net, backbone, manifest, result.curve,
                                int8_sets(backbone, dataset, recipe, template) if quantize else None)
         log(f"wrote {destination}: dev accuracy {written.metrics['dev']['accuracy']:.4f}")

@@ -11,7 +11,7 @@ import click
 from ptbundle.runtime.errors import ErrorsAsMessages
 from ptbundle.runtime.format import DEVICES
 
-from .recipe import RECIPE_FIELDS, Recipe, recipe_options
+from .recipe import HARD_HEADS, RECIPE_FIELDS, Recipe, recipe_options
 
 
 def load_dataset(data, train_file, dev_file, test_file, text_column, text_b_column, label_column):
@@ -35,7 +35,7 @@ def cli():
 @cli.command()
 @click.option("--prompt", "prompt_kind", default="all", show_default=True, type=click.Choice(["all", "soft", "hard"]),
               help="Which bundles: the soft prompt, the hard prompt (a text template), or all of them side by side.")
-@click.option("--head", "hard_head", default=None, type=click.Choice(["zero-shot", "probe"]),
+@click.option("--head", "hard_head", default=None, type=click.Choice(HARD_HEADS),
               help="Hard prompts: only this head [default: both].")
 @click.option("--template", default=None,
               help="Hard-prompt template with a {text} slot ({text_b} for pairs) [default: chosen per task].")
@@ -79,7 +79,7 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
     if template and prompt_kind == "soft":
         raise click.UsageError("--template is a hard prompt: it needs --prompt hard or all, not soft")
     dataset = load_dataset(data, train_file, dev_file, test_file, text_column, text_b_column, label_column)
-    heads = [] if prompt_kind == "soft" else [hard_head] if hard_head else ["zero-shot", "probe"]
+    heads = [] if prompt_kind == "soft" else [hard_head] if hard_head else list(HARD_HEADS)
     template = Template.parse(template or default_template(dataset), pair=dataset.is_pair) if heads else None
     label_texts = label_texts or default_label_texts(dataset)
     names = bundle_names(name, dataset.name, prompt_kind != "hard", heads)
@@ -101,9 +101,8 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
         f"{bb.config.num_layers}x{bb.config.hidden_size})")
     out = Path(out_dir)
     built = []
-    # The main result first.  (The order does not move the memory peak,
-    # 20.7 GB hard-first against 20.8 GB soft-first for MR: MindSpore's CPU
-    # allocator keeps what the earlier graphs took.)
+    # The main result first.  (The order hardly moves the memory peak:
+    # MindSpore's CPU allocator keeps what the earlier graphs took.)
     if prompt_kind != "hard":
         built.append(build_soft(out / names["soft"], bb, dataset, recipe, device, quantize == "int8",
                                 commands["soft"], log))

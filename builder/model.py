@@ -23,6 +23,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from ptbundle.runtime.format import DEVICES
 
 from .errors import RecipeError
+from .pooling import POOLING
 
 
 def use_device(device: str = "CPU") -> None:
@@ -35,23 +36,20 @@ def use_device(device: str = "CPU") -> None:
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    model_type: str  # "bert" or "roberta"
+    """The encoder's sizes, as an architecture (builder.architectures) reads them from config.json."""
+
+    model_type: str  # the architecture's key in builder.architectures
     vocab_size: int
     hidden_size: int
     num_layers: int
     num_heads: int
     intermediate_size: int
     max_positions: int
-    type_vocab_size: int
+    type_vocab_size: int  # 0: the architecture has no token types (token_type_ids are ignored)
     layer_norm_eps: float
     pad_token_id: int
     hidden_act: str = "gelu"
-
-    @property
-    def position_offset(self) -> int:
-        # RoBERTa numbers positions from pad_token_id + 1 (a fairseq legacy);
-        # with right padding and no pads inside the text this is a plain offset.
-        return self.pad_token_id + 1 if self.model_type == "roberta" else 0
+    position_offset: int = 0  # first row of the position table (RoBERTa: pad_token_id + 1)
 
 
 class LayerNormInputGrad(nn.Cell):
@@ -115,16 +113,19 @@ class Embeddings(nn.Cell):
         h = cfg.hidden_size
         self.word = Parameter(np.zeros((cfg.vocab_size, h), np.float32), name="word")
         self.position = Parameter(np.zeros((cfg.max_positions, h), np.float32), name="position")
-        self.token_type = Parameter(np.zeros((cfg.type_vocab_size, h), np.float32), name="token_type")
+        self.use_types = cfg.type_vocab_size > 0
+        if self.use_types:
+            self.token_type = Parameter(np.zeros((cfg.type_vocab_size, h), np.float32), name="token_type")
         self.norm = FrozenLayerNorm(h, cfg.layer_norm_eps)
         self.offset = cfg.position_offset
 
     def construct(self, inputs_embeds, token_type_ids):
         seq = inputs_embeds.shape[1]
         # Slicing the table (not cumsum over the mask) keeps the graph ONNX-exportable.
-        positions = self.position[self.offset : self.offset + seq]
-        types = ops.gather(self.token_type, token_type_ids, 0)
-        return self.norm(inputs_embeds + positions + types)
+        x = inputs_embeds + self.position[self.offset : self.offset + seq]
+        if self.use_types:  # a constant: graph mode compiles one branch
+            x = x + ops.gather(self.token_type, token_type_ids, 0)
+        return self.norm(x)
 
 
 class Attention(nn.Cell):
@@ -192,17 +193,6 @@ class Encoder(nn.Cell):
         return x
 
 
-class Pooler(nn.Cell):
-    """BERT's pooler (and RoBERTa's head dense): tanh(W h[:, 0] + b)."""
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.dense = nn.Dense(hidden, hidden, activation="tanh")
-
-    def construct(self, hidden_states):
-        return self.dense(hidden_states[:, 0])
-
-
 class PromptClassifier(nn.Cell):
     """Soft prompt + frozen encoder + pooling + linear head.
 
@@ -219,15 +209,15 @@ class PromptClassifier(nn.Cell):
     def __init__(self, encoder: Encoder, num_virtual_tokens: int, num_labels: int, pooling: str,
                  normalize: bool = False):
         super().__init__()
-        if pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling must be 'mean' or 'cls', not {pooling!r}")
+        if pooling not in POOLING:
+            raise RecipeError(f"pooling {pooling!r} is not one of {', '.join(POOLING)}")
         h = encoder.config.hidden_size
         self.encoder = encoder
         self.num_virtual_tokens = num_virtual_tokens
         self.pooling = pooling
         self.normalize = normalize
         self.prompt = Parameter(np.zeros((max(num_virtual_tokens, 1), h), np.float32), name="prompt_embeddings")
-        self.pooler = Pooler(h) if pooling == "cls" else None
+        self.pooler = POOLING[pooling](h, num_virtual_tokens)
         self.classifier = nn.Dense(h, num_labels)
 
     def construct(self, input_ids, attention_mask, token_type_ids):
@@ -259,15 +249,13 @@ class PromptClassifier(nn.Cell):
         state = {"classifier.weight": self.classifier.weight, "classifier.bias": self.classifier.bias}
         if self.num_virtual_tokens > 0:
             state["prompt_embeddings"] = self.prompt
-        if self.pooler is not None:
-            state["pooler.weight"], state["pooler.bias"] = self.pooler.dense.weight, self.pooler.dense.bias
+        state.update(self.pooler.params())
         return {k: v.asnumpy().copy() for k, v in state.items()}
 
     def load_head_state(self, values: dict) -> None:
         targets = {"classifier.weight": self.classifier.weight, "classifier.bias": self.classifier.bias,
                    "prompt_embeddings": self.prompt}
-        if self.pooler is not None:
-            targets["pooler.weight"], targets["pooler.bias"] = self.pooler.dense.weight, self.pooler.dense.bias
+        targets.update(self.pooler.params())
         for name, value in values.items():
             if name not in targets:
                 raise KeyError(f"{name} is not part of this model's head (has {', '.join(targets)})")
@@ -277,14 +265,7 @@ class PromptClassifier(nn.Cell):
             targets[name].set_data(Tensor(value))
 
     def pool(self, hidden, attention_mask):
-        if self.pooling == "cls":
-            # Position 0 is the first virtual token (PEFT's behaviour).
-            return self.pooler(hidden)
-        # Mean over the text tokens only, as sentence-transformers pooled in
-        # pre-training; the virtual tokens steer those states, they are not text.
-        text = hidden[:, self.num_virtual_tokens :]
-        m = attention_mask.astype(ms.float32).expand_dims(2)
-        return (text * m).sum(1) / ops.maximum(m.sum(1), 1e-9)
+        return self.pooler(hidden, attention_mask)  # builder.pooling
 
 
 class Features(nn.Cell):

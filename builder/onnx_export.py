@@ -37,6 +37,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ptbundle.runtime.format import INPUT_NAMES
 
+from . import architectures
+from .pooling import POOLING
+
 OUTPUT_NAME = "logits"
 OPSET = 20  # Gelu (and LayerNormalization, 17)
 CONTRIB = "com.microsoft"  # onnxruntime's fused transformer operators
@@ -68,21 +71,18 @@ def f32(a) -> np.ndarray:
 
 
 def weights_of(net) -> dict:
-    """The arrays the graph needs, read off a PromptClassifier."""
-    enc = net.encoder
-    w = {"word": enc.embeddings.word, "position": enc.embeddings.position,
-         "token_type": enc.embeddings.token_type,
-         "emb_ln.gamma": enc.embeddings.norm.gamma, "emb_ln.beta": enc.embeddings.norm.beta,
-         "classifier.weight": net.classifier.weight, "classifier.bias": net.classifier.bias,
-         "prompt": net.prompt}
-    if net.pooler is not None:
-        w["pooler.weight"], w["pooler.bias"] = net.pooler.dense.weight, net.pooler.dense.bias
-    for i, layer in enumerate(enc.layers):
-        a, f = layer.attention, layer.ffn
-        for name, cell in (("qkv", a.qkv), ("out", a.out), ("up", f.up), ("down", f.down)):
-            w[f"layer{i}.{name}.weight"], w[f"layer{i}.{name}.bias"] = cell.weight, cell.bias
-        for name, norm in (("attn_ln", a.norm), ("ffn_ln", f.norm)):
-            w[f"layer{i}.{name}.gamma"], w[f"layer{i}.{name}.beta"] = norm.gamma, norm.beta
+    """The arrays the graph needs, read off a PromptClassifier.
+
+    The encoder's are those of the architecture's weight map
+    (builder.architectures), under our parameter names, which are also the
+    graph's initializer names.
+    """
+    cfg = net.encoder.config
+    params = dict(net.encoder.parameters_and_names())
+    w = {name: params[name] for name in architectures.weight_map(architectures.get(cfg.model_type), cfg)}
+    w.update({"classifier.weight": net.classifier.weight, "classifier.bias": net.classifier.bias,
+              "prompt": net.prompt})
+    w.update(net.pooler.params())
     return {k: f32(v.asnumpy()) for k, v in w.items()}
 
 
@@ -96,7 +96,8 @@ def build_graph(weights: dict, config, num_virtual_tokens: int, pooling: str, no
     batch = g.op("Gather", [shape, g.const("zero", [0], np.int64)], axis=0)  # [1]
     seq = g.op("Gather", [shape, one], axis=0)  # [1]
 
-    embeds = g.op("Gather", [g.const("word_embeddings", weights["word"]), ids], axis=0)  # [b, s, h]
+    token_types = "embeddings.token_type" in weights  # an architecture may have none: the input is then unused
+    embeds = g.op("Gather", [g.const("embeddings.word", weights["embeddings.word"]), ids], axis=0)  # [b, s, h]
     if p > 0:
         # The prompt in front of the text; the mask gets ones, token types zeros.
         prompt_shape = g.op("Concat", [batch, g.const("prompt_len_hidden", [p, h], np.int64)], axis=0)
@@ -104,25 +105,27 @@ def build_graph(weights: dict, config, num_virtual_tokens: int, pooling: str, no
         embeds = g.op("Concat", [prompt, embeds], axis=1)
         prefix_shape = g.op("Concat", [batch, g.const("prompt_len", [p], np.int64)], axis=0)
         ones = g.op("Expand", [g.const("prefix_ones", [[1]], np.int32), prefix_shape])
-        zeros = g.op("Expand", [g.const("prefix_zeros", [[0]], np.int32), prefix_shape])
         full_mask = g.op("Concat", [ones, mask], axis=1)
-        types = g.op("Concat", [zeros, types], axis=1)
+        if token_types:
+            zeros = g.op("Expand", [g.const("prefix_zeros", [[0]], np.int32), prefix_shape])
+            types = g.op("Concat", [zeros, types], axis=1)
     else:
         full_mask = mask
     # Position rows offset .. offset + p + seq (RoBERTa starts after the pad id).
     start = config.position_offset
     end = g.op("Add", [seq, g.const("position_end_offset", [start + p], np.int64)])
-    positions = g.op("Slice", [g.const("position_embeddings", weights["position"]),
+    positions = g.op("Slice", [g.const("embeddings.position", weights["embeddings.position"]),
                                g.const("position_start", [start], np.int64), end, g.const("axis0", [0], np.int64)])
-    type_embeds = g.op("Gather", [g.const("token_type_embeddings", weights["token_type"]), types], axis=0)
-    x = g.op("Add", [g.op("Add", [embeds, positions]), type_embeds])
-    x = g.op("LayerNormalization", [x, g.const("emb_ln.gamma", weights["emb_ln.gamma"]),
-                                    g.const("emb_ln.beta", weights["emb_ln.beta"])], axis=-1, epsilon=eps)
+    x = g.op("Add", [embeds, positions])
+    if token_types:
+        table = g.const("embeddings.token_type", weights["embeddings.token_type"])
+        x = g.op("Add", [x, g.op("Gather", [table, types], axis=0)])
+    x = layer_norm(g, weights, x, "embeddings.norm", eps)
 
     for i in range(config.num_layers):
         x = encoder_layer(g, weights, i, x, full_mask, heads, eps)
 
-    pooled = pool(g, weights, x, mask, p, pooling)
+    pooled = POOLING[pooling].onnx(g, weights, x, mask, p)  # builder.pooling
     if normalize:
         norm = g.op("ReduceL2", [pooled, g.const("last_axis", [-1], np.int64)], keepdims=1)
         pooled = g.op("Div", [pooled, g.op("Max", [norm, g.const("norm_floor", 1e-12, np.float32)])])
@@ -140,38 +143,26 @@ def build_graph(weights: dict, config, num_virtual_tokens: int, pooling: str, no
 
 
 def encoder_layer(g: Graph, w: dict, i: int, x: str, mask: str, heads: int, eps: float) -> str:
-    """One transformer layer (post-LayerNorm, as BERT) over x [b, s, h]."""
-    def add_norm(y, residual, name):
-        return g.op("LayerNormalization", [g.op("Add", [y, residual]), g.const(f"{name}.gamma", w[f"{name}.gamma"]),
-                                           g.const(f"{name}.beta", w[f"{name}.beta"])], axis=-1, epsilon=eps)
-
-    at = f"layer{i}"
+    """One transformer layer (post-LayerNorm, as BERT) over x [b, s, h]; weights under model.Layer's names."""
+    at, ffn = f"layers.{i}.attention", f"layers.{i}.ffn"
     qkv_weight = g.const(f"{at}.qkv.weight", w[f"{at}.qkv.weight"].T)  # [in, 3 * hidden], as Attention wants
     ctx = g.op("Attention", [x, qkv_weight, g.const(f"{at}.qkv.bias", w[f"{at}.qkv.bias"]), mask], domain=CONTRIB,
                num_heads=heads, mask_filter_value=MASK_FILL)
-    x = add_norm(linear(g, w, f"{at}.out", ctx), x, f"{at}.attn_ln")
-    up = g.op("Gelu", [linear(g, w, f"{at}.up", x)])
-    return add_norm(linear(g, w, f"{at}.down", up), x, f"{at}.ffn_ln")
+    x = layer_norm(g, w, g.op("Add", [linear(g, w, f"{at}.out", ctx), x]), f"{at}.norm", eps)
+    up = g.op("Gelu", [linear(g, w, f"{ffn}.up", x)])
+    return layer_norm(g, w, g.op("Add", [linear(g, w, f"{ffn}.down", up), x]), f"{ffn}.norm", eps)
+
+
+def layer_norm(g: Graph, w: dict, x: str, name: str, eps: float) -> str:
+    """LayerNormalization over the last axis with the FrozenLayerNorm `name` (`name`.gamma, `name`.beta)."""
+    return g.op("LayerNormalization", [x, g.const(f"{name}.gamma", w[f"{name}.gamma"]),
+                                       g.const(f"{name}.beta", w[f"{name}.beta"])], axis=-1, epsilon=eps)
 
 
 def linear(g: Graph, w: dict, name: str, x: str, output: str | None = None) -> str:
     """x W^T + b with the Dense weights `name`.weight ([out, in]) and `name`.bias; the MatMul node is `name`."""
     product = g.op("MatMul", [x, g.const(f"{name}.weight", w[f"{name}.weight"].T)], name=name)
     return g.op("Add", [product, g.const(f"{name}.bias", w[f"{name}.bias"])], output=output)
-
-
-def pool(g: Graph, w: dict, hidden: str, mask: str, p: int, pooling: str) -> str:
-    """[b, s, h] -> [b, h], as PromptClassifier.pool."""
-    if pooling == "cls":  # position 0: the first virtual token when there is a prompt (PEFT)
-        first = g.op("Gather", [hidden, g.const("position0", 0, np.int64)], axis=1)
-        return g.op("Tanh", [linear(g, w, "pooler", first)])
-    # Mean over the text tokens (the prompt positions steer, they are not text).
-    text = g.op("Slice", [hidden, g.const("text_start", [p], np.int64),
-                          g.const("text_end", [np.iinfo(np.int64).max], np.int64), g.const("axis1", [1], np.int64)])
-    m = g.op("Unsqueeze", [g.op("Cast", [mask], to=TensorProto.FLOAT), g.const("axis2", [2], np.int64)])
-    total = g.op("ReduceSum", [g.op("Mul", [text, m]), g.const("axis1_sum", [1], np.int64)], keepdims=0)
-    count = g.op("ReduceSum", [m, g.const("axis1_count", [1], np.int64)], keepdims=0)
-    return g.op("Div", [total, g.op("Max", [count, g.const("count_floor", 1e-9, np.float32)])])
 
 
 def export_onnx(net, path: Path) -> Path:

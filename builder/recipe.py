@@ -15,7 +15,11 @@ import click
 from .errors import RecipeError
 
 INITS = ("vocab", "text", "random")
-POOLINGS = ("mean", "cls")  # builder.model.POOLING holds what each computes; a test keeps the two equal
+# The names of the registries that import MindSpore (builder.model.POOLING,
+# builder.hard.HEADS), here so that pt-build checks its options before that
+# 3-second import; tests/test_registries.py keeps the two equal.
+POOLINGS = ("mean", "cls")
+HARD_HEADS = ("zero-shot", "probe")
 
 
 def knob(default, help: str, *, low=None, high=None, choices=None, kind=None):

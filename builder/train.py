@@ -11,6 +11,7 @@ import math
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import click
 import numpy as np
@@ -177,61 +178,104 @@ def encode_split(tokenizer, dataset, split: str, template=None):
     return encode(tokenizer, [e.text for e in examples], texts_b, template), np.array(dataset.label_ids(examples))
 
 
-def train(backbone: Backbone, dataset, recipe: Recipe, log=print):
-    """Train; return (net with the best dev epoch's weights, curve, metrics)."""
-    ms.set_seed(recipe.seed)
-    rng = np.random.RandomState(recipe.seed)
-    tokenizer = load_tokenizer(backbone.tokenizer_path, recipe.max_length)
-    pad_id = backbone.config.pad_token_id
-    splits = {name: encode_split(tokenizer, dataset, name) for name in ("train", "dev", "test")}
-    train_enc, train_y = splits["train"]
-    if len(train_enc) < recipe.batch_size:
-        raise DataError(f"{len(train_enc)} training examples, fewer than one batch of {recipe.batch_size}")
-    num_labels = len(dataset.labels)
-    prompt_init = initial_prompt(backbone, recipe, tokenizer, [e.text for e in dataset.train]) \
-        if recipe.virtual_tokens > 0 else None
-    net = build_classifier(backbone, recipe, num_labels, prompt_init)
+@dataclass
+class Fit:
+    """What `fit` returns: the best epoch (on dev), its weights, the curve, and the time per step."""
 
-    lengths = [len(e.ids) for e in train_enc]
-    steps_per_epoch = len(train_enc) // recipe.batch_size
-    train_step = TrainStep(net, recipe, steps_per_epoch * recipe.epochs)
+    best_epoch: int
+    weights: dict
+    curve: list
+    step_seconds: list
+    seconds: float
+
+
+def fit(step: TrainStep, batch_inputs, lengths, labels, num_labels: int, recipe: Recipe, dev_metrics, weights,
+        log, name: str = "epoch") -> Fit:
+    """The one training loop: epochs of length-bucketed batches, dev after each, the best epoch kept.
+
+    `batch_inputs(index)` gives the Tensors the step's net takes for those
+    examples (token arrays for a prompt, features for a head alone);
+    `dev_metrics()` scores the current weights on dev; `weights()` snapshots
+    them.  The batch order is drawn from `recipe.seed` alone, so every kind
+    of model trained on the same data sees the same batches.
+    """
+    rng = np.random.RandomState(recipe.seed)
     onehot = np.eye(num_labels, dtype=np.float32)
-    curve, best, best_dev = [], None, -1.0
-    started, step_seconds = time.time(), []
+    labels = np.asarray(labels)
+    steps_per_epoch = len(lengths) // recipe.batch_size
+    curve, best, best_dev, step_seconds = [], None, -1.0, []
+    started = time.time()
     for epoch in range(1, recipe.epochs + 1):
-        train_step.set_train(True)
-        batches = bucketed_batches(lengths, recipe.batch_size, rng)
+        step.set_train(True)
         seen = correct = 0
         loss_sum = 0.0
         stats = {}
-        for index in progress(batches, f"epoch {epoch}/{recipe.epochs}", lambda: stats.get("text", "")):
-            arrays = pad([train_enc[i] for i in index], pad_id, TRAIN_PAD_MULTIPLE)
-            y = train_y[index]
+        batches = bucketed_batches(lengths, recipe.batch_size, rng)
+        for index in progress(batches, f"{name} {epoch}/{recipe.epochs}", lambda: stats.get("text", "")):
+            inputs, y = batch_inputs(index), labels[index]
             t0 = time.perf_counter()
-            loss, logits = train_step(*(Tensor(a) for a in arrays), Tensor(onehot[y]))
+            loss, logits = step(*inputs, Tensor(onehot[y]))
             loss_sum += float(loss.asnumpy()) * len(index)
             step_seconds.append(time.perf_counter() - t0)
             correct += int((logits.asnumpy().argmax(-1) == y).sum())
             seen += len(index)
             stats["text"] = f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f}"
-        dev = evaluate(net, *splits["dev"], pad_id, num_labels)
+        dev = dev_metrics()
         point = {"epoch": epoch, "step": epoch * steps_per_epoch, "train_loss": loss_sum / seen,
                  "train_accuracy": correct / seen, "dev": dev, "seconds": round(time.time() - started, 1)}
         curve.append(point)
-        log(f"epoch {epoch}: train loss {point['train_loss']:.4f} acc {point['train_accuracy']:.4f}, "
+        log(f"{name} {epoch}: train loss {point['train_loss']:.4f} acc {point['train_accuracy']:.4f}, "
             f"dev acc {dev['accuracy']:.4f} macro-F1 {dev['macro_f1']:.4f} ({point['seconds']:.0f} s)")
         if dev["accuracy"] > best_dev:
-            best_dev, best = dev["accuracy"], (epoch, net.head_state())
-    best_epoch, weights = best
+            best_dev, best = dev["accuracy"], (epoch, weights())
+    return Fit(best[0], best[1], curve, step_seconds, round(time.time() - started, 1))
+
+
+@dataclass
+class Prepared:
+    """Everything training a prompt needs, made once: tokenizer, encoded splits, the net, its shape."""
+
+    tokenizer: object
+    splits: dict  # split -> (encodings, label ids)
+    net: PromptClassifier
+    pad_id: int
+    num_labels: int
+
+
+def prepare(backbone: Backbone, dataset, recipe: Recipe) -> Prepared:
+    """Tokenize every split as the bundle will, and build the net with its initial prompt and head."""
+    tokenizer = load_tokenizer(backbone.tokenizer_path, recipe.max_length)
+    splits = {name: encode_split(tokenizer, dataset, name) for name in ("train", "dev", "test")}
+    if len(splits["train"][0]) < recipe.batch_size:
+        raise DataError(f"{len(splits['train'][0])} training examples, fewer than one batch of {recipe.batch_size}"
+                        f" (lower --batch-size)")
+    num_labels = len(dataset.labels)
+    prompt_init = initial_prompt(backbone, recipe, tokenizer, [e.text for e in dataset.train]) \
+        if recipe.virtual_tokens > 0 else None
+    net = build_classifier(backbone, recipe, num_labels, prompt_init)
+    return Prepared(tokenizer, splits, net, backbone.config.pad_token_id, num_labels)
+
+
+def train(backbone: Backbone, dataset, recipe: Recipe, log=print):
+    """Train; return (net with the best dev epoch's weights, curve, metrics)."""
+    ms.set_seed(recipe.seed)
+    run = prepare(backbone, dataset, recipe)
+    net, pad_id = run.net, run.pad_id
+    train_enc, train_y = run.splits["train"]
+    step = TrainStep(net, recipe, len(train_enc) // recipe.batch_size * recipe.epochs)
+    result = fit(step, lambda index: [Tensor(a) for a in pad([train_enc[i] for i in index], pad_id,
+                                                             TRAIN_PAD_MULTIPLE)],
+                 [len(e.ids) for e in train_enc], train_y, run.num_labels, recipe,
+                 lambda: evaluate(net, *run.splits["dev"], pad_id, run.num_labels), net.head_state, log)
     # The compiled train graphs hold GBs of buffers (see TRAIN_PAD_MULTIPLE);
     # drop them before evaluation and export compile graphs of their own.
-    del train_step
+    del step
     gc.collect()
-    net.load_head_state(weights)
-    metrics = {"best_epoch": best_epoch, "dev": curve[best_epoch - 1]["dev"],
-               "test": evaluate(net, *splits["test"], pad_id, num_labels),
-               "train_seconds": round(time.time() - started, 1),
+    net.load_head_state(result.weights)
+    metrics = {"best_epoch": result.best_epoch, "dev": result.curve[result.best_epoch - 1]["dev"],
+               "test": evaluate(net, *run.splits["test"], pad_id, run.num_labels),
+               "train_seconds": result.seconds,
                # the median leaves out the steps that compiled a new shape
-               "seconds_per_step_median": round(float(np.median(step_seconds)), 3),
-               "steps": len(step_seconds)}
-    return net, curve, metrics
+               "seconds_per_step_median": round(float(np.median(result.step_seconds)), 3),
+               "steps": len(result.step_seconds)}
+    return net, result.curve, metrics
