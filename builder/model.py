@@ -24,6 +24,7 @@ from ptbundle.runtime.format import DEVICES
 
 from .errors import RecipeError
 from .pooling import POOLING
+from .prompts import PROMPTS, method_for
 
 
 def use_device(device: str = "CPU") -> None:
@@ -216,7 +217,8 @@ class PromptClassifier(nn.Cell):
         self.num_virtual_tokens = num_virtual_tokens
         self.pooling = pooling
         self.normalize = normalize
-        self.prompt = Parameter(np.zeros((max(num_virtual_tokens, 1), h), np.float32), name="prompt_embeddings")
+        self.prompt_method = method_for(num_virtual_tokens)
+        self.prompt = PROMPTS[self.prompt_method](h, num_virtual_tokens)  # builder.prompts
         self.pooler = POOLING[pooling](h, num_virtual_tokens)
         self.classifier = nn.Dense(h, num_labels)
 
@@ -225,15 +227,8 @@ class PromptClassifier(nn.Cell):
 
     def features(self, input_ids, attention_mask, token_type_ids):
         """The pooled vector the head reads (unit length with `normalize`)."""
-        b = input_ids.shape[0]
         embeds = ops.gather(self.encoder.embeddings.word, input_ids, 0)
-        mask, types = attention_mask, token_type_ids
-        p = self.num_virtual_tokens
-        if p > 0:
-            prompt = ops.broadcast_to(self.prompt.expand_dims(0), (b, p, self.prompt.shape[1]))
-            embeds = ops.concat((prompt, embeds), 1)
-            mask = ops.concat((ops.ones((b, p), attention_mask.dtype), attention_mask), 1)
-            types = ops.concat((ops.zeros((b, p), token_type_ids.dtype), token_type_ids), 1)
+        embeds, mask, types = self.prompt(embeds, attention_mask, token_type_ids)
         pooled = self.pool(self.encoder(embeds, mask, types), attention_mask)
         if self.normalize:
             pooled = pooled / ops.maximum(ops.sqrt((pooled * pooled).sum(-1, keepdims=True)), 1e-12)
@@ -247,14 +242,13 @@ class PromptClassifier(nn.Cell):
         `prompt_embeddings` (PEFT's key), `pooler.*`, `classifier.*`.
         """
         state = {"classifier.weight": self.classifier.weight, "classifier.bias": self.classifier.bias}
-        if self.num_virtual_tokens > 0:
-            state["prompt_embeddings"] = self.prompt
+        state.update(self.prompt.params())
         state.update(self.pooler.params())
         return {k: v.asnumpy().copy() for k, v in state.items()}
 
     def load_head_state(self, values: dict) -> None:
         targets = {"classifier.weight": self.classifier.weight, "classifier.bias": self.classifier.bias,
-                   "prompt_embeddings": self.prompt}
+                   **self.prompt.params()}
         targets.update(self.pooler.params())
         for name, value in values.items():
             if name not in targets:

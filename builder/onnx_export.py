@@ -39,6 +39,7 @@ from ptbundle.runtime.format import INPUT_NAMES
 
 from . import architectures
 from .pooling import POOLING
+from .prompts import PROMPTS, method_for
 
 OUTPUT_NAME = "logits"
 OPSET = 20  # Gelu (and LayerNormalization, 17)
@@ -81,7 +82,7 @@ def weights_of(net) -> dict:
     params = dict(net.encoder.parameters_and_names())
     w = {name: params[name] for name in architectures.weight_map(architectures.get(cfg.model_type), cfg)}
     w.update({"classifier.weight": net.classifier.weight, "classifier.bias": net.classifier.bias,
-              "prompt": net.prompt})
+              **net.prompt.params()})
     w.update(net.pooler.params())
     return {k: f32(v.asnumpy()) for k, v in w.items()}
 
@@ -98,19 +99,8 @@ def build_graph(weights: dict, config, num_virtual_tokens: int, pooling: str, no
 
     token_types = "embeddings.token_type" in weights  # an architecture may have none: the input is then unused
     embeds = g.op("Gather", [g.const("embeddings.word", weights["embeddings.word"]), ids], axis=0)  # [b, s, h]
-    if p > 0:
-        # The prompt in front of the text; the mask gets ones, token types zeros.
-        prompt_shape = g.op("Concat", [batch, g.const("prompt_len_hidden", [p, h], np.int64)], axis=0)
-        prompt = g.op("Expand", [g.const("prompt_embeddings", weights["prompt"][None]), prompt_shape])
-        embeds = g.op("Concat", [prompt, embeds], axis=1)
-        prefix_shape = g.op("Concat", [batch, g.const("prompt_len", [p], np.int64)], axis=0)
-        ones = g.op("Expand", [g.const("prefix_ones", [[1]], np.int32), prefix_shape])
-        full_mask = g.op("Concat", [ones, mask], axis=1)
-        if token_types:
-            zeros = g.op("Expand", [g.const("prefix_zeros", [[0]], np.int32), prefix_shape])
-            types = g.op("Concat", [zeros, types], axis=1)
-    else:
-        full_mask = mask
+    embeds, full_mask, types = PROMPTS[method_for(p)].onnx(g, weights, embeds, mask, types if token_types else None,
+                                                           batch, p)  # builder.prompts
     # Position rows offset .. offset + p + seq (RoBERTa starts after the pad id).
     start = config.position_offset
     end = g.op("Add", [seq, g.const("position_end_offset", [start + p], np.int64)])

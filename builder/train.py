@@ -51,14 +51,12 @@ def build_classifier(backbone: Backbone, recipe: Recipe, num_labels: int, prompt
             values["pooler.weight"] = rng.normal(0, 0.02, (h, h))
             values["pooler.bias"] = np.zeros(h)
     net.load_head_state(values)
-    if recipe.virtual_tokens == 0:
-        net.prompt.requires_grad = False
     return net
 
 
 def initial_prompt(backbone: Backbone, recipe: Recipe, tokenizer, texts) -> np.ndarray:
     """Starting vectors for the prompt, as in Lester et al. (2021) section 2.2."""
-    table = backbone.weights["embeddings.word_embeddings.weight"]
+    table = backbone.word_embeddings
     rng = np.random.RandomState(recipe.seed)
     n = recipe.virtual_tokens
     if recipe.init == "random":
@@ -109,8 +107,10 @@ class TrainStep(nn.Cell):
         super().__init__(auto_prefix=False)  # keep the net's parameter names
         self.net = net
         trainable = net.trainable_params()
-        prompt = [p for p in trainable if p.name == "prompt_embeddings"]
-        head = [p for p in trainable if p.name != "prompt_embeddings"]
+        # By identity, not name: MindSpore renames Parameters after the cell path.
+        prompt_ids = {id(p) for p in net.prompt.params().values()} if hasattr(net, "prompt") else set()
+        prompt = [p for p in trainable if id(p) in prompt_ids]
+        head = [p for p in trainable if id(p) not in prompt_ids]
         groups = [{"params": head, "lr": lr_schedule(recipe.head_lr, steps, recipe.warmup),
                    "weight_decay": recipe.weight_decay}]
         if prompt:

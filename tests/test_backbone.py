@@ -134,3 +134,23 @@ def test_missing_config_field_is_named(tmp_path):
 
     with pytest.raises(BackboneError, match="missing field 'num_attention_heads'"):
         load_backbone(broken(tmp_path, drop_field))
+
+
+def test_pad_id_disagreeing_with_the_tokenizer_is_named(tmp_path):
+    def other_pad(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["pad_token_id"] = 3
+        (d / "config.json").write_text(json.dumps(cfg))
+
+    with pytest.raises(BackboneError, match=r"tokenizer.json: pad token '\[PAD\]' is id 0, "
+                                            r"config.json's pad_token_id is 3"):
+        load_backbone(broken(tmp_path, other_pad))
+
+
+def test_the_architecture_decides_offsets_and_token_types(tiny_bert, tiny_roberta):
+    bert, roberta = load_backbone(tiny_bert), load_backbone(tiny_roberta)
+    assert (bert.config.position_offset, roberta.config.position_offset) == (0, 2)
+    assert bert.special_tokens == {"cls": 2, "sep": 3, "pad": 0}
+    assert roberta.special_tokens == {"cls": 0, "sep": 2, "pad": 1}
+    assert bert.pooler_weights() is not None and roberta.pooler_weights() is None
+    np.testing.assert_array_equal(bert.word_embeddings, bert.weights["embeddings.word_embeddings.weight"])
