@@ -1,20 +1,57 @@
-"""Small helpers the project-side benchmarks share (the peer's script, in its own venv, uses none).
+"""What the benchmarks share: their options, figures as min/median/max, the machine, and the product's functions.
 
-The scripts are run as `python bench/<name>.py`, so `bench/` is on sys.path
-and they import this as `common`.
+Scripts run as `python bench/<kind>/<name>.py` and put bench/ on sys.path to
+import this as `common`.  Every ptbundle name bench/ uses is in PRODUCT, the
+last section here (a rename in the product is one edit), imported on first
+use: importing this module imports the standard library only, so the
+PyTorch peer (bench/peer/peer_torch.py, in a venv without ptbundle or click)
+uses it too.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
 import statistics
+import sys
+import time
 from pathlib import Path
 
-# CPU features that decide which GEMM kernels the libraries pick.
-SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile")
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 
+# --- options every script takes ---------------------------------------------------------
+
+DATA_HELP = ("'mr' (the shipped MR, canonical split), a directory with train and dev files (test optional; "
+             ".tsv, .csv or .jsonl, columns text and label), or one labelled file (read as every split).")
+
+
+def options(data: str = "mr", data_help: str = DATA_HELP, backbone_help: str | None = None):
+    """--backbone, --data, --smoke and --results, as click options."""
+    import click
+
+    def decorate(f):
+        f = click.option("--results", type=click.Path(file_okay=False), default=str(RESULTS), show_default="bench/results",
+                         help="Directory that receives the results JSON.")(f)
+        f = click.option("--smoke", is_flag=True,
+                         help="Tiny sizes (a few sentences and steps, one repeat): seconds on a tiny checkpoint.")(f)
+        f = click.option("--data", default=data, show_default=True, help=data_help)(f)
+        return click.option("--backbone", type=click.Path(exists=True, file_okay=False), default=None,
+                            help=backbone_help or "Checkpoint directory [default: the shipped all-MiniLM-L6-v2].")(f)
+    return decorate
+
+
+def write_results(results: str | Path, name: str, result: dict) -> Path:
+    out = Path(results) / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {out}", flush=True)
+    return out
+
+
+# --- figures ----------------------------------------------------------------------------
 
 def spread(values, digits: int = 3) -> dict:
     """min/median/max, the form every figure of these benchmarks takes."""
@@ -22,17 +59,51 @@ def spread(values, digits: int = 3) -> dict:
             "max": round(max(values), digits)}
 
 
-def cpu_threads() -> int:
-    """The cores this process may run on: the thread count the runtime gives onnxruntime."""
-    from ptbundle.runtime.onnx_backend import default_threads
+def every_kth(items, k: int) -> list:
+    """An evenly spaced subset: MR test lists all negative reviews, then all positive,
+    so a prefix would be one label only; every k-th item keeps both and all lengths."""
+    return list(items[::k]) if k > 1 else list(items)
 
-    return default_threads()
+
+def subset_name(total: int, k: int) -> str:
+    return f"all {total}" if k <= 1 else f"every {k}th of {total} ({math.ceil(total / k)})"
+
+
+def layer_gemm_shapes(tokens: int, hidden: int, intermediate: int) -> list:
+    """(name, M, K, N) of the four weight GEMMs of one encoder layer over `tokens` rows."""
+    return [("qkv", tokens, hidden, 3 * hidden),  # builder/model.py fuses query, key and value into one Dense
+            ("attn_out", tokens, hidden, hidden),
+            ("ffn_up", tokens, hidden, intermediate),
+            ("ffn_down", tokens, intermediate, hidden)]
+
+
+def time_calls(call, sync, repeats: int, min_seconds: float = 0.05) -> list:
+    """Seconds per call, `repeats` samples; each sample averages enough calls to last min_seconds."""
+    sync(call())  # warm-up: first-call allocation, thread pool start
+    t = time.perf_counter()
+    sync(call())
+    inner = max(1, int(min_seconds / max(time.perf_counter() - t, 1e-6)))
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(inner - 1):
+            call()
+        sync(call())  # calls may be queued: the last one's result waits for all of them
+        samples.append((time.perf_counter() - t) / inner)
+    return samples
+
+
+# --- the machine --------------------------------------------------------------------------
+
+# CPU features that decide which GEMM kernels the libraries pick.
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile")
 
 
 def machine_info() -> dict:
     """CPU model, cores, memory, SIMD flags and load, read from /proc where there is one."""
     info = {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "usable_cores": cpu_threads()}
+            "cpu_count": os.cpu_count(),
+            "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         fields = {}
@@ -53,11 +124,112 @@ def machine_info() -> dict:
     return info
 
 
-def every_kth(items, k: int) -> list:
-    """An evenly spaced subset: MR test lists all negative reviews, then all positive,
-    so a prefix would be one label only; every k-th item keeps both and all lengths."""
-    return list(items[::k]) if k > 1 else list(items)
+def tool(name: str) -> str:
+    """pt-build / pt-run of this interpreter's environment."""
+    return str(Path(sys.executable).parent / name)
 
 
-def subset_name(total: int, k: int) -> str:
-    return f"all {total}" if k <= 1 else f"every {k}th of {total} ({math.ceil(total / k)})"
+# --- the product: every ptbundle name bench/ uses -----------------------------------------
+
+# common.<name> is the product's module:attribute, imported on first use (PEP 562 __getattr__ below),
+# so a rename in the product is one edit here and importing this module imports no ptbundle.
+PRODUCT = {
+    "load_tokenizer": "ptbundle.runtime.text:load_tokenizer", "encode": "ptbundle.runtime.text:encode",
+    "pad": "ptbundle.runtime.text:pad", "batch_indices": "ptbundle.runtime.text:batch_indices",
+    "TEXT_MODULE_FILE": "ptbundle.runtime.text:__file__",  # the peer loads runtime/text.py by path
+    "open_bundle": "ptbundle.runtime:Bundle.load", "Manifest": "ptbundle.runtime:Manifest",
+    "load_mr": "ptbundle.runtime.data:load_mr", "load_files": "ptbundle.runtime.data:load_files",
+    "read_examples": "ptbundle.runtime.data:read_examples", "Columns": "ptbundle.runtime.data:Columns",
+    "metrics": "ptbundle.runtime.metrics:classification_metrics",
+    "Template": "ptbundle.runtime.template:Template",
+    "sha256_file": "ptbundle.runtime.format:sha256_file",
+    "PROMPT_FILE": "ptbundle.runtime.format:PROMPT", "TOKENIZER_FILE": "ptbundle.runtime.format:TOKENIZER",
+    "cpu_threads": "ptbundle.runtime.onnx_backend:default_threads",  # the thread count onnxruntime gets
+    "UNFUSED": "ptbundle.runtime.onnx_backend:UNFUSED",  # the fusion passes the runtime turns off
+    "ONNX_PAD_MULTIPLE": "ptbundle.runtime.onnx_backend:OnnxModel.pad_multiple",
+    "use_device": "ptbundle.builder.model:use_device",
+    "Recipe": "ptbundle.builder.recipe:Recipe",
+    "prepare": "ptbundle.builder.train:prepare", "TrainStep": "ptbundle.builder.train:TrainStep",
+    "bucketed_batches": "ptbundle.builder.train:bucketed_batches",
+    "lr_schedule": "ptbundle.builder.train:lr_schedule",
+    "TRAIN_PAD_MULTIPLE": "ptbundle.builder.train:TRAIN_PAD_MULTIPLE",
+    "FeatureCache": "ptbundle.builder.hard:FeatureCache", "Verbalizer": "ptbundle.builder.hard:Verbalizer",
+    "zero_shot_head": "ptbundle.builder.hard:zero_shot_head", "head_logits": "ptbundle.builder.hard:head_logits",
+    "load_backbone_dir": "ptbundle.builder.backbone:load_backbone",
+}
+
+
+def product(name: str):
+    import importlib
+
+    module, _, path = PRODUCT[name].partition(":")
+    value = importlib.import_module(module)
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def __getattr__(name: str):
+    if name not in PRODUCT:
+        raise AttributeError(f"module 'common' has no attribute {name!r}")
+    return product(name)
+
+
+def load_backbone(path=None):
+    """ptbundle's Backbone (None: the shipped all-MiniLM-L6-v2), with MindSpore in graph mode on CPU."""
+    product("use_device")("CPU")
+    return product("load_backbone_dir")(path)
+
+
+def recipe(**fields):
+    """The default recipe with `fields` changed (None: the default)."""
+    return product("Recipe")(**{k: v for k, v in fields.items() if v is not None})
+
+
+def load_data(spec: str, columns=None):
+    """--data as a Dataset: as pt-build export reads --data mr / --train --dev --test, and pt-run eval a file."""
+    columns = columns or product("Columns")()
+    if spec == "mr":
+        return product("load_mr")()
+    path = Path(spec)
+    if path.is_dir():
+        files = {split: next((f for f in (path / f"{split}{ext}" for ext in (".tsv", ".csv", ".jsonl"))
+                              if f.is_file()), None) for split in ("train", "dev", "test")}
+        if not (files["train"] and files["dev"]):
+            raise SystemExit(f"--data {spec}: a data directory needs train and dev files (.tsv, .csv or .jsonl)")
+        return product("load_files")(files["train"], files["dev"], files["test"], columns)
+    if path.is_file():
+        return product("load_files")(path, path, path, columns)
+    raise SystemExit(f"--data {spec!r}: not 'mr', a directory or a file")
+
+
+def eval_split(dataset) -> tuple:
+    """(name, examples) the speed and accuracy figures run on: test, or dev when there is no test."""
+    return ("test", dataset.test) if dataset.test else ("dev", dataset.dev)
+
+
+def split_texts(examples) -> tuple:
+    """(texts, second texts or None) of examples."""
+    texts_b = [e.text_b for e in examples] if any(e.text_b is not None for e in examples) else None
+    return [e.text for e in examples], texts_b
+
+
+def read_manifest(path) -> dict:
+    """A bundle's manifest.json, validated, as a dict (plus kind_label: 'soft', 'hard probe'...)."""
+    manifest = product("Manifest").read(Path(path))
+    return dict(manifest.to_json(), kind_label=manifest.kind_label)
+
+
+def check_backbone(manifest: dict, backbone) -> None:
+    """With --backbone given, the bundle must contain it (same model.safetensors), or its figures mix two models."""
+    if backbone is not None and product("sha256_file")(Path(backbone) / "model.safetensors") \
+            != manifest["backbone"]["sha256"]:
+        raise SystemExit(f"--backbone {backbone}: not the backbone of the bundle ({manifest['backbone']['name']})")
+
+
+def epoch_batches(lengths, batch_size: int, seed: int, epochs: int = 1) -> list:
+    """The training batches of each epoch as builder.train makes them (one RandomState(seed) for all epochs)."""
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    return [product("bucketed_batches")(lengths, batch_size, rng) for _ in range(epochs)]

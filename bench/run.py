@@ -1,22 +1,24 @@
 """Every benchmark of the project in one run, against its limit and its peer.
 
     make bench                                   # = .venv/bin/python bench/run.py
-    .venv/bin/python bench/run.py --quick        # smoke run: a few repeats and steps, a few minutes
-    .venv/bin/python bench/run.py --bundle exports/mr-soft --peer-full-epochs 1   # + peer accuracy (slow)
+    .venv/bin/python bench/run.py --quick        # a few repeats and steps on MR: a few minutes
+    .venv/bin/python bench/run.py --peer-full-epochs 1   # + the peer's MR test accuracy (slow)
+    .venv/bin/python bench/run.py --smoke --bundle B --backbone DIR --data DIR   # seconds, tiny sizes (tests)
 
 In this order, each in a process of its own (so that one's threads, caches
 and GBs of compiled MindSpore graphs do not weigh on the next), one at a time:
-1. the limit: fp32 GEMM GFLOP/s at the model's shapes (bench/roofline.py);
+1. the limit: fp32 GEMM GFLOP/s at the model's shapes (perf/roofline.py);
 2. inference of the bundle: sentences/s at batch 1, 8, 64, sorted-length
    batching on and off, every backend (fp32, int8 if present), and the cold
-   start of `pt-run predict` (bench/inference.py);
-3. training: seconds per step and projected epoch, default recipe, MR train
-   (bench/train_step.py);
+   start of `pt-run predict` (perf/inference.py);
+3. training: seconds per step and projected epoch, default recipe, --data's
+   train split (perf/train_step.py);
 4. the peer: the same model and recipe in PyTorch + transformers + PEFT on
-   the same sentences, batches, padding and thread count (bench/peer_inputs.py
-   writes its inputs with our code; bench/peer_torch.py runs in
-   bench/.peer-venv, which this script creates on first use).
-Then one table with the issue's targets as ratios, and bench/results/all.json
+   the same sentences, batches, padding and thread count (peer/peer_inputs.py
+   writes its inputs with our code; peer/peer_torch.py runs in
+   bench/.peer-venv, which this script creates on first use; --smoke never
+   creates it, and skips the peer, saying so, when it is not there).
+Then one table with the issue's targets as ratios, and <results>/all.json
 with machine info, library versions, thread counts and every figure
 (min/median/max).  The stage outputs stay next to it (roofline.json,
 inference.json, train_step.json, peer.json).
@@ -24,7 +26,7 @@ inference.json, train_step.json, peer.json).
 The limit is the best layer GEMM rate any library reached in this run
 (numpy, MindSpore, onnxruntime, and torch from the peer): for each library,
 the FLOPs of a layer's four GEMMs over the sum of their median times at
-M = 64 * 48 tokens (bench/roofline.py).  Throughput is shown as useful
+M = 64 * 48 tokens on MR (perf/roofline.py).  Throughput is shown as useful
 GFLOP/s (each sentence at its own length, prompt included) over that limit.
 """
 
@@ -39,11 +41,9 @@ from pathlib import Path
 
 import click
 
-from ptbundle.runtime.bundle import read_manifest
+import common
+from common import ROOT, cpu_threads, machine_info, read_manifest
 
-from common import cpu_threads, machine_info
-
-ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 PEER_VENV = BENCH / ".peer-venv"
 TORCH = "torch==2.13.0"  # the CPU wheel in /opt/wheels (pip's global find-links); never the CUDA build
@@ -57,6 +57,7 @@ SETTINGS = {
              "train_steps": 30, "peer_train_steps": 30},
     "quick": {"roofline_repeats": 3, "repeats": 2, "cold_repeats": 2, "every": 16, "every_batch1": 32,
               "train_steps": 3, "peer_train_steps": 3},
+    "smoke": {},  # each stage's own --smoke sizes
 }
 TARGETS = {"speedup_vs_peer": 1.5, "fraction_of_limit": 0.6, "epoch_vs_peer": 0.7, "cold_start_seconds": 1.0}
 
@@ -76,39 +77,52 @@ def run_stage(name: str, cmd: list, stages: dict, env: dict | None = None) -> No
 
 # --- the peer's environment -------------------------------------------------------------
 
-def peer_python() -> Path:
-    return PEER_VENV / "bin" / "python"
+def peer_ready(venv: Path) -> bool:
+    stamp = venv / ".installed"
+    return stamp.is_file() and stamp.read_text().strip() == " ".join(PEER_PACKAGES) and (venv / "bin" / "python").exists()
 
 
-def ensure_peer_venv(stages: dict) -> Path:
+def ensure_peer_venv(venv: Path, stages: dict) -> Path:
     """bench/.peer-venv with torch (CPU) + transformers + peft; created once, checked every time."""
-    stamp, spec = PEER_VENV / ".installed", " ".join(PEER_PACKAGES)
-    python = peer_python()
-    if not (stamp.is_file() and stamp.read_text().strip() == spec and python.exists()):
+    stamp, spec = venv / ".installed", " ".join(PEER_PACKAGES)
+    python = venv / "bin" / "python"
+    if not peer_ready(venv):
         started = time.perf_counter()
-        log(f"creating {PEER_VENV} (torch CPU wheel, transformers, peft; a few minutes, once)")
+        log(f"creating {venv} (torch CPU wheel, transformers, peft; a few minutes, once)")
         # sys.executable is the project venv's python: venv builds on its base interpreter (3.11, as the wheel)
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(PEER_VENV)], check=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
         pip = [str(python), "-m", "pip", "install", "-qq", "--disable-pip-version-check"]  # -qq: errors only
         # torch first and alone, so pip takes the local CPU wheel; then the rest with torch pinned
         # again on the same line, so no dependency can upgrade it (to the CUDA build from PyPI).
         subprocess.run(pip + [TORCH], check=True)
         subprocess.run(pip + PEER_PACKAGES, check=True)
         stages["peer_venv_setup"] = round(time.perf_counter() - started, 1)
-    check_peer_venv(python)
+    check_peer_venv(venv)
     stamp.write_text(spec + "\n")
     return python
 
 
-def check_peer_venv(python: Path) -> None:
-    listing = subprocess.run([str(python), "-m", "pip", "list", "--disable-pip-version-check"], check=True,
+def check_peer_venv(venv: Path) -> None:
+    python = str(venv / "bin" / "python")
+    listing = subprocess.run([python, "-m", "pip", "list", "--disable-pip-version-check"], check=True,
                              capture_output=True, text=True).stdout
     if "nvidia" in listing.lower():
-        raise click.ClickException(f"{PEER_VENV} holds NVIDIA packages (a CUDA torch): delete it and rerun")
-    version = subprocess.run([str(python), "-c", "import torch; print(torch.__version__)"], check=True,
+        raise click.ClickException(f"{venv} holds NVIDIA packages (a CUDA torch): delete it and rerun")
+    version = subprocess.run([python, "-c", "import torch; print(torch.__version__)"], check=True,
                              capture_output=True, text=True).stdout.strip()
     if not version.startswith("2.13.0") or "+cpu" not in version:
-        raise click.ClickException(f"{PEER_VENV}: torch {version}, expected 2.13.0+cpu: delete it and rerun")
+        raise click.ClickException(f"{venv}: torch {version}, expected 2.13.0+cpu: delete it and rerun")
+
+
+def peer_or_skip(venv: Path, smoke: bool, stages: dict) -> Path | None:
+    """The peer's python; a --smoke run uses the venv only if it is set up, and never creates it."""
+    if not smoke:
+        return ensure_peer_venv(venv, stages)
+    if peer_ready(venv):
+        check_peer_venv(venv)
+        return venv / "bin" / "python"
+    log(f"peer skipped: no PyTorch environment at {venv} (--smoke never creates it; make bench does)")
+    return None
 
 
 # --- the summary ------------------------------------------------------------------------
@@ -177,6 +191,8 @@ def cold_rows(inference: dict) -> tuple:
     rows, targets = [], {}
     for config in inference["results"]:
         c = config["cold_start_seconds"]
+        if c is None:  # not measured (--smoke)
+            continue
         target, ok = "", None
         if config["config"] == "onnxruntime fp32":
             ok = c["median"] < TARGETS["cold_start_seconds"]
@@ -204,7 +220,7 @@ def training_rows(train: dict, peer: dict | None, manifest: dict) -> tuple:
     ok = None if epoch_ratio is None else epoch_ratio <= TARGETS["epoch_vs_peer"]
     targets["epoch_vs_peer"] = {"value": round(epoch_ratio, 3) if epoch_ratio else None,
                                 "target": TARGETS["epoch_vs_peer"], "met": ok}
-    rows.append({"figure": f"epoch on MR train, projected ({train['steps_per_epoch']} steps), s",
+    rows.append({"figure": f"epoch on {train['data']} train, projected ({train['steps_per_epoch']} steps), s",
                  "ours": fmt(train["projected_epoch_seconds_range"], 0), "ours_limit": "",
                  "peer": fmt(theirs["projected_epoch_seconds_range"], 0) if theirs else "-", "peer_limit": "",
                  "ratio": f"{epoch_ratio:.2f}x" if epoch_ratio else "-",
@@ -222,7 +238,7 @@ def training_rows(train: dict, peer: dict | None, manifest: dict) -> tuple:
     targets["accuracy_not_worse"] = {"ours": ours_acc, "peer": peer_acc, "met": ok,
                                      "ours_epochs": recipe.get("epochs"),
                                      "peer_epochs": len(theirs.get("curve", [])) if theirs else None}
-    rows.append({"figure": f"MR test accuracy (ours: bundle, {recipe.get('epochs')} epoch(s))",
+    rows.append({"figure": f"test accuracy (ours: bundle, {recipe.get('epochs')} epoch(s))",
                  "ours": f"{ours_acc:.4f}" if ours_acc is not None else "-", "ours_limit": "",
                  "peer": f"{peer_acc:.4f}" if peer_acc is not None else "not run",
                  "peer_limit": "", "ratio": "-", "target": "ours >= peer", "met": verdict(ok)})
@@ -275,21 +291,21 @@ def recipe_differences(bundle_recipe: dict, peer_data: dict | None) -> list:
     return sorted(k for k, v in peer_data["recipe"].items() if k != "epochs" and bundle_recipe.get(k) != v)
 
 
-def summarize(results: Path, bundle_path: str, settings: dict, stages: dict, quick: bool, machine: dict) -> dict:
+def summarize(results: Path, bundle_path: str, settings: dict, stages: dict, mode: str, machine: dict) -> dict:
     roofline, inference = read(results / "roofline.json"), read(results / "inference.json")
     train, peer = read(results / "train_step.json"), read(results / "peer.json")
-    manifest = read_manifest(Path(bundle_path))
+    manifest = read_manifest(bundle_path)
     lim = limits(roofline, peer)
     inf_rows, inf_targets = inference_rows(inference, peer, lim["limit_gflops"])
     cold, cold_targets = cold_rows(inference)
     tr_rows, tr_targets = training_rows(train, peer, manifest)
     tr_targets["accuracy_not_worse"]["bundle_recipe_differs_in"] = recipe_differences(
         manifest.get("recipe") or {}, read(results / "peer-inputs" / "data.json"))
-    flops_row = {"figure": "matmul GFLOP per MR test sentence (mean)",
+    flops_row = {"figure": f"matmul GFLOP per {inference['data']} {inference['split']} sentence (mean)",
                  "ours": f"{inference['mean_useful_gflop_per_sentence']:.3f}", "ours_limit": "", "peer": "same",
                  "peer_limit": "", "ratio": "", "target": "", "met": ""}
     rows = gemm_rows(lim) + [flops_row] + inf_rows + same_model_rows(inf_targets) + cold + tr_rows
-    return {"quick": quick, "bundle": bundle_path, "settings": settings, "machine": machine,
+    return {"mode": mode, "bundle": bundle_path, "settings": settings, "machine": machine,
             "versions": versions(roofline, inference, peer),
             "threads": {"usable_cores": cpu_threads(), "inference": inference.get("threads"),
                         "training": train.get("threads"), "peer": (peer or {}).get("threads"),
@@ -302,61 +318,71 @@ def summarize(results: Path, bundle_path: str, settings: dict, stages: dict, qui
             "roofline": roofline, "inference": inference, "training": train, "peer": peer}
 
 
+def sizes(settings: dict, **names) -> list:
+    """--option value pairs of a stage from the settings (none in a --smoke run: the stage's own)."""
+    return [x for option, key in names.items() if key in settings for x in (f"--{option.replace('_', '-')}", settings[key])]
+
+
 @click.command()
+@common.options(backbone_help="Checkpoint of the bundle, for the limit's shapes, the train step and the peer "
+                              "[default: the shipped all-MiniLM-L6-v2].")
 @click.option("--bundle", "bundle_path", default="exports/mr-soft", show_default=True)
-@click.option("--quick", is_flag=True, help="Smoke run: a few repeats and steps, subsets of MR test.")
+@click.option("--quick", is_flag=True, help="A few repeats and steps on subsets of the test split: a few minutes.")
 @click.option("--no-peer", is_flag=True, help="Skip the PyTorch peer (and its environment).")
+@click.option("--peer-venv", default=str(PEER_VENV), show_default="bench/.peer-venv", type=click.Path(file_okay=False),
+              help="The peer's environment (created here on first use, except with --smoke).")
 @click.option("--peer-full-epochs", default=0, show_default=True,
-              help="Train the peer for K real epochs (533 steps each: slow) for its MR test accuracy.")
-@click.option("--results", "results_dir", default="bench/results", show_default=True)
-def main(bundle_path, quick, no_peer, peer_full_epochs, results_dir):
+              help="Train the peer for K real epochs (533 steps each on MR: slow) for its test accuracy.")
+def main(backbone, data, smoke, results, bundle_path, quick, no_peer, peer_venv, peer_full_epochs):
     started = time.perf_counter()
     machine = machine_info()  # before any stage: the load average then is other people's work
-    if not (ROOT / bundle_path / "manifest.json").is_file() and not (Path(bundle_path) / "manifest.json").is_file():
+    bundle = Path(bundle_path) if Path(bundle_path).is_absolute() else ROOT / bundle_path
+    if not (bundle / "manifest.json").is_file():
         raise click.ClickException(f"{bundle_path}: no bundle (make bundle builds exports/mr-soft)")
-    bundle_path = str((ROOT / bundle_path).resolve()) if not Path(bundle_path).is_absolute() else bundle_path
-    settings = SETTINGS["quick" if quick else "full"]
-    results = (ROOT / results_dir).resolve()
+    bundle_path = str(bundle.resolve())
+    mode = "smoke" if smoke else "quick" if quick else "full"
+    settings = SETTINGS[mode]
+    results = Path(results).resolve()
     results.mkdir(parents=True, exist_ok=True)
     for name in ("roofline.json", "inference.json", "train_step.json", "peer.json"):
         (results / name).unlink(missing_ok=True)  # a figure in the summary always comes from this run
-    manifest = read_manifest(Path(bundle_path))
-    virtual_tokens = manifest.get("num_virtual_tokens", 20)
+    manifest = read_manifest(bundle_path)
     stages = {}
     env = dict(os.environ, GLOG_v=os.environ.get("GLOG_v", "3"))  # MindSpore: errors only in the log
+    shared = ["--data", data, "--results", results] + (["--backbone", backbone] if backbone else []) \
+        + (["--smoke"] if smoke else [])
     python = sys.executable
-    peer = None if no_peer else ensure_peer_venv(stages)  # first: a failed setup costs no measurement
+    peer = None if no_peer else peer_or_skip(Path(peer_venv), smoke, stages)  # first: a failed setup costs nothing
 
-    run_stage("roofline", [python, BENCH / "roofline.py", "--repeats", settings["roofline_repeats"],
-                           "--out", results / "roofline.json"], stages, env)
-    run_stage("inference", [python, BENCH / "inference.py", "--bundle", bundle_path, "--batch-sizes", "1,8,64",
-                            "--repeats", settings["repeats"], "--cold-repeats", settings["cold_repeats"],
-                            "--every", settings["every"], "--every-batch1", settings["every_batch1"],
-                            "--roofline", results / "roofline.json", "--out", results / "inference.json"],
-              stages, env)
-    run_stage("train_step", [python, BENCH / "train_step.py", "--batch-size", 16, "--steps", settings["train_steps"],
-                             "--virtual-tokens", virtual_tokens, "--out", results / "train_step.json"], stages, env)
+    run_stage("roofline", [python, BENCH / "perf" / "roofline.py", *shared,
+                           *sizes(settings, repeats="roofline_repeats")], stages, env)
+    run_stage("inference", [python, BENCH / "perf" / "inference.py", *shared, "--bundle", bundle_path,
+                            *sizes(settings, repeats="repeats", cold_repeats="cold_repeats", every="every",
+                                   every_batch1="every_batch1")], stages, env)
+    run_stage("train_step", [python, BENCH / "perf" / "train_step.py", *shared,
+                             "--virtual-tokens", manifest["num_virtual_tokens"],
+                             *sizes(settings, steps="train_steps")], stages, env)
     if peer:
         inputs = results / "peer-inputs"
-        run_stage("peer_inputs", [python, BENCH / "peer_inputs.py", "--bundle", bundle_path, "--out-dir", inputs,
+        run_stage("peer_inputs", [python, BENCH / "peer" / "peer_inputs.py", *shared, "--bundle", bundle_path,
                                   "--epochs", max(1, peer_full_epochs)], stages, env)
         peer_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         peer_env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        run_stage("peer", [peer, BENCH / "peer_torch.py", "--data", inputs / "data.json", "--init",
-                           inputs / "init.npz", "--head", Path(bundle_path) / "prompt.safetensors",
-                           "--tokenizer", Path(bundle_path) / "tokenizer.json",
-                           "--threads", cpu_threads(), "--batch-sizes", "1,8,64", "--repeats", settings["repeats"],
-                           "--every", settings["every"], "--every-batch1", settings["every_batch1"],
-                           "--train-steps", settings["peer_train_steps"], "--full-epochs", peer_full_epochs,
-                           "--gemm-repeats", settings["roofline_repeats"], "--out", results / "peer.json"],
+        run_stage("peer", [peer, BENCH / "peer" / "peer_torch.py", "--data", inputs, "--results", results,
+                           "--threads", cpu_threads(), "--full-epochs", peer_full_epochs,
+                           *(["--smoke"] if smoke else []),
+                           *sizes(settings, repeats="repeats", every="every", every_batch1="every_batch1",
+                                  train_steps="peer_train_steps", gemm_repeats="roofline_repeats")],
                   stages, peer_env)
 
     stages["total"] = round(time.perf_counter() - started, 1)
-    summary = summarize(results, bundle_path, settings, stages, quick, machine)
+    summary = summarize(results, bundle_path, settings, stages, mode, machine)
+    summary["peer_skipped"] = peer is None
     out = results / "all.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")
     m = summary["machine"]
-    click.echo(f"\nptbundle benchmark{' (--quick: smoke figures, not for reporting)' if quick else ''}: "
+    note = {"quick": " (--quick: figures not for reporting)", "smoke": " (--smoke: a test, not figures)"}.get(mode, "")
+    click.echo(f"\nptbundle benchmark{note}: "
                f"{m.get('cpu_model')}, {m['usable_cores']} cores, {m.get('memory_gb')} GB; "
                f"bundle {Path(bundle_path).name}; GEMM limit {summary['limit']['limit_gflops']:.1f} GFLOP/s "
                f"({summary['limit']['limit_library']}); {stages['total']:.0f} s")
@@ -368,6 +394,8 @@ def main(bundle_path, quick, no_peer, peer_full_epochs, results_dir):
     if differs:
         click.echo(f"note: the bundle was not trained with the default recipe ({', '.join(differs)} differ): "
                    f"its accuracy is not the default recipe's")
+    if peer is None:
+        click.echo("note: no peer in this run (--no-peer, or --smoke without bench/.peer-venv): its columns are empty")
     click.echo(f"-> {out}")
 
 

@@ -16,7 +16,7 @@ from ptbundle.runtime.text import load_tokenizer
 from .backbone import Backbone
 from .recipe import Recipe
 
-# Chosen on MR dev only, by bench/zero_shot_search.py (README, "Soft and hard
+# Chosen on MR dev only, by bench/experiments/zero_shot_search.py (README, "Soft and hard
 # prompts"); other tasks default to the bare text and the label names.
 MR_TEMPLATE = "{text} All in all, the movie was"
 MR_LABEL_TEXTS = ("positive=The critic loved the film.", "positive=A positive review of a good movie.",

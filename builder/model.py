@@ -58,7 +58,7 @@ class LayerNormInputGrad(nn.Cell):
 
     The encoder is frozen, so gamma's and beta's gradients are thrown away;
     MindSpore's CPU LayerNormGrad computes them anyway, slowly: about a sixth
-    of a train step (bench/profile_step.py).  `bprop` computes the input
+    of a train step (bench/perf/profile_step.py).  `bprop` computes the input
     gradient alone.  (A bprop may not read Parameters, hence gamma and
     beta come in as arguments.)
     """
@@ -103,7 +103,7 @@ def gelu(x):
     """GELU with the exact erf, as BERT uses it.
 
     Written out rather than ops.gelu: that one divides by sqrt 2, and on
-    CPU the division and its gradient are slow (Div in bench/profile_step.py).
+    CPU the division and its gradient are slow (Div in bench/perf/profile_step.py).
     """
     return x * (0.5 + 0.5 * ops.erf(x * (1.0 / math.sqrt(2.0))))
 

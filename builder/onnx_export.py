@@ -4,7 +4,7 @@ MindSpore's ONNX exporter writes static shapes only and no fused operators:
 every LayerNorm comes out as nine elementwise ops, GELU as a polynomial, and
 attention as a chain of reshapes and transposes that onnxruntime's fusion
 passes do not recognise.  So this module writes the graph itself, with the
-kernels onnxruntime runs a BERT fastest with on CPU (measured, bench/fusion.py):
+kernels onnxruntime runs a BERT fastest with on CPU (measured, bench/perf/fusion.py):
 
     embeddings     Gather + Add, LayerNormalization
     attention      com.microsoft.Attention   (QKV GEMM, scaled scores, mask, softmax, context)

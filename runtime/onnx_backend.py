@@ -17,7 +17,7 @@ from .errors import BundleError
 from .format import INPUT_NAMES
 # onnxruntime would fuse Add + LayerNormalization into SkipLayerNormalization
 # and Add + Gelu into BiasGelu; on this CPU those fused kernels take 3.9x and
-# 1.25x the time of the ops they replace (bench/fusion.py).
+# 1.25x the time of the ops they replace (bench/perf/fusion.py).
 UNFUSED = ["SkipLayerNormFusion", "BiasGeluFusion"]
 
 

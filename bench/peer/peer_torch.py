@@ -3,45 +3,50 @@
 Runs in its own environment (bench/.peer-venv: torch, transformers, peft,
 tokenizers, safetensors, numpy), never with ptbundle or MindSpore:
 
-    bench/.peer-venv/bin/python bench/peer_torch.py --data bench/results/peer-inputs/data.json \\
-        --init bench/results/peer-inputs/init.npz --head exports/mr-soft/prompt.safetensors \\
-        --out bench/results/peer.json
+    bench/.peer-venv/bin/python bench/peer/peer_torch.py --data bench/results/peer-inputs [--smoke]
 
-bench/run.py writes the inputs (bench/peer_inputs.py) and runs this.  The
-model is the one tests/fixtures/make_reference.py checks ours against: PEFT
-PromptTuningConfig(task_type=FEATURE_EXTRACTION) over AutoModel (the prompt
-goes before [CLS], the mask gets a prefix of ones), mean pooling over the
-text tokens, a linear head.  Dropout is off, as in our encoder (which has
-none); the checkpoint's unused pooler is not built.  Eager PyTorch (no
-torch.compile), the attention implementation transformers picks by default
-(recorded), float32, torch.set_num_threads(--threads).
+bench/run.py writes the inputs (bench/peer/peer_inputs.py: sentences,
+batches, learning rates, initial prompt and head, the bundle's files) and
+runs this.  Tokenizing, batching in length order and padding are the
+project's own: runtime/text.py, loaded by path (it needs only numpy and
+tokenizers); figures are summarized by bench/common.py (standard library
+only).  The model is the one tests/fixtures/make_reference.py checks ours
+against: PEFT PromptTuningConfig(task_type=FEATURE_EXTRACTION) over
+AutoModel (the prompt goes before [CLS], the mask gets a prefix of ones),
+mean pooling over the text tokens, a linear head.  Dropout is off, as in our
+encoder (which has none); the checkpoint's unused pooler is not built.
+Eager PyTorch (no torch.compile), the attention implementation transformers
+picks by default (recorded), float32, torch.set_num_threads(--threads).
 
 Measures, with min/median/max over repeats:
-- gemm: torch.matmul GFLOP/s at a layer's four GEMM shapes (as bench/roofline.py);
+- gemm: torch.matmul GFLOP/s at a layer's four GEMM shapes (as perf/roofline.py);
 - inference: sentences/s at each batch size, sorted-length batching on and
-  off, on the same sentences and with the same padding (multiple of 8) as
-  bench/inference.py, tokenization to labels included, under
-  torch.inference_mode, with the bundle's prompt and head (--head); the
+  off, on the same sentences and with the same padding as perf/inference.py
+  (the onnxruntime backend's multiple), tokenization to labels included,
+  under torch.inference_mode, with the bundle's prompt and head; the
   accuracy of the last pass checks it is the same model;
 - training: seconds per step at the recipe's batch size on the same batches
-  in the same order as builder.train (padded to multiples of 16 as there),
-  from our initial prompt and head (--init): AdamW (torch's; eps 1e-6 as
-  MindSpore's AdamWeightDecay, which unlike torch's applies no bias
-  correction), prompt lr 3e-2, head lr 1e-3 with weight decay 0.01, linear
-  warmup over 10% then linear decay; the first step of each shape is
-  reported apart, as bench/train_step.py does.  Projected epoch = median
-  step * steps per epoch.  --full-epochs K trains K real epochs instead and
-  reports dev accuracy per epoch and test accuracy of the best dev epoch.
+  in the same order as builder.train (padded to its multiple), from our
+  initial prompt and head: AdamW (torch's; eps 1e-6 as MindSpore's
+  AdamWeightDecay, which unlike torch's applies no bias correction), the
+  recipe's learning rates step by step as builder.train.lr_schedule gives
+  them; the first step of each shape is reported apart, as
+  perf/train_step.py does.  Projected epoch = median step * steps per epoch.
+  --full-epochs K trains K real epochs instead and reports dev accuracy per
+  epoch and test accuracy of the best dev epoch.
+Writes <results>/peer.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
 import resource
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -57,43 +62,26 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from peft import PromptTuningConfig, TaskType, get_peft_model  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
 from transformers import AutoModel  # noqa: E402
 
-INFER_PAD_MULTIPLE = 1  # ptbundle.runtime.onnx_backend.OnnxModel.pad_multiple: eager torch, too, runs any shape
-TRAIN_PAD_MULTIPLE = 16  # ptbundle.builder.train.TRAIN_PAD_MULTIPLE
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common (standard library only)
+from common import every_kth, layer_gemm_shapes, spread, subset_name, time_calls  # noqa: E402
+
+text = None  # runtime/text.py, loaded by main() from the path in data.json
 
 
-def spread(values, digits: int = 3) -> dict:
-    return {"min": round(min(values), digits), "median": round(statistics.median(values), digits),
-            "max": round(max(values), digits)}
-
-
-def every_kth(items, k: int) -> list:
-    return list(items[::k]) if k > 1 else list(items)
-
-
-def subset_name(total: int, k: int) -> str:
-    return f"all {total}" if k <= 1 else f"every {k}th of {total} ({-(-total // k)})"
-
-
-def load_tokenizer(path, max_length: int) -> Tokenizer:
-    tokenizer = Tokenizer.from_file(str(path))
-    tokenizer.no_padding()  # padded per batch, as ptbundle does
-    tokenizer.enable_truncation(max_length)
-    return tokenizer
+def load_module(path: str):
+    """A module of the project by its file path: ptbundle is not installed here."""
+    spec = importlib.util.spec_from_file_location("ptbundle_runtime_text", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def pad(encodings, pad_id: int, multiple: int):
-    """(input_ids, attention_mask) int64 [batch, seq], seq = longest row rounded up to `multiple`."""
-    longest = max(len(e.ids) for e in encodings)
-    seq = -(-longest // multiple) * multiple
-    ids = np.full((len(encodings), seq), pad_id, np.int64)
-    mask = np.zeros((len(encodings), seq), np.int64)
-    for row, e in enumerate(encodings):
-        ids[row, : len(e.ids)] = e.ids
-        mask[row, : len(e.ids)] = 1
-    return torch.from_numpy(ids), torch.from_numpy(mask)
+    """(input_ids, attention_mask) as torch int64, padded by runtime.text.pad."""
+    ids, mask, _ = text.pad(encodings, pad_id, multiple)
+    return torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
 
 
 class PeerModel(torch.nn.Module):
@@ -134,25 +122,14 @@ class PeerModel(torch.nn.Module):
 
 # --- GEMM ---------------------------------------------------------------------------
 
-def gemm(tokens: int, hidden: int, intermediate: int, repeats: int) -> dict:
-    """torch.matmul GFLOP/s at the four GEMM shapes of a layer (bench/roofline.py's method)."""
+def gemm(tokens: int, hidden: int, intermediate: int, repeats: int, min_seconds: float) -> dict:
+    """torch.matmul GFLOP/s at the four GEMM shapes of a layer (perf/roofline.py's method)."""
     shapes, total_flops, total_seconds = {}, 0, 0.0
-    for name, m, k, n in [("qkv", tokens, hidden, 3 * hidden), ("attn_out", tokens, hidden, hidden),
-                          ("ffn_up", tokens, hidden, intermediate), ("ffn_down", tokens, intermediate, hidden)]:
+    for name, m, k, n in layer_gemm_shapes(tokens, hidden, intermediate):
         g = torch.Generator().manual_seed(0)
         a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
         out = torch.empty(m, n)
-        call = lambda: torch.matmul(a, b, out=out)  # noqa: E731
-        call()
-        t = time.perf_counter()
-        call()
-        inner = max(1, int(0.05 / max(time.perf_counter() - t, 1e-6)))
-        seconds = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            for _ in range(inner):
-                call()
-            seconds.append((time.perf_counter() - t) / inner)
+        seconds = time_calls(lambda: torch.matmul(a, b, out=out), lambda _: None, repeats, min_seconds)
         flops = 2 * m * k * n
         shapes[name] = {"m": m, "k": k, "n": n, "gflops": spread([flops / s / 1e9 for s in seconds], 1),
                         "ms_per_call": spread([s * 1e3 for s in seconds], 3)}
@@ -164,28 +141,24 @@ def gemm(tokens: int, hidden: int, intermediate: int, repeats: int) -> dict:
 
 # --- inference -----------------------------------------------------------------------
 
-def predict(model, tokenizer, texts, labels, pad_id: int, batch_size: int, sort: bool) -> list:
+def predict(model, tokenizer, texts, data: dict, batch_size: int, sort: bool) -> list:
     """Labels in input order: tokenize, batch (sorted by length or not), pad, run, softmax."""
-    encodings = tokenizer.encode_batch(list(texts))
-    if sort:
-        order = np.argsort([len(e.ids) for e in encodings], kind="stable")  # as ptbundle's batch_indices
-    else:
-        order = np.arange(len(encodings))
+    encodings = text.encode(tokenizer, texts)
+    labels = data["labels"]
     probs = np.zeros((len(encodings), len(labels)), np.float32)
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            logits = model(*pad([encodings[i] for i in index], pad_id, INFER_PAD_MULTIPLE))
+        for index in text.batch_indices([len(e.ids) for e in encodings], batch_size, sort):
+            logits = model(*pad([encodings[i] for i in index], data["pad_id"], data["infer_pad_multiple"]))
             probs[index] = torch.softmax(logits, -1).numpy()
     return [labels[i] for i in probs.argmax(-1)]
 
 
-def throughput(model, tokenizer, texts, gold, labels, pad_id, batch_size, sort, repeats, subset) -> dict:
-    predict(model, tokenizer, texts[: batch_size * 2], labels, pad_id, batch_size, sort)  # warm-up
+def throughput(model, tokenizer, texts, gold, data, batch_size, sort, repeats, subset) -> dict:
+    predict(model, tokenizer, texts[: batch_size * 2], data, batch_size, sort)  # warm-up
     seconds, predicted = [], []
     for _ in range(repeats):
         t = time.perf_counter()
-        predicted = predict(model, tokenizer, texts, labels, pad_id, batch_size, sort)
+        predicted = predict(model, tokenizer, texts, data, batch_size, sort)
         seconds.append(time.perf_counter() - t)
     return {"batch_size": batch_size, "sorted": sort, "sentences": len(texts), "subset": subset,
             "sentences_per_second": spread([len(texts) / s for s in seconds], 2),
@@ -194,24 +167,17 @@ def throughput(model, tokenizer, texts, gold, labels, pad_id, batch_size, sort, 
 
 # --- training ------------------------------------------------------------------------
 
-def lr_schedule(peak: float, total: int, warmup: float) -> list:
-    """Linear warmup to `peak`, then linear decay to zero (builder.train.lr_schedule)."""
-    warm = max(1, int(total * warmup))
-    return [peak * (s + 1) / warm if s < warm else peak * max(0.0, (total - s) / max(1, total - warm))
-            for s in range(total)]
-
-
 class Trainer:
     """The recipe's optimizer and schedule over the prompt and the head; the backbone stays frozen."""
 
-    def __init__(self, model: PeerModel, recipe: dict, total_steps: int):
+    def __init__(self, model: PeerModel, recipe: dict, schedules: dict):
+        """schedules: the head's and the prompt's learning rate at every step (builder.train.lr_schedule's)."""
         self.model = model
         self.optimizer = torch.optim.AdamW(
             [{"params": list(model.head.parameters()), "weight_decay": recipe["weight_decay"]},
              {"params": [model.prompt], "weight_decay": 0.0}],
             lr=recipe["head_lr"], betas=(0.9, 0.999), eps=1e-6)
-        self.schedules = [lr_schedule(recipe["head_lr"], total_steps, recipe["warmup"]),
-                          lr_schedule(recipe["prompt_lr"], total_steps, recipe["warmup"])]
+        self.schedules = [schedules["head"], schedules["prompt"]]
         self.step_index = 0
 
     def step(self, ids, mask, y) -> float:
@@ -232,12 +198,12 @@ def frozen_check(model: PeerModel) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def run_steps(trainer: Trainer, encodings, y, batches, pad_id: int, limit: int | None = None) -> dict:
+def run_steps(trainer: Trainer, encodings, y, batches, data: dict, limit: int | None = None) -> dict:
     """Train on `batches`; seconds per step, the first step of each padded shape apart."""
     trainer.model.train()
     seen_shapes, first, seconds, losses = set(), [], [], []
     for index in batches:
-        ids, mask = pad([encodings[i] for i in index], pad_id, TRAIN_PAD_MULTIPLE)
+        ids, mask = pad([encodings[i] for i in index], data["pad_id"], data["train_pad_multiple"])
         t = time.perf_counter()
         losses.append(trainer.step(ids, mask, torch.from_numpy(y[index])))
         elapsed = time.perf_counter() - t
@@ -252,15 +218,15 @@ def run_steps(trainer: Trainer, encodings, y, batches, pad_id: int, limit: int |
             "mean_loss": float(np.mean(losses))}
 
 
-def accuracy(model, tokenizer, split: dict, labels, pad_id: int) -> float:
+def accuracy(model, tokenizer, split: dict, data: dict) -> float:
     model.eval()
-    predicted = predict(model, tokenizer, split["texts"], labels, pad_id, 64, True)
+    predicted = predict(model, tokenizer, split["texts"], data, 64, True)
     return round(float(np.mean([p == g for p, g in zip(predicted, split["labels"])])), 4)
 
 
 def training(args, data, tokenizer, init) -> dict:
-    recipe, labels, pad_id = data["recipe"], data["labels"], data["pad_id"]
-    encodings = tokenizer.encode_batch(data["train"]["texts"])
+    recipe, labels = data["recipe"], data["labels"]
+    encodings = text.encode(tokenizer, data["train"]["texts"])
     y = np.array([labels.index(label) for label in data["train"]["labels"]], np.int64)
     model = PeerModel(data["backbone"], recipe["virtual_tokens"], len(labels), args.attn_implementation)
     model.load(init)
@@ -268,23 +234,23 @@ def training(args, data, tokenizer, init) -> dict:
     epochs = args.full_epochs or 1
     if epochs > len(data["train_batches"]):
         raise SystemExit(f"--full-epochs {epochs}: the data file has batches for {len(data['train_batches'])} epochs")
-    trainer = Trainer(model, recipe, data["schedule_steps_per_epoch"] * epochs)
+    trainer = Trainer(model, recipe, data["lr_schedules"][str(epochs)])
     steps_per_epoch = len(data["train_batches"][0])
     result = {"batch_size": recipe["batch_size"], "virtual_tokens": recipe["virtual_tokens"], "recipe": recipe,
-              "pad_multiple": TRAIN_PAD_MULTIPLE, "trainable_parameters": trainable,
+              "pad_multiple": data["train_pad_multiple"], "trainable_parameters": trainable,
               "steps_per_epoch": steps_per_epoch,
               "optimizer": "torch.optim.AdamW(betas=(0.9, 0.999), eps=1e-6), bias-corrected"}
     if not args.full_epochs:
-        run = run_steps(trainer, encodings, y, data["train_batches"][0], pad_id, args.train_steps)
+        run = run_steps(trainer, encodings, y, data["train_batches"][0], data, args.train_steps)
         seconds = run["seconds"]
     else:
         curve, best, seconds = [], None, []
         for epoch in range(epochs):
             t = time.perf_counter()
-            run = run_steps(trainer, encodings, y, data["train_batches"][epoch], pad_id)
+            run = run_steps(trainer, encodings, y, data["train_batches"][epoch], data)
             epoch_seconds = time.perf_counter() - t
             seconds += run["seconds"] if epoch == 0 else []
-            dev = accuracy(model, tokenizer, data["dev"], labels, pad_id)
+            dev = accuracy(model, tokenizer, data["dev"], data)
             curve.append({"epoch": epoch + 1, "train_loss": round(run["mean_loss"], 4), "dev_accuracy": dev,
                           "seconds": round(epoch_seconds, 1)})
             print(f"peer epoch {epoch + 1}: loss {run['mean_loss']:.4f} dev {dev:.4f} ({epoch_seconds:.0f} s)",
@@ -293,7 +259,7 @@ def training(args, data, tokenizer, init) -> dict:
                 best = (epoch + 1, dev, model.state())
         model.load(best[2])
         result.update({"curve": curve, "best_epoch": best[0], "dev_accuracy": best[1],
-                       "test_accuracy": accuracy(model, tokenizer, data["test"], labels, pad_id),
+                       "test_accuracy": accuracy(model, tokenizer, data["test"], data),
                        "epoch_seconds": spread([c["seconds"] for c in curve], 1)})
     median = statistics.median(seconds)
     result.update({"steps": len(seconds), "seconds_per_step": spread(seconds),
@@ -307,13 +273,13 @@ def training(args, data, tokenizer, init) -> dict:
 # --- main ------------------------------------------------------------------------------
 
 def main():
+    global text
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", required=True, help="data.json from bench/peer_inputs.py")
-    p.add_argument("--init", required=True, help="init.npz from bench/peer_inputs.py (training starts here)")
-    p.add_argument("--head", required=True, help="the bundle's prompt.safetensors (inference runs with it)")
-    p.add_argument("--backbone", default=None, help="backbone directory [default: the one in --data]")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json [default: the backbone's]")
-    p.add_argument("--out", required=True)
+    p.add_argument("--data", required=True, help="directory bench/peer/peer_inputs.py wrote (data.json, init.npz)")
+    p.add_argument("--backbone", default=None, help="backbone directory [default: the one in data.json]")
+    p.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "results"),
+                   help="directory that receives peer.json")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: a few sentences and steps, one repeat")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--batch-sizes", default="1,8,64")
     p.add_argument("--sorting", choices=["both", "on", "off"], default="both")
@@ -327,17 +293,25 @@ def main():
     p.add_argument("--attn-implementation", default=None, help="eager, sdpa [default: transformers' choice]")
     p.add_argument("--skip", default="", help="comma list of parts to skip: gemm, inference, training")
     args = p.parse_args()
+    min_seconds = 0.05
+    if args.smoke:
+        args.batch_sizes, args.repeats, args.every, args.every_batch1 = "1,8", 1, 1, 1
+        args.train_steps, args.full_epochs, args.gemm_repeats, min_seconds = 2, 0, 1, 0.005
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices inside transformers/peft
-    data = json.loads(Path(args.data).read_text())
+    inputs = Path(args.data)
+    data = json.loads((inputs / "data.json").read_text())
     if args.backbone:
         data["backbone"] = args.backbone
-    recipe, labels, pad_id = data["recipe"], data["labels"], data["pad_id"]
-    tokenizer = load_tokenizer(args.tokenizer or Path(data["backbone"]) / "tokenizer.json", recipe["max_length"])
+    if args.smoke:
+        data["test"] = {k: v[:32] for k, v in data["test"].items()}
+    text = load_module(data["text_module"])
+    recipe, labels = data["recipe"], data["labels"]
+    tokenizer = text.load_tokenizer(data["tokenizer"], recipe["max_length"])
     skip = set(filter(None, args.skip.split(",")))
     config = json.loads((Path(data["backbone"]) / "config.json").read_text())
     result = {"versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -345,18 +319,18 @@ def main():
                            "tokenizers": tokenizers.__version__, "numpy": np.__version__},
               "threads": {"torch_num_threads": torch.get_num_threads(),
                           "torch_interop_threads": torch.get_num_interop_threads()},
-              "torch_parallel_info": torch.__config__.parallel_info(),
+              "torch_parallel_info": torch.__config__.parallel_info(), "smoke": args.smoke,
               "backbone": data["backbone"], "virtual_tokens": recipe["virtual_tokens"]}
     started = time.perf_counter()
 
     if "gemm" not in skip:
-        result["gemm"] = gemm(args.gemm_tokens, config["hidden_size"], config["intermediate_size"], args.gemm_repeats)
+        result["gemm"] = gemm(args.gemm_tokens, config["hidden_size"], config["intermediate_size"], args.gemm_repeats,
+                              min_seconds)
         print(f"torch GEMM layer rate {result['gemm']['layer_gflops']:.1f} GFLOP/s", flush=True)
 
     if "inference" not in skip:
-        head = load_file(args.head)
         model = PeerModel(data["backbone"], recipe["virtual_tokens"], len(labels), args.attn_implementation)
-        model.load(head)
+        model.load(load_file(data["head"]))
         model.eval()
         result["attn_implementation"] = model.attn_implementation
         texts, gold = data["test"]["texts"], data["test"]["labels"]
@@ -364,7 +338,7 @@ def main():
         for size in [int(x) for x in args.batch_sizes.split(",") if x.strip()]:
             k = args.every_batch1 if size == 1 else args.every
             for sort in ([True, False] if args.sorting == "both" else [args.sorting == "on"]) if size > 1 else [True]:
-                row = throughput(model, tokenizer, every_kth(texts, k), every_kth(gold, k), labels, pad_id, size,
+                row = throughput(model, tokenizer, every_kth(texts, k), every_kth(gold, k), data, size,
                                  sort, args.repeats, subset_name(len(texts), k))
                 rows.append(row)
                 r = row["sentences_per_second"]
@@ -375,7 +349,7 @@ def main():
         del model
 
     if "training" not in skip:
-        result["training"] = training(args, data, tokenizer, dict(np.load(args.init)))
+        result["training"] = training(args, data, tokenizer, dict(np.load(inputs / "init.npz")))
         t = result["training"]
         s = t["seconds_per_step"]
         print(f"torch train step batch {t['batch_size']}: median {s['median']:.3f} s [{s['min']:.3f}-{s['max']:.3f}] "
@@ -384,9 +358,10 @@ def main():
 
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"-> {args.out}", flush=True)
+    out = Path(args.results) / "peer.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {out}", flush=True)
 
 
 if __name__ == "__main__":

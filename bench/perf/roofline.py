@@ -1,17 +1,19 @@
 """The limit: fp32 GEMM speed at the model's shapes, and the model's FLOPs per sentence.
 
-    .venv/bin/python bench/roofline.py [--tokens 3072] [--repeats 20] [--libraries numpy,mindspore,onnxruntime]
+    .venv/bin/python bench/perf/roofline.py [--backbone DIR] [--data mr] [--repeats 20] [--libraries numpy,mindspore,onnxruntime]
 
-A MiniLM forward pass is almost all matrix products: per layer and token,
-the fused query/key/value projection, the attention output projection and
-the two feed-forward projections are 1.77 MFLOP, the attention scores and
-context 4 * seq * hidden more (about 4% at MR lengths).  So the speed a
-library multiplies [M, K] x [K, N] fp32 matrices at those shapes, measured
-here in the same run, bounds what any runtime can reach on this machine.
+An encoder's forward pass is almost all matrix products: per layer and
+token, the fused query/key/value projection, the attention output
+projection and the two feed-forward projections (MiniLM: 1.77 MFLOP), the
+attention scores and context 4 * seq * hidden more (about 4% at MR
+lengths).  So the speed a library multiplies [M, K] x [K, N] fp32 matrices
+at those shapes, measured here in the same run, bounds what any runtime can
+reach on this machine.
 
-For each library and each of the four GEMM shapes of a layer (M = batch *
-seq tokens, default 64 * 48, a batch-64 MR pass): GFLOP/s over --repeats
-timed calls (min/median/max, after warm-up calls).
+For each library and each of the four GEMM shapes of a layer of --backbone
+(M = tokens: 64 rows of --data's mean length plus the prompt, rounded up to
+8; MR on MiniLM: 64 * 48): GFLOP/s over --repeats timed calls
+(min/median/max, after warm-up calls).
 
 "The limit" (`limit_gflops`) is one number: for each library, the rate a
 layer's four GEMMs reach together at their median times (total FLOPs / total
@@ -23,53 +25,50 @@ Libraries, each with all the cores this process may use:
 - numpy: its bundled OpenBLAS, `a @ b`;
 - mindspore: `ops.matmul` in a GRAPH-mode Cell (how the builder and the
   MindIR backend run; PYNATIVE measured about half the rate); calls are
-  queued back to back and synchronised once per timed batch of calls, so
-  the copy of the result to numpy is counted once per batch, not per call;
+  queued back to back and synchronised once per timed batch of calls;
 - onnxruntime: a one-node MatMul graph (MLAS, the GEMM the bundle runs on),
   weights as an initializer as in the bundle.
-Writes bench/results/roofline.json.
+Writes <results>/roofline.json.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
-import time
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import numpy as np
 
-from common import cpu_threads, spread
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
+import common  # noqa: E402
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the FLOP count needs; builder.model.EncoderConfig has the same attribute names."""
+    """What the FLOP count needs (builder.model.EncoderConfig's attribute names)."""
 
-    hidden_size: int = 384
-    intermediate_size: int = 1536
-    num_layers: int = 6
-    num_heads: int = 12
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
     num_labels: int = 2
 
+    @classmethod
+    def of_backbone(cls, backbone, num_labels: int = 2) -> "ModelShape":
+        c = backbone.config
+        return cls(c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, num_labels)
 
-MINILM = ModelShape()  # all-MiniLM-L6-v2
+    @classmethod
+    def of_manifest(cls, manifest: dict) -> "ModelShape":
+        b = manifest["backbone"]
+        return cls(b["hidden_size"], b["intermediate_size"], b["layers"], b["heads"], len(manifest["labels"]))
 
 
 # --- FLOPs ----------------------------------------------------------------------
 
-def layer_gemm_shapes(tokens: int, cfg=MINILM) -> list:
-    """(name, M, K, N) of the four weight GEMMs of one layer over `tokens` rows."""
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    return [("qkv", tokens, h, 3 * h),  # builder/model.py fuses query, key and value into one Dense
-            ("attn_out", tokens, h, h),
-            ("ffn_up", tokens, h, i),
-            ("ffn_down", tokens, i, h)]
-
-
-def flops_per_sequence(seq_len: int, virtual_tokens: int, cfg=MINILM) -> int:
+def flops_per_sequence(seq_len: int, virtual_tokens: int, cfg: ModelShape) -> int:
     """Matmul FLOPs (2*M*N*K) of one forward pass over one sequence.
 
     seq_len: text tokens ([CLS] and [SEP] included); the encoder runs over
@@ -80,50 +79,40 @@ def flops_per_sequence(seq_len: int, virtual_tokens: int, cfg=MINILM) -> int:
     """
     s = seq_len + virtual_tokens
     h = cfg.hidden_size
-    linears = sum(2 * m * k * n for _, m, k, n in layer_gemm_shapes(s, cfg))
+    linears = sum(2 * m * k * n for _, m, k, n in common.layer_gemm_shapes(s, h, cfg.intermediate_size))
     attention = 2 * (2 * s * s * h)  # scores [s, d] x [d, s] and context [s, s] x [s, d], summed over heads
-    head = 2 * h * getattr(cfg, "num_labels", 2)
-    return cfg.num_layers * (linears + attention) + head
+    return cfg.num_layers * (linears + attention) + 2 * h * cfg.num_labels
 
 
-def flops_of_lengths(lengths, virtual_tokens: int, cfg=MINILM) -> int:
+def flops_of_lengths(lengths, virtual_tokens: int, cfg: ModelShape) -> int:
     """Useful FLOPs of a set of sentences, each at its own length (no padding)."""
     return sum(flops_per_sequence(n, virtual_tokens, cfg) for n in lengths)
 
 
-def flops_of_batch(batch_size: int, padded_len: int, virtual_tokens: int, cfg=MINILM) -> int:
+def flops_of_batch(batch_size: int, padded_len: int, virtual_tokens: int, cfg: ModelShape) -> int:
     """FLOPs actually executed for one padded batch (every row at the padded length)."""
     return batch_size * flops_per_sequence(padded_len, virtual_tokens, cfg)
 
 
+def mean_positions(backbone, data: str, virtual_tokens: int) -> float:
+    """Mean encoder positions per sentence of --data's test (or dev) split: text tokens plus the prompt."""
+    examples = common.eval_split(common.load_data(data))[1]
+    tokenizer = common.load_tokenizer(backbone.tokenizer_path, common.recipe().max_length)
+    lengths = [len(e.ids) for e in common.encode(tokenizer, *common.split_texts(examples))]
+    return float(np.mean(lengths)) + virtual_tokens
+
+
 # --- GEMM timing ----------------------------------------------------------------
 
-def time_calls(call, sync, repeats: int, min_seconds: float = 0.05) -> list:
-    """Seconds per call, `repeats` samples; each sample averages enough calls to last min_seconds."""
-    sync(call())  # warm-up: first-call allocation, thread pool start
-    t = time.perf_counter()
-    sync(call())
-    per_call = max(time.perf_counter() - t, 1e-6)
-    inner = max(1, int(min_seconds / per_call))
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(inner - 1):
-            call()
-        sync(call())
-        samples.append((time.perf_counter() - t) / inner)
-    return samples
-
-
-def numpy_gemm(m: int, k: int, n: int, repeats: int) -> list:
+def numpy_gemm(m: int, k: int, n: int, repeats: int, min_seconds: float) -> list:
     rng = np.random.default_rng(0)
     a = rng.standard_normal((m, k), dtype=np.float32)
     b = rng.standard_normal((k, n), dtype=np.float32)
     out = np.empty((m, n), np.float32)
-    return time_calls(lambda: np.matmul(a, b, out=out), lambda _: None, repeats)
+    return common.time_calls(lambda: np.matmul(a, b, out=out), lambda _: None, repeats, min_seconds)
 
 
-def mindspore_gemm(m: int, k: int, n: int, repeats: int) -> list:
+def mindspore_gemm(m: int, k: int, n: int, repeats: int, min_seconds: float) -> list:
     import mindspore as ms
     from mindspore import nn, ops
 
@@ -131,20 +120,15 @@ def mindspore_gemm(m: int, k: int, n: int, repeats: int) -> list:
         def construct(self, a, b):
             return ops.matmul(a, b)
 
-    # GRAPH mode, as the builder and the MindIR backend run: measured 2x the
-    # GEMM rate of PYNATIVE at these shapes on this machine.
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
+    common.use_device("CPU")  # GRAPH mode, as the builder and the MindIR backend run (2x PYNATIVE's rate here)
     rng = np.random.default_rng(0)
     a = ms.Tensor(rng.standard_normal((m, k), dtype=np.float32))
     b = ms.Tensor(rng.standard_normal((k, n), dtype=np.float32))
     cell = MatMul()
-    # Calls may be queued: .asnumpy() on the last result of a timed batch waits for all of them.
-    return time_calls(lambda: cell(a, b), lambda r: r.asnumpy(), repeats)
+    return common.time_calls(lambda: cell(a, b), lambda r: r.asnumpy(), repeats, min_seconds)
 
 
-def onnxruntime_gemm(m: int, k: int, n: int, repeats: int) -> list:
-    import onnx  # the builder's dependency; present in the project venv
+def onnxruntime_gemm(m: int, k: int, n: int, repeats: int, min_seconds: float) -> list:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -155,12 +139,12 @@ def onnxruntime_gemm(m: int, k: int, n: int, repeats: int) -> list:
                               [helper.make_tensor_value_info("c", TensorProto.FLOAT, [m, n])], [b])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     options = ort.SessionOptions()  # as runtime/onnx_backend.py sets them
-    options.intra_op_num_threads = cpu_threads()
+    options.intra_op_num_threads = common.cpu_threads()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feed = {"a": rng.standard_normal((m, k), dtype=np.float32)}
-    return time_calls(lambda: session.run(None, feed), lambda _: None, repeats)
+    return common.time_calls(lambda: session.run(None, feed), lambda _: None, repeats, min_seconds)
 
 
 LIBRARIES = {"numpy": numpy_gemm, "mindspore": mindspore_gemm, "onnxruntime": onnxruntime_gemm}
@@ -181,39 +165,36 @@ def library_versions(libraries) -> dict:
     return versions
 
 
-def measure_library(name: str, tokens: int, repeats: int, cfg=MINILM) -> dict:
+def measure_library(name: str, tokens: int, repeats: int, cfg: ModelShape, min_seconds: float) -> dict:
     """GFLOP/s of one library at the four layer shapes, and its combined layer rate."""
     shapes, total_flops, total_seconds = {}, 0, 0.0
-    for shape, m, k, n in layer_gemm_shapes(tokens, cfg):
+    for shape, m, k, n in common.layer_gemm_shapes(tokens, cfg.hidden_size, cfg.intermediate_size):
         flops = 2 * m * k * n
-        seconds = LIBRARIES[name](m, k, n, repeats)
-        shapes[shape] = {"m": m, "k": k, "n": n, "gflops": spread([flops / s / 1e9 for s in seconds], 1),
-                         "ms_per_call": spread([s * 1e3 for s in seconds], 3)}
+        seconds = LIBRARIES[name](m, k, n, repeats, min_seconds)
+        shapes[shape] = {"m": m, "k": k, "n": n, "gflops": common.spread([flops / s / 1e9 for s in seconds], 1),
+                         "ms_per_call": common.spread([s * 1e3 for s in seconds], 3)}
         total_flops += flops
         total_seconds += statistics.median(seconds)
     return {"shapes": shapes, "layer_gflops": round(total_flops / total_seconds / 1e9, 1)}
 
 
-def measure(tokens: int = 64 * 48, repeats: int = 20, libraries=("numpy", "mindspore", "onnxruntime"),
-            cfg=MINILM) -> dict:
+def measure(cfg: ModelShape, tokens: int, repeats: int = 20, libraries=tuple(LIBRARIES),
+            min_seconds: float = 0.05) -> dict:
     """The roofline result: per-library rates and `limit_gflops`, the best layer rate."""
-    if "mindspore" in libraries and "onnxruntime" in libraries:
+    if "mindspore" in libraries:
         import mindspore  # noqa: F401  before onnx: both bundle protobuf, MindSpore's must load first
-    results = {name: measure_library(name, tokens, repeats, cfg) for name in libraries}
+    results = {name: measure_library(name, tokens, repeats, cfg, min_seconds) for name in libraries}
     best = max(results, key=lambda name: results[name]["layer_gflops"])
-    return {"tokens": tokens, "repeats": repeats, "threads": cpu_threads(), "model": cfg.__dict__,
+    return {"tokens": tokens, "repeats": repeats, "threads": common.cpu_threads(), "model": cfg.__dict__,
             "libraries": results, "versions": library_versions(libraries),
             "limit_gflops": results[best]["layer_gflops"], "limit_library": best,
             "limit_definition": "max over libraries of (FLOPs of one layer's 4 GEMMs) / "
                                 "(sum of their median times) at M = tokens"}
 
 
-def fraction_of_limit(gflops: float, limit_gflops: float) -> float:
-    return round(gflops / limit_gflops, 3)
-
-
-def table(result: dict) -> str:
-    names = [s for s, *_ in layer_gemm_shapes(result["tokens"])]
+def table(result: dict, virtual_tokens: int, positions: float) -> str:
+    cfg = ModelShape(**result["model"])
+    names = [s for s, *_ in common.layer_gemm_shapes(result["tokens"], cfg.hidden_size, cfg.intermediate_size)]
     lines = [f"GEMM GFLOP/s, fp32, M = {result['tokens']} tokens, {result['threads']} threads "
              f"(median [min-max] of {result['repeats']})",
              f"{'library':<12}" + "".join(f"{n:>22}" for n in names) + f"{'layer':>9}"]
@@ -221,23 +202,30 @@ def table(result: dict) -> str:
         cells = "".join(f"{r['shapes'][n]['gflops']['median']:>9.1f} [{r['shapes'][n]['gflops']['min']:.0f}-"
                         f"{r['shapes'][n]['gflops']['max']:.0f}]".rjust(22) for n in names)
         lines.append(f"{lib:<12}{cells}{r['layer_gflops']:>9.1f}")
+    text = round(positions) - virtual_tokens
     lines.append(f"limit: {result['limit_gflops']:.1f} GFLOP/s ({result['limit_library']}); "
-                 f"MiniLM + 20 virtual tokens, 25-token sentence: "
-                 f"{flops_per_sequence(25, 20) / 1e9:.2f} GFLOP")
+                 f"{virtual_tokens} virtual tokens + a {text}-token sentence: "
+                 f"{flops_per_sequence(text, virtual_tokens, cfg) / 1e9:.3f} GFLOP")
     return "\n".join(lines)
 
 
 @click.command()
-@click.option("--tokens", default=64 * 48, show_default=True, help="M: batch * padded sequence length.")
+@common.options()
+@click.option("--tokens", default=None, type=int, help="M: batch * positions [default: 64 rows of --data's mean].")
+@click.option("--virtual-tokens", default=None, type=int, help="Prompt length [default: the recipe's].")
 @click.option("--repeats", default=20, show_default=True)
 @click.option("--libraries", default=",".join(LIBRARIES), show_default=True)
-@click.option("--out", default="bench/results/roofline.json", show_default=True)
-def main(tokens, repeats, libraries, out):
-    result = measure(tokens, repeats, tuple(x.strip() for x in libraries.split(",") if x.strip()))
-    click.echo(table(result))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=2) + "\n")
-    click.echo(f"-> {out}")
+def main(backbone, data, smoke, results, tokens, virtual_tokens, repeats, libraries):
+    bb = common.load_backbone(backbone)
+    virtual_tokens = common.recipe().virtual_tokens if virtual_tokens is None else virtual_tokens
+    positions = mean_positions(bb, data, virtual_tokens)
+    tokens = tokens or 64 * (-(-round(positions) // 8) * 8)
+    repeats, min_seconds = (1, 0.005) if smoke else (repeats, 0.05)
+    result = measure(ModelShape.of_backbone(bb), tokens, repeats,
+                     tuple(x.strip() for x in libraries.split(",") if x.strip()), min_seconds)
+    result.update(backbone=bb.name, data=data, mean_positions=round(positions, 1), smoke=smoke)
+    click.echo(table(result, virtual_tokens, positions))
+    common.write_results(results, "roofline", result)
 
 
 if __name__ == "__main__":

@@ -1,33 +1,38 @@
-"""onnxruntime's fused transformer kernels against the plain ops they replace, at MR's batch-64 shapes.
+"""onnxruntime's fused transformer kernels against the plain ops they replace, at batch-64 shapes.
 
-    .venv/bin/python bench/fusion.py [--repeats 50] [--tokens 47]
+    .venv/bin/python bench/perf/fusion.py [--backbone DIR] [--data mr] [--repeats 50] [--tokens 47]
 
 Why model.onnx writes residual + LayerNorm and bias + GELU as separate ops
 and runtime.onnx_backend turns off the passes that would fuse them: on this
 CPU the fused kernels are slower.  Each row is a one-node (or few-node)
-graph over [64, tokens, width] fp32 inputs, run --repeats times in one
-session; median, min and max milliseconds per run (inputs and the output
-copied in and out, the same for both sides of a pair).
-Writes bench/results/fusion.json.
+graph over [64, tokens, width] fp32 inputs (width: --backbone's hidden and
+feed-forward sizes; tokens: --data's mean length plus the recipe's prompt,
+MR on MiniLM 27 + 20), run --repeats times in one session; median, min and
+max milliseconds per run (inputs and the output copied in and out, the same
+for both sides of a pair).
+Writes <results>/fusion.json.
 """
 
 from __future__ import annotations
 
-import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import click
 import numpy as np
-import onnx
-import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
 
-from common import cpu_threads, machine_info, spread
-from ptbundle.runtime.onnx_backend import UNFUSED
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
+import common  # noqa: E402
+import roofline  # noqa: E402
 
-HIDDEN, INTERMEDIATE, BATCH = 384, 1536, 64  # all-MiniLM-L6-v2, the bench's batch
+import mindspore  # noqa: E402,F401  before onnx: both bundle protobuf, MindSpore's must load first
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+BATCH = 64  # the bench's batch
 
 
 def session(nodes, width: int, tokens: int, params: dict, fuse: bool, optimized: Path) -> ort.InferenceSession:
@@ -38,10 +43,10 @@ def session(nodes, width: int, tokens: int, params: dict, fuse: bool, optimized:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 9
     options = ort.SessionOptions()
-    options.intra_op_num_threads = cpu_threads()
+    options.intra_op_num_threads = common.cpu_threads()
     options.inter_op_num_threads = 1
     options.optimized_model_filepath = str(optimized)
-    disabled = [] if fuse else UNFUSED
+    disabled = [] if fuse else common.UNFUSED
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=disabled)
 
@@ -57,31 +62,35 @@ def time_session(s: ort.InferenceSession, width: int, tokens: int, repeats: int)
         t = time.perf_counter()
         s.run(None, feed)
         seconds.append((time.perf_counter() - t) * 1000)
-    return spread(seconds)
+    return common.spread(seconds)
 
 
-def pairs(tokens: int):
+def pairs(hidden: int, intermediate: int):
     """(name, width, nodes, params, fuse) for the fused kernel and the plain ops."""
     rng = np.random.default_rng(1)
-    vec = lambda n: rng.standard_normal(n).astype(np.float32)
-    norm = {"gamma": vec(HIDDEN), "beta": vec(HIDDEN), "bias": vec(HIDDEN)}
+    vec = lambda n: rng.standard_normal(n).astype(np.float32)  # noqa: E731
+    norm = {"gamma": vec(hidden), "beta": vec(hidden), "bias": vec(hidden)}
     node = helper.make_node
     residual_norm = [node("Add", ["x", "bias"], ["t"]), node("Add", ["t", "residual"], ["u"]),
                      node("LayerNormalization", ["u", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-12)]
-    yield "SkipLayerNormalization (fused)", HIDDEN, residual_norm, norm, True
-    yield "Add, Add, LayerNormalization", HIDDEN, residual_norm, norm, False
+    yield "SkipLayerNormalization (fused)", hidden, residual_norm, norm, True
+    yield "Add, Add, LayerNormalization", hidden, residual_norm, norm, False
     bias_gelu = [node("Add", ["x", "bias"], ["t"]), node("Gelu", ["t"], ["y"])]
-    yield "BiasGelu (fused)", INTERMEDIATE, bias_gelu, {"bias": vec(INTERMEDIATE)}, True
-    yield "Add, Gelu", INTERMEDIATE, bias_gelu, {"bias": vec(INTERMEDIATE)}, False
+    yield "BiasGelu (fused)", intermediate, bias_gelu, {"bias": vec(intermediate)}, True
+    yield "Add, Gelu", intermediate, bias_gelu, {"bias": vec(intermediate)}, False
 
 
 @click.command()
+@common.options()
 @click.option("--repeats", default=50, show_default=True)
-@click.option("--tokens", default=47, show_default=True, help="Positions per row: MR's mean 27 + 20 virtual tokens.")
-@click.option("--out", default="bench/results/fusion.json", show_default=True)
-def main(repeats, tokens, out):
+@click.option("--tokens", default=None, type=int,
+              help="Positions per row [default: --data's mean length + the recipe's virtual tokens].")
+def main(backbone, data, smoke, results, repeats, tokens):
+    bb = common.load_backbone(backbone)
+    tokens = tokens or round(roofline.mean_positions(bb, data, common.recipe().virtual_tokens))
+    repeats = 2 if smoke else repeats
     rows = []
-    for name, width, nodes, params, fuse in pairs(tokens):
+    for name, width, nodes, params, fuse in pairs(bb.config.hidden_size, bb.config.intermediate_size):
         with tempfile.TemporaryDirectory() as tmp:
             optimized = Path(tmp) / "optimized.onnx"
             s = session(nodes, width, tokens, params, fuse, optimized)
@@ -92,10 +101,9 @@ def main(repeats, tokens, out):
                    f"(min {ms['min']:.2f}, max {ms['max']:.2f})")
     for fused, plain in ((rows[0], rows[1]), (rows[2], rows[3])):
         click.echo(f"{fused['kernel']}: {fused['ms']['median'] / plain['ms']['median']:.2f}x the time of {plain['kernel']}")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps({"repeats": repeats, "threads": cpu_threads(), "rows": rows,
-                                     "onnxruntime": ort.__version__, "machine": machine_info()}, indent=2) + "\n")
-    click.echo(f"-> {out}")
+    common.write_results(results, "fusion", {"backbone": bb.name, "data": data, "tokens": tokens, "repeats": repeats,
+                                             "smoke": smoke, "threads": common.cpu_threads(), "rows": rows,
+                                             "onnxruntime": ort.__version__, "machine": common.machine_info()})
 
 
 if __name__ == "__main__":
