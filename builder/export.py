@@ -24,15 +24,14 @@ import mindspore as ms
 from mindspore import Tensor
 from safetensors.numpy import save_file
 
-from ptbundle.runtime.bundle import batched_logits
 from ptbundle.runtime.format import GRAPHS, PROMPT, TOKENIZER, TRAINING_LOG, Manifest, sha256_file
-from ptbundle.runtime.metrics import classification_metrics
 from ptbundle.runtime.mindspore_backend import MindSporeModel
 from ptbundle.runtime.onnx_backend import OnnxModel
 from ptbundle.runtime.text import load_tokenizer
 
 from .errors import ExportError
-from .onnx_export import HEAD_NODES, export_onnx
+from .onnx_export import export_onnx
+from .quantize import quantize_int8
 
 PARITY_SHAPES = ((1, 8), (3, 16), (8, 40))  # (batch, seq) probes at export time
 
@@ -94,32 +93,6 @@ def check_parity(net, reloaded, target: Target, vocab_size: int, pad_id: int) ->
         raise ExportError(f"exported {target.name} graph differs from the trained model by {worst:.2e}"
                           f" (> {target.tolerance})")
     return worst
-
-
-def quantize_int8(onnx_path: Path, int8_path: Path, pad_id: int, eval_sets: dict) -> dict:
-    """Dynamically quantized copy of the ONNX graph, and its accuracy per split.
-
-    fp32 needs no second evaluation: the parity check has shown model.onnx
-    equal to the trained net, whose metrics the manifest already holds.
-    """
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # The encoder's GEMMs only: an int8 copy of the embedding tables
-    # (quantize_dynamic's default also takes Gather) or of the tiny head saves
-    # no time and costs accuracy.  One scale per weight column, not per
-    # matrix: columns of different range each keep their precision, at the
-    # same speed (MR: -0.38 pt test, recorded in the manifest).  Shape
-    # inference cannot type the outputs of onnxruntime's contrib ops; all are float.
-    quantize_dynamic(str(onnx_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul", "Attention"], nodes_to_exclude=list(HEAD_NODES),
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    model = OnnxModel(int8_path)
-    report = {}
-    for split, (encodings, gold, num_labels) in eval_sets.items():
-        predicted = batched_logits(model, encodings, pad_id, num_labels).argmax(-1)
-        report[split] = classification_metrics(predicted, gold, num_labels)
-    return report
 
 
 def library_versions() -> dict:

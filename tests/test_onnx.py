@@ -115,20 +115,64 @@ def test_attention_layer_norm_and_gelu_are_single_kernels(exported):
     assert ops["Softmax"] == ops["Erf"] == ops["Transpose"] == ops["Reshape"] == ops["ReduceMean"] == 0
 
 
-def test_int8_quantization_keeps_the_fused_graph_close(exported):
-    """The fused graph's GEMMs become int8 ones, nothing else; logits move a little, not a lot."""
-    from ptbundle.builder.export import quantize_int8
+def quantized(exported):
+    """The int8 graph of an exported net, calibrated on random ragged batches (as the exporter does on training texts)."""
+    from ptbundle.builder.quantize import quantize_int8
 
     backbone, net, path, _ = exported
     int8 = path.with_name("model.int8.onnx")
-    quantize_int8(path, int8, backbone.config.pad_token_id, {})
-    ops = Counter(n.op_type for n in onnx.load(str(int8)).graph.node)
+    if not int8.exists():
+        rng = np.random.RandomState(4)
+        calibration = [ragged_batch(rng, 8, 16, backbone) for _ in range(4)]
+        quantize_int8(path, int8, backbone.config.pad_token_id, {}, calibration=calibration)
+    return int8
+
+
+def test_int8_graph_has_integer_gemms_with_fixed_scales_and_7_bit_weights(exported):
+    """The fused graph's GEMMs become int8 ones, nothing else; activations are quantized with constant scales
+    (no DynamicQuantizeLinear: its scale would come from the whole batch); every int8 weight lies in -64..64,
+    so no pair of u8 x s8 products (2 x 255 x 64 <= 32767) saturates the int16 sums of AVX2's VPMADDUBSW."""
+    backbone = exported[0]
+    model = onnx.load(str(quantized(exported)))
+    ops = Counter(n.op_type for n in model.graph.node)
     layers = backbone.config.num_layers
-    assert ops["QAttention"] == layers and ops["MatMulInteger"] == 3 * layers  # + output, up, down
-    assert ops["DequantizeLinear"] == 0  # embedding tables stay fp32
+    assert ops["QAttention"] == layers and ops["MatMulIntegerToFloat"] == 3 * layers  # + output, up, down
+    assert ops["QuantizeLinear"] == 4 * layers and ops["DynamicQuantizeLinear"] == 0
+    assert ops["DequantizeLinear"] == ops["MatMulInteger"] == 0  # embedding tables stay fp32; GEMMs are fused
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    weights = [initializers[n.input[1]] for n in model.graph.node if n.op_type in ("QAttention", "MatMulIntegerToFloat")]
+    assert len(weights) == 4 * layers and all(w.dtype == np.int8 for w in weights)
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= 64
+
+
+def test_int8_logits_are_close_and_the_same_with_every_kernel(exported):
+    """The integer sums are exact, so the deviation from fp32 is the quantization's alone, the same on any
+    x86-64 CPU: onnxruntime's non-saturating U8U8 kernels (session.x64quantprecision, which changes the kernel
+    on CPUs without VNNI) give the same logits."""
+    import onnxruntime as ort
+
+    backbone, _, path, _ = exported
+    int8 = quantized(exported)
     ids, mask, types = ragged_batch(np.random.RandomState(3), 4, 12, backbone)
     fp32, q = OnnxModel(path)(ids, mask, types), OnnxModel(int8)(ids, mask, types)
     assert 0 < np.abs(q - fp32).max() < 0.1 * np.abs(fp32).max() + 1e-3
+    precise = OnnxModel(int8)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.x64quantprecision", "1")
+    precise.session = ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(precise(ids, mask, types), q, atol=1e-5, rtol=0)
+
+
+def test_int8_logits_do_not_depend_on_the_rest_of_the_batch(exported):
+    """A row scored alone (padded to its own length) gets the logits it gets inside a longer padded batch."""
+    backbone = exported[0]
+    model = OnnxModel(quantized(exported))
+    ids, mask, types = ragged_batch(np.random.RandomState(5), 8, 40, backbone)
+    together = model(ids, mask, types)
+    for r in range(len(ids)):
+        n = int(mask[r].sum())
+        alone = model(ids[r : r + 1, :n], mask[r : r + 1, :n], types[r : r + 1, :n])
+        np.testing.assert_allclose(alone[0], together[r], atol=1e-5, rtol=0, err_msg=f"row {r}")
 
 
 def test_onnx_backend_does_not_import_mindspore():

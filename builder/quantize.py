@@ -1,0 +1,197 @@
+"""The int8 copy of a bundle's ONNX graph: 7-bit weights, fixed activation scales.
+
+Two properties hold on every x86-64 CPU, whatever GEMM kernel onnxruntime's
+MLAS picks there:
+
+* No int16 saturation.  Activations are uint8 (0..255) and weights int8; on
+  CPUs without AVX-512 VNNI / AVX-VNNI the U8S8 kernel multiplies with
+  VPMADDUBSW, whose sum of two u8 x s8 products saturates at 32767 when the
+  weights use the full -127..127 (2 x 255 x 127 = 64770).  With 7-bit weights
+  (`reduce_range`: -64..64) a pair is at most 2 x 255 x 64 = 32640, so AVX2,
+  AVX-512 and VNNI kernels compute the same exact int32 sums.
+* A row's logits do not depend on the rows that share its batch.  Dynamic
+  quantization (DynamicQuantizeLinear) takes one activation scale per call
+  from the whole padded batch; here each quantized activation gets a fixed
+  scale and zero point, measured once on calibration batches (training
+  texts), so an int8 input is the same whichever batch carries it.
+
+The graph is onnxruntime's dynamic quantization of the encoder's GEMMs
+(MatMul and the fused com.microsoft.Attention, which becomes QAttention),
+with each DynamicQuantizeLinear then replaced by a QuantizeLinear of constant
+scale.  quantize_static cannot take this route: neither its QDQ nor its
+QOperator registry knows Attention, so it would leave the QKV projections
+(a quarter of the GEMM work) in fp32.  bench/int8_choice.py measures the
+candidates (accuracy, speed, batch independence).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ptbundle.runtime.bundle import batched_logits
+from ptbundle.runtime.metrics import classification_metrics
+from ptbundle.runtime.onnx_backend import OnnxModel
+from ptbundle.runtime.text import batch_indices, pad
+
+from .onnx_export import HEAD_NODES
+
+QUANTIZED_OPS = ("MatMul", "Attention")  # the encoder's GEMMs; Gather (embedding tables) and the head stay fp32
+CALIBRATION_TEXTS = 512  # training texts whose activations fix the scales
+CALIBRATION_BATCH = 64
+
+
+def calibration_batches(encodings, pad_id: int, count: int = CALIBRATION_TEXTS,
+                        batch_size: int = CALIBRATION_BATCH) -> list:
+    """Padded (ids, mask, types) int32 batches of `count` evenly spaced encodings (all lengths, all labels)."""
+    step = max(1, len(encodings) // count)
+    sample = list(encodings[::step])[:count]
+    return [pad([sample[i] for i in index], pad_id) for index in batch_indices([len(e.ids) for e in sample],
+                                                                                 batch_size)]
+
+
+def quantize_weights(onnx_path: Path, out_path: Path, reduce_range: bool = True, weight_type=None,
+                     per_channel: bool = True) -> None:
+    """onnxruntime's dynamic quantization of the encoder's GEMMs (activations scaled per call)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # One scale per weight column: columns of different range each keep their
+    # precision, at the same speed.  Shape inference cannot type the outputs
+    # of onnxruntime's contrib ops; all are float.
+    quantize_dynamic(str(onnx_path), str(out_path), weight_type=weight_type or QuantType.QInt8,
+                     per_channel=per_channel, reduce_range=reduce_range, op_types_to_quantize=list(QUANTIZED_OPS),
+                     nodes_to_exclude=list(HEAD_NODES), extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
+def activation_ranges(onnx_path: Path, names, calibration) -> dict:
+    """{tensor: (min, max)} of fp32 activations over the real (unpadded) tokens of the calibration batches.
+
+    The soft prompt's positions come first in the encoder's sequence and are
+    always attended, so a [batch, P + seq, ...] activation's valid rows are
+    the P prompt rows and the masked-in text rows.
+    """
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    known = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in known:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "calibrate.onnx"
+        onnx.save(model, str(path))
+        session = OnnxModel(path).session
+    inputs = [i.name for i in session.get_inputs()]
+    ranges = {name: (np.inf, -np.inf) for name in names}
+    for ids, mask, types in calibration:
+        feed = {k: v for k, v in zip(("input_ids", "attention_mask", "token_type_ids"), (ids, mask, types))
+                if k in inputs}
+        values = session.run(list(names), feed)
+        for name, value in zip(names, values):
+            prefix = value.shape[1] - mask.shape[1]
+            valid = np.concatenate([np.ones((mask.shape[0], prefix), bool), mask.astype(bool)], axis=1)
+            rows = value[valid]
+            lo, hi = ranges[name]
+            ranges[name] = (min(lo, float(rows.min())), max(hi, float(rows.max())))
+    return ranges
+
+
+def fix_activation_scales(dynamic_path: Path, fp32_path: Path, out_path: Path, calibration) -> int:
+    """Replace every DynamicQuantizeLinear of `dynamic_path` by a QuantizeLinear of constant scale.
+
+    Scale and zero point are DynamicQuantizeLinear's own formula (uint8, range
+    stretched to include 0) applied to the calibration range; values outside
+    it saturate at 0 or 255.  Returns the number of nodes replaced.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(dynamic_path))
+    dynamic = [n for n in model.graph.node if n.op_type == "DynamicQuantizeLinear"]
+    ranges = activation_ranges(fp32_path, [n.input[0] for n in dynamic], calibration)
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "DynamicQuantizeLinear":
+            nodes.append(node)
+            continue
+        lo, hi = ranges[node.input[0]]
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        scale = np.float32((hi - lo) / 255.0 if hi > lo else 1.0)
+        zero_point = np.uint8(np.clip(np.round(-lo / scale), 0, 255))
+        quantized, scale_name, zero_point_name = node.output
+        model.graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), scale_name),
+                                        numpy_helper.from_array(np.array(zero_point, np.uint8), zero_point_name)])
+        nodes.append(helper.make_node("QuantizeLinear", [node.input[0], scale_name, zero_point_name], [quantized],
+                                      name=node.name))
+    del model.graph.node[:]
+    model.graph.node.extend(fuse_integer_matmuls(nodes))
+    onnx.save(model, str(out_path))
+    return len(dynamic)
+
+
+def fuse_integer_matmuls(nodes: list) -> list:
+    """MatMulInteger -> Cast -> Mul(a_scale x b_scale) chains as single com.microsoft.MatMulIntegerToFloat nodes.
+
+    onnxruntime fuses the dynamic graph's chains itself (DynamicQuantizeMatMul)
+    but not these: it folds the constant scale product first, and the
+    pattern no longer matches.  Unfused, the int32 product makes two more
+    passes through memory.
+    """
+    from onnx import helper
+
+    producer = {out: n for n in nodes for out in n.output}
+    consumers = {}
+    for n in nodes:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    fused, dropped = {}, set()
+    for n in nodes:
+        if n.op_type != "MatMulInteger" or len(n.input) != 4:
+            continue
+        (cast, *more) = consumers.get(n.output[0], [None])
+        if more or cast is None or cast.op_type != "Cast":
+            continue
+        (mul, *more) = consumers.get(cast.output[0], [None])
+        if more or mul is None or mul.op_type != "Mul":
+            continue
+        scales = producer.get(next(i for i in mul.input if i != cast.output[0]))
+        if scales is None or scales.op_type != "Mul" or len(consumers[scales.output[0]]) != 1:
+            continue
+        a, b, a_zero_point, b_zero_point = n.input
+        a_scale, b_scale = scales.input
+        fused[id(n)] = helper.make_node("MatMulIntegerToFloat", [a, b, a_scale, b_scale, a_zero_point, b_zero_point],
+                                        [mul.output[0]], name=n.name, domain="com.microsoft")
+        dropped.update((id(cast), id(mul), id(scales)))
+    return [fused.get(id(n), n) for n in nodes if id(n) not in dropped]
+
+
+def quantize_int8(onnx_path: Path, int8_path: Path, pad_id: int, eval_sets: dict, calibration=None) -> dict:
+    """int8 copy of the ONNX graph (7-bit weights, fixed activation scales), and its accuracy per split.
+
+    `calibration`: padded (ids, mask, types) int32 batches of training texts
+    (calibration_batches); without them the scales are fixed on the first
+    split of `eval_sets` (dev, by the caller's order).  fp32 needs no second
+    evaluation: the parity check has shown model.onnx equal to the trained
+    net, whose metrics the manifest already holds.
+    """
+    if calibration is None:
+        if not eval_sets:
+            raise ValueError("quantize_int8 needs calibration batches or an evaluation split to calibrate on")
+        encodings = next(iter(eval_sets.values()))[0]
+        calibration = calibration_batches(encodings, pad_id)
+    int8_path = Path(int8_path)
+    dynamic = int8_path.with_name(f".{int8_path.name}.dynamic")
+    try:
+        quantize_weights(onnx_path, dynamic)
+        fix_activation_scales(dynamic, onnx_path, int8_path, calibration)
+    finally:
+        dynamic.unlink(missing_ok=True)
+    model = OnnxModel(int8_path)
+    report = {}
+    for split, (encodings, gold, num_labels) in eval_sets.items():
+        predicted = batched_logits(model, encodings, pad_id, num_labels).argmax(-1)
+        report[split] = classification_metrics(predicted, gold, num_labels)
+    return report
