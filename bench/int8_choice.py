@@ -160,8 +160,8 @@ def main(argv=None) -> int:
         texts = [e.text for e in examples]
         texts_b = [e.text_b for e in examples] if dataset.is_pair else None
         splits[split] = (bundle.encode(texts, texts_b), np.array(dataset.label_ids(examples)))
-    train = dataset.train
-    calibration = quantize.calibration_batches(  # the exporter's calibration: training texts
+    train = quantize.calibration_sample(dataset.train)  # the exporter's calibration: training texts
+    calibration = quantize.calibration_batches(
         bundle.encode([e.text for e in train], [e.text_b for e in train] if dataset.is_pair else None), pad_id)
 
     fp32 = args.bundle / "model.onnx"

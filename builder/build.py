@@ -43,9 +43,9 @@ def default_label_texts(dataset) -> tuple:
     return MR_LABEL_TEXTS if dataset.name == "mr" else ()
 
 
-def base_manifest(dataset, backbone: Backbone, recipe: Recipe, device: str, recipe_json: dict | None = None,
-                  **fields) -> Manifest:
-    """What every bundle of this build shares; `fields` add what its kind knows (kind, head, metrics...)."""
+def base_manifest(dataset, backbone: Backbone, recipe: Recipe, device: str, /, **fields) -> Manifest:
+    """What every bundle of this build shares; `fields` add or override what its kind knows (kind, head, metrics,
+    the recipe fields it records...)."""
     cfg = backbone.config
     values = dict(task=dataset.name, labels=tuple(dataset.labels), pair=dataset.is_pair,
                   max_length=recipe.max_length, pad_id=cfg.pad_token_id, pooling=recipe.pooling,
@@ -53,7 +53,7 @@ def base_manifest(dataset, backbone: Backbone, recipe: Recipe, device: str, reci
                                         layers=cfg.num_layers, heads=cfg.num_heads,
                                         intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
                                         sha256=backbone.sha256),
-                  device=device, recipe=recipe_json or recipe.to_json())
+                  device=device, recipe=recipe.to_json())
     return Manifest(**{**values, **fields})
 
 
@@ -69,13 +69,20 @@ def check_fits(recipe: Recipe, backbone: Backbone, soft: bool) -> None:
                           if soft else "") + f" = {needed} positions; {backbone.name} has {room}")
 
 
-def int8_sets(backbone: Backbone, dataset, recipe: Recipe, template=None) -> dict:
-    """{split: (encodings, gold, num_labels)} on which the int8 graph is scored."""
+def int8_inputs(backbone: Backbone, dataset, recipe: Recipe, template=None):
+    """The int8 graph's calibration batches (a sample of training texts) and the splits it is scored on."""
+    from ptbundle.runtime.text import encode
+
+    from .quantize import Int8Inputs, calibration_batches, calibration_sample
     from .train import encode_split
 
     tokenizer = load_tokenizer(backbone.tokenizer_path, recipe.max_length)
-    return {split: (*encode_split(tokenizer, dataset, split, template), len(dataset.labels))
-            for split in ("dev", "test") if getattr(dataset, split)}
+    sample = calibration_sample(dataset.train)
+    texts_b = [e.text_b for e in sample] if dataset.is_pair else None
+    calibration = calibration_batches(encode(tokenizer, [e.text for e in sample], texts_b, template),
+                                      backbone.config.pad_token_id)
+    return Int8Inputs(calibration, {split: (*encode_split(tokenizer, dataset, split, template), len(dataset.labels))
+                                    for split in ("dev", "test") if getattr(dataset, split)})
 
 
 def build_soft(destination: Path, backbone: Backbone, dataset, recipe: Recipe, device: str, quantize: bool,
@@ -88,7 +95,7 @@ def build_soft(destination: Path, backbone: Backbone, dataset, recipe: Recipe, d
                              prompt_method="prompt-tuning", num_virtual_tokens=recipe.virtual_tokens,
                              metrics=metrics)
     written = write_bundle(destination, net, backbone, manifest, curve,
-                           int8_sets(backbone, dataset, recipe) if quantize else None)
+                           int8_inputs(backbone, dataset, recipe) if quantize else None)
     return Built(destination, written.kind_label, written.metrics, command)
 
 
@@ -107,12 +114,12 @@ def build_hard(destinations: dict, backbone: Backbone, dataset, recipe: Recipe, 
         cache.split("train")
     built = []
     for head, destination in destinations.items():
-        result, details, recorded = HEADS[head].build(cache, backbone, recipe, verbalizer, log)
+        result = HEADS[head](cache, backbone, recipe, verbalizer, log)
         manifest = base_manifest(dataset, backbone, recipe, device, kind="hard", head=head, prompt_method="none",
-                                 num_virtual_tokens=0, template=template.source, recipe_json=recorded,
-                                 details=details, metrics=result.metrics)
+                                 num_virtual_tokens=0, template=template.source, recipe=result.recipe,
+                                 details=result.details, metrics=result.metrics)
         written = write_bundle(destination, result.net, backbone, manifest, result.curve,
-                               int8_sets(backbone, dataset, recipe, template) if quantize else None)
+                               int8_inputs(backbone, dataset, recipe, template) if quantize else None)
         log(f"wrote {destination}: dev accuracy {written.metrics['dev']['accuracy']:.4f}")
         built.append(Built(destination, written.kind_label, written.metrics, commands[head]))
     return built

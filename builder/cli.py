@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import time
 from pathlib import Path
 
 import click
 
-from ptbundle.runtime.errors import ErrorsAsMessages
+from ptbundle.runtime.cli import ErrorsAsMessages
 from ptbundle.runtime.format import DEVICES
 
+from .errors import BuildError
 from .recipe import HARD_HEADS, RECIPE_FIELDS, Recipe, recipe_options
 
 
@@ -85,6 +87,8 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
     names = bundle_names(name, dataset.name, prompt_kind != "hard", heads)
     commands = rebuild_commands(ctx, template, label_texts, names)
 
+    out = writable_directory(Path(out_dir))  # before training: a build must not end where it cannot write
+
     # MindSpore takes seconds to import: only after the cheap checks above.
     from .backbone import load_backbone
     from .build import build_hard, build_soft, check_fits, comparison_table
@@ -99,7 +103,6 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
     log(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.dev)} dev / {len(dataset.test)} test, "
         f"labels {', '.join(dataset.labels)}; backbone {bb.name} ({bb.config.model_type}, "
         f"{bb.config.num_layers}x{bb.config.hidden_size})")
-    out = Path(out_dir)
     built = []
     # The main result first.  (The order hardly moves the memory peak:
     # MindSpore's CPU allocator keeps what the earlier graphs took.)
@@ -112,6 +115,16 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
     click.echo(f"built {len(built)} bundle(s) in {time.time() - started:.0f} s")
     click.echo(comparison_table(built, eval_data_args(data, train_file, dev_file, test_file, text_column,
                                                       text_b_column, label_column)))
+
+
+def writable_directory(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BuildError(f"--out {path}: cannot create it ({e.strerror})") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise BuildError(f"--out {path}: not writable")
+    return path
 
 
 def bundle_names(name, data_name: str, soft: bool, heads: list) -> dict:

@@ -31,7 +31,7 @@ from ptbundle.runtime.text import load_tokenizer
 
 from .errors import ExportError
 from .onnx_export import export_onnx
-from .quantize import quantize_int8
+from .quantize import Int8Inputs, quantize_int8
 
 PARITY_SHAPES = ((1, 8), (3, 16), (8, 40))  # (batch, seq) probes at export time
 
@@ -105,14 +105,13 @@ def library_versions() -> dict:
 
 
 def write_bundle(destination, net, backbone, manifest: Manifest, curve: list,
-                 int8_eval_sets: dict | None = None) -> Manifest:
+                 int8: Int8Inputs | None = None) -> Manifest:
     """Write every file of the bundle, check it, then move it into place; return the manifest written.
 
     `manifest` describes the bundle; this adds what only the export knows
     (parity, files and hashes, versions, time) to a new Manifest, never
-    changing the caller's.  With `int8_eval_sets` ({split: (encodings, gold
-    label ids, num_labels)}), an int8 ONNX graph is added and its accuracy
-    recorded as metrics["int8"].
+    changing the caller's.  With `int8` (build.int8_inputs), an int8 ONNX
+    graph is added and its accuracy recorded as metrics["int8"].
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -125,8 +124,9 @@ def write_bundle(destination, net, backbone, manifest: Manifest, curve: list,
         for target in TARGETS.values():
             path = target.export(net, tmp / target.file)
             parity[target.name] = check_parity(net, target.load(path, manifest.device), target, vocab, pad_id)
-        if int8_eval_sets:
-            metrics["int8"] = quantize_int8(tmp / GRAPHS["onnx"], tmp / GRAPHS["onnx-int8"], pad_id, int8_eval_sets)
+        if int8 is not None:
+            metrics["int8"] = quantize_int8(tmp / GRAPHS["onnx"], tmp / GRAPHS["onnx-int8"], pad_id, int8.eval_sets,
+                                            int8.calibration)
         load_tokenizer(backbone.tokenizer_path, manifest.max_length).save(str(tmp / TOKENIZER))
         save_file(net.head_state(), str(tmp / PROMPT))
         (tmp / TRAINING_LOG).write_text(json.dumps(curve, indent=2))

@@ -34,7 +34,7 @@ from .errors import BuildError
 from .model import Features, HeadOnly, PromptClassifier
 from .onnx_export import export_onnx
 from .recipe import Recipe
-from .train import TrainStep, build_classifier, encode_split, fit, run_batches
+from .train import TrainStep, build_classifier, cell_logits, encode_split, fit
 
 # Cosine similarities of sentence embeddings differ by a few hundredths
 # between labels; this scale turns them into usable probabilities.  It does
@@ -98,6 +98,8 @@ class HardResult:
     net: PromptClassifier
     curve: list
     metrics: dict
+    details: dict  # the manifest's details (the zero-shot verbalizer)
+    recipe: dict  # the recipe fields that decide this bundle (the manifest records these)
 
 
 class FeatureCache:
@@ -130,7 +132,7 @@ class FeatureCache:
     def embed(self, encodings) -> np.ndarray:
         if self.model is not None:
             return batched_logits(self.model, encodings, self.pad_id, self.width)
-        return run_batches(self.features, encodings, self.pad_id, self.width)
+        return cell_logits(self.features, encodings, self.pad_id, self.width)
 
     def split(self, name: str):
         """(features, gold label ids, token lengths) of a split."""
@@ -166,8 +168,10 @@ def build_zero_shot(cache: FeatureCache, backbone: Backbone, recipe: Recipe, ver
     net.load_head_state(head)
     metrics = {split: split_metrics(cache, split, head, normalize=True) for split in ("dev", "test")}
     metrics = {k: v for k, v in metrics.items() if v}
-    metrics["calibration_texts"] = len(unlabelled)
-    return HardResult(net, [], metrics)
+    details = {"verbalizer": verbalizer.descriptions, "calibration_texts": len(unlabelled)}
+    # Nothing is trained: only what chooses the calibration sample and the features.
+    recorded = {"seed": recipe.seed, "max_length": recipe.max_length, "pooling": recipe.pooling}
+    return HardResult(net, [], metrics, details, recorded)
 
 
 def split_metrics(cache: FeatureCache, split: str, head: dict, normalize: bool) -> dict:
@@ -197,31 +201,13 @@ def build_probe(cache: FeatureCache, backbone: Backbone, recipe: Recipe, log) ->
     test = split_metrics(cache, "test", head, normalize=False)
     if test:
         metrics["test"] = test
-    return HardResult(net, curve, metrics)
-
-
-@dataclass(frozen=True)
-class HardHead:
-    """A head for a fixed template: how it is fitted on the cached features, and what its manifest records."""
-
-    build: object  # (cache, backbone, recipe, verbalizer, log) -> (HardResult, details, recorded recipe)
-    normalize: bool  # the graph scales the pooled vector to unit length before the head
-
-
-def zero_shot(cache, backbone, recipe, verbalizer, log):
-    result = build_zero_shot(cache, backbone, recipe, verbalizer)
-    metrics = dict(result.metrics)
-    details = {"verbalizer": verbalizer.descriptions, "calibration_texts": metrics.pop("calibration_texts")}
-    # Nothing is trained: only what chooses the calibration sample and the features.
-    recorded = {"seed": recipe.seed, "max_length": recipe.max_length, "pooling": recipe.pooling}
-    return HardResult(result.net, result.curve, metrics), details, recorded
-
-
-def probe(cache, backbone, recipe, verbalizer, log):
     # The soft prompt's head recipe; there is no prompt to initialise or train.
     recorded = {k: v for k, v in recipe.to_json().items()
                 if k not in ("virtual_tokens", "init", "init_text", "prompt_lr")}
-    return build_probe(cache, backbone, recipe, log), {}, recorded
+    return HardResult(net, curve, metrics, {}, recorded)
 
 
-HEADS = {"zero-shot": HardHead(zero_shot, normalize=True), "probe": HardHead(probe, normalize=False)}
+# Each head: (cache, backbone, recipe, verbalizer, log) -> HardResult.  pt-build's --head offers recipe.HARD_HEADS.
+HEADS = {"zero-shot": lambda cache, backbone, recipe, verbalizer, log: build_zero_shot(cache, backbone, recipe,
+                                                                                     verbalizer),
+         "probe": lambda cache, backbone, recipe, verbalizer, log: build_probe(cache, backbone, recipe, log)}

@@ -21,6 +21,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from ptbundle.runtime.format import DEVICES
+from ptbundle.runtime.mindspore_backend import select_device
 
 from .errors import RecipeError
 from .pooling import POOLING
@@ -32,7 +33,7 @@ def use_device(device: str = "CPU") -> None:
     if device not in DEVICES:
         raise RecipeError(f"device {device!r} is not one of {', '.join(DEVICES)}")
     ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device(device)
+    select_device(device)
 
 
 @dataclass(frozen=True)
@@ -234,22 +235,23 @@ class PromptClassifier(nn.Cell):
             pooled = pooled / ops.maximum(ops.sqrt((pooled * pooled).sum(-1, keepdims=True)), 1e-12)
         return pooled
 
-    def head_state(self) -> dict:
-        """The prompt and head as numpy arrays, under stable names.
+    def head_params(self) -> dict:
+        """The Parameters that are not the frozen encoder's, under stable names.
 
-        MindSpore renames Parameters when a Cell is wrapped (e.g. by a train
-        step), so the bundle and checkpoints use these names instead:
-        `prompt_embeddings` (PEFT's key), `pooler.*`, `classifier.*`.
+        MindSpore renames Parameters after their cell path (and again when a
+        Cell is wrapped, e.g. by a train step), so the bundle and checkpoints
+        use these names instead: `prompt_embeddings` (PEFT's key), `pooler.*`,
+        `classifier.*`.
         """
-        state = {"classifier.weight": self.classifier.weight, "classifier.bias": self.classifier.bias}
-        state.update(self.prompt.params())
-        state.update(self.pooler.params())
-        return {k: v.asnumpy().copy() for k, v in state.items()}
+        return {"classifier.weight": self.classifier.weight, "classifier.bias": self.classifier.bias,
+                **self.prompt.params(), **self.pooler.params()}
+
+    def head_state(self) -> dict:
+        """head_params as numpy arrays (copies)."""
+        return {k: v.asnumpy().copy() for k, v in self.head_params().items()}
 
     def load_head_state(self, values: dict) -> None:
-        targets = {"classifier.weight": self.classifier.weight, "classifier.bias": self.classifier.bias,
-                   **self.prompt.params()}
-        targets.update(self.pooler.params())
+        targets = self.head_params()
         for name, value in values.items():
             if name not in targets:
                 raise KeyError(f"{name} is not part of this model's head (has {', '.join(targets)})")

@@ -37,7 +37,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ptbundle.runtime.format import INPUT_NAMES
 
-from . import architectures
 from .pooling import POOLING
 from .prompts import PROMPTS, method_for
 
@@ -72,18 +71,9 @@ def f32(a) -> np.ndarray:
 
 
 def weights_of(net) -> dict:
-    """The arrays the graph needs, read off a PromptClassifier.
-
-    The encoder's are those of the architecture's weight map
-    (builder.architectures), under our parameter names, which are also the
-    graph's initializer names.
-    """
-    cfg = net.encoder.config
-    params = dict(net.encoder.parameters_and_names())
-    w = {name: params[name] for name in architectures.weight_map(architectures.get(cfg.model_type), cfg)}
-    w.update({"classifier.weight": net.classifier.weight, "classifier.bias": net.classifier.bias,
-              **net.prompt.params()})
-    w.update(net.pooler.params())
+    """The arrays the graph needs, read off a PromptClassifier, under the Encoder's parameter names
+    (those the architectures' weight maps fill) and head_params' names: they are also the graph's initializer names."""
+    w = {**dict(net.encoder.parameters_and_names()), **net.head_params()}
     return {k: f32(v.asnumpy()) for k, v in w.items()}
 
 

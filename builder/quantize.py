@@ -27,11 +27,13 @@ candidates (accuracy, speed, batch independence).
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ptbundle.runtime.bundle import batched_logits
+from ptbundle.runtime.format import INPUT_NAMES
 from ptbundle.runtime.metrics import classification_metrics
 from ptbundle.runtime.onnx_backend import OnnxModel
 from ptbundle.runtime.text import batch_indices, pad
@@ -43,13 +45,15 @@ CALIBRATION_TEXTS = 512  # training texts whose activations fix the scales
 CALIBRATION_BATCH = 64
 
 
-def calibration_batches(encodings, pad_id: int, count: int = CALIBRATION_TEXTS,
-                        batch_size: int = CALIBRATION_BATCH) -> list:
-    """Padded (ids, mask, types) int32 batches of `count` evenly spaced encodings (all lengths, all labels)."""
-    step = max(1, len(encodings) // count)
-    sample = list(encodings[::step])[:count]
-    return [pad([sample[i] for i in index], pad_id) for index in batch_indices([len(e.ids) for e in sample],
-                                                                                 batch_size)]
+def calibration_sample(items: list, count: int = CALIBRATION_TEXTS) -> list:
+    """`count` evenly spaced items (all lengths, all labels, in file order)."""
+    return list(items[:: max(1, len(items) // count)])[:count]
+
+
+def calibration_batches(encodings, pad_id: int, batch_size: int = CALIBRATION_BATCH) -> list:
+    """Padded (ids, mask, types) int32 batches of the encodings, length-sorted as the runtime batches."""
+    return [pad([encodings[i] for i in index], pad_id)
+            for index in batch_indices([len(e.ids) for e in encodings], batch_size)]
 
 
 def quantize_weights(onnx_path: Path, out_path: Path, reduce_range: bool = True, weight_type=None,
@@ -87,8 +91,7 @@ def activation_ranges(onnx_path: Path, names, calibration) -> dict:
     inputs = [i.name for i in session.get_inputs()]
     ranges = {name: (np.inf, -np.inf) for name in names}
     for ids, mask, types in calibration:
-        feed = {k: v for k, v in zip(("input_ids", "attention_mask", "token_type_ids"), (ids, mask, types))
-                if k in inputs}
+        feed = {k: v for k, v in zip(INPUT_NAMES, (ids, mask, types)) if k in inputs}
         values = session.run(list(names), feed)
         for name, value in zip(names, values):
             prefix = value.shape[1] - mask.shape[1]
@@ -168,20 +171,22 @@ def fuse_integer_matmuls(nodes: list) -> list:
     return [fused.get(id(n), n) for n in nodes if id(n) not in dropped]
 
 
-def quantize_int8(onnx_path: Path, int8_path: Path, pad_id: int, eval_sets: dict, calibration=None) -> dict:
+@dataclass(frozen=True)
+class Int8Inputs:
+    """What the int8 graph is made and judged with."""
+
+    calibration: list  # padded (ids, mask, types) int32 batches of training texts (calibration_batches)
+    eval_sets: dict  # split -> (encodings, gold label ids, num_labels)
+
+
+def quantize_int8(onnx_path: Path, int8_path: Path, pad_id: int, eval_sets: dict, calibration: list) -> dict:
     """int8 copy of the ONNX graph (7-bit weights, fixed activation scales), and its accuracy per split.
 
-    `calibration`: padded (ids, mask, types) int32 batches of training texts
-    (calibration_batches); without them the scales are fixed on the first
-    split of `eval_sets` (dev, by the caller's order).  fp32 needs no second
+    The scales are fixed on `calibration`, batches of training texts: never
+    on the splits the graph is then judged on.  fp32 needs no second
     evaluation: the parity check has shown model.onnx equal to the trained
     net, whose metrics the manifest already holds.
     """
-    if calibration is None:
-        if not eval_sets:
-            raise ValueError("quantize_int8 needs calibration batches or an evaluation split to calibrate on")
-        encodings = next(iter(eval_sets.values()))[0]
-        calibration = calibration_batches(encodings, pad_id)
     int8_path = Path(int8_path)
     dynamic = int8_path.with_name(f".{int8_path.name}.dynamic")
     try:

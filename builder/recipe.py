@@ -22,10 +22,14 @@ POOLINGS = ("mean", "cls")
 HARD_HEADS = ("zero-shot", "probe")
 
 
-def knob(default, help: str, *, low=None, high=None, choices=None, kind=None):
+def knob(default, help: str, *, low=None, high=None, choices=None):
     """A recipe field with what its pt-build option shows and accepts."""
-    return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices,
-                                            "kind": kind})
+    return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices})
+
+
+def field_type(f) -> type:
+    """int, float or str (annotations are strings here: `from __future__ import annotations`)."""
+    return {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
 
 
 @dataclass(frozen=True)
@@ -38,8 +42,7 @@ class Recipe:
     virtual_tokens: int = knob(20, "Virtual tokens of the soft prompt (0: none, the head alone).", low=0, high=256)
     init: str = knob("vocab", "Prompt init: embeddings of sampled frequent tokens, of --init-text, or random.",
                      choices=INITS)
-    init_text: str | None = knob(None, "Text whose token embeddings start the prompt (implies --init text).",
-                                 kind=str)
+    init_text: str | None = knob(None, "Text whose token embeddings start the prompt (implies --init text).")
     pooling: str = knob("mean", "How the head reads the encoder: mean of the text tokens, or the first position"
                         " through the pooler.", choices=POOLINGS)
     epochs: int = knob(2, "Passes over the training data; the best epoch on dev is kept.", low=1, high=1000)
@@ -61,7 +64,7 @@ class Recipe:
             flag = option_flag(f.name)
             if value is None and f.default is None:
                 continue
-            kind = float if f.type in ("float", float) else int if f.type in ("int", int) else str
+            kind = field_type(f)
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
                 object.__setattr__(self, f.name, value)
@@ -98,12 +101,11 @@ def recipe_options(command):
     defaults = Recipe()
     for f in reversed(dataclasses.fields(Recipe)):
         meta = f.metadata
+        ranges = {int: click.IntRange, float: click.FloatRange}
         if meta["choices"]:
             kind = click.Choice(meta["choices"])
-        elif f.type in ("int", int):
-            kind = click.IntRange(meta["low"], meta["high"])
-        elif f.type in ("float", float):
-            kind = click.FloatRange(meta["low"], meta["high"])
+        elif field_type(f) in ranges:
+            kind = ranges[field_type(f)](meta["low"], meta["high"])
         else:
             kind = str
         default = getattr(defaults, f.name)

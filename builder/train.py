@@ -18,8 +18,9 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from ptbundle.runtime.bundle import batched_logits
 from ptbundle.runtime.metrics import classification_metrics
-from ptbundle.runtime.text import batch_indices, encode, load_tokenizer, pad
+from ptbundle.runtime.text import encode, load_tokenizer, pad
 
 from .backbone import Backbone
 from .errors import DataError, RecipeError
@@ -148,26 +149,34 @@ def progress(items, label: str, status):
                   file=sys.stderr, flush=True)
 
 
-def predict_logits(net, encodings, pad_id: int, batch_size: int = 64) -> np.ndarray:
-    """Logits in input order."""
-    return run_batches(net, encodings, pad_id, net.classifier.weight.shape[0], batch_size)
+class CellModel:
+    """A MindSpore Cell called as the runtime calls a backend: int32 arrays in, float32 numpy out.
+
+    Rows are repeated up to a fixed batch size and sequences padded to
+    multiples of TRAIN_PAD_MULTIPLE, so each length compiles one graph.
+    """
+
+    pad_multiple = TRAIN_PAD_MULTIPLE
+
+    def __init__(self, cell, batch_size: int):
+        cell.set_train(False)
+        self.cell, self.batch_size = cell, batch_size
+
+    def __call__(self, *arrays) -> np.ndarray:
+        n = len(arrays[0])
+        filled = [np.concatenate([a, np.repeat(a[-1:], self.batch_size - n, 0)]) for a in arrays]
+        return self.cell(*(Tensor(a) for a in filled)).asnumpy()[:n]
 
 
-def run_batches(cell, encodings, pad_id: int, width: int, batch_size: int = 64) -> np.ndarray:
-    """cell(ids, mask, types) -> [n, width] in input order; batches sorted by length, padded to full size."""
-    cell.set_train(False)
-    out = np.zeros((len(encodings), width), np.float32)
-    for index in batch_indices([len(e.ids) for e in encodings], batch_size):
-        rows = list(index) + [index[-1]] * (batch_size - len(index))  # one shape per length
-        arrays = pad([encodings[i] for i in rows], pad_id, TRAIN_PAD_MULTIPLE)
-        out[index] = cell(*(Tensor(a) for a in arrays)).asnumpy()[: len(index)]
-    return out
+def cell_logits(cell, encodings, pad_id: int, width: int, batch_size: int = 64) -> np.ndarray:
+    """cell(ids, mask, types) -> [n, width] in input order, batched as the runtime batches."""
+    return batched_logits(CellModel(cell, batch_size), encodings, pad_id, width, batch_size)
 
 
 def evaluate(net, encodings, gold, pad_id: int, num_labels: int) -> dict:
     if not encodings:
         return {}
-    predicted = predict_logits(net, encodings, pad_id).argmax(-1)
+    predicted = cell_logits(net, encodings, pad_id, num_labels).argmax(-1)
     return classification_metrics(predicted, gold, num_labels)
 
 

@@ -7,10 +7,24 @@ import json
 import click
 
 from .backends import BACKENDS
-from .errors import ErrorsAsMessages, InputError
+from .errors import InputError, PtbundleError
 from .format import DEVICES
 
 DEFAULT_BUNDLE = "exports/mr-soft"
+
+
+class ErrorsAsMessages(click.Group):
+    """A click group whose commands report `PtbundleError`s as `Error: message` and exit 1.
+
+    In the group, not in `main()`: click's test runner invokes the group, so
+    the tests see exactly what a user sees.  pt-build uses it too.
+    """
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PtbundleError as e:
+            raise click.ClickException(str(e)) from e
 
 
 def read_lines(stream, name: str, pair: bool = False) -> list:

@@ -13,8 +13,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import DataError
 
-from .errors import DataError  # noqa: E402  (defined with every user-facing error)
+
 
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

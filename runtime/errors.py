@@ -1,15 +1,13 @@
 """The one error hierarchy: every mistake a user can make is a `PtbundleError`.
 
 Each command of `pt-build` and `pt-run` turns one into a single
-`Error: ...` line and exit status 1 (`ErrorsAsMessages`, the click group
-both CLIs use), so no user mistake ends in a traceback.  The builder's
+`Error: ...` line and exit status 1 (`runtime.cli.ErrorsAsMessages`, the
+click group both CLIs use), so no user mistake ends in a traceback.  The builder's
 errors (backbone, recipe, export) subclass `PtbundleError` in
 `ptbundle.builder.errors`; the runtime never imports them.
 """
 
 from __future__ import annotations
-
-import click
 
 
 class PtbundleError(ValueError):
@@ -32,15 +30,5 @@ class InputError(PtbundleError):
     """Input lines or requests that cannot be predicted on."""
 
 
-class ErrorsAsMessages(click.Group):
-    """A click group whose commands report `PtbundleError`s as `Error: message` and exit 1.
-
-    In the group, not in `main()`: click's test runner invokes the group, so
-    the tests see exactly what a user sees.
-    """
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except PtbundleError as e:
-            raise click.ClickException(str(e)) from e
+class DeviceError(PtbundleError):
+    """A device MindSpore cannot use in this process (not installed here, or another one already chosen)."""

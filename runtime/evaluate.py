@@ -83,6 +83,10 @@ def plot(rows: list, title: str, path: Path) -> None:
     right.set_title("throughput")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+    except OSError as e:
+        raise InputError(f"--plot {path}: cannot write it ({e.strerror})") from e
+    finally:
+        plt.close(fig)
     tmp.replace(path)  # a finished file or none

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError
+from .errors import BundleError, DeviceError
 
 
 def select_device(device: str) -> None:
@@ -29,12 +29,20 @@ def select_device(device: str) -> None:
     except (ImportError, AttributeError):  # another MindSpore version: ask set_device
         chosen = False
     if not chosen:
-        ms.set_device(device)
+        try:
+            ms.set_device(device)
+        except (RuntimeError, ValueError) as e:  # e.g. GPU asked for where MindSpore has no CUDA
+            raise DeviceError(f"MindSpore cannot run on {device} here ({first_sentence(e)})") from e
         return
     current = ms.get_current_device().device_target
     if current != device:
-        raise BundleError(f"MindSpore in this process runs on {current}; a bundle on {device} needs a process"
-                          f" of its own (MindSpore's device cannot change once set)")
+        raise DeviceError(f"MindSpore in this process runs on {current}; {device} needs a process of its own"
+                          f" (MindSpore's device cannot change once set)")
+
+
+def first_sentence(error: Exception) -> str:
+    """MindSpore's messages run to pages (C++ call stacks included): their first sentence names the problem."""
+    return str(error).strip().splitlines()[0].split(". ")[0][:200]
 
 
 class MindSporeModel:
@@ -52,7 +60,7 @@ class MindSporeModel:
         try:
             self.cell = ms.nn.GraphCell(ms.load(str(path)))
         except Exception as e:  # MindSpore raises RuntimeError/ValueError for unreadable graphs
-            raise BundleError(f"{path}: MindSpore cannot load it ({str(e).splitlines()[0][:200]})") from e
+            raise BundleError(f"{path}: MindSpore cannot load it ({first_sentence(e)})") from e
 
     def __call__(self, ids, mask, types) -> np.ndarray:
         return self.cell(self.tensor(ids), self.tensor(mask), self.tensor(types)).asnumpy()

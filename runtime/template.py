@@ -23,10 +23,9 @@ from dataclasses import dataclass
 
 from tokenizers import Encoding
 
+from .errors import TemplateError
+
 SLOTS = ("text", "text_b")
-
-
-from .errors import TemplateError  # noqa: E402  (defined with every user-facing error)
 
 
 @dataclass(frozen=True)

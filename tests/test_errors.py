@@ -61,6 +61,34 @@ def test_build_option_mistakes_fail_before_any_work(tmp_path, args, expected, st
     assert not (tmp_path / "exports").exists()
 
 
+def test_build_refuses_an_output_it_cannot_write_before_training(tmp_path, files, tiny_bert):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, stderr, _ = run("pt-build", "export", "--train", files["train"], "--dev", files["dev"],
+                          "--backbone", tiny_bert, "--out", blocker / "exports")
+    assert_one_error_line(code, stderr, "--out", "cannot create it")
+    assert "epoch" not in stderr  # refused before any training
+
+
+@pytest.mark.parametrize("tool", ["pt-build", "pt-run"])
+def test_a_device_mindspore_cannot_use_here_is_one_line(tmp_path, files, tiny_bert, tiny_bundle, tool):
+    if tool == "pt-build":
+        args = ["export", "--prompt", "soft", "--train", files["train"], "--dev", files["dev"],
+                "--backbone", tiny_bert, "--device", "Ascend", "--out", tmp_path / "exports"]
+    else:
+        args = ["predict", "--bundle", tiny_bundle, "--device", "Ascend", "-"]
+    code, stderr, _ = run(tool, *args, stdin=b"a great movie\n")
+    if code == 0:
+        pytest.skip("MindSpore runs on Ascend on this machine")
+    assert_one_error_line(code, stderr, "MindSpore cannot run on Ascend here")
+
+
+def test_eval_names_a_plot_path_it_cannot_write(tiny_bundle, files, tmp_path):
+    code, stderr, stdout = run("pt-run", "eval", "--bundle", tiny_bundle, "--data", files["dev"],
+                               "--plot", tmp_path / "missing" / "cmp.png")
+    assert_one_error_line(code, stderr, "--plot", "cannot write it")
+
+
 def test_build_names_the_bad_row(tmp_path, files, tiny_bert):
     code, stderr, _ = run("pt-build", "export", "--train", files["bad_rows"], "--dev", files["dev"],
                           "--backbone", tiny_bert, "--out", tmp_path / "exports")

@@ -10,7 +10,7 @@ from conftest import TOY_LABEL_TEXTS, TOY_TEMPLATE, write_tsv
 from ptbundle.builder.backbone import load_backbone
 from ptbundle.builder.hard import CALIBRATION_TEXTS, ZERO_SHOT_SCALE, Verbalizer
 from ptbundle.builder.model import Features, PromptClassifier
-from ptbundle.builder.train import run_batches
+from ptbundle.builder.train import cell_logits
 from ptbundle.runtime import Bundle
 from ptbundle.runtime.format import Manifest
 from ptbundle.runtime.cli import cli as run_cli
@@ -26,7 +26,7 @@ def mean_features(backbone, texts, template=None):
     """Mean-pooled encoder states, computed apart from any head."""
     net = PromptClassifier(backbone.build_encoder(), 0, 2, "mean")
     tokenizer = load_tokenizer(backbone.tokenizer_path, 128)
-    return run_batches(Features(net), encode(tokenizer, texts, template=template), backbone.config.pad_token_id, 32)
+    return cell_logits(Features(net), encode(tokenizer, texts, template=template), backbone.config.pad_token_id, 32)
 
 
 def unit(x):
