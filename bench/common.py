@@ -145,6 +145,15 @@ PRODUCT = {
     "sha256_file": "ptbundle.runtime.format:sha256_file",
     "PROMPT_FILE": "ptbundle.runtime.format:PROMPT", "TOKENIZER_FILE": "ptbundle.runtime.format:TOKENIZER",
     "cpu_threads": "ptbundle.runtime.onnx_backend:default_threads",  # the thread count onnxruntime gets
+    "session_options": "ptbundle.runtime.onnx_backend:session_options",  # how the runtime runs a graph
+    "OnnxModel": "ptbundle.runtime.onnx_backend:OnnxModel", "batched_logits": "ptbundle.runtime.bundle:batched_logits",
+    # bench/experiments/int8_choice.py builds the candidates from the exporter's own steps
+    "quantize_int8": "ptbundle.builder.quantize:quantize_int8",
+    "quantize_weights": "ptbundle.builder.quantize:quantize_weights",
+    "fix_activation_scales": "ptbundle.builder.quantize:fix_activation_scales",
+    "calibration_sample": "ptbundle.builder.quantize:calibration_sample",
+    "calibration_batches": "ptbundle.builder.quantize:calibration_batches",
+    "HEAD_NODES": "ptbundle.builder.onnx_export:HEAD_NODES",
     "UNFUSED": "ptbundle.runtime.onnx_backend:UNFUSED",  # the fusion passes the runtime turns off
     "ONNX_PAD_MULTIPLE": "ptbundle.runtime.onnx_backend:OnnxModel.pad_multiple",
     "use_device": "ptbundle.builder.model:use_device",

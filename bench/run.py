@@ -368,8 +368,10 @@ def main(backbone, data, smoke, results, bundle_path, quick, no_peer, peer_venv,
                                   "--epochs", max(1, peer_full_epochs)], stages, env)
         peer_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         peer_env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        # The peer's GEMM limit at the shape roofline.py measured ours at, so the two limits compare.
+        tokens = json.loads((results / "roofline.json").read_text())["tokens"]
         run_stage("peer", [peer, BENCH / "peer" / "peer_torch.py", "--data", inputs, "--results", results,
-                           "--threads", cpu_threads(), "--full-epochs", peer_full_epochs,
+                           "--threads", cpu_threads(), "--full-epochs", peer_full_epochs, "--gemm-tokens", tokens,
                            *(["--smoke"] if smoke else []),
                            *sizes(settings, repeats="repeats", every="every", every_batch1="every_batch1",
                                   train_steps="peer_train_steps", gemm_repeats="roofline_repeats")],

@@ -30,6 +30,18 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """How the runtime runs a graph (benchmarks use the same, to measure what users get)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # One request at a time through a chain of GEMMs: all threads go to
+    # parallelism inside each operator, none to running operators side by side.
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or default_threads()
+    options.inter_op_num_threads = 1
+    return options
+
+
 class OnnxModel:
     """Same call as MindSporeModel: int32 [batch, seq] arrays in, float32 logits out."""
 
@@ -38,13 +50,8 @@ class OnnxModel:
     pad_multiple = 1
 
     def __init__(self, path: Path, device: str = "CPU", threads: int | None = None):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # One request at a time through a chain of GEMMs: all threads go to
-        # parallelism inside each operator, none to running operators side by side.
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = threads or default_threads()
-        options.inter_op_num_threads = 1
+        # `device`: the backends registry opens every model with one (it checked CPU already)
+        options = session_options(threads)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
                                                 disabled_optimizers=UNFUSED)

@@ -42,9 +42,7 @@ def session(nodes, width: int, tokens: int, params: dict, fuse: bool, optimized:
                               [numpy_helper.from_array(v, k) for k, v in params.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 9
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = common.cpu_threads()
-    options.inter_op_num_threads = 1
+    options = common.session_options()  # as the runtime runs a graph
     options.optimized_model_filepath = str(optimized)
     disabled = [] if fuse else common.UNFUSED
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],

@@ -138,10 +138,7 @@ def onnxruntime_gemm(m: int, k: int, n: int, repeats: int, min_seconds: float) -
                               [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
                               [helper.make_tensor_value_info("c", TensorProto.FLOAT, [m, n])], [b])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    options = ort.SessionOptions()  # as runtime/onnx_backend.py sets them
-    options.intra_op_num_threads = common.cpu_threads()
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options = common.session_options()  # as the runtime runs a graph
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feed = {"a": rng.standard_normal((m, k), dtype=np.float32)}
     return common.time_calls(lambda: session.run(None, feed), lambda _: None, repeats, min_seconds)
