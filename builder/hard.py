@@ -106,9 +106,9 @@ class FeatureCache:
     """Pooled features of each split under the template, computed on first use.
 
     On CPU the encoder runs as an ONNX graph in onnxruntime, the fastest
-    forward pass this project has (MindSpore's CPU kernels took about twice
-    as long for MR's 10,662 texts; `pt-build export --prompt hard` logs the
-    time of each split); elsewhere MindSpore runs it on the device.
+    forward pass this project has on CPU (bench/perf/inference.py compares
+    the backends; `pt-build export --prompt hard` logs each split's time);
+    elsewhere MindSpore runs it on the device.
     """
 
     def __init__(self, backbone: Backbone, dataset, recipe: Recipe, template: Template, log, device: str = "CPU"):
