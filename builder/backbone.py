@@ -10,14 +10,13 @@ shape) is a `BackboneError` that names the file and what is wrong with it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
 
-from ptbundle.runtime.format import sha256_file
+from ptbundle.runtime.format import read_json_object, sha256_file
 
 from . import architectures
 from .architectures import Architecture
@@ -103,12 +102,7 @@ def load_backbone(path: str | Path | None = None) -> Backbone:
 
 def read_config(path: Path) -> tuple:
     """(architecture, EncoderConfig) of a config.json."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BackboneError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise BackboneError(f"{path}: not a JSON object")
+    raw = read_json_object(path, BackboneError)
     try:
         arch = architectures.get(raw.get("model_type"))
     except BackboneError as e:

@@ -46,6 +46,17 @@ DEVICES = ("CPU", "GPU", "Ascend")
 REBUILD = "rebuild it with this version's pt-build export (or pt-build import for a PEFT adapter)"
 
 
+def read_json_object(path: Path, error: type) -> dict:
+    """A JSON file holding one object (manifest.json, config.json); anything else is `error` naming the file."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise error(f"{path}: not a JSON object")
+    return raw
+
+
 def sha256_file(path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -120,13 +131,7 @@ class Manifest:
         path = directory / MANIFEST
         if not path.is_file():
             raise BundleError(f"{directory}: not a bundle (no {MANIFEST})")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BundleError(f"{path}: not valid JSON ({e})") from e
-        if not isinstance(raw, dict):
-            raise BundleError(f"{path}: expected a JSON object")
-        return cls.from_json(raw, path)
+        return cls.from_json(read_json_object(path, BundleError), path)
 
     @classmethod
     def from_json(cls, raw: dict, path: Path | str = MANIFEST) -> "Manifest":
