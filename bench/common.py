@@ -224,9 +224,11 @@ def split_texts(examples) -> tuple:
 
 
 def read_manifest(path) -> dict:
-    """A bundle's manifest.json, validated, as a dict (plus kind_label: 'soft', 'hard probe'...)."""
+    """A single-task bundle's manifest.json, validated, as one dict: the bundle's fields and its task's
+    (plus kind_label: 'soft', 'hard probe'...)."""
     manifest = product("Manifest").read(Path(path))
-    return dict(manifest.to_json(), kind_label=manifest.kind_label)
+    fields = {k: v for k, v in manifest.to_json().items() if k != "tasks"}
+    return dict(fields, **manifest.only.to_json(), kind_label=manifest.kind_label)
 
 
 def check_backbone(manifest: dict, backbone) -> None:

@@ -9,7 +9,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from ptbundle.runtime.format import BackboneInfo, Manifest
+from ptbundle.runtime.format import BackboneInfo, Manifest, Task
 from ptbundle.runtime.template import Template
 from ptbundle.runtime.text import load_tokenizer
 
@@ -44,17 +44,20 @@ def default_label_texts(dataset) -> tuple:
 
 
 def base_manifest(dataset, backbone: Backbone, recipe: Recipe, device: str, /, **fields) -> Manifest:
-    """What every bundle of this build shares; `fields` add or override what its kind knows (kind, head, metrics,
-    the recipe fields it records...)."""
+    """A one-task manifest for this build; `fields` add or override what the task's kind knows (kind, head,
+    metrics, the recipe fields it records...)."""
     cfg = backbone.config
-    values = dict(task=dataset.name, labels=tuple(dataset.labels), pair=dataset.is_pair,
-                  max_length=recipe.max_length, pad_id=cfg.pad_token_id, pooling=recipe.pooling,
-                  backbone=BackboneInfo(name=backbone.name, model_type=cfg.model_type, hidden_size=cfg.hidden_size,
-                                        layers=cfg.num_layers, heads=cfg.num_heads,
-                                        intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
-                                        sha256=backbone.sha256),
-                  device=device, recipe=recipe.to_json())
-    return Manifest(**{**values, **fields})
+    task = dict(name=dataset.name, labels=tuple(dataset.labels), pair=dataset.is_pair, max_length=recipe.max_length,
+                pooling=recipe.pooling, recipe=recipe.to_json())
+    return Manifest(tasks=(Task(**{**task, **fields}),), pad_id=cfg.pad_token_id, device=device,
+                    backbone=backbone_info(backbone))
+
+
+def backbone_info(backbone: Backbone) -> BackboneInfo:
+    cfg = backbone.config
+    return BackboneInfo(name=backbone.name, model_type=cfg.model_type, hidden_size=cfg.hidden_size,
+                        layers=cfg.num_layers, heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+                        vocab_size=cfg.vocab_size, sha256=backbone.sha256)
 
 
 def check_fits(recipe: Recipe, backbone: Backbone, soft: bool) -> None:
@@ -96,7 +99,7 @@ def build_soft(destination: Path, backbone: Backbone, dataset, recipe: Recipe, d
                              metrics=metrics)
     written = write_bundle(destination, net, backbone, manifest, curve,
                            int8_inputs(backbone, dataset, recipe) if quantize else None)
-    return Built(destination, written.kind_label, written.metrics, command)
+    return Built(destination, written.kind_label, written.only.metrics, command)
 
 
 def build_hard(destinations: dict, backbone: Backbone, dataset, recipe: Recipe, template: Template,
@@ -120,8 +123,8 @@ def build_hard(destinations: dict, backbone: Backbone, dataset, recipe: Recipe, 
                                  details=result.details, metrics=result.metrics)
         written = write_bundle(destination, result.net, backbone, manifest, result.curve,
                                int8_inputs(backbone, dataset, recipe, template) if quantize else None)
-        log(f"wrote {destination}: dev accuracy {written.metrics['dev']['accuracy']:.4f}")
-        built.append(Built(destination, written.kind_label, written.metrics, commands[head]))
+        log(f"wrote {destination}: dev accuracy {written.only.metrics['dev']['accuracy']:.4f}")
+        built.append(Built(destination, written.kind_label, written.only.metrics, commands[head]))
     return built
 
 

@@ -120,20 +120,21 @@ def write_bundle(destination, net, backbone, manifest: Manifest, curve: list,
     tmp.mkdir()
     try:
         vocab, pad_id = backbone.config.vocab_size, manifest.pad_id
-        parity, metrics = {}, dict(manifest.metrics)
+        task = manifest.only
+        parity, metrics = {}, dict(task.metrics)
         for target in TARGETS.values():
             path = target.export(net, tmp / target.file)
             parity[target.name] = check_parity(net, target.load(path, manifest.device), target, vocab, pad_id)
         if int8 is not None:
             metrics["int8"] = quantize_int8(tmp / GRAPHS["onnx"], tmp / GRAPHS["onnx-int8"], pad_id, int8.eval_sets,
                                             int8.calibration)
-        load_tokenizer(backbone.tokenizer_path, manifest.max_length).save(str(tmp / TOKENIZER))
+        load_tokenizer(backbone.tokenizer_path, task.max_length).save(str(tmp / TOKENIZER))
         save_file(net.head_state(), str(tmp / PROMPT))
         (tmp / TRAINING_LOG).write_text(json.dumps(curve, indent=2))
         for path in tmp.iterdir():
             path.chmod(0o644)  # MindSpore writes the graph read-only for its owner
-        written = manifest.replace(
-            metrics=metrics, export=parity, files={p.name: sha256_file(p) for p in sorted(tmp.iterdir())},
+        written = manifest.replace_task(task.name, metrics=metrics).replace(
+            export=parity, files={p.name: sha256_file(p) for p in sorted(tmp.iterdir())},
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             versions=library_versions())
         write_manifest(tmp, written)

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from . import backends
-from .errors import BundleError, TemplateError
-from .format import MANIFEST, TOKENIZER, Manifest, verify_files
+from .errors import BundleError, InputError, TemplateError
+from .format import MANIFEST, TOKENIZER, Manifest, Task, verify_files
 from .template import Template
 from .text import batch_indices, encode, load_tokenizer, pad
 
@@ -29,19 +29,35 @@ from .text import batch_indices, encode, load_tokenizer, pad
 class Prediction:
     label: str
     probabilities: dict  # label -> probability
+    task: str | None = None  # set by a multi-task bundle
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "probabilities": self.probabilities}
+        out = {"label": self.label, "probabilities": self.probabilities}
+        return {"task": self.task, **out} if self.task is not None else out
+
+
+@dataclass(frozen=True)
+class TaskInput:
+    """How one task's inputs become the graph's: its tokenizer (truncating at its max_length) and template."""
+
+    index: int  # the graph's task id (position in the manifest's tasks)
+    task: Task
+    tokenizer: object
+    template: object  # runtime.template.Template, or None for a soft prompt
 
 
 class Bundle:
-    def __init__(self, directory: Path, manifest: Manifest, model, tokenizer):
+    def __init__(self, directory: Path, manifest: Manifest, model, tokenizer_path: Path):
         self.directory = directory
         self.manifest = manifest
-        self.labels = list(manifest.labels)
         self.model = model
-        self.tokenizer = tokenizer
-        self.template = read_template(manifest, directory)
+        tokenizers = {}  # one per max_length: truncation is a setting of the tokenizer
+        self.tasks = {}
+        for i, task in enumerate(manifest.tasks):
+            if task.max_length not in tokenizers:
+                tokenizers[task.max_length] = load_tokenizer(tokenizer_path, task.max_length)
+            self.tasks[task.name] = TaskInput(i, task, tokenizers[task.max_length],
+                                              read_template(task, directory, i))
 
     @classmethod
     def load(cls, path, device: str = "CPU", backend: str | None = None, int8: bool = False,
@@ -62,58 +78,127 @@ class Bundle:
             # of the GIL, and a cold start is mostly these two.
             check = pool.submit(verify_files, directory, manifest, [TOKENIZER, graph]) if verify else None
             try:
-                tokenizer = load_tokenizer(directory / TOKENIZER, manifest.max_length)
                 model = runner.open(directory / graph, device)
+                bundle = cls(directory, manifest, model, directory / TOKENIZER)
             except Exception:
                 if check is not None:
                     check.result()  # a missing or altered file explains the failure best
                 raise
             if check is not None:
                 check.result()  # a mismatch raises here, before the bundle is handed out
-        return cls(directory, manifest, model, tokenizer)
+        return bundle
+
+    @property
+    def task_names(self) -> list:
+        return list(self.tasks)
+
+    @property
+    def labels(self) -> list:
+        """The labels of a single-task bundle (labels_of(task) for any)."""
+        return self.labels_of(None)
+
+    def labels_of(self, task: str | None) -> list:
+        return list(self.manifest.task(task).labels)
 
     @property
     def is_pair(self) -> bool:
-        return self.manifest.pair
+        """A single-task bundle whose inputs are sentence pairs."""
+        return self.manifest.only.pair
 
-    def logits(self, texts, texts_b=None, batch_size: int = 64, sort_by_length: bool = True) -> np.ndarray:
-        """Logits [len(texts), num_labels] in input order.
+    def row_tasks(self, task, n: int) -> list:
+        """`task` (None for the only one, a name, or a name per row) as one TaskInput per row."""
+        if task is None or isinstance(task, str):
+            return [self.tasks[self.manifest.task(task).name]] * n
+        names = list(task)
+        if len(names) != n:
+            raise ValueError(f"{n} texts but {len(names)} tasks")
+        return [self.tasks[self.manifest.task(name).name] for name in names]
 
+    def logits(self, texts, texts_b=None, batch_size: int = 64, sort_by_length: bool = True,
+               task=None) -> np.ndarray:
+        """Logits [len(texts), labels] in input order.
+
+        `task`: a task name for every row, or one name per row (a multi-task
+        bundle runs rows of different tasks in the same batches); None for a
+        single-task bundle.  The array is as wide as the widest of the rows'
+        tasks; a row whose task has fewer labels is NaN beyond them.
         Batches group texts of similar length (less padding) unless
         `sort_by_length=False`, which runs consecutive texts together.
         """
         texts = list(texts)
-        if texts_b is not None and len(texts_b) != len(texts):
-            raise ValueError(f"{len(texts)} texts but {len(texts_b)} second texts")
-        return batched_logits(self.model, self.encode(texts, texts_b), self.manifest.pad_id, len(self.labels),
-                              batch_size, sort_by_length)
+        rows = self.row_tasks(task, len(texts))
+        encodings = self.encode(texts, texts_b, task)
+        width = max(len(r.task.labels) for r in rows) if rows else len(self.manifest.tasks[0].labels)
+        task_ids = np.array([r.index for r in rows], np.int32) if self.manifest.multi_task else None
+        out = batched_logits(self.model, encodings, self.manifest.pad_id, width, batch_size, sort_by_length, task_ids)
+        for i, r in enumerate(rows):
+            out[i, len(r.task.labels):] = np.nan
+        return out
 
-    def predict(self, texts, texts_b=None, batch_size: int = 64, sort_by_length: bool = True) -> list:
-        logits = self.logits(texts, texts_b, batch_size, sort_by_length)
-        return [Prediction(self.labels[int(p.argmax())], {l: float(v) for l, v in zip(self.labels, p)})
-                for p in softmax(logits)]
+    def predict(self, texts, texts_b=None, batch_size: int = 64, sort_by_length: bool = True, task=None) -> list:
+        texts = list(texts)
+        rows = self.row_tasks(task, len(texts))
+        logits = self.logits(texts, texts_b, batch_size, sort_by_length, task)
+        shown = self.manifest.multi_task
+        out = []
+        for r, row in zip(rows, logits):
+            labels = r.task.labels
+            p = softmax(row[: len(labels)][None])[0]
+            out.append(Prediction(labels[int(p.argmax())], {l: float(v) for l, v in zip(labels, p)},
+                                  r.task.name if shown else None))
+        return out
 
-    def encode(self, texts, texts_b=None) -> list:
-        """Token encodings as the graph receives them (the template applied, if any)."""
-        return encode(self.tokenizer, texts, texts_b, self.template)
+    def encode(self, texts, texts_b=None, task=None) -> list:
+        """Token encodings as the graph receives them, in input order (each row's template applied, if any).
+
+        For rows of pair tasks `texts_b` holds the second texts (None at rows of single-text tasks).
+        """
+        texts = list(texts)
+        rows = self.row_tasks(task, len(texts))
+        if texts_b is not None:
+            texts_b = list(texts_b)
+            if len(texts_b) != len(texts):
+                raise ValueError(f"{len(texts)} texts but {len(texts_b)} second texts")
+        out = [None] * len(texts)
+        for name, spec in self.tasks.items():
+            index = [i for i, r in enumerate(rows) if r is spec]
+            if not index:
+                continue
+            if spec.task.pair:
+                seconds = [None if texts_b is None else texts_b[i] for i in index]
+                if any(b is None for b in seconds):
+                    raise InputError(f"task {name!r} takes sentence pairs: every one of its texts needs a second text")
+            else:
+                if texts_b is not None and any(texts_b[i] is not None for i in index):
+                    raise InputError(f"task {name!r} takes one text per input, not a pair")
+                seconds = None
+            for i, e in zip(index, encode(spec.tokenizer, [texts[i] for i in index], seconds, spec.template)):
+                out[i] = e
+        return out
 
 
-def read_template(manifest: Manifest, directory: Path):
-    """A hard-prompt bundle's template (None for a soft prompt): inputs go into it before the graph."""
-    if not manifest.template:
+def read_template(task: Task, directory: Path, index: int):
+    """A hard-prompt task's template (None for a soft prompt): inputs go into it before the graph."""
+    if not task.template:
         return None
     try:
-        return Template.parse(manifest.template, pair=manifest.pair)
+        return Template.parse(task.template, pair=task.pair)
     except TemplateError as e:
-        raise BundleError(f"{directory / MANIFEST}: field 'template': {e}") from e
+        raise BundleError(f"{directory / MANIFEST}: field 'tasks[{index}].template': {e}") from e
 
 
 def batched_logits(model, encodings, pad_id: int, num_labels: int, batch_size: int = 64,
-                   sort_by_length: bool = True) -> np.ndarray:
-    """Run `model` over batches (length-sorted by default); logits come back in input order."""
+                   sort_by_length: bool = True, task_ids: np.ndarray | None = None) -> np.ndarray:
+    """Run `model` over batches (length-sorted by default); logits come back in input order.
+
+    `task_ids` (a multi-task graph): each row's task; rows of different tasks share batches.
+    """
     out = np.zeros((len(encodings), num_labels), np.float32)
     for index in batch_indices([len(e.ids) for e in encodings], batch_size, sort_by_length):
-        out[index] = model(*pad([encodings[i] for i in index], pad_id, model.pad_multiple))
+        arrays = pad([encodings[i] for i in index], pad_id, model.pad_multiple)
+        if task_ids is not None:
+            arrays = (*arrays, task_ids[index])
+        out[index] = model(*arrays)[:, :num_labels]
     return out
 
 

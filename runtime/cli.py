@@ -7,8 +7,9 @@ import json
 import click
 
 from .backends import BACKENDS
-from .errors import InputError, PtbundleError
+from .errors import PtbundleError
 from .format import DEVICES
+from .inputs import CHUNK_LINES, FORMATS, LineReader, chunks
 
 DEFAULT_BUNDLE = "exports/mr-soft"
 
@@ -27,41 +28,6 @@ class ErrorsAsMessages(click.Group):
             raise click.ClickException(str(e)) from e
 
 
-def read_lines(stream, name: str, pair: bool = False) -> list:
-    """One text per line (a pair: two texts split by a tab).
-
-    Empty lines, undecodable bytes and pairs without exactly one tab are
-    errors that name the line; nothing is silently dropped.
-    """
-    texts, problems = [], []
-    for number, raw in enumerate(stream.read().split(b"\n"), start=1):
-        raw = raw.removesuffix(b"\r")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            problems.append(f"{name}:{number}: not valid UTF-8 (byte {e.start + 1})")
-            continue
-        if not text.strip():
-            problems.append(f"{name}:{number}: empty line")
-            continue
-        if pair:
-            parts = text.split("\t")
-            if len(parts) != 2 or not all(p.strip() for p in parts):
-                problems.append(f"{name}:{number}: expected two texts separated by one tab (a sentence-pair bundle)")
-                continue
-            text = tuple(parts)
-        texts.append(text)
-    # A final newline ends the last line; it does not start an empty one.
-    if problems and problems[-1] == f"{name}:{number}: empty line" and raw == b"":
-        problems.pop()
-    if problems:
-        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise InputError(f"{len(problems)} input line(s) cannot be used, nothing was predicted:\n  {shown}")
-    if not texts:
-        raise InputError(f"{name}: no input lines")
-    return texts
-
-
 @click.group(cls=ErrorsAsMessages)
 @click.version_option(package_name="ptbundle")
 def cli():
@@ -72,34 +38,62 @@ def cli():
 @click.argument("file", type=click.File("rb"))
 @click.option("--bundle", "bundle_path", default=DEFAULT_BUNDLE, show_default=True, type=click.Path(),
               help="Bundle directory.")
-@click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "jsonl"]))
+@click.option("--task", default=None, help="The task of each line (a multi-task bundle) [default: the only one].")
+@click.option("--input-format", "input_format", default=None, type=click.Choice(FORMATS),
+              help="text: a text per line (pairs: two texts split by a tab); jsonl: {\"text\", \"text_b\", \"task\"}"
+                   " per line  [default: jsonl for a .jsonl file, else text]")
+@click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "jsonl"]),
+              help="Output format.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--chunk-lines", default=CHUNK_LINES, show_default=True, type=click.IntRange(1),
+              help="Lines read, checked, length-sorted and predicted together (bounds memory).")
 @click.option("--device", default="CPU", show_default=True, type=click.Choice(DEVICES))
 @click.option("--backend", type=click.Choice(list(BACKENDS)), default=None,
               help="[default: onnxruntime on CPU, mindspore on GPU/Ascend]")
 @click.option("--int8", is_flag=True, help="Use the bundle's int8 ONNX graph (pt-build export --quantize int8).")
-def predict(file, bundle_path, fmt, batch_size, device, backend, int8):
-    """Predict a label for each line of FILE ('-' for stdin).
+@click.option("--progress/--no-progress", default=None,
+              help="Lines done on stderr every few seconds [default: when stderr is a terminal].")
+def predict(file, bundle_path, task, input_format, fmt, batch_size, chunk_lines, device, backend, int8, progress):
+    """Predict a label for each line of FILE ('-' for stdin), in order, one output line per input line.
 
-    For a sentence-pair bundle each line holds the two texts separated by a tab.
+    FILE is read --chunk-lines lines at a time, so it may be of any size.
+    Each chunk is checked whole before any of it is predicted: a bad line
+    stops the run with its line number, and what was written before it is
+    exactly the predictions of the chunks before its chunk (the message
+    says which lines).  A file of at most --chunk-lines lines is all or nothing.
     """
+    import sys
+    import time
+
     bundle = load(bundle_path, device, backend, int8)
     name = getattr(file, "name", "<stdin>")
-    texts = read_lines(file, "<stdin>" if name in ("<stdin>", "-") else name, bundle.is_pair)
-    if bundle.is_pair:
-        predictions = bundle.predict([a for a, _ in texts], [b for _, b in texts], batch_size=batch_size)
-    else:
-        predictions = bundle.predict(texts, batch_size=batch_size)
-    out = []
-    for text, p in zip(texts, predictions):
-        shown = "\t".join(text) if bundle.is_pair else text
-        if fmt == "jsonl":
-            fields = {"text": text[0], "text_b": text[1]} if bundle.is_pair else {"text": text}
-            out.append(json.dumps({**fields, **p.to_dict()}, ensure_ascii=False))
-        else:
-            out.append(f"{p.label}\t{p.probabilities[p.label]:.4f}\t{shown}")
-    # Written once at the end: an error part-way leaves no half output.
-    click.echo("\n".join(out))
+    name = "<stdin>" if name in ("<stdin>", "-") else name
+    input_format = input_format or ("jsonl" if name.endswith(".jsonl") else "text")
+    reader = LineReader({n: t.task.pair for n, t in bundle.tasks.items()}, input_format, task)
+    show_task = bundle.manifest.multi_task
+    progress = sys.stderr.isatty() if progress is None else progress
+    started = last = time.time()
+    done = 0
+    for rows in chunks(file, name, reader, chunk_lines):
+        pairs = any(r.text_b is not None for r in rows)
+        predictions = bundle.predict([r.text for r in rows], [r.text_b for r in rows] if pairs else None,
+                                     batch_size=batch_size, task=[r.task for r in rows])
+        lines = []
+        for r, p in zip(rows, predictions):
+            if fmt == "jsonl":
+                fields = {"task": r.task} if show_task else {}
+                fields |= {"text": r.text} | ({"text_b": r.text_b} if r.text_b is not None else {})
+                lines.append(json.dumps({**fields, "label": p.label, "probabilities": p.probabilities},
+                                        ensure_ascii=False))
+            else:
+                shown = r.text if r.text_b is None else f"{r.text}\t{r.text_b}"
+                lines.append(("" if not show_task else f"{r.task}\t") + f"{p.label}\t{p.probabilities[p.label]:.4f}\t{shown}")
+        # A chunk is written whole once predicted: a later bad line leaves no half chunk.
+        click.echo("\n".join(lines))
+        done += len(rows)
+        if progress and time.time() - last >= 2:
+            last = time.time()
+            click.echo(f"{done} lines, {done / (last - started):.0f} lines/s", err=True)
 
 
 @cli.command("eval")
@@ -114,9 +108,10 @@ def predict(file, bundle_path, fmt, batch_size, device, backend, int8):
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--backend", type=click.Choice(list(BACKENDS)), default=None, help="[default: onnxruntime on CPU]")
 @click.option("--int8", is_flag=True, help="Use each bundle's int8 ONNX graph.")
+@click.option("--task", default=None, help="The task to score, in multi-task bundles.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also write a bar chart PNG here.")
-def evaluate(bundle_paths, data, split, text_column, text_b_column, label_column, batch_size, backend, int8,
+def evaluate(bundle_paths, data, split, text_column, text_b_column, label_column, batch_size, backend, int8, task,
              as_json, plot):
     """Accuracy, macro-F1 and throughput of bundles side by side, on the same labelled data."""
     from pathlib import Path
@@ -128,8 +123,10 @@ def evaluate(bundle_paths, data, split, text_column, text_b_column, label_column
     rows = []
     for path in bundle_paths:
         bundle = load(path, "CPU", backend, int8)
-        metrics = score(bundle, examples, batch_size)
-        rows.append({"bundle": path, "kind": bundle.manifest.kind_label, **metrics})
+        spec = bundle.manifest.task(task if bundle.manifest.multi_task else None)
+        metrics = score(bundle, examples, batch_size, spec.name)
+        shown = f"{path} [{spec.name}]" if bundle.manifest.multi_task else path
+        rows.append({"bundle": shown, "kind": spec.kind_label, **metrics})
     if plot:
         plot_png(rows, described, Path(plot))
     if as_json:
@@ -148,20 +145,35 @@ def info(bundle_path):
     from .format import Manifest
 
     m = Manifest.read(Path(bundle_path))
-    head = f" ({m.head} head)" if m.kind == "hard" else ""
-    click.echo(f"{bundle_path}: {m.kind} prompt bundle{head} for {m.task}")
-    click.echo(f"  labels      {', '.join(m.labels)}")
-    if m.template:
-        click.echo(f"  template    {m.template}")
     bb = m.backbone
+    if m.multi_task:
+        click.echo(f"{bundle_path}: multi-task bundle, {len(m.tasks)} tasks in one graph: {', '.join(m.task_names)}")
     click.echo(f"  backbone    {bb.name} ({bb.model_type}, {bb.layers}x{bb.hidden_size}), sha256 {bb.sha256[:12]}")
-    click.echo(f"  prompt      {m.prompt_method}, {m.num_virtual_tokens} virtual tokens, {m.pooling} pooling,"
-               f" {m.head} head, max length {m.max_length}")
-    for label, texts in (m.details.get("verbalizer") or {}).items():
+    for t in m.tasks:
+        show_task(bundle_path, t, m.multi_task)
+    if m.export:
+        click.echo("  parity      " + ", ".join(f"{k} {v:.1e}" for k, v in m.export.items()))
+    click.echo(f"  created     {m.created}")
+    click.echo("  versions    " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
+    click.echo("  files")
+    for name, digest in m.files.items():
+        click.echo(f"    {name:<22} sha256 {digest[:16]}")
+
+
+def show_task(bundle_path, t, several: bool) -> None:
+    head = f" ({t.head} head)" if t.kind == "hard" else ""
+    click.echo(f"{'task ' + t.name if several else bundle_path}: {t.kind} prompt{'' if several else ' bundle'}{head}"
+               f" for {t.name}")
+    click.echo(f"  labels      {', '.join(t.labels)}")
+    if t.template:
+        click.echo(f"  template    {t.template}")
+    click.echo(f"  prompt      {t.prompt_method}, {t.num_virtual_tokens} virtual tokens, {t.pooling} pooling,"
+               f" {t.head} head, max length {t.max_length}")
+    for label, texts in (t.details.get("verbalizer") or {}).items():
         click.echo(f"  verbalizer  {label}: " + " | ".join(texts))
-    if m.recipe:
-        click.echo("  recipe      " + ", ".join(f"{k}={v}" for k, v in m.recipe.items() if v is not None))
-    metrics = m.metrics
+    if t.recipe:
+        click.echo("  recipe      " + ", ".join(f"{k}={v}" for k, v in t.recipe.items() if v is not None))
+    metrics = t.metrics
     for split in ("dev", "test"):
         s = metrics.get(split)
         if s:
@@ -171,13 +183,6 @@ def info(bundle_path):
                    f" {metrics.get('train_seconds')} s")
     for split, s in (metrics.get("int8") or {}).items():
         click.echo(f"  int8 {split:<6} accuracy {s['accuracy']:.4f} (fp32 {metrics[split]['accuracy']:.4f})")
-    if m.export:
-        click.echo("  parity      " + ", ".join(f"{k} {v:.1e}" for k, v in m.export.items()))
-    click.echo(f"  created     {m.created}")
-    click.echo("  versions    " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
-    click.echo("  files")
-    for name, digest in m.files.items():
-        click.echo(f"    {name:<22} sha256 {digest[:16]}")
 
 
 def load(path, device, backend, int8):

@@ -25,23 +25,26 @@ def load_eval_examples(data: str, split: str, columns: Columns) -> tuple:
     return read_examples(data, columns), str(data)
 
 
-def score(bundle, examples, batch_size: int = 64) -> dict:
-    """Metrics of one bundle on labelled examples, and its throughput (tokenization included)."""
-    index = {label: i for i, label in enumerate(bundle.labels)}
+def score(bundle, examples, batch_size: int = 64, task: str | None = None) -> dict:
+    """Metrics of one bundle (of its `task`, for a multi-task bundle) on labelled examples, and its throughput
+    (tokenization included)."""
+    spec = bundle.manifest.task(task)
+    labels, pair = list(spec.labels), spec.pair
+    index = {label: i for i, label in enumerate(labels)}
     for e in examples:
         if e.label not in index:
             raise DataError(f"{e.where or 'data'}: label {e.label!r} is not one of the bundle's labels"
-                            f" ({', '.join(bundle.labels)})")
-        if (e.text_b is not None) != bundle.is_pair:
-            need = "two texts (a sentence-pair bundle)" if bundle.is_pair else "one text"
+                            f" ({', '.join(labels)})")
+        if (e.text_b is not None) != pair:
+            need = "two texts (a sentence-pair bundle)" if pair else "one text"
             raise DataError(f"{e.where or 'data'}: {bundle.directory} takes {need} per example")
     texts = [e.text for e in examples]
-    texts_b = [e.text_b for e in examples] if bundle.is_pair else None
+    texts_b = [e.text_b for e in examples] if pair else None
     started = time.perf_counter()
-    logits = bundle.logits(texts, texts_b, batch_size)
+    logits = bundle.logits(texts, texts_b, batch_size, task=spec.name)
     seconds = time.perf_counter() - started
     gold = np.array([index[e.label] for e in examples])
-    result = classification_metrics(logits.argmax(-1), gold, len(bundle.labels))
+    result = classification_metrics(logits.argmax(-1), gold, len(labels))
     result["sentences_per_second"] = round(len(examples) / seconds, 1)
     return result
 

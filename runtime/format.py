@@ -10,9 +10,13 @@ A bundle is a directory:
     prompt.safetensors   the learned prompt (`prompt_embeddings`, PEFT's key) and the head
     training_log.json    the training curve
 
-Every graph has the signature `SIGNATURE`: int32 `input_ids`,
+Every graph has the signature `signature(...)`: int32 `input_ids`,
 `attention_mask`, `token_type_ids` of shape [batch, seq] in, float32 `logits`
-[batch, num_labels] out.  The builder writes a `Manifest` with
+[batch, num_labels] out.  A multi-task bundle (pt-build merge) holds several
+tasks on one backbone in one graph: its graph also takes int32 `task_ids`
+[batch], each row's task as an index into the manifest's `tasks`, and its
+`logits` are as wide as the task with most labels (a row's own labels come
+first; the rest is padding).  The builder writes a `Manifest` with
 `Manifest.write`; the runtime reads it with `Manifest.read`, which checks
 every field and names the file and field of anything wrong.  Nothing else
 reads or writes manifest.json.
@@ -28,7 +32,7 @@ from pathlib import Path
 
 from .errors import BundleError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 PROMPT = "prompt.safetensors"
@@ -36,12 +40,18 @@ TRAINING_LOG = "training_log.json"
 GRAPHS = {"mindir": "model.mindir", "onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}  # graph kind -> file
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+TASK_INPUT = "task_ids"  # multi-task graphs only: int32 [batch], each row's index into Manifest.tasks
 OUTPUT_NAME = "logits"
-# name -> (dtype, axes); axes are symbolic, any batch and sequence length.
-SIGNATURE = {
-    "inputs": {name: ("int32", ("batch", "seq")) for name in INPUT_NAMES},
-    "outputs": {OUTPUT_NAME: ("float32", ("batch", "num_labels"))},
-}
+
+
+def signature(multi_task: bool = False) -> dict:
+    """name -> (dtype, axes) of the graph's inputs and outputs; axes are symbolic, any batch and sequence length."""
+    inputs = {name: ("int32", ("batch", "seq")) for name in INPUT_NAMES}
+    if multi_task:
+        inputs[TASK_INPUT] = ("int32", ("batch",))
+    return {"inputs": inputs, "outputs": {OUTPUT_NAME: ("float32", ("batch", "num_labels"))}}
+
+
 DEVICES = ("CPU", "GPU", "Ascend")
 REBUILD = "rebuild it with this version's pt-build export (or pt-build import for a PEFT adapter)"
 
@@ -80,25 +90,68 @@ class BackboneInfo:
 
 
 @dataclass(frozen=True)
-class Manifest:
-    """Everything a consumer needs to know about a bundle, validated on read."""
+class Task:
+    """One task a bundle predicts: its labels, how its inputs are tokenized, how it was made and scored."""
 
-    task: str
+    name: str  # "mr", or the name given to pt-build merge
     kind: str  # "soft" (learned prompt) or "hard" (text template)
     labels: tuple
     pair: bool  # two texts per input
     max_length: int  # text tokens per input, special tokens included, before any prompt
-    pad_id: int
     pooling: str  # registry name: "mean", "cls"
     head: str  # registry name: "linear", "zero-shot", "probe"
     prompt_method: str  # registry name: "prompt-tuning" (shallow soft prompt) or "none"
     num_virtual_tokens: int
-    backbone: BackboneInfo
-    device: str  # the device it was trained on
     template: str | None = None  # hard prompts: applied in token space before the graph
     recipe: dict = field(default_factory=dict)  # the training choices, as given
     details: dict = field(default_factory=dict)  # per kind, e.g. the zero-shot verbalizer
     metrics: dict = field(default_factory=dict)  # dev/test (and int8) accuracy, F1, timing
+
+    @property
+    def kind_label(self) -> str:
+        """'soft', or 'hard zero-shot' / 'hard probe': how tables name a bundle."""
+        return f"hard {self.head}" if self.kind == "hard" else self.kind
+
+    def replace(self, **changes) -> "Task":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "labels": list(self.labels)}
+
+    @classmethod
+    def from_json(cls, raw, path, where: str) -> "Task":
+        if not isinstance(raw, dict):
+            raise BundleError(f"{path}: field {where!r} must be a JSON object")
+        task = cls(**fields_of(cls, raw, path, where + "."))
+        task.check(path, where + ".")
+        return task.replace(labels=tuple(task.labels))
+
+    def check(self, path, where: str = "") -> None:
+        need = checker(path, where)
+        need(isinstance(self.name, str) and self.name.strip() == self.name and self.name != "", "name",
+             f"must be a non-empty name without surrounding spaces, not {self.name!r}")
+        need(isinstance(self.labels, (list, tuple)) and len(self.labels) >= 2
+             and all(isinstance(l, str) for l in self.labels), "labels", "must list at least two label strings")
+        need(len(set(self.labels)) == len(self.labels), "labels", "has duplicates")
+        need(self.kind in ("soft", "hard"), "kind", f"is {self.kind!r}, not 'soft' or 'hard'")
+        for name in ("max_length", "num_virtual_tokens"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
+                 f"must be a non-negative integer, not {value!r}")
+        need(isinstance(self.pair, bool), "pair", "must be true or false")
+        need(self.template is None or isinstance(self.template, str), "template", "must be a string or null")
+        for name in ("recipe", "details", "metrics"):
+            need(isinstance(getattr(self, name), dict), name, "must be a JSON object")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a consumer needs to know about a bundle, validated on read."""
+
+    tasks: tuple  # of Task; one for a bundle that pt-build export wrote, several for a merged one
+    pad_id: int
+    backbone: BackboneInfo
+    device: str  # the device it was trained on
     export: dict = field(default_factory=dict)  # parity of each graph with the trained model
     files: dict = field(default_factory=dict)  # file name -> sha256
     created: str = ""
@@ -106,18 +159,45 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     @property
+    def multi_task(self) -> bool:
+        """The graph takes `task_ids` (TASK_INPUT)."""
+        return len(self.tasks) > 1
+
+    @property
+    def only(self) -> Task:
+        """The task of a single-task bundle."""
+        if self.multi_task:
+            raise BundleError(f"this bundle holds {len(self.tasks)} tasks ({', '.join(self.task_names)}): name one")
+        return self.tasks[0]
+
+    @property
+    def task_names(self) -> list:
+        return [t.name for t in self.tasks]
+
+    @property
     def kind_label(self) -> str:
-        """'soft', or 'hard zero-shot' / 'hard probe': how tables name a bundle."""
-        return f"hard {self.head}" if self.kind == "hard" else self.kind
+        return self.tasks[0].kind_label if not self.multi_task else "multi-task"
+
+    def task(self, name: str | None = None) -> Task:
+        """The task called `name`; None names the only task of a single-task bundle."""
+        if name is None:
+            return self.only
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise BundleError(f"no task {name!r} in this bundle (it has {', '.join(self.task_names)})")
 
     def replace(self, **changes) -> "Manifest":
         return dataclasses.replace(self, **changes)
 
+    def replace_task(self, name: str, **changes) -> "Manifest":
+        return self.replace(tasks=tuple(t.replace(**changes) if t.name == name else t for t in self.tasks))
+
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
-        out["labels"] = list(self.labels)
+        out["tasks"] = [t.to_json() for t in self.tasks]
         out["signature"] = {part: {n: {"dtype": d, "axes": list(a)} for n, (d, a) in io.items()}
-                            for part, io in SIGNATURE.items()}
+                            for part, io in signature(self.multi_task).items()}
         return {"format": "ptbundle", **out}
 
     def write(self, directory: Path) -> Path:
@@ -137,50 +217,71 @@ class Manifest:
     def from_json(cls, raw: dict, path: Path | str = MANIFEST) -> "Manifest":
         version = raw.get("format_version")
         if version == 1:
-            raw = upgrade_v1(raw)
+            raw = upgrade_v2(upgrade_v1(raw))
+        elif version == 2:
+            raw = upgrade_v2(raw)
         elif version != FORMAT_VERSION:
-            raise BundleError(f"{path}: format_version {version!r}; this runtime reads versions 1 and"
+            raise BundleError(f"{path}: format_version {version!r}; this runtime reads versions 1 to"
                               f" {FORMAT_VERSION}: {REBUILD}")
-        values = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in raw:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    raise BundleError(f"{path}: missing field {f.name!r}")
-                continue
-            values[f.name] = raw[f.name]
+        values = fields_of(cls, raw, path)
         try:
             values["backbone"] = BackboneInfo(**values["backbone"])
         except TypeError as e:
             raise BundleError(f"{path}: field 'backbone': {e}") from e
+        tasks = values["tasks"]
+        if not isinstance(tasks, list) or not tasks:
+            raise BundleError(f"{path}: field 'tasks' must list at least one task")
+        values["tasks"] = tuple(Task.from_json(t, path, f"tasks[{i}]") for i, t in enumerate(tasks))
         manifest = cls(**values)
         manifest.check(path)
-        return manifest.replace(labels=tuple(manifest.labels))
+        return manifest
 
     def check(self, path) -> None:
         """Types and values of the fields; the message names the field."""
-        def need(ok: bool, name: str, what: str) -> None:
-            if not ok:
-                raise BundleError(f"{path}: field {name!r} {what}")
-
-        need(isinstance(self.labels, (list, tuple)) and len(self.labels) >= 2
-             and all(isinstance(l, str) for l in self.labels), "labels", "must list at least two label strings")
-        need(len(set(self.labels)) == len(self.labels), "labels", "has duplicates")
-        need(self.kind in ("soft", "hard"), "kind", f"is {self.kind!r}, not 'soft' or 'hard'")
-        for name in ("max_length", "pad_id", "num_virtual_tokens"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
-                 f"must be a non-negative integer, not {value!r}")
-        need(isinstance(self.pair, bool), "pair", "must be true or false")
-        need(self.template is None or isinstance(self.template, str), "template", "must be a string or null")
+        need = checker(path)
+        names = self.task_names
+        need(len(set(names)) == len(names), "tasks", f"names a task twice ({', '.join(names)})")
+        need(isinstance(self.pad_id, int) and not isinstance(self.pad_id, bool) and self.pad_id >= 0, "pad_id",
+             f"must be a non-negative integer, not {self.pad_id!r}")
         need(self.device in DEVICES, "device", f"is {self.device!r}, not one of {', '.join(DEVICES)}")
         need(isinstance(self.files, dict) and all(isinstance(v, str) for v in self.files.values()), "files",
              "must map file names to sha256 strings")
-        for name in ("recipe", "details", "metrics", "export", "versions"):
+        for name in ("export", "versions"):
             need(isinstance(getattr(self, name), dict), name, "must be a JSON object")
 
 
+def fields_of(cls, raw: dict, path, where: str = "") -> dict:
+    """The dataclass fields of `cls` found in `raw`; a missing required one is an error naming it."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise BundleError(f"{path}: missing field {where + f.name!r}")
+            continue
+        values[f.name] = raw[f.name]
+    return values
+
+
+def checker(path, where: str = ""):
+    def need(ok: bool, name: str, what: str) -> None:
+        if not ok:
+            raise BundleError(f"{path}: field {where + name!r} {what}")
+    return need
+
+
+BUNDLE_FIELDS = ("pad_id", "backbone", "device", "export", "files", "created", "versions")
+
+
+def upgrade_v2(raw: dict) -> dict:
+    """Version-2 bundles describe one task at the top level: read them as a version-3 bundle of one task."""
+    task = {k: v for k, v in raw.items() if k not in BUNDLE_FIELDS + ("format", "format_version", "signature")}
+    if "task" in task:
+        task["name"] = task.pop("task")
+    return {**{k: raw[k] for k in BUNDLE_FIELDS if k in raw}, "tasks": [task], "format_version": FORMAT_VERSION}
+
+
 def upgrade_v1(raw: dict) -> dict:
-    """Round-1 bundles (format_version 1) differ only in naming: read them as version 2."""
+    """Round-1 bundles (format_version 1) differ only in naming: read them as version 2 (then upgrade_v2)."""
     bb = raw.get("backbone") or {}
     hidden = bb.get("hidden_size", 0)
     out = {k: v for k, v in raw.items() if k not in ("format", "inputs", "outputs", "verbalizer",
@@ -193,7 +294,7 @@ def upgrade_v1(raw: dict) -> dict:
     out["num_virtual_tokens"] = raw.get("num_virtual_tokens", 0)
     out["details"] = {k: raw[k] for k in ("verbalizer", "calibration_texts") if k in raw}
     out["device"] = raw.get("device", "CPU")
-    out["format_version"] = FORMAT_VERSION
+    out["format_version"] = 2
     return out
 
 

@@ -62,5 +62,7 @@ class MindSporeModel:
         except Exception as e:  # MindSpore raises RuntimeError/ValueError for unreadable graphs
             raise BundleError(f"{path}: MindSpore cannot load it ({first_sentence(e)})") from e
 
-    def __call__(self, ids, mask, types) -> np.ndarray:
-        return self.cell(self.tensor(ids), self.tensor(mask), self.tensor(types)).asnumpy()
+    def __call__(self, ids, mask, types, task_ids=None) -> np.ndarray:
+        """`task_ids` [batch]: a multi-task graph's row tasks (format.TASK_INPUT)."""
+        arrays = (ids, mask, types) if task_ids is None else (ids, mask, types, task_ids)
+        return self.cell(*(self.tensor(np.ascontiguousarray(a, np.int32)) for a in arrays)).asnumpy()

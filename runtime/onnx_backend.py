@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import BundleError
-from .format import INPUT_NAMES
+from .format import INPUT_NAMES, TASK_INPUT
 # onnxruntime would fuse Add + LayerNormalization into SkipLayerNormalization
 # and Add + Gelu into BiasGelu; on this CPU those fused kernels take 3.9x and
 # 1.25x the time of the ops they replace (bench/perf/fusion.py).
@@ -58,12 +58,14 @@ class OnnxModel:
         except Exception as e:  # onnxruntime raises its own types for unreadable graphs
             raise BundleError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from e
         names = [i.name for i in self.session.get_inputs()]
-        unknown = set(names) - set(INPUT_NAMES)
+        unknown = set(names) - {*INPUT_NAMES, TASK_INPUT}
         if unknown:
-            raise BundleError(f"{path}: unexpected graph inputs {sorted(unknown)} (expected {', '.join(INPUT_NAMES)})")
+            raise BundleError(f"{path}: unexpected graph inputs {sorted(unknown)} (expected {', '.join(INPUT_NAMES)}"
+                              f" and, for several tasks, {TASK_INPUT})")
         self.input_names = names  # a graph may not use all three (e.g. token types)
 
-    def __call__(self, ids, mask, types) -> np.ndarray:
-        arrays = dict(zip(INPUT_NAMES, (ids, mask, types)))
+    def __call__(self, ids, mask, types, task_ids=None) -> np.ndarray:
+        """`task_ids` [batch]: a multi-task graph's row tasks (format.TASK_INPUT)."""
+        arrays = dict(zip((*INPUT_NAMES, TASK_INPUT), (ids, mask, types, task_ids)))
         feed = {name: np.ascontiguousarray(arrays[name], dtype=np.int32) for name in self.input_names}
         return self.session.run(None, feed)[0]

@@ -67,7 +67,7 @@ def test_sentence_pair_bundles_end_to_end(pair_bundle, name):
     import json as _json
 
     bundle = pair_bundle / name
-    manifest = _json.loads((bundle / "manifest.json").read_text())
+    manifest = _json.loads((bundle / "manifest.json").read_text())["tasks"][0]
     assert manifest["pair"] is True and manifest["labels"] == ["0", "1"]
     assert manifest["template"] == (None if name == "pairs-soft" else "{text} ? {text_b}")
     result = run(["predict", "-", "--bundle", str(bundle), "--format", "jsonl"],

@@ -132,12 +132,13 @@ def test_run_refuses_a_corrupted_graph(bundle_copy):
 
 
 @pytest.mark.parametrize("change, expected", [
-    (lambda m: m.pop("labels"), ["manifest.json", "missing field 'labels'"]),
+    (lambda m: m["tasks"][0].pop("labels"), ["manifest.json", "missing field 'tasks[0].labels'"]),
     (lambda m: m.update(format_version=99), ["format_version 99", "rebuild"]),
-    (lambda m: m.update(max_length="long"), ["field 'max_length'"]),
-    (lambda m: m.update(labels=["pos", "pos"]), ["field 'labels'", "duplicates"]),
-    (lambda m: m.update(template="{txet}"), ["field 'template'", "unknown slot"]),
-], ids=["missing-field", "future-version", "wrong-type", "duplicate-labels", "bad-template"])
+    (lambda m: m["tasks"][0].update(max_length="long"), ["field 'tasks[0].max_length'"]),
+    (lambda m: m["tasks"][0].update(labels=["pos", "pos"]), ["field 'tasks[0].labels'", "duplicates"]),
+    (lambda m: m["tasks"][0].update(template="{txet}"), ["field 'tasks[0].template'", "unknown slot"]),
+    (lambda m: m.update(tasks=[]), ["field 'tasks'", "at least one task"]),
+], ids=["missing-field", "future-version", "wrong-type", "duplicate-labels", "bad-template", "no-tasks"])
 def test_run_names_the_bad_manifest_field(bundle_copy, change, expected):
     edit_manifest(bundle_copy, change)
     code, stderr, _ = run("pt-run", "predict", "--bundle", bundle_copy, "-", stdin=b"a great movie\n")
@@ -147,6 +148,9 @@ def test_run_names_the_bad_manifest_field(bundle_copy, change, expected):
 def test_info_reads_a_round_one_bundle(bundle_copy):
     """format_version 1 bundles are read as they were written in round 1."""
     def as_v1(m):
+        task = m.pop("tasks")[0]
+        task["task"] = task.pop("name")
+        m.update(task)
         m.update(format_version=1, inputs=list(m.pop("signature")["inputs"]), outputs=["logits"])
         for key in ("head", "prompt_method", "details"):
             m.pop(key)

@@ -65,18 +65,20 @@ def test_bundle_files_manifest_and_prompt(tiny_bundle, toy_files):
     assert set(m["files"]) == BUNDLE_FILES - {"manifest.json"}
     for name, digest in m["files"].items():
         assert sha256_file(tiny_bundle / name) == digest
-    assert m["labels"] == ["neg", "pos"] and m["num_virtual_tokens"] == 4 and m["pooling"] == "mean"
+    assert len(m["tasks"]) == 1 and m["format_version"] == 3
+    t = m["tasks"][0]
+    assert t["labels"] == ["neg", "pos"] and t["num_virtual_tokens"] == 4 and t["pooling"] == "mean"
     assert set(m["export"]) == {"mindir", "onnx"}  # each target's measured parity is recorded
     assert m["signature"]["inputs"]["input_ids"] == {"dtype": "int32", "axes": ["batch", "seq"]}
     assert Manifest.read(tiny_bundle).to_json() == m  # what is written reads back unchanged
     # the recorded accuracies are those of the graphs in the bundle (the build's dev and test file are one)
     examples = read_examples(toy_files[1])
-    for int8, metrics in ((False, m["metrics"]), (True, m["metrics"]["int8"])):
+    for int8, metrics in ((False, t["metrics"]), (True, t["metrics"]["int8"])):
         scored = score(Bundle.load(tiny_bundle, int8=int8), examples)
         for split in ("dev", "test"):
             assert metrics[split]["n"] == 24
             assert metrics[split]["accuracy"] == pytest.approx(scored["accuracy"])
-    assert m["recipe"]["seed"] == 0 and m["backbone"]["model_type"] == "bert"
+    assert t["recipe"]["seed"] == 0 and m["backbone"]["model_type"] == "bert"
     tensors = load_file(str(tiny_bundle / "prompt.safetensors"))
     assert tensors["prompt_embeddings"].shape == (4, 32)
     assert tensors["classifier.weight"].shape == (2, 32)

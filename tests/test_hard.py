@@ -53,7 +53,7 @@ def test_zero_shot_graph_is_the_cosine_similarity_to_the_label_descriptions(tiny
 
 def test_probe_trains_the_head_alone_on_the_template(tiny_build, tiny_bert):
     directory = tiny_build[0] / "toy-hard-probe"
-    m = Manifest.read(directory)
+    m = Manifest.read(directory).only
     assert m.kind == "hard" and m.head == "probe" and m.template == TOY_TEMPLATE
     assert m.num_virtual_tokens == 0 and m.recipe["epochs"] == 2 and m.recipe["seed"] == 0
     assert set(load_file(str(directory / "prompt.safetensors"))) == {"classifier.weight", "classifier.bias"}
@@ -86,7 +86,7 @@ def test_eval_reproduces_each_bundles_recorded_accuracy(tiny_build, toy_files, t
     report = json.loads(result.stdout)
     assert report["n"] == 24 and [r["kind"] for r in report["results"]] == ["soft", "hard zero-shot", "hard probe"]
     for name, row in zip(names, report["results"]):
-        recorded = Manifest.read(out / name).metrics["test"]  # the build's test file is this dev file
+        recorded = Manifest.read(out / name).only.metrics["test"]  # the build's test file is this dev file
         assert row["accuracy"] == pytest.approx(recorded["accuracy"])
         assert row["macro_f1"] == pytest.approx(recorded["macro_f1"])
         assert row["sentences_per_second"] > 0
