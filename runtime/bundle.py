@@ -70,7 +70,8 @@ class Bundle:
         manifest = Manifest.read(directory)
         graph = runner.graph_file("int8" if int8 else "fp32")
         if graph not in manifest.files:
-            hint = " (build it with pt-build export --quantize int8)" if int8 else ""
+            hint = ("" if not int8 else " (merged bundles carry fp32 graphs only)" if manifest.multi_task
+                    else " (build it with pt-build export --quantize int8)")
             raise BundleError(f"{directory}: this bundle has no {graph}{hint}")
         with ThreadPoolExecutor(1) as pool:
             # Hash what this process reads (the other graphs may be large and

@@ -162,8 +162,10 @@ def info(bundle_path):
 
 def show_task(bundle_path, t, several: bool) -> None:
     head = f" ({t.head} head)" if t.kind == "hard" else ""
-    click.echo(f"{'task ' + t.name if several else bundle_path}: {t.kind} prompt{'' if several else ' bundle'}{head}"
-               f" for {t.name}")
+    if several:
+        click.echo(f"task {t.name}: {t.kind} prompt{head}")
+    else:
+        click.echo(f"{bundle_path}: {t.kind} prompt bundle{head} for {t.name}")
     click.echo(f"  labels      {', '.join(t.labels)}")
     if t.template:
         click.echo(f"  template    {t.template}")
