@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ptbundle.runtime.format import GRAPHS, PROMPT, TOKENIZER, TRAINING_LOG, Manifest, Task, verify_files
+from ptbundle.runtime.cli import parse_bundle_spec
 from ptbundle.runtime.onnx_backend import OnnxModel
 
 from .errors import BuildError
@@ -36,13 +37,9 @@ class SourceTask:
 
 
 def parse_spec(spec: str) -> tuple:
-    """'NAME=PATH' (rename a one-task bundle's task) or 'PATH'."""
-    if "=" in spec and not Path(spec).exists():
-        name, path = spec.split("=", 1)
-        if not name.strip() or name != name.strip():
-            raise BuildError(f"{spec!r}: expected NAME=BUNDLE with a non-empty task name")
-        return name, Path(path)
-    return None, Path(spec)
+    """'NAME=PATH' (rename a one-task bundle's task) or 'PATH' -> (name or None, Path)."""
+    name, path = parse_bundle_spec(spec)
+    return name, Path(path)
 
 
 def read_source(spec: str) -> tuple:

@@ -10,6 +10,7 @@ from .backends import BACKENDS
 from .errors import PtbundleError
 from .format import DEVICES
 from .inputs import CHUNK_LINES, FORMATS, LineReader, chunks
+from .serve import Limits
 
 DEFAULT_BUNDLE = "exports/mr-soft"
 
@@ -94,6 +95,52 @@ def predict(file, bundle_path, task, input_format, fmt, batch_size, chunk_lines,
         if progress and time.time() - last >= 2:
             last = time.time()
             click.echo(f"{done} lines, {done / (last - started):.0f} lines/s", err=True)
+
+
+@cli.command()
+@click.argument("bundle_specs", nargs=-1, metavar="[NAME=]BUNDLE...")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
+@click.option("--max-batch", default=Limits.max_batch, show_default=True, type=click.IntRange(1),
+              help="Texts per model call, gathered across concurrent requests and tasks.")
+@click.option("--max-wait-ms", default=Limits.max_wait * 1000, show_default=True, type=click.FloatRange(0),
+              help="How long the first text of a batch waits for others.")
+@click.option("--max-texts", default=Limits.max_texts, show_default=True, type=click.IntRange(1),
+              help="Instances per request.")
+@click.option("--max-chars", default=Limits.max_chars, show_default=True, type=click.IntRange(1),
+              help="Characters per text.")
+@click.option("--max-body-bytes", default=Limits.max_body, show_default=True, type=click.IntRange(1))
+@click.option("--device", default="CPU", show_default=True, type=click.Choice(DEVICES))
+@click.option("--backend", type=click.Choice(list(BACKENDS)), default=None,
+              help="[default: onnxruntime on CPU, mindspore on GPU/Ascend]")
+@click.option("--int8", is_flag=True, help="Serve the bundles' int8 ONNX graphs.")
+def serve(bundle_specs, host, port, max_batch, max_wait_ms, max_texts, max_chars, max_body_bytes, device, backend,
+          int8):
+    """Serve bundles over HTTP (KServe V1 protocol): POST /v1/models/TASK:predict {"instances": [...]}.
+
+    A one-task bundle is served under its directory's name (NAME=BUNDLE
+    renames it), each task of a merged bundle under its task name.  Texts of
+    concurrent requests are batched together.  Needs the serve extra
+    (pip install 'ptbundle[serve]').  SIGTERM answers the requests in flight, then exits.
+    """
+    from .serve import endpoints_of, run
+
+    specs = [parse_bundle_spec(s) for s in (bundle_specs or (DEFAULT_BUNDLE,))]
+    bundles = [load(path, device, backend, int8) for _, path in specs]
+    limits = Limits(max_batch=max_batch, max_wait=max_wait_ms / 1000, max_body=max_body_bytes, max_texts=max_texts,
+                    max_chars=max_chars)
+    run(endpoints_of(specs, bundles), host, port, limits, lambda m: click.echo(m, err=True))
+
+
+def parse_bundle_spec(spec: str) -> tuple:
+    """'NAME=PATH' or 'PATH' -> (name or None, path)."""
+    from pathlib import Path
+
+    if "=" in spec and not Path(spec).exists():
+        name, path = spec.split("=", 1)
+        if name.strip():
+            return name, path
+    return None, spec
 
 
 @cli.command("eval")

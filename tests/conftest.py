@@ -80,3 +80,51 @@ def tiny_build(tmp_path_factory, tiny_bert, toy_files):
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_build):
     return tiny_build[0] / "toy-soft"
+
+
+def build(args):
+    from click.testing import CliRunner
+
+    from ptbundle.builder.cli import cli as build_cli
+
+    result = CliRunner().invoke(build_cli, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+@pytest.fixture(scope="session")
+def merged_bundle(tmp_path_factory, tiny_build, tiny_bert):
+    """A second task on the same checkpoint unlike the toy one in every way the merge must handle:
+    sentence pairs, three labels, cls pooling, a shorter prompt."""
+    d = tmp_path_factory.mktemp("pairs3")
+    rows = [("a great movie", "the best film", "same"), ("a great movie", "the worst film", "opposite"),
+            ("a dull movie", "the best script", "other")] * 8
+    write_tsv(d / "train.tsv", rows, ("s1", "s2", "q"))
+    build(["export", "--train", str(d / "train.tsv"), "--dev", str(d / "train.tsv"), "--text-column", "s1",
+           "--text-b-column", "s2", "--label-column", "q", "--backbone", str(tiny_bert), "--virtual-tokens", "2",
+           "--pooling", "cls", "--epochs", "1", "--batch-size", "8", "--prompt", "soft", "--out", str(d),
+           "--name", "pairs"])
+    exports = tiny_build[0]
+    sources = {"sentiment": exports / "toy-soft", "zeroshot": exports / "toy-hard-zeroshot",
+               "probe": exports / "toy-hard-probe", "pairs": d / "pairs"}
+    out = d / "merged"
+    result = build(["merge", *(f"{k}={v}" for k, v in sources.items()), "--out", str(out),
+                    "--backbone", str(tiny_bert)])
+    assert "4 tasks" in result.stdout
+    return out, sources
+
+
+MIXED_TEXTS = ["a great movie", "the worst film ever", "boring acting and a weak story but the best script",
+         "great", "the best film ever , great acting and a great story and the best script"]
+
+
+def mixed_rows(n, seed=0):
+    """(task, text, text_b) rows over merged_bundle's tasks."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        task = rng.choice(["sentiment", "zeroshot", "probe", "pairs"])
+        rows.append((task, rng.choice(MIXED_TEXTS), rng.choice(MIXED_TEXTS) if task == "pairs" else None))
+    return rows

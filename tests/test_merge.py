@@ -1,61 +1,19 @@
 """pt-build merge: real bundles from the tiny checkpoints merged by the real CLI, and the merged graphs run back."""
 
 import json
-import random
 import shutil
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_tsv
+from conftest import MIXED_TEXTS as TEXTS, build, mixed_rows
 from ptbundle.builder.cli import cli as build_cli
 from ptbundle.runtime import Bundle
 from ptbundle.runtime.cli import cli as run_cli
 
-TEXTS = ["a great movie", "the worst film ever", "boring acting and a weak story but the best script",
-         "great", "the best film ever , great acting and a great story and the best script"]
-
-
-def build(args):
-    result = CliRunner().invoke(build_cli, args)
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
-
-
-@pytest.fixture(scope="module")
-def three_way(tmp_path_factory, tiny_build, tiny_bert):
-    """A second task on the same checkpoint unlike the toy one in every way the merge must handle:
-    sentence pairs, three labels, cls pooling, a shorter prompt."""
-    d = tmp_path_factory.mktemp("pairs3")
-    rows = [("a great movie", "the best film", "same"), ("a great movie", "the worst film", "opposite"),
-            ("a dull movie", "the best script", "other")] * 8
-    write_tsv(d / "train.tsv", rows, ("s1", "s2", "q"))
-    build(["export", "--train", str(d / "train.tsv"), "--dev", str(d / "train.tsv"), "--text-column", "s1",
-           "--text-b-column", "s2", "--label-column", "q", "--backbone", str(tiny_bert), "--virtual-tokens", "2",
-           "--pooling", "cls", "--epochs", "1", "--batch-size", "8", "--prompt", "soft", "--out", str(d),
-           "--name", "pairs"])
-    exports = tiny_build[0]
-    sources = {"sentiment": exports / "toy-soft", "zeroshot": exports / "toy-hard-zeroshot",
-               "probe": exports / "toy-hard-probe", "pairs": d / "pairs"}
-    out = d / "merged"
-    result = build(["merge", *(f"{k}={v}" for k, v in sources.items()), "--out", str(out),
-                    "--backbone", str(tiny_bert)])
-    assert "4 tasks" in result.stdout
-    return out, sources
-
-
-def mixed_rows(n, seed=0):
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        task = rng.choice(["sentiment", "zeroshot", "probe", "pairs"])
-        rows.append((task, rng.choice(TEXTS), rng.choice(TEXTS) if task == "pairs" else None))
-    return rows
-
-
-def test_merged_manifest_keeps_every_task(three_way):
-    out, sources = three_way
+def test_merged_manifest_keeps_every_task(merged_bundle):
+    out, sources = merged_bundle
     m = json.loads((out / "manifest.json").read_text())
     assert [t["name"] for t in m["tasks"]] == list(sources)
     assert m["signature"]["inputs"]["task_ids"] == {"dtype": "int32", "axes": ["batch"]}
@@ -67,8 +25,8 @@ def test_merged_manifest_keeps_every_task(three_way):
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "mindspore"])
-def test_mixed_batches_predict_what_each_bundle_predicts(three_way, backend):
-    out, sources = three_way
+def test_mixed_batches_predict_what_each_bundle_predicts(merged_bundle, backend):
+    out, sources = merged_bundle
     merged = Bundle.load(out, backend=backend)
     singles = {name: Bundle.load(path) for name, path in sources.items()}
     rows = mixed_rows(60)
@@ -83,8 +41,8 @@ def test_mixed_batches_predict_what_each_bundle_predicts(three_way, backend):
         assert p.task == task and set(p.probabilities) == set(singles[task].labels)
 
 
-def test_a_row_does_not_depend_on_its_batch(three_way):
-    merged = Bundle.load(three_way[0])
+def test_a_row_does_not_depend_on_its_batch(merged_bundle):
+    merged = Bundle.load(merged_bundle[0])
     rows = mixed_rows(30, seed=1)
     together = merged.logits([r[1] for r in rows], [r[2] for r in rows], batch_size=30, task=[r[0] for r in rows],
                              sort_by_length=False)
@@ -93,8 +51,8 @@ def test_a_row_does_not_depend_on_its_batch(three_way):
         np.testing.assert_allclose(together[i, : len(alone)], alone, atol=1e-5)
 
 
-def test_predict_and_eval_by_task(three_way, toy_files):
-    out = three_way[0]
+def test_predict_and_eval_by_task(merged_bundle, toy_files):
+    out = merged_bundle[0]
     runner = CliRunner()
     lines = [{"task": "pairs", "text": "a great movie", "text_b": "the best film"},
              {"task": "sentiment", "text": "a great movie"}, {"text": "the worst film ever"}]
@@ -110,7 +68,7 @@ def test_predict_and_eval_by_task(three_way, toy_files):
     scored = runner.invoke(run_cli, ["eval", "--bundle", str(out), "--task", "sentiment", "--data",
                                      str(toy_files[1]), "--json"])
     assert scored.exit_code == 0, scored.output
-    recorded = json.loads((three_way[1]["sentiment"] / "manifest.json").read_text())["tasks"][0]["metrics"]
+    recorded = json.loads((merged_bundle[1]["sentiment"] / "manifest.json").read_text())["tasks"][0]["metrics"]
     assert json.loads(scored.stdout)["results"][0]["accuracy"] == pytest.approx(recorded["dev"]["accuracy"])
     info = runner.invoke(run_cli, ["info", str(out)])
     assert "4 tasks in one graph: sentiment, zeroshot, probe, pairs" in info.stdout
@@ -122,11 +80,11 @@ def merge_error(args):
     return result.output
 
 
-def test_merge_refuses_what_it_cannot_merge(three_way, tiny_build, tiny_roberta, tiny_bert, tmp_path):
+def test_merge_refuses_what_it_cannot_merge(merged_bundle, tiny_build, tiny_roberta, tiny_bert, tmp_path):
     exports = tiny_build[0]
     soft, probe = exports / "toy-soft", exports / "toy-hard-probe"
     other = tmp_path / "other"
-    pairs_data = str(three_way[1]["pairs"].parent / "train.tsv")
+    pairs_data = str(merged_bundle[1]["pairs"].parent / "train.tsv")
     build(["export", "--train", pairs_data, "--dev", pairs_data, "--text-column", "s1",
            "--text-b-column", "s2", "--label-column", "q", "--backbone", str(tiny_roberta), "--virtual-tokens", "2",
            "--epochs", "1", "--batch-size", "8", "--prompt", "soft", "--out", str(tmp_path), "--name", "other"])
@@ -145,8 +103,8 @@ def test_merge_refuses_what_it_cannot_merge(three_way, tiny_build, tiny_roberta,
     assert not (tmp_path / "m").exists()  # nothing half-written by any refusal
 
 
-def test_merged_bundles_merge_again(three_way, tiny_build, tiny_bert, tmp_path):
-    out, sources = three_way
+def test_merged_bundles_merge_again(merged_bundle, tiny_build, tiny_bert, tmp_path):
+    out, sources = merged_bundle
     again = tmp_path / "again"
     build(["merge", str(out), f"extra={tiny_build[0] / 'toy-soft'}", "--out", str(again), "--backbone", str(tiny_bert)])
     merged = Bundle.load(again)
