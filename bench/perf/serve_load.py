@@ -1,0 +1,292 @@
+"""Load test of `pt-run serve`: concurrent clients against a server on the loopback address.
+
+    .venv/bin/python bench/perf/serve_load.py [--bundle exports/mr-soft ...] [--clients 16] [--requests 10000]
+
+Starts `pt-run serve BUNDLE... --host 127.0.0.1 --port 0` in a new process
+and sends it requests of one text each (KServe V1, runtime/serve.py), every
+text an MR test or dev sentence (pair tasks: two of them), the tasks taken
+in turn.  Every answer is checked against what `Bundle.predict` gives for
+that text alone (label, and probabilities within 1e-4): a request answered
+with another's result counts as wrong.  Phases, all in this one run:
+
+  one at a time   one client, --sequential-requests requests, each sent after the last is answered
+  concurrent      --clients clients, --requests requests in all
+  faults          the concurrent load again, plus clients that disconnect mid-request
+                  and a burst of malformed requests; every 200 must be right, every bad one a 4xx
+  sigterm         the concurrent load, SIGTERM after --sigterm-after seconds: every request
+                  answered 200 must be right; the others must fail as refused connections, not
+                  as wrong or half answers
+
+Reports throughput (requests/s), latency p50/p99, the server's batch-size
+histogram (from /metrics) and errors per phase, and the concurrent/one-at-a-
+time throughput ratio.  Every loop is bounded in count and in --time-limit
+seconds.  Writes <results>/serve_load.json.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
+import common  # noqa: E402
+
+HOST = "127.0.0.1"  # loopback only: nothing else is ever a target
+
+
+class Server:
+    def __init__(self, bundles, max_batch: int, max_wait_ms: float):
+        args = [common.tool("pt-run"), "serve", *bundles, "--host", HOST, "--port", "0", "--max-batch",
+                str(max_batch), "--max-wait-ms", str(max_wait_ms)]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        line = self.process.stderr.readline()
+        if "listening on" not in line:
+            raise SystemExit(f"pt-run serve did not start: {line}{self.process.stderr.read()}")
+        self.port = int(line.split(f"{HOST}:")[1].split()[0])
+
+    def get(self, path: str) -> str:
+        conn = http.client.HTTPConnection(HOST, self.port, timeout=30)
+        conn.request("GET", path)
+        body = conn.getresponse().read().decode()
+        conn.close()
+        return body
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+def batch_histogram(metrics: str) -> dict:
+    """Cumulative bucket counts of ptbundle_batch_size -> {upper bound: batches}."""
+    out = {}
+    for line in metrics.splitlines():
+        if line.startswith("ptbundle_batch_size_bucket"):
+            bound = line.split('le="')[1].split('"')[0]
+            out[bound] = int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
+def histogram_delta(before: dict, after: dict) -> dict:
+    """Batches per bucket (not cumulative) between two /metrics reads."""
+    out, previous = {}, 0
+    for bound in after:
+        cumulative = after[bound] - before.get(bound, 0)
+        out[bound] = cumulative - previous
+        previous = cumulative
+    return {k: v for k, v in out.items() if v}
+
+
+def requests_of(tasks: dict, texts: list, n: int, seed: int) -> list:
+    """n (task, text, text_b) requests: tasks in turn, texts drawn with a fixed seed."""
+    rng = random.Random(seed)
+    names = list(tasks)
+    return [(names[i % len(names)], rng.choice(texts), rng.choice(texts) if tasks[names[i % len(names)]] else None)
+            for i in range(n)]
+
+
+def expected_answers(served: dict, rows: list) -> dict:
+    """(task, text, text_b) -> Prediction, each computed alone by Bundle.predict."""
+    loaded = {path: common.open_bundle(path) for path, _ in served.values()}
+    out = {}
+    for key in set(rows):
+        task, a, b = key
+        path, inner = served[task]
+        out[key] = loaded[path].predict([a], None if b is None else [b],
+                                        task=inner if loaded[path].manifest.multi_task else None)[0]
+    return out
+
+
+def body_of(a, b) -> bytes:
+    return json.dumps({"instances": [a if b is None else {"text": a, "text_b": b}]}).encode()
+
+
+def run_clients(port: int, rows: list, clients: int, expected: dict, deadline: float,
+                on_start=None) -> dict:
+    """Send `rows` from `clients` threads (each its own keep-alive connection); check every answer."""
+    latencies, counts, lock = [], {"ok": 0, "wrong": 0, "http_errors": 0, "connection_errors": 0}, threading.Lock()
+    cursor = iter(range(len(rows)))
+
+    def client():
+        conn = None
+        while time.time() < deadline:
+            with lock:
+                i = next(cursor, None)
+            if i is None:
+                return
+            task, a, b = rows[i]
+            started = time.perf_counter()
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection(HOST, port, timeout=60)
+                    conn.connect()
+                    # As urllib3 and most clients do: http.client writes headers and body
+                    # separately, and with Nagle's algorithm the body would wait for the
+                    # server's delayed ACK (40 ms a request).
+                    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.request("POST", f"/v1/models/{task}:predict", body_of(a, b), {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                data = response.read()
+            except (OSError, http.client.HTTPException):
+                with lock:
+                    counts["connection_errors"] += 1
+                if conn is not None:
+                    conn.close()
+                conn = None
+                continue
+            seconds = time.perf_counter() - started
+            with lock:
+                if response.status != 200:
+                    counts["http_errors"] += 1
+                    continue
+                got = json.loads(data)["predictions"][0]
+                want = expected[rows[i]]
+                right = got["label"] == want.label and all(abs(got["probabilities"][k] - v) <= 1e-4
+                                                           for k, v in want.probabilities.items())
+                counts["ok" if right else "wrong"] += 1
+                latencies.append(seconds)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    if on_start:
+        on_start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    pick = lambda q: round(1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))], 2) if latencies else None
+    return {**counts, "sent": counts["ok"] + counts["wrong"] + counts["http_errors"] + counts["connection_errors"],
+            "seconds": round(elapsed, 2), "requests_per_second": round(counts["ok"] / elapsed, 1),
+            "latency_ms": {"p50": pick(0.50), "p99": pick(0.99), "max": pick(1.0)}}
+
+
+def disconnecting_client(port: int, task: str, n: int, deadline: float) -> int:
+    """Requests abandoned mid-way: half a body, or a whole request whose answer is never read."""
+    sent = 0
+    for i in range(n):
+        if time.time() > deadline:
+            break
+        body = body_of("a gorgeous, witty, seductive movie.", None)
+        head = (f"POST /v1/models/{task}:predict HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n")
+        with socket.create_connection((HOST, port), timeout=10) as sock:
+            sock.sendall(head.encode() + (body[: len(body) // 2] if i % 2 else body))
+        sent += 1
+        time.sleep(0.01)
+    return sent
+
+
+def bad_burst(port: int, task: str, n: int) -> dict:
+    """Malformed requests of several kinds; each must get a 4xx with a JSON error."""
+    kinds = [b"{not json", b'{"instances": [""]}', b'{"instances": "x"}', b'{"texts": []}', b'{"instances": [7]}']
+    statuses = {}
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    for i in range(n):
+        conn.request("POST", f"/v1/models/{task}:predict", kinds[i % len(kinds)], {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        error = json.loads(response.read()).get("error")
+        key = str(response.status) if error else f"{response.status} without error"
+        statuses[key] = statuses.get(key, 0) + 1
+    conn.close()
+    return statuses
+
+
+@click.command()
+@click.option("--bundle", "bundles", multiple=True, default=["exports/mr-soft"], show_default=True,
+              help="Bundle to serve (NAME=BUNDLE renames a one-task bundle); repeat for several.")
+@common.options()
+@click.option("--clients", default=16, show_default=True)
+@click.option("--requests", "total", default=10000, show_default=True, help="Requests of the concurrent phases.")
+@click.option("--sequential-requests", default=1000, show_default=True)
+@click.option("--max-batch", default=64, show_default=True)
+@click.option("--max-wait-ms", default=2.0, show_default=True)
+@click.option("--sigterm-after", default=5.0, show_default=True, help="Seconds into the sigterm phase.")
+@click.option("--time-limit", default=900.0, show_default=True, help="Seconds each phase may take at most.")
+def main(bundles, backbone, data, smoke, results, clients, total, sequential_requests, max_batch, max_wait_ms,
+         sigterm_after, time_limit):
+    if smoke:
+        clients, total, sequential_requests, sigterm_after = 4, 120, 40, 0.5
+    dataset = common.load_data(data)
+    texts = [e.text for e in list(dataset.test or []) + list(dataset.dev)]
+    server = Server(bundles, max_batch, max_wait_ms)
+    try:
+        models = json.loads(server.get("/v1/models"))["models"]
+        tasks = {m: json.loads(server.get(f"/v1/models/{m}"))["pair"] for m in models}
+        served = {m: (json.loads(server.get(f"/v1/models/{m}"))["bundle"], m) for m in models}
+        rows = {"sequential": requests_of(tasks, texts, sequential_requests, 0),
+                "concurrent": requests_of(tasks, texts, total, 1), "faults": requests_of(tasks, texts, total // 4, 2),
+                "sigterm": requests_of(tasks, texts, total, 3)}
+        started = time.time()
+        expected = expected_answers(served, [r for phase in rows.values() for r in phase])
+        print(f"expected answers of {len(expected)} distinct requests in {time.time() - started:.0f} s", flush=True)
+        report = {"machine": common.machine_info(), "bundles": list(bundles), "tasks": tasks, "clients": clients,
+                  "max_batch": max_batch, "max_wait_ms": max_wait_ms, "smoke": smoke, "phases": {}}
+
+        def phase(name, n_clients, on_start=None):
+            before = batch_histogram(server.get("/metrics"))
+            result = run_clients(server.port, rows[name], n_clients, expected, time.time() + time_limit, on_start)
+            try:
+                result["batch_sizes"] = histogram_delta(before, batch_histogram(server.get("/metrics")))
+            except OSError:  # the sigterm phase: the server is gone
+                result["batch_sizes"] = None
+            report["phases"][name] = result
+            print(f"{name:<11} {result['ok']:>6} ok {result['wrong']} wrong {result['http_errors']} http errors "
+                  f"{result['connection_errors']} connection errors; {result['requests_per_second']} req/s, "
+                  f"p50 {result['latency_ms']['p50']} ms, p99 {result['latency_ms']['p99']} ms; "
+                  f"batches {result['batch_sizes']}", flush=True)
+            return result
+
+        phase("sequential", 1)
+        phase("concurrent", clients)
+        extra = {}
+
+        first_single = next((m for m in models if not tasks[m]), models[0])
+
+        def faults():
+            deadline = time.time() + time_limit
+            threading.Thread(target=lambda: extra.update(disconnected=disconnecting_client(
+                server.port, first_single, 20 if smoke else 200, deadline)), daemon=True).start()
+            extra["bad"] = bad_burst(server.port, first_single, 20 if smoke else 500)
+
+        phase("faults", clients, faults)
+        report["phases"]["faults"].update(extra)
+        time.sleep(0.5)  # the disconnecting client's last requests finish
+        print(f"faults: {extra}", flush=True)
+
+        def terminate():
+            time.sleep(sigterm_after)
+            report["sigterm_sent_after_seconds"] = sigterm_after
+            server.process.send_signal(signal.SIGTERM)
+
+        phase_result = phase("sigterm", clients, terminate)
+        report["server_exit_status"] = server.process.wait(timeout=60)
+        phase_result["not_sent_before_shutdown"] = len(rows["sigterm"]) - phase_result["sent"]
+        seq, conc = report["phases"]["sequential"], report["phases"]["concurrent"]
+        report["concurrent_over_sequential"] = round(conc["requests_per_second"] / seq["requests_per_second"], 2)
+        wrong = sum(p["wrong"] for p in report["phases"].values())
+        report["ok"] = wrong == 0 and conc["http_errors"] == 0 and conc["connection_errors"] == 0 and \
+            all(k.isdigit() and 400 <= int(k) < 500 for k in extra.get("bad", {})) and \
+            report["phases"]["faults"]["http_errors"] == 0
+        print(f"concurrent / one at a time: {report['concurrent_over_sequential']}x; wrong answers: {wrong};"
+              f" server exit {report['server_exit_status']}", flush=True)
+        common.write_results(results, "serve_load", report)
+        if not report["ok"]:
+            raise SystemExit("serve_load: a request was lost, wrong or refused (see the results)")
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
