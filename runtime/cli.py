@@ -103,6 +103,8 @@ def predict(file, bundle_path, task, input_format, fmt, batch_size, chunk_lines,
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
 @click.option("--max-batch", default=Limits.max_batch, show_default=True, type=click.IntRange(1),
               help="Texts per model call, gathered across concurrent requests and tasks.")
+@click.option("--group", default=Limits.group, show_default=True, type=click.IntRange(1),
+              help="Texts per model call: a gathered batch runs in length-sorted groups of this size.")
 @click.option("--max-wait-ms", default=Limits.max_wait * 1000, show_default=True, type=click.FloatRange(0),
               help="How long the first text of a batch waits for others.")
 @click.option("--max-texts", default=Limits.max_texts, show_default=True, type=click.IntRange(1),
@@ -114,7 +116,7 @@ def predict(file, bundle_path, task, input_format, fmt, batch_size, chunk_lines,
 @click.option("--backend", type=click.Choice(list(BACKENDS)), default=None,
               help="[default: onnxruntime on CPU, mindspore on GPU/Ascend]")
 @click.option("--int8", is_flag=True, help="Serve the bundles' int8 ONNX graphs.")
-def serve(bundle_specs, host, port, max_batch, max_wait_ms, max_texts, max_chars, max_body_bytes, device, backend,
+def serve(bundle_specs, host, port, max_batch, group, max_wait_ms, max_texts, max_chars, max_body_bytes, device, backend,
           int8):
     """Serve bundles over HTTP (KServe V1 protocol): POST /v1/models/TASK:predict {"instances": [...]}.
 
@@ -127,7 +129,7 @@ def serve(bundle_specs, host, port, max_batch, max_wait_ms, max_texts, max_chars
 
     specs = [parse_bundle_spec(s) for s in (bundle_specs or (DEFAULT_BUNDLE,))]
     bundles = [load(path, device, backend, int8) for _, path in specs]
-    limits = Limits(max_batch=max_batch, max_wait=max_wait_ms / 1000, max_body=max_body_bytes, max_texts=max_texts,
+    limits = Limits(max_batch=max_batch, group=group, max_wait=max_wait_ms / 1000, max_body=max_body_bytes, max_texts=max_texts,
                     max_chars=max_chars)
     run(endpoints_of(specs, bundles), host, port, limits, lambda m: click.echo(m, err=True))
 

@@ -40,12 +40,13 @@ import numpy as np
 from .bundle import softmax
 from .errors import InputError
 from .inputs import check_text
-from .text import pad
+from .text import batch_indices, pad
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_batch: int = 64  # texts per model call
+    max_batch: int = 64  # texts gathered from concurrent requests
+    group: int = 16  # texts per model call: a gathered batch runs in length-sorted groups of this size
     max_wait: float = 0.002  # seconds the first text of a batch waits for more
     max_body: int = 1 << 20  # request bytes
     max_texts: int = 256  # instances per request
@@ -159,12 +160,20 @@ class Batcher:
                 if not f.done():  # a request whose client went away may have been cancelled
                     f.set_result(row)
 
-    def compute(self, rows) -> np.ndarray:
-        model = self.bundle.model
-        arrays = pad([e for e, _, _ in rows], self.bundle.manifest.pad_id, model.pad_multiple)
-        if self.bundle.manifest.multi_task:
-            arrays = (*arrays, np.array([t for _, t, _ in rows], np.int32))
-        return model(*arrays)
+    def compute(self, rows) -> list:
+        """Logits of the rows, in their order.  The rows run in length order, `group` at a time: on CPU a
+        sentence alone costs about what it costs in a batch (bench/perf/serve_load.py), so a batch of mixed
+        lengths padded to its longest would be slower than the same rows in groups of similar length."""
+        model, multi = self.bundle.model, self.bundle.manifest.multi_task
+        encodings = [e for e, _, _ in rows]
+        tasks = np.array([t for _, t, _ in rows], np.int32)
+        out = [None] * len(rows)
+        for index in batch_indices([len(e.ids) for e in encodings], self.limits.group):
+            arrays = pad([encodings[i] for i in index], self.bundle.manifest.pad_id, model.pad_multiple)
+            logits = model(*arrays, tasks[index]) if multi else model(*arrays)
+            for i, row in zip(index, logits):
+                out[i] = row
+        return out
 
 
 @dataclass(frozen=True)

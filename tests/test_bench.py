@@ -58,6 +58,8 @@ def smoke(request, tiny_bert, toy_files, pairs_dir, tmp_path_factory):
     start("zero_shot_search", "experiments/zero_shot_search.py", *common, "--label-text", "pos=great",
           "--label-text", "neg=dull")
     start("fusion", "perf/fusion.py", *common)
+    # spam: the toy dev file alone, so its prompt differs from the MR task's and a row run as the wrong task shows
+    start("multitask", "experiments/multitask.py", *common, "--mrpc-data", pairs_dir, "--spam-data", toy_files[1])
     exports = request.getfixturevalue("tiny_build")[0]
     bundle = exports / "toy-soft"
     start("run", "run.py", *common, "--bundle", bundle, "--peer-venv", tmp_path_factory.mktemp("no-peer") / "venv")
@@ -65,6 +67,9 @@ def smoke(request, tiny_bert, toy_files, pairs_dir, tmp_path_factory):
     start("int8_choice", "experiments/int8_choice.py", "--bundle", bundle, "--data", data, "--splits", "dev",
           "--workdir", tmp_path_factory.mktemp("int8-work"))
     start("heldout", "experiments/heldout.py", *common, "--bundle", bundle, "--bundle", exports / "toy-hard-probe")
+    start("stream_memory", "perf/stream_memory.py", "--data", data)
+    merged = request.getfixturevalue("merged_bundle")[0]
+    start("serve_load", "perf/serve_load.py", "--data", data, "--bundle", merged, "--bundle", f"single={bundle}")
     yield started
     pool.shutdown(wait=True)
 
@@ -199,3 +204,34 @@ def test_product_code_is_imported_in_one_place():
         assert "--smoke" in source or "common.options" in source, f"{script} has no --smoke"
     peer = (BENCH / "peer" / "peer_torch.py").read_text()
     assert not re.search(r"^\s*(from|import) mindspore", peer, re.M)
+
+
+def test_multitask_merged_rows_match_their_own_bundles(smoke):
+    _, results = finished(smoke, "multitask")
+    result = read(results, "multitask")
+    assert set(result["tasks"]) == {"mr", "mrpc", "spam"}
+    for task, row in result["tasks"].items():
+        assert row["n"] == 20 and row["max_abs_diff"] <= 1e-4, (task, row)  # --smoke: 20 of each 24-row dev set
+        assert row["merged_accuracy"] == row["single_accuracy"], (task, row)
+    assert result["parity_ok"] and result["speed"]["mixed_sentences_per_second"]["median"] > 0
+    assert [line.split("\t")[0] for line in result["predict_cli"]] == ["mr", "mrpc", "spam"]  # pt-run predict's tasks
+
+
+def test_serve_load_checks_every_answer_in_every_phase(smoke):
+    _, results = finished(smoke, "serve_load")
+    result = read(results, "serve_load")
+    phases = result["phases"]
+    assert set(phases) == {"sequential", "concurrent", "faults", "sigterm"} and result["ok"]
+    assert phases["sequential"]["ok"] == 40 and phases["concurrent"]["ok"] == 120  # --smoke sizes, all answered
+    assert all(p["wrong"] == 0 for p in phases.values())
+    assert set(result["tasks"]) == {"sentiment", "zeroshot", "probe", "pairs", "single"}
+    assert sum(phases["concurrent"]["batch_sizes"].values()) > 0 and phases["faults"]["disconnected"] == 20
+    assert sum(phases["faults"]["bad"].values()) == 20 and all(400 <= int(k) < 500 for k in phases["faults"]["bad"])
+
+
+def test_stream_memory_reads_back_every_line_in_order(smoke):
+    _, results = finished(smoke, "stream_memory")
+    result = read(results, "stream_memory")
+    assert result["tiny"] and len(result["rows"]) == 2
+    for row in result["rows"]:
+        assert row["output_lines_in_order"] == row["lines"] > 0 and row["peak_rss_mb"] > 0

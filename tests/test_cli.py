@@ -26,6 +26,43 @@ def test_predict_prints_one_result_per_line_in_order(tiny_bundle, tmp_path):
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
 
 
+def test_predict_streams_in_chunks_with_the_same_results(tiny_bundle, tmp_path):
+    texts = [f"a great movie {i}" if i % 3 else f"the worst film ever , boring acting {i}" for i in range(50)]
+    f = tmp_path / "in.txt"
+    f.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    whole = run(["predict", str(f), "--bundle", str(tiny_bundle), "--format", "jsonl"])
+    chunked = run(["predict", str(f), "--bundle", str(tiny_bundle), "--format", "jsonl", "--chunk-lines", "7",
+                   "--batch-size", "3"])
+    assert whole.exit_code == 0 and chunked.exit_code == 0, chunked.output
+    a, b = ([json.loads(line) for line in r.stdout.splitlines()] for r in (whole, chunked))
+    assert [r["text"] for r in b] == texts
+    for x, y in zip(a, b):  # a line's result does not depend on the chunk or batch it ran in
+        assert x["label"] == y["label"] and x["probabilities"] == pytest.approx(y["probabilities"], abs=1e-5)
+
+
+def test_a_bad_line_stops_the_run_after_the_chunks_before_it(tiny_bundle, tmp_path):
+    f = tmp_path / "in.txt"
+    f.write_bytes(b"".join(b"line %d\n" % i for i in range(1, 10)) + b"\n" + b"line 11\n")  # line 10 is empty
+    result = run(["predict", str(f), "--bundle", str(tiny_bundle), "--chunk-lines", "4"])
+    assert result.exit_code == 1
+    assert "in.txt:10: empty line" in result.output and "lines 1-8 were predicted and written" in result.output
+    assert [line.rsplit("\t", 1)[1] for line in result.stdout.splitlines()] == [f"line {i}" for i in range(1, 9)]
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"text": "a", "task": "nope"}', "unknown task 'nope'"),
+    ('{"txt": "a"}', "unknown field(s) txt"),
+    ('{"text": 3}', "field 'text' must be a string"),
+    ('{"text": "a", "text_b": "b"}', "field 'text_b': task 'train' takes one text"),
+    ('["a"]', "not a JSON object"),
+    ('{"text": "a"', "not valid JSON"),
+], ids=["task", "field", "type", "pair", "array", "json"])
+def test_jsonl_input_errors_name_the_line(tiny_bundle, line, expected):
+    result = run(["predict", "-", "--bundle", str(tiny_bundle), "--input-format", "jsonl"],
+                 input='{"text": "a great movie"}\n' + line + "\n")
+    assert result.exit_code == 1 and f"<stdin>:2: {expected}" in result.output and result.stdout == ""
+
+
 def test_predict_text_format_and_stdin(tiny_bundle):
     result = run(["predict", "-", "--bundle", str(tiny_bundle)], input="a great movie\nthe worst film\n")
     assert result.exit_code == 0, result.output

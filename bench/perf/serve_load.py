@@ -45,9 +45,9 @@ HOST = "127.0.0.1"  # loopback only: nothing else is ever a target
 
 
 class Server:
-    def __init__(self, bundles, max_batch: int, max_wait_ms: float):
+    def __init__(self, bundles, max_batch: int, max_wait_ms: float, group: int, int8: bool):
         args = [common.tool("pt-run"), "serve", *bundles, "--host", HOST, "--port", "0", "--max-batch",
-                str(max_batch), "--max-wait-ms", str(max_wait_ms)]
+                str(max_batch), "--max-wait-ms", str(max_wait_ms), "--group", str(group)] + (["--int8"] if int8 else [])
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         line = self.process.stderr.readline()
         if "listening on" not in line:
@@ -212,15 +212,17 @@ def bad_burst(port: int, task: str, n: int) -> dict:
 @click.option("--sequential-requests", default=1000, show_default=True)
 @click.option("--max-batch", default=64, show_default=True)
 @click.option("--max-wait-ms", default=2.0, show_default=True)
+@click.option("--group", default=16, show_default=True, help="pt-run serve --group.")
+@click.option("--int8", is_flag=True, help="Serve the int8 graphs.")
 @click.option("--sigterm-after", default=5.0, show_default=True, help="Seconds into the sigterm phase.")
 @click.option("--time-limit", default=900.0, show_default=True, help="Seconds each phase may take at most.")
-def main(bundles, backbone, data, smoke, results, clients, total, sequential_requests, max_batch, max_wait_ms,
-         sigterm_after, time_limit):
+def main(bundles, backbone, data, smoke, results, clients, total, sequential_requests, max_batch, max_wait_ms, group,
+         int8, sigterm_after, time_limit):
     if smoke:
         clients, total, sequential_requests, sigterm_after = 4, 120, 40, 0.5
     dataset = common.load_data(data)
     texts = [e.text for e in list(dataset.test or []) + list(dataset.dev)]
-    server = Server(bundles, max_batch, max_wait_ms)
+    server = Server(bundles, max_batch, max_wait_ms, group, int8)
     try:
         models = json.loads(server.get("/v1/models"))["models"]
         tasks = {m: json.loads(server.get(f"/v1/models/{m}"))["pair"] for m in models}
@@ -232,7 +234,8 @@ def main(bundles, backbone, data, smoke, results, clients, total, sequential_req
         expected = expected_answers(served, [r for phase in rows.values() for r in phase])
         print(f"expected answers of {len(expected)} distinct requests in {time.time() - started:.0f} s", flush=True)
         report = {"machine": common.machine_info(), "bundles": list(bundles), "tasks": tasks, "clients": clients,
-                  "max_batch": max_batch, "max_wait_ms": max_wait_ms, "smoke": smoke, "phases": {}}
+                  "max_batch": max_batch, "max_wait_ms": max_wait_ms, "group": group, "int8": int8, "smoke": smoke,
+                  "phases": {}}
 
         def phase(name, n_clients, on_start=None):
             before = batch_histogram(server.get("/metrics"))
