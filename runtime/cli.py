@@ -102,7 +102,7 @@ def predict(file, bundle_path, task, input_format, fmt, batch_size, chunk_lines,
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
 @click.option("--max-batch", default=Limits.max_batch, show_default=True, type=click.IntRange(1),
-              help="Texts per model call, gathered across concurrent requests and tasks.")
+              help="Texts gathered from concurrent requests (of any of a bundle's tasks) into one batch.")
 @click.option("--group", default=Limits.group, show_default=True, type=click.IntRange(1),
               help="Texts per model call: a gathered batch runs in length-sorted groups of this size.")
 @click.option("--max-wait-ms", default=Limits.max_wait * 1000, show_default=True, type=click.FloatRange(0),

@@ -95,9 +95,9 @@ def requests_of(tasks: dict, texts: list, n: int, seed: int) -> list:
             for i in range(n)]
 
 
-def expected_answers(served: dict, rows: list) -> dict:
-    """(task, text, text_b) -> Prediction, each computed alone by Bundle.predict."""
-    loaded = {path: common.open_bundle(path) for path, _ in served.values()}
+def expected_answers(served: dict, rows: list, int8: bool) -> dict:
+    """(task, text, text_b) -> Prediction, each computed alone by Bundle.predict (on the graph the server runs)."""
+    loaded = {path: common.open_bundle(path, int8=int8) for path, _ in served.values()}
     out = {}
     for key in set(rows):
         task, a, b = key
@@ -231,7 +231,7 @@ def main(bundles, backbone, data, smoke, results, clients, total, sequential_req
                 "concurrent": requests_of(tasks, texts, total, 1), "faults": requests_of(tasks, texts, total // 4, 2),
                 "sigterm": requests_of(tasks, texts, total, 3)}
         started = time.time()
-        expected = expected_answers(served, [r for phase in rows.values() for r in phase])
+        expected = expected_answers(served, [r for phase in rows.values() for r in phase], int8)
         print(f"expected answers of {len(expected)} distinct requests in {time.time() - started:.0f} s", flush=True)
         report = {"machine": common.machine_info(), "bundles": list(bundles), "tasks": tasks, "clients": clients,
                   "max_batch": max_batch, "max_wait_ms": max_wait_ms, "group": group, "int8": int8, "smoke": smoke,
