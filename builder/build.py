@@ -89,16 +89,20 @@ def int8_inputs(backbone: Backbone, dataset, recipe: Recipe, template=None):
 
 
 def build_soft(destination: Path, backbone: Backbone, dataset, recipe: Recipe, device: str, quantize: bool,
-               command: str, log) -> Built:
+               command: str, log, checkpoints=None) -> Built:
+    """`checkpoints` (builder.checkpoint.Checkpoints): save the training state as it goes; removed once the
+    bundle is written."""
     from .export import write_bundle
     from .train import train
 
-    net, curve, metrics = train(backbone, dataset, recipe, log=log)
+    net, curve, metrics = train(backbone, dataset, recipe, log=log, checkpoints=checkpoints)
     manifest = base_manifest(dataset, backbone, recipe, device, kind="soft", head="linear",
                              prompt_method="prompt-tuning", num_virtual_tokens=recipe.virtual_tokens,
                              metrics=metrics)
     written = write_bundle(destination, net, backbone, manifest, curve,
                            int8_inputs(backbone, dataset, recipe) if quantize else None)
+    if checkpoints is not None:
+        checkpoints.path.unlink(missing_ok=True)  # the bundle holds what it was for
     return Built(destination, written.kind_label, written.only.metrics, command)
 
 

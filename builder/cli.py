@@ -59,10 +59,15 @@ def cli():
               help="Bundle name when one bundle is built, else the prefix of the names [default: the data's name].")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Also write model.int8.onnx (dynamic quantization) and its accuracy.")
+@click.option("--checkpoint-every", default=500, show_default=True, type=click.IntRange(0),
+              help="Soft prompt training: save the whole training state every N steps (0: after each epoch only)"
+                   " to OUT/.NAME.checkpoint.safetensors; removed once the bundle is written.")
+@click.option("--resume", is_flag=True, help="Go on from the checkpoint a stopped run of the same command left.")
 @recipe_options
 @click.pass_context
 def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file, dev_file, test_file, text_column,
-           text_b_column, label_column, backbone, device, out_dir, name, quantize, **recipe_values):
+           text_b_column, label_column, backbone, device, out_dir, name, quantize, checkpoint_every, resume,
+           **recipe_values):
     """Train prompts on a frozen encoder and write bundles under exports/.
 
     With no options: the MR soft-prompt bundle and both hard-prompt bundles
@@ -80,6 +85,8 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
         raise click.UsageError("--label-text describes labels for the zero-shot hard prompt: not with --prompt soft")
     if template and prompt_kind == "soft":
         raise click.UsageError("--template is a hard prompt: it needs --prompt hard or all, not soft")
+    if resume and prompt_kind == "hard":
+        raise click.UsageError("--resume continues a soft prompt's training: not with --prompt hard")
     dataset = load_dataset(data, train_file, dev_file, test_file, text_column, text_b_column, label_column)
     heads = [] if prompt_kind == "soft" else [hard_head] if hard_head else list(HARD_HEADS)
     template = Template.parse(template or default_template(dataset), pair=dataset.is_pair) if heads else None
@@ -88,6 +95,9 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
     commands = rebuild_commands(ctx, template, label_texts, names)
 
     out = writable_directory(Path(out_dir))  # before training: a build must not end where it cannot write
+    saved = out / f".{names['soft']}.checkpoint.safetensors" if prompt_kind != "hard" else None
+    if resume and not saved.is_file():
+        raise BuildError(f"--resume: no checkpoint at {saved} (the run finished, or never reached one)")
 
     # MindSpore takes seconds to import: only after the cheap checks above.
     from .backbone import load_backbone
@@ -107,8 +117,11 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
     # The main result first.  (The order hardly moves the memory peak:
     # MindSpore's CPU allocator keeps what the earlier graphs took.)
     if prompt_kind != "hard":
+        from .checkpoint import Checkpoints
+
+        saves = Checkpoints(saved, checkpoint_every, resume, "")
         built.append(build_soft(out / names["soft"], bb, dataset, recipe, device, quantize == "int8",
-                                commands["soft"], log))
+                                commands["soft"], log, saves))
     if heads:
         built += build_hard({h: out / names[h] for h in heads}, bb, dataset, recipe, template, label_texts,
                             device, quantize == "int8", commands, log)
@@ -166,7 +179,7 @@ def rebuild_commands(ctx, template, label_texts, names: dict) -> dict:
     """For each bundle, the pt-build command that rebuilds it alone, with the options given here."""
     from click.core import ParameterSource
 
-    own = {"prompt_kind", "hard_head", "template", "label_texts", "name"}
+    own = {"prompt_kind", "hard_head", "template", "label_texts", "name", "resume", "checkpoint_every"}
     base = ["pt-build", "export"]
     for param in ctx.command.params:
         if param.name in own or ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:

@@ -11,7 +11,7 @@ import math
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import click
 import numpy as np
@@ -22,7 +22,9 @@ from ptbundle.runtime.bundle import batched_logits
 from ptbundle.runtime.metrics import classification_metrics
 from ptbundle.runtime.text import encode, load_tokenizer, pad
 
+from . import checkpoint
 from .backbone import Backbone
+from .checkpoint import Checkpoints, LoopState
 from .errors import DataError, RecipeError
 from .model import PromptClassifier
 from .recipe import Recipe
@@ -199,45 +201,65 @@ class Fit:
 
 
 def fit(step: TrainStep, batch_inputs, lengths, labels, num_labels: int, recipe: Recipe, dev_metrics, weights,
-        log, name: str = "epoch") -> Fit:
+        log, name: str = "epoch", checkpoints: Checkpoints | None = None) -> Fit:
     """The one training loop: epochs of length-bucketed batches, dev after each, the best epoch kept.
 
     `batch_inputs(index)` gives the Tensors the step's net takes for those
     examples (token arrays for a prompt, features for a head alone);
     `dev_metrics()` scores the current weights on dev; `weights()` snapshots
     them.  The batch order is drawn from `recipe.seed` alone, so every kind
-    of model trained on the same data sees the same batches.
+    of model trained on the same data sees the same batches.  With
+    `checkpoints`, the whole state is saved every `every` steps and after
+    each epoch, and `resume` goes on from the last save (builder.checkpoint).
     """
     rng = np.random.RandomState(recipe.seed)
     onehot = np.eye(num_labels, dtype=np.float32)
     labels = np.asarray(labels)
     steps_per_epoch = len(lengths) // recipe.batch_size
-    curve, best, best_dev, step_seconds = [], None, -1.0, []
-    started = time.time()
-    for epoch in range(1, recipe.epochs + 1):
+    state, best, epoch_rng = LoopState(), None, None
+    if checkpoints is not None and checkpoints.resume:
+        state, epoch_rng, best_weights = checkpoint.load(checkpoints, step.optimizer)
+        rng.set_state(epoch_rng)
+        best = (state.best_epoch, best_weights) if best_weights is not None else None
+        log(f"resuming {name} {state.epoch}/{recipe.epochs} after {state.steps} steps ({checkpoints.path})")
+    started = time.time() - state.seconds
+    for epoch in range(state.epoch, recipe.epochs + 1):
         step.set_train(True)
-        seen = correct = 0
-        loss_sum = 0.0
-        stats = {}
+        epoch_rng = rng.get_state()
         batches = bucketed_batches(lengths, recipe.batch_size, rng)
-        for index in progress(batches, f"{name} {epoch}/{recipe.epochs}", lambda: stats.get("text", "")):
+        if state.batch == 0:
+            state.epoch, state.loss_sum, state.seen, state.correct = epoch, 0.0, 0, 0
+        stats = {}
+        for index in progress(batches[state.batch :], f"{name} {epoch}/{recipe.epochs}", lambda: stats.get("text", "")):
             inputs, y = batch_inputs(index), labels[index]
             t0 = time.perf_counter()
             loss, logits = step(*inputs, Tensor(onehot[y]))
-            loss_sum += float(loss.asnumpy()) * len(index)
-            step_seconds.append(time.perf_counter() - t0)
-            correct += int((logits.asnumpy().argmax(-1) == y).sum())
-            seen += len(index)
-            stats["text"] = f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f}"
+            state.loss_sum += float(loss.asnumpy()) * len(index)
+            state.step_seconds.append(time.perf_counter() - t0)
+            state.correct += int((logits.asnumpy().argmax(-1) == y).sum())
+            state.seen += len(index)
+            state.batch += 1
+            state.steps += 1
+            stats["text"] = f"loss {state.loss_sum / state.seen:.3f} acc {state.correct / state.seen:.3f}"
+            if checkpoints is not None and checkpoints.every and state.steps % checkpoints.every == 0 \
+                    and state.batch < len(batches):
+                state.seconds = time.time() - started
+                checkpoint.save(checkpoints, step.optimizer, state, epoch_rng, best[1] if best else None)
+            checkpoint.maybe_die(state.steps)
         dev = dev_metrics()
-        point = {"epoch": epoch, "step": epoch * steps_per_epoch, "train_loss": loss_sum / seen,
-                 "train_accuracy": correct / seen, "dev": dev, "seconds": round(time.time() - started, 1)}
-        curve.append(point)
+        point = {"epoch": epoch, "step": epoch * steps_per_epoch, "train_loss": state.loss_sum / state.seen,
+                 "train_accuracy": state.correct / state.seen, "dev": dev, "seconds": round(time.time() - started, 1)}
+        state.curve.append(point)
         log(f"{name} {epoch}: train loss {point['train_loss']:.4f} acc {point['train_accuracy']:.4f}, "
             f"dev acc {dev['accuracy']:.4f} macro-F1 {dev['macro_f1']:.4f} ({point['seconds']:.0f} s)")
-        if dev["accuracy"] > best_dev:
-            best_dev, best = dev["accuracy"], (epoch, weights())
-    return Fit(best[0], best[1], curve, step_seconds, round(time.time() - started, 1))
+        if dev["accuracy"] > state.best_dev:
+            state.best_dev, best = dev["accuracy"], (epoch, weights())
+            state.best_epoch = epoch
+        state.epoch, state.batch = epoch + 1, 0
+        if checkpoints is not None and epoch < recipe.epochs:
+            state.seconds = time.time() - started
+            checkpoint.save(checkpoints, step.optimizer, state, rng.get_state(), best[1])
+    return Fit(best[0], best[1], state.curve, state.step_seconds, round(time.time() - started, 1))
 
 
 @dataclass
@@ -265,17 +287,23 @@ def prepare(backbone: Backbone, dataset, recipe: Recipe) -> Prepared:
     return Prepared(tokenizer, splits, net, backbone.config.pad_token_id, num_labels)
 
 
-def train(backbone: Backbone, dataset, recipe: Recipe, log=print):
-    """Train; return (net with the best dev epoch's weights, curve, metrics)."""
+def train(backbone: Backbone, dataset, recipe: Recipe, log=print, checkpoints: Checkpoints | None = None):
+    """Train; return (net with the best dev epoch's weights, curve, metrics).
+
+    `checkpoints` (its fingerprint left empty: this fills it in from the recipe, data and backbone)."""
     ms.set_seed(recipe.seed)
     run = prepare(backbone, dataset, recipe)
     net, pad_id = run.net, run.pad_id
     train_enc, train_y = run.splits["train"]
     step = TrainStep(net, recipe, len(train_enc) // recipe.batch_size * recipe.epochs)
+    if checkpoints is not None:
+        checkpoints = replace(checkpoints, fingerprint=checkpoint.fingerprint(
+            recipe.to_json(), backbone.sha256, [e.ids for e in train_enc], train_y.tolist()))
     result = fit(step, lambda index: [Tensor(a) for a in pad([train_enc[i] for i in index], pad_id,
                                                              TRAIN_PAD_MULTIPLE)],
                  [len(e.ids) for e in train_enc], train_y, run.num_labels, recipe,
-                 lambda: evaluate(net, *run.splits["dev"], pad_id, run.num_labels), net.head_state, log)
+                 lambda: evaluate(net, *run.splits["dev"], pad_id, run.num_labels), net.head_state, log,
+                 checkpoints=checkpoints)
     # The compiled train graphs hold GBs of buffers (see TRAIN_PAD_MULTIPLE);
     # drop them before evaluation and export compile graphs of their own.
     del step
