@@ -95,7 +95,11 @@ def build_soft(destination: Path, backbone: Backbone, dataset, recipe: Recipe, d
     from .export import write_bundle
     from .train import train
 
+    from .parallel import world
+
     net, curve, metrics = train(backbone, dataset, recipe, log=log, checkpoints=checkpoints)
+    if not world().leader:  # under msrun, rank 0 writes the bundle
+        return None
     manifest = base_manifest(dataset, backbone, recipe, device, kind="soft", head="linear",
                              prompt_method="prompt-tuning", num_virtual_tokens=recipe.virtual_tokens,
                              metrics=metrics)

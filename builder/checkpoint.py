@@ -30,7 +30,7 @@ from safetensors.numpy import load_file, save_file
 from .errors import BuildError
 
 FORMAT = "ptbundle-checkpoint-1"
-# Fault injection for tests: the process SIGKILLs itself right after this (global) step.
+# Fault injection for tests: "STEP" (or "STEP:RANK", one msrun worker) SIGKILLs the process right after that step.
 KILL_AFTER_STEP = "PTBUNDLE_KILL_AFTER_STEP"
 
 
@@ -109,6 +109,6 @@ def load(checkpoints: Checkpoints, optimizer) -> tuple:
     return LoopState(**json.loads(meta["state"])), rng, best
 
 
-def maybe_die(steps: int) -> None:
-    if os.environ.get(KILL_AFTER_STEP) == str(steps):
+def maybe_die(steps: int, rank: int = 0) -> None:
+    if os.environ.get(KILL_AFTER_STEP) in (str(steps), f"{steps}:{rank}"):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -104,11 +104,19 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
     from .build import build_hard, build_soft, check_fits, comparison_table
     from .model import use_device
 
+    from .parallel import world
+
     use_device(device)
+    workers = world()  # joins the group when msrun started this process (builder.parallel)
+    if workers.size > 1 and prompt_kind != "soft":
+        raise click.UsageError(f"{workers.size} workers (msrun) train a soft prompt: add --prompt soft")
+    if workers.size > 1:  # msrun names a dead worker by its pid: this line in its log gives the rank
+        click.echo(f"pt-build: worker rank {workers.rank} of {workers.size}, pid {os.getpid()}", err=True)
     bb = load_backbone(backbone)
     check_fits(recipe, bb, prompt_kind != "hard")
     def log(message: str) -> None:
-        click.echo(message, err=True)
+        if workers.leader:
+            click.echo(message, err=True)
 
     log(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.dev)} dev / {len(dataset.test)} test, "
         f"labels {', '.join(dataset.labels)}; backbone {bb.name} ({bb.config.model_type}, "
@@ -122,6 +130,8 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
         saves = Checkpoints(saved, checkpoint_every, resume, "")
         built.append(build_soft(out / names["soft"], bb, dataset, recipe, device, quantize == "int8",
                                 commands["soft"], log, saves))
+        if not workers.leader:
+            return
     if heads:
         built += build_hard({h: out / names[h] for h in heads}, bb, dataset, recipe, template, label_texts,
                             device, quantize == "int8", commands, log)

@@ -25,6 +25,8 @@ from ptbundle.runtime.text import encode, load_tokenizer, pad
 from . import checkpoint
 from .backbone import Backbone
 from .checkpoint import Checkpoints, LoopState
+from . import parallel
+from .parallel import World
 from .errors import DataError, RecipeError
 from .model import PromptClassifier
 from .recipe import Recipe
@@ -106,7 +108,7 @@ def bucketed_batches(lengths, batch_size: int, rng) -> list:
 class TrainStep(nn.Cell):
     """One compiled step: forward, loss, gradients of the trainable params, AdamW."""
 
-    def __init__(self, net: PromptClassifier, recipe: Recipe, steps: int):
+    def __init__(self, net: PromptClassifier, recipe: Recipe, steps: int, world: World = World()):
         super().__init__(auto_prefix=False)  # keep the net's parameter names
         self.net = net
         trainable = net.trainable_params()
@@ -121,6 +123,10 @@ class TrainStep(nn.Cell):
                            "weight_decay": 0.0})
         self.optimizer = nn.AdamWeightDecay(groups)
         self.grad_fn = ms.value_and_grad(self.loss, None, self.optimizer.parameters, has_aux=True)
+        # Under msrun (builder.parallel): the gradients averaged over the workers before the update.
+        self.parallel = world.size > 1
+        if self.parallel:
+            self.reducer = nn.DistributedGradReducer(self.optimizer.parameters, mean=True)
 
     def loss(self, *args):
         *inputs, onehot = args
@@ -130,6 +136,8 @@ class TrainStep(nn.Cell):
     def construct(self, *args):
         """args: what the net takes (ids, mask, types; or features for a head alone), then one-hot labels."""
         (loss, logits), grads = self.grad_fn(*args)
+        if self.parallel:
+            grads = self.reducer(grads)
         self.optimizer(grads)
         return loss, logits
 
@@ -201,7 +209,7 @@ class Fit:
 
 
 def fit(step: TrainStep, batch_inputs, lengths, labels, num_labels: int, recipe: Recipe, dev_metrics, weights,
-        log, name: str = "epoch", checkpoints: Checkpoints | None = None) -> Fit:
+        log, name: str = "epoch", checkpoints: Checkpoints | None = None, world: World = World()) -> Fit:
     """The one training loop: epochs of length-bucketed batches, dev after each, the best epoch kept.
 
     `batch_inputs(index)` gives the Tensors the step's net takes for those
@@ -211,11 +219,17 @@ def fit(step: TrainStep, batch_inputs, lengths, labels, num_labels: int, recipe:
     of model trained on the same data sees the same batches.  With
     `checkpoints`, the whole state is saved every `every` steps and after
     each epoch, and `resume` goes on from the last save (builder.checkpoint).
+    In a `world` of several workers (builder.parallel) the batches are global,
+    workers x batch_size examples, each worker training on its shard; only
+    the leader logs and saves.
     """
     rng = np.random.RandomState(recipe.seed)
     onehot = np.eye(num_labels, dtype=np.float32)
     labels = np.asarray(labels)
-    steps_per_epoch = len(lengths) // recipe.batch_size
+    global_batch = recipe.batch_size * world.size
+    steps_per_epoch = len(lengths) // global_batch
+    if not world.leader:
+        log, checkpoints = (lambda message: None), (None if checkpoints is None else replace(checkpoints, every=-1))
     state, best, epoch_rng = LoopState(), None, None
     if checkpoints is not None and checkpoints.resume:
         state, epoch_rng, best_weights = checkpoint.load(checkpoints, step.optimizer)
@@ -226,11 +240,12 @@ def fit(step: TrainStep, batch_inputs, lengths, labels, num_labels: int, recipe:
     for epoch in range(state.epoch, recipe.epochs + 1):
         step.set_train(True)
         epoch_rng = rng.get_state()
-        batches = bucketed_batches(lengths, recipe.batch_size, rng)
+        batches = bucketed_batches(lengths, global_batch, rng)
         if state.batch == 0:
             state.epoch, state.loss_sum, state.seen, state.correct = epoch, 0.0, 0, 0
         stats = {}
         for index in progress(batches[state.batch :], f"{name} {epoch}/{recipe.epochs}", lambda: stats.get("text", "")):
+            index = world.shard(index)
             inputs, y = batch_inputs(index), labels[index]
             t0 = time.perf_counter()
             loss, logits = step(*inputs, Tensor(onehot[y]))
@@ -241,11 +256,11 @@ def fit(step: TrainStep, batch_inputs, lengths, labels, num_labels: int, recipe:
             state.batch += 1
             state.steps += 1
             stats["text"] = f"loss {state.loss_sum / state.seen:.3f} acc {state.correct / state.seen:.3f}"
-            if checkpoints is not None and checkpoints.every and state.steps % checkpoints.every == 0 \
+            if checkpoints is not None and checkpoints.every > 0 and state.steps % checkpoints.every == 0 \
                     and state.batch < len(batches):
                 state.seconds = time.time() - started
                 checkpoint.save(checkpoints, step.optimizer, state, epoch_rng, best[1] if best else None)
-            checkpoint.maybe_die(state.steps)
+            checkpoint.maybe_die(state.steps, world.rank)
         dev = dev_metrics()
         point = {"epoch": epoch, "step": epoch * steps_per_epoch, "train_loss": state.loss_sum / state.seen,
                  "train_accuracy": state.correct / state.seen, "dev": dev, "seconds": round(time.time() - started, 1)}
@@ -256,7 +271,7 @@ def fit(step: TrainStep, batch_inputs, lengths, labels, num_labels: int, recipe:
             state.best_dev, best = dev["accuracy"], (epoch, weights())
             state.best_epoch = epoch
         state.epoch, state.batch = epoch + 1, 0
-        if checkpoints is not None and epoch < recipe.epochs:
+        if checkpoints is not None and checkpoints.every >= 0 and epoch < recipe.epochs:
             state.seconds = time.time() - started
             checkpoint.save(checkpoints, step.optimizer, state, rng.get_state(), best[1])
     return Fit(best[0], best[1], state.curve, state.step_seconds, round(time.time() - started, 1))
@@ -295,7 +310,8 @@ def train(backbone: Backbone, dataset, recipe: Recipe, log=print, checkpoints: C
     run = prepare(backbone, dataset, recipe)
     net, pad_id = run.net, run.pad_id
     train_enc, train_y = run.splits["train"]
-    step = TrainStep(net, recipe, len(train_enc) // recipe.batch_size * recipe.epochs)
+    world = parallel.world()
+    step = TrainStep(net, recipe, len(train_enc) // (recipe.batch_size * world.size) * recipe.epochs, world)
     if checkpoints is not None:
         checkpoints = replace(checkpoints, fingerprint=checkpoint.fingerprint(
             recipe.to_json(), backbone.sha256, [e.ids for e in train_enc], train_y.tolist()))
@@ -303,7 +319,7 @@ def train(backbone: Backbone, dataset, recipe: Recipe, log=print, checkpoints: C
                                                              TRAIN_PAD_MULTIPLE)],
                  [len(e.ids) for e in train_enc], train_y, run.num_labels, recipe,
                  lambda: evaluate(net, *run.splits["dev"], pad_id, run.num_labels), net.head_state, log,
-                 checkpoints=checkpoints)
+                 checkpoints=checkpoints, world=world)
     # The compiled train graphs hold GBs of buffers (see TRAIN_PAD_MULTIPLE);
     # drop them before evaluation and export compile graphs of their own.
     del step
@@ -315,4 +331,6 @@ def train(backbone: Backbone, dataset, recipe: Recipe, log=print, checkpoints: C
                # the median leaves out the steps that compiled a new shape
                "seconds_per_step_median": round(float(np.median(result.step_seconds)), 3),
                "steps": len(result.step_seconds)}
+    if world.size > 1:
+        metrics["workers"] = world.size  # each trained on --batch-size of every global batch
     return net, result.curve, metrics
