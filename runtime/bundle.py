@@ -126,28 +126,24 @@ class Bundle:
         Batches group texts of similar length (less padding) unless
         `sort_by_length=False`, which runs consecutive texts together.
         """
+        return self._run(texts, texts_b, batch_size, sort_by_length, task)[1]
+
+    def predict(self, texts, texts_b=None, batch_size: int = 64, sort_by_length: bool = True, task=None) -> list:
+        rows, logits = self._run(texts, texts_b, batch_size, sort_by_length, task)
+        shown = self.manifest.multi_task
+        return [prediction(r.task.labels, row, r.task.name if shown else None) for r, row in zip(rows, logits)]
+
+    def _run(self, texts, texts_b, batch_size: int, sort_by_length: bool, task) -> tuple:
+        """(each row's TaskInput, logits)."""
         texts = list(texts)
         rows = self.row_tasks(task, len(texts))
-        encodings = self.encode(texts, texts_b, task)
+        encodings = self._encode(texts, texts_b, rows)
         width = max(len(r.task.labels) for r in rows) if rows else len(self.manifest.tasks[0].labels)
         task_ids = np.array([r.index for r in rows], np.int32) if self.manifest.multi_task else None
         out = batched_logits(self.model, encodings, self.manifest.pad_id, width, batch_size, sort_by_length, task_ids)
         for i, r in enumerate(rows):
             out[i, len(r.task.labels):] = np.nan
-        return out
-
-    def predict(self, texts, texts_b=None, batch_size: int = 64, sort_by_length: bool = True, task=None) -> list:
-        texts = list(texts)
-        rows = self.row_tasks(task, len(texts))
-        logits = self.logits(texts, texts_b, batch_size, sort_by_length, task)
-        shown = self.manifest.multi_task
-        out = []
-        for r, row in zip(rows, logits):
-            labels = r.task.labels
-            p = softmax(row[: len(labels)][None])[0]
-            out.append(Prediction(labels[int(p.argmax())], {l: float(v) for l, v in zip(labels, p)},
-                                  r.task.name if shown else None))
-        return out
+        return rows, out
 
     def encode(self, texts, texts_b=None, task=None) -> list:
         """Token encodings as the graph receives them, in input order (each row's template applied, if any).
@@ -155,7 +151,9 @@ class Bundle:
         For rows of pair tasks `texts_b` holds the second texts (None at rows of single-text tasks).
         """
         texts = list(texts)
-        rows = self.row_tasks(task, len(texts))
+        return self._encode(texts, texts_b, self.row_tasks(task, len(texts)))
+
+    def _encode(self, texts: list, texts_b, rows: list) -> list:
         if texts_b is not None:
             texts_b = list(texts_b)
             if len(texts_b) != len(texts):
@@ -201,6 +199,12 @@ def batched_logits(model, encodings, pad_id: int, num_labels: int, batch_size: i
             arrays = (*arrays, task_ids[index])
         out[index] = model(*arrays)[:, :num_labels]
     return out
+
+
+def prediction(labels, logits_row, task: str | None = None) -> Prediction:
+    """A Prediction from one row of logits (its first len(labels) columns are the task's)."""
+    p = softmax(np.asarray(logits_row[: len(labels)], np.float64)[None])[0]
+    return Prediction(labels[int(p.argmax())], {l: float(v) for l, v in zip(labels, p)}, task)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -82,10 +82,8 @@ def predict(file, bundle_path, task, input_format, fmt, batch_size, chunk_lines,
         lines = []
         for r, p in zip(rows, predictions):
             if fmt == "jsonl":
-                fields = {"task": r.task} if show_task else {}
-                fields |= {"text": r.text} | ({"text_b": r.text_b} if r.text_b is not None else {})
-                lines.append(json.dumps({**fields, "label": p.label, "probabilities": p.probabilities},
-                                        ensure_ascii=False))
+                fields = {"text": r.text} | ({"text_b": r.text_b} if r.text_b is not None else {})
+                lines.append(json.dumps({**fields, **p.to_dict()}, ensure_ascii=False))
             else:
                 shown = r.text if r.text_b is None else f"{r.text}\t{r.text_b}"
                 lines.append(("" if not show_task else f"{r.task}\t") + f"{p.label}\t{p.probabilities[p.label]:.4f}\t{shown}")

@@ -37,10 +37,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bundle import softmax
+from .bundle import batched_logits, prediction
 from .errors import InputError
 from .inputs import check_text
-from .text import batch_indices, pad
 
 
 @dataclass(frozen=True)
@@ -160,20 +159,15 @@ class Batcher:
                 if not f.done():  # a request whose client went away may have been cancelled
                     f.set_result(row)
 
-    def compute(self, rows) -> list:
+    def compute(self, rows) -> np.ndarray:
         """Logits of the rows, in their order.  The rows run in length order, `group` at a time: on CPU a
-        sentence alone costs about what it costs in a batch (bench/perf/serve_load.py), so a batch of mixed
-        lengths padded to its longest would be slower than the same rows in groups of similar length."""
-        model, multi = self.bundle.model, self.bundle.manifest.multi_task
-        encodings = [e for e, _, _ in rows]
-        tasks = np.array([t for _, t, _ in rows], np.int32)
-        out = [None] * len(rows)
-        for index in batch_indices([len(e.ids) for e in encodings], self.limits.group):
-            arrays = pad([encodings[i] for i in index], self.bundle.manifest.pad_id, model.pad_multiple)
-            logits = model(*arrays, tasks[index]) if multi else model(*arrays)
-            for i, row in zip(index, logits):
-                out[i] = row
-        return out
+        sentence alone costs about what it costs in a batch (README, "Merging, serving, streaming"), so a batch
+        of mixed lengths padded to its longest would be slower than the same rows in groups of similar length."""
+        manifest = self.bundle.manifest
+        tasks = np.array([t for _, t, _ in rows], np.int32) if manifest.multi_task else None
+        width = max(len(t.labels) for t in manifest.tasks)
+        return batched_logits(self.bundle.model, [e for e, _, _ in rows], manifest.pad_id, width, self.limits.group,
+                              True, tasks)
 
 
 @dataclass(frozen=True)
@@ -287,12 +281,7 @@ class App:
             raise RequestError(422, str(e)) from None
         runner = endpoint.bundle.tasks[endpoint.task]
         rows = await endpoint.batcher.logits(encodings, runner.index)
-        labels = spec.labels
-        out = []
-        for row in rows:
-            p = softmax(np.asarray(row[: len(labels)], np.float64)[None])[0]
-            out.append({"label": labels[int(p.argmax())], "probabilities": {l: float(v) for l, v in zip(labels, p)}})
-        return out
+        return [prediction(spec.labels, row).to_dict() for row in rows]
 
 
 def need(ok: bool, status: int, message: str) -> None:
