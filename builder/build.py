@@ -65,8 +65,11 @@ def check_fits(recipe: Recipe, backbone: Backbone, soft: bool) -> None:
     from .errors import RecipeError
 
     cfg = backbone.config
+    if soft and recipe.method != "prompt-tuning" and recipe.layer >= cfg.num_layers:
+        raise RecipeError(f"--layer {recipe.layer}: {backbone.name} has layers 0-{cfg.num_layers - 1}")
     room = cfg.max_positions - cfg.position_offset
-    needed = recipe.max_length + (recipe.virtual_tokens if soft else 0)
+    # prompt-tuning's tokens take positions; a prefix moves the text's (builder.prompts); a late prompt has none
+    needed = recipe.max_length + (recipe.virtual_tokens if soft and recipe.method != "late-prompt" else 0)
     if needed > room:
         raise RecipeError(f"--max-length {recipe.max_length}" + (f" + --virtual-tokens {recipe.virtual_tokens}"
                           if soft else "") + f" = {needed} positions; {backbone.name} has {room}")
@@ -100,14 +103,25 @@ def build_soft(destination: Path, backbone: Backbone, dataset, recipe: Recipe, d
     net, curve, metrics = train(backbone, dataset, recipe, log=log, checkpoints=checkpoints)
     if not world().leader:  # under msrun, rank 0 writes the bundle
         return None
+    net = net.folded()  # a prefix's reparameterization becomes its table
     manifest = base_manifest(dataset, backbone, recipe, device, kind="soft", head="linear",
-                             prompt_method="prompt-tuning", num_virtual_tokens=recipe.virtual_tokens,
-                             metrics=metrics)
+                             prompt_method=recipe.method, num_virtual_tokens=recipe.virtual_tokens,
+                             details=prompt_details(net.spec), metrics=metrics)
     written = write_bundle(destination, net, backbone, manifest, curve,
                            int8_inputs(backbone, dataset, recipe) if quantize else None)
     if checkpoints is not None:
         checkpoints.path.unlink(missing_ok=True)  # the bundle holds what it was for
     return Built(destination, written.kind_label, written.only.metrics, command)
+
+
+def prompt_details(spec) -> dict:
+    """What a soft task's manifest says of its prompt beyond method and length."""
+    if spec.method == "prefix-tuning":
+        return {"first_layer": spec.layer, "layout": "prompt_embeddings [P, layers * 2 * hidden]: layer i's keys"
+                " in block 2i, values in 2i + 1 (PEFT's); text positions start at P"}
+    if spec.method == "late-prompt":
+        return {"layer": spec.layer}
+    return {}
 
 
 def build_hard(destinations: dict, backbone: Backbone, dataset, recipe: Recipe, template: Template,

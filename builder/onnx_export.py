@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ptbundle.runtime.format import INPUT_NAMES, OUTPUT_NAME, TASK_INPUT
 
 from .pooling import POOLING
-from .prompts import PROMPTS, method_for
+from .prompts import PROMPTS, PromptSpec, prefix_rows
 
 OPSET = 20  # Gelu (and LayerNormalization, 17)
 CONTRIB = "com.microsoft"  # onnxruntime's fused transformer operators
@@ -63,11 +63,13 @@ class Graph:
         return unique
 
     def op(self, op_type: str, inputs, domain: str = "", name: str | None = None, output: str | None = None,
-           **attrs) -> str:
+           outputs: int = 1, **attrs):
+        """The node's output name; with `outputs` > 1, a list of that many (the first is `output`, if given)."""
         self.count += 1
         out = output or f"{op_type}_{self.count}"
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=name or out, domain=domain, **attrs))
-        return out
+        names = [out] + [f"{out}_{k}" for k in range(1, outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=name or out, domain=domain, **attrs))
+        return out if outputs == 1 else names
 
 
 def f32(a) -> np.ndarray:
@@ -76,28 +78,29 @@ def f32(a) -> np.ndarray:
 
 def weights_of(net) -> dict:
     """The arrays the graph needs, read off a PromptClassifier, under the Encoder's parameter names
-    (those the architectures' weight maps fill) and head_params' names: they are also the graph's initializer names."""
-    w = {**dict(net.encoder.parameters_and_names()), **net.head_params()}
-    return {k: f32(v.asnumpy()) for k, v in w.items()}
+    (those the architectures' weight maps fill) and head_params' names, the prompt folded (builder.prompts):
+    they are also the graph's initializer names."""
+    encoder = {k: v.asnumpy() for k, v in net.encoder.parameters_and_names()}
+    return {k: f32(v) for k, v in {**encoder, **net.folded_state()}.items()}
 
 
-def build_graph(weights: dict, config, num_virtual_tokens: int, pooling: str, normalize: bool) -> onnx.ModelProto:
+def build_graph(weights: dict, config, spec: PromptSpec, pooling: str, normalize: bool) -> onnx.ModelProto:
     """The classifier as an onnx.ModelProto: int32 [batch, seq] x3 in, float32 [batch, labels] out."""
     g = Graph()
-    p = num_virtual_tokens
+    method = PROMPTS[spec.method]  # builder.prompts: its onnx_* hooks mirror the Cell's
     ids, mask, types = INPUT_NAMES
     batch, seq = batch_and_seq(g)
     token_types = "embeddings.token_type" in weights  # an architecture may have none: the input is then unused
     embeds = g.op("Gather", [g.const("embeddings.word", weights["embeddings.word"]), ids], axis=0)  # [b, s, h]
-    embeds, full_mask, types = PROMPTS[method_for(p)].onnx(g, weights, embeds, mask, types if token_types else None,
-                                                           batch, p)  # builder.prompts
-    # Position rows offset .. offset + p + seq (RoBERTa starts after the pad id).
-    start = config.position_offset
-    end = g.op("Add", [seq, g.const("position_end_offset", [start + p], np.int64)])
+    embeds, full_mask, types = method.onnx_embed(g, weights, spec, embeds, mask, types if token_types else None, batch)
+    length, shift, top = method.layout(spec)  # states in front at the embeddings; position shift; at the top
+    # Position rows start .. start + length + seq (RoBERTa's start after the pad id; a prefix's shift later).
+    start = config.position_offset + shift
+    end = g.op("Add", [seq, g.const("position_end_offset", [start + length], np.int64)])
     positions = g.op("Slice", [g.const("embeddings.position", weights["embeddings.position"]),
                                g.const("position_start", [start], np.int64), end, g.const("axis0", [0], np.int64)])
-    x = encoder_body(g, weights, config, g.op("Add", [embeds, positions]), types, full_mask)
-    pooled = POOLING[pooling].onnx(g, weights, x, mask, p)  # builder.pooling
+    x = encoder_body(g, weights, config, g.op("Add", [embeds, positions]), types, full_mask, spec, batch)
+    pooled = POOLING[pooling].onnx(g, weights, x, mask, top)  # builder.pooling
     linear(g, weights, "classifier", unit_length(g, pooled) if normalize else pooled, output=OUTPUT_NAME)
     return model_proto(g, list(INPUT_NAMES), weights["classifier.bias"].shape[0])
 
@@ -166,14 +169,23 @@ def batch_and_seq(g: Graph) -> tuple:
             g.op("Gather", [shape, g.const("one", [1], np.int64)], axis=0))
 
 
-def encoder_body(g: Graph, weights: dict, config, x: str, types: str | None, mask: str) -> str:
-    """Token types, the embedding LayerNorm and every layer, over embeddings that have their positions."""
+def encoder_body(g: Graph, weights: dict, config, x: str, types: str | None, mask: str,
+                 spec: PromptSpec = PromptSpec(), batch: str | None = None) -> str:
+    """Token types, the embedding LayerNorm and every layer, over embeddings that have their positions;
+    the prompt's layer hooks (builder.prompts) on the way."""
+    method = PROMPTS[spec.method]
     if types is not None:
         x = g.op("Add", [x, g.op("Gather", [g.const("embeddings.token_type", weights["embeddings.token_type"]), types],
                                  axis=0)])
     x = layer_norm(g, weights, x, "embeddings.norm", config.layer_norm_eps)
+    keys_mask = None
     for i in range(config.num_layers):
-        x = encoder_layer(g, weights, i, x, mask, config.num_heads, config.layer_norm_eps)
+        x, mask = method.onnx_enter(g, weights, spec, i, x, mask, batch)
+        past = method.onnx_past(g, weights, spec, config, i, batch)
+        if past is not None and keys_mask is None:  # a prefix: its P keys are always visible
+            keys_mask = g.op("Concat", [prefix_rows(g, batch, spec.virtual_tokens, 1, "prefix_ones"), mask], axis=1)
+        x = encoder_layer(g, weights, i, x, mask if past is None else keys_mask, config.num_heads,
+                          config.layer_norm_eps, past)
     return x
 
 
@@ -196,12 +208,17 @@ def model_proto(g: Graph, inputs: list, width: int) -> onnx.ModelProto:
     return model
 
 
-def encoder_layer(g: Graph, w: dict, i: int, x: str, mask: str, heads: int, eps: float) -> str:
-    """One transformer layer (post-LayerNorm, as BERT) over x [b, s, h]; weights under model.Layer's names."""
+def encoder_layer(g: Graph, w: dict, i: int, x: str, mask: str, heads: int, eps: float, past: str | None = None) -> str:
+    """One transformer layer (post-LayerNorm, as BERT) over x [b, s, h]; weights under model.Layer's names.
+    `past`: constant keys and values [2, b, heads, P, head_dim] in front of the layer's own (a prefix); `mask`
+    then covers P + s keys."""
     at, ffn = f"layers.{i}.attention", f"layers.{i}.ffn"
     qkv_weight = g.const(f"{at}.qkv.weight", w[f"{at}.qkv.weight"].T)  # [in, 3 * hidden], as Attention wants
-    ctx = g.op("Attention", [x, qkv_weight, g.const(f"{at}.qkv.bias", w[f"{at}.qkv.bias"]), mask], domain=CONTRIB,
-               num_heads=heads, mask_filter_value=MASK_FILL)
+    inputs = [x, qkv_weight, g.const(f"{at}.qkv.bias", w[f"{at}.qkv.bias"]), mask] + ([past] if past else [])
+    # With a past, onnxruntime's Attention insists on writing `present` (past + own keys), unused here.
+    ctx = g.op("Attention", inputs, domain=CONTRIB, num_heads=heads, mask_filter_value=MASK_FILL,
+               outputs=2 if past else 1)
+    ctx = ctx[0] if past else ctx
     x = layer_norm(g, w, g.op("Add", [linear(g, w, f"{at}.out", ctx), x]), f"{at}.norm", eps)
     up = g.op("Gelu", [linear(g, w, f"{ffn}.up", x)])
     return layer_norm(g, w, g.op("Add", [linear(g, w, f"{ffn}.down", up), x]), f"{ffn}.norm", eps)
@@ -224,7 +241,7 @@ def export_onnx(net, path: Path) -> Path:
     if hasattr(net, "specs"):  # MultiTaskClassifier
         model = build_multitask_graph(multitask_weights(net), net.encoder.config, list(net.specs))
     else:
-        model = build_graph(weights_of(net), net.encoder.config, net.num_virtual_tokens, net.pooling, net.normalize)
+        model = build_graph(weights_of(net), net.encoder.config, net.spec.folded(), net.pooling, net.normalize)
     onnx.checker.check_model(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

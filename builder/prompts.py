@@ -1,50 +1,152 @@
 """Prompt methods: what is learned in front of (or inside) the frozen encoder, a small registry.
 
-Each entry is one Cell with both halves: `construct` (MindSpore: trains and
-exports to MindIR) and `onnx` (writes the same step into the ONNX graph),
-held to the same result by the export's parity check.  A method takes the
-word embeddings, attention mask and token types of the text and returns
-those the encoder reads.  A new method is one class here and one line in
-`PROMPTS`; its Parameters keep their own names (no cell prefix), which are
-the names the bundle's prompt.safetensors and PEFT use.
+Each entry is one Cell with both halves: the MindSpore side (trains and
+exports to MindIR) and the ONNX side (static methods writing the same steps
+into the ONNX graph), held to the same result by the export's parity check.
+A new method is one class here and one line in `PROMPTS` (and its name in
+recipe.PROMPT_METHODS, so pt-build offers it).  Its Parameters keep their own
+names (no cell prefix): the names of the bundle's prompt.safetensors and of
+PEFT's adapter files.
+
+A method touches the encoder at three hooks, each a no-op unless it says:
+
+    embed(embeds, mask, types)   at the word embeddings (before positions are added)
+    enter(i, x, mask)            on the states entering layer i
+    keys_values(table, i, b)     constant keys and values put in front of layer i's own
+
+and declares `virtual_tokens` (states in front of the text at the top, which
+pooling skips), `position_shift` (where the text's positions start) and
+`first_layer` (the layers below it never see the prompt, so training computes
+them once per text: builder.train's layer cache).
 
     none            the text as tokenized (hard prompts: the template is text)
     prompt-tuning   Lester et al. 2021 / PEFT prompt tuning: virtual tokens
                     before [CLS] / <s>; the mask gets ones, token types zeros,
                     and position embeddings count the virtual tokens too
+    prefix-tuning   Li & Liang 2021, P-tuning v2 / PEFT prefix tuning: P learned
+                    keys and values in front of every layer's own (from
+                    `layer` on); the mask gets P ones in front of the keys and
+                    the text's positions start at P, as transformers + PEFT
+                    do it.  The table is PEFT's `prompt_embeddings`
+                    [P, layers * 2 * hidden] (layer i: key block 2i, value
+                    block 2i + 1, heads split inside a block).  With
+                    `projection`, PEFT's reparameterization (an embedding
+                    through Linear-Tanh-Linear) trains the table and is
+                    folded into it at export.
+    late-prompt     Late Prompt Tuning (Liu et al. 2022): P learned vectors put
+                    in front of the states entering layer `layer`; the layers
+                    below run on the text alone, with its own positions
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import mindspore as ms  # noqa: F401  (before onnx: see onnx_export)
-from mindspore import Parameter, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 
 
-class NoPrompt(nn.Cell):
-    virtual_tokens = 0  # states in front of the text (pooling skips them; positions count them)
+@dataclass(frozen=True)
+class PromptSpec:
+    """Which prompt method, and its shape: what a graph needs to know to hold the prompt."""
 
-    def __init__(self, hidden: int, num_virtual_tokens: int = 0):
+    method: str = "none"
+    virtual_tokens: int = 0
+    layer: int = 0  # prefix-tuning: first layer with a prefix; late-prompt: the layer it enters
+    projection: int = 0  # prefix-tuning: hidden size of the reparameterization MLP (0: none; folded at export)
+
+    @classmethod
+    def of(cls, method: str | None, virtual_tokens: int, layer: int = 0, projection: int = 0) -> "PromptSpec":
+        if method is None:
+            method = "prompt-tuning" if virtual_tokens > 0 else "none"
+        if method == "none" or virtual_tokens == 0:
+            return cls()
+        return cls(method, virtual_tokens, layer if method in ("prefix-tuning", "late-prompt") else 0,
+                   projection if method == "prefix-tuning" else 0)
+
+    def folded(self) -> "PromptSpec":
+        """The spec of the inference graph: the reparameterization folded away."""
+        return PromptSpec(self.method, self.virtual_tokens, self.layer, 0)
+
+
+class PromptMethod(nn.Cell):
+    """The hooks' defaults: the text goes through untouched."""
+
+    virtual_tokens = 0  # states in front of the text at the top (pooling skips them)
+    position_shift = 0  # positions the text's first token is moved by
+    first_layer = 0  # layers below this one never see the prompt
+    has_keys_values = False
+
+    def __init__(self, config, spec: PromptSpec):
         super().__init__(auto_prefix=False)
+        self.spec = spec
+        _, self.position_shift, self.virtual_tokens = self.layout(spec)
+
+    @staticmethod
+    def layout(spec: PromptSpec) -> tuple:
+        """(states put in front at the embeddings, position shift of the text, states in front of it at the top)."""
+        return 0, 0, 0
 
     def construct(self, embeds, attention_mask, token_type_ids):
+        return self.embed(embeds, attention_mask, token_type_ids)
+
+    def embed(self, embeds, attention_mask, token_type_ids):
         return embeds, attention_mask, token_type_ids
+
+    def enter(self, i: int, x, mask):
+        return x, mask
+
+    def table(self):
+        """What keys_values slices (prefix-tuning), computed once per forward pass."""
+        return None
+
+    def keys_values(self, table, i: int, batch: int):
+        return None, None
 
     def params(self) -> dict:
         return {}
 
+    def folded(self) -> dict:
+        """params() as the inference graph holds them (the reparameterization applied), numpy."""
+        return {k: v.asnumpy().copy() for k, v in self.params().items()}
+
+    # ONNX halves: the same hooks writing ops into an onnx_export.Graph; `w` holds folded() arrays.
     @staticmethod
-    def onnx(g, weights: dict, embeds: str, mask: str, types: str | None, batch: str, num_virtual_tokens: int):
+    def onnx_embed(g, w: dict, spec: PromptSpec, embeds: str, mask: str, types, batch: str):
         return embeds, mask, types
 
+    @staticmethod
+    def onnx_enter(g, w: dict, spec: PromptSpec, i: int, x: str, mask: str, batch: str):
+        return x, mask
 
-class PromptTuning(nn.Cell):
-    def __init__(self, hidden: int, num_virtual_tokens: int):
-        super().__init__(auto_prefix=False)
-        self.virtual_tokens = num_virtual_tokens
-        self.embeddings = Parameter(np.zeros((num_virtual_tokens, hidden), np.float32), name="prompt_embeddings")
+    @staticmethod
+    def onnx_past(g, w: dict, spec: PromptSpec, config, i: int, batch: str):
+        """Layer i's constant [2, batch, heads, P, head_dim] keys and values (onnxruntime Attention's `past`), or None."""
+        return None
 
-    def construct(self, embeds, attention_mask, token_type_ids):
+
+class NoPrompt(PromptMethod):
+    pass
+
+
+def prefix_rows(g, batch: str, p: int, value: int, name: str) -> str:
+    """[batch, p] int32 filled with `value` (the mask's ones, the token types' zeros)."""
+    shape = g.op("Concat", [batch, g.const("prompt_len", [p], np.int64)], axis=0)
+    return g.op("Expand", [g.const(name, [[value]], np.int32), shape])
+
+
+class PromptTuning(PromptMethod):
+    def __init__(self, config, spec: PromptSpec):
+        super().__init__(config, spec)
+        self.embeddings = Parameter(np.zeros((spec.virtual_tokens, config.hidden_size), np.float32),
+                                    name="prompt_embeddings")
+
+    @staticmethod
+    def layout(spec: PromptSpec) -> tuple:
+        return spec.virtual_tokens, 0, spec.virtual_tokens
+
+    def embed(self, embeds, attention_mask, token_type_ids):
         b, p = embeds.shape[0], self.virtual_tokens
         prompt = ops.broadcast_to(self.embeddings.expand_dims(0), (b, p, self.embeddings.shape[1]))
         return (ops.concat((prompt, embeds), 1),
@@ -55,24 +157,113 @@ class PromptTuning(nn.Cell):
         return {"prompt_embeddings": self.embeddings}
 
     @staticmethod
-    def onnx(g, weights: dict, embeds: str, mask: str, types: str | None, batch: str, num_virtual_tokens: int):
-        p = num_virtual_tokens
-        hidden = weights["prompt_embeddings"].shape[1]
+    def onnx_embed(g, w: dict, spec: PromptSpec, embeds: str, mask: str, types, batch: str):
+        p = spec.virtual_tokens
+        hidden = w["prompt_embeddings"].shape[1]
         prompt_shape = g.op("Concat", [batch, g.const("prompt_len_hidden", [p, hidden], np.int64)], axis=0)
-        prompt = g.op("Expand", [g.const("prompt_embeddings", weights["prompt_embeddings"][None]), prompt_shape])
+        prompt = g.op("Expand", [g.const("prompt_embeddings", w["prompt_embeddings"][None]), prompt_shape])
         embeds = g.op("Concat", [prompt, embeds], axis=1)
-        prefix_shape = g.op("Concat", [batch, g.const("prompt_len", [p], np.int64)], axis=0)
-        ones = g.op("Expand", [g.const("prefix_ones", [[1]], np.int32), prefix_shape])
-        mask = g.op("Concat", [ones, mask], axis=1)
+        mask = g.op("Concat", [prefix_rows(g, batch, p, 1, "prefix_ones"), mask], axis=1)
         if types is not None:  # an architecture without token types has none to extend
-            zeros = g.op("Expand", [g.const("prefix_zeros", [[0]], np.int32), prefix_shape])
-            types = g.op("Concat", [zeros, types], axis=1)
+            types = g.op("Concat", [prefix_rows(g, batch, p, 0, "prefix_zeros"), types], axis=1)
         return embeds, mask, types
 
 
-PROMPTS = {"none": NoPrompt, "prompt-tuning": PromptTuning}
+class PrefixTuning(PromptMethod):
+    has_keys_values = True
+
+    def __init__(self, config, spec: PromptSpec):
+        super().__init__(config, spec)
+        h, p = config.hidden_size, spec.virtual_tokens
+        if not 0 <= spec.layer < config.num_layers:
+            raise ValueError(f"prefix layer {spec.layer}: the encoder has layers 0-{config.num_layers - 1}")
+        self.first_layer = spec.layer
+        self.p, self.hidden, self.heads = p, h, config.num_heads
+        self.head_dim = h // config.num_heads
+        width = (config.num_layers - spec.layer) * 2 * h
+        self.projection = spec.projection
+        if spec.projection:  # PEFT prefix_projection: embedding -> Linear -> Tanh -> Linear
+            self.embeddings = Parameter(np.zeros((p, h), np.float32), name="prefix.embedding")
+            self.up = nn.Dense(h, spec.projection, activation="tanh")
+            self.down = nn.Dense(spec.projection, width)
+        else:
+            self.embeddings = Parameter(np.zeros((p, width), np.float32), name="prompt_embeddings")
+
+    @staticmethod
+    def layout(spec: PromptSpec) -> tuple:
+        return 0, spec.virtual_tokens, 0  # transformers offsets positions by the cache's length (PEFT's prefix)
+
+    def table(self):
+        if self.projection:
+            return self.down(self.up(self.embeddings))
+        return self.embeddings
+
+    def keys_values(self, table, i: int, batch: int):
+        j, h, p = i - self.first_layer, self.hidden, self.p
+        key = table[:, 2 * j * h : (2 * j + 1) * h].reshape(p, self.heads, self.head_dim).transpose(1, 2, 0)
+        value = table[:, (2 * j + 1) * h : (2 * j + 2) * h].reshape(p, self.heads, self.head_dim).transpose(1, 0, 2)
+        # as model.Attention holds them: keys [b, heads, head_dim, P], values [b, heads, P, head_dim]
+        return (ops.broadcast_to(key.expand_dims(0), (batch,) + key.shape),
+                ops.broadcast_to(value.expand_dims(0), (batch,) + value.shape))
+
+    def params(self) -> dict:
+        if self.projection:
+            return {"prefix.embedding": self.embeddings, "prefix.up.weight": self.up.weight,
+                    "prefix.up.bias": self.up.bias, "prefix.down.weight": self.down.weight,
+                    "prefix.down.bias": self.down.bias}
+        return {"prompt_embeddings": self.embeddings}
+
+    def folded(self) -> dict:
+        return {"prompt_embeddings": self.table().asnumpy().copy()}
+
+    @staticmethod
+    def onnx_past(g, w: dict, spec: PromptSpec, config, i: int, batch: str):
+        if i < spec.layer:
+            return None
+        h, p, heads = config.hidden_size, spec.virtual_tokens, config.num_heads
+        j = i - spec.layer
+        block = w["prompt_embeddings"][:, 2 * j * h : (2 * j + 2) * h].reshape(p, 2, heads, h // heads)
+        past = np.ascontiguousarray(block.transpose(1, 2, 0, 3)[:, None])  # [2, 1, heads, P, head_dim]
+        shape = g.op("Concat", [g.const("two", [2], np.int64), batch,
+                                g.const("past_dims", [heads, p, h // heads], np.int64)], axis=0)
+        return g.op("Expand", [g.const(f"prefix.{i}", past), shape])
 
 
-def method_for(num_virtual_tokens: int) -> str:
-    """The method a recipe asks for (today: a shallow prompt when it has virtual tokens)."""
-    return "prompt-tuning" if num_virtual_tokens > 0 else "none"
+class LatePrompt(PromptMethod):
+    def __init__(self, config, spec: PromptSpec):
+        super().__init__(config, spec)
+        if not 0 < spec.layer < config.num_layers:
+            raise ValueError(f"late prompt layer {spec.layer}: choose 1-{config.num_layers - 1}"
+                             f" (layer 0 is prompt-tuning)")
+        self.first_layer = spec.layer
+        self.embeddings = Parameter(np.zeros((spec.virtual_tokens, config.hidden_size), np.float32),
+                                    name="prompt_embeddings")
+
+    @staticmethod
+    def layout(spec: PromptSpec) -> tuple:
+        return 0, 0, spec.virtual_tokens
+
+    def enter(self, i: int, x, mask):
+        if i != self.first_layer:
+            return x, mask
+        b, p = x.shape[0], self.virtual_tokens
+        prompt = ops.broadcast_to(self.embeddings.expand_dims(0), (b, p, self.embeddings.shape[1]))
+        return ops.concat((prompt, x), 1), ops.concat((ops.ones((b, p), mask.dtype), mask), 1)
+
+    def params(self) -> dict:
+        return {"prompt_embeddings": self.embeddings}
+
+    @staticmethod
+    def onnx_enter(g, w: dict, spec: PromptSpec, i: int, x: str, mask: str, batch: str):
+        if i != spec.layer:
+            return x, mask
+        p, hidden = w["prompt_embeddings"].shape
+        prompt_shape = g.op("Concat", [batch, g.const("prompt_len_hidden", [p, hidden], np.int64)], axis=0)
+        prompt = g.op("Expand", [g.const("prompt_embeddings", w["prompt_embeddings"][None]), prompt_shape])
+        return (g.op("Concat", [prompt, x], axis=1),
+                g.op("Concat", [prefix_rows(g, batch, p, 1, "prefix_ones"), mask], axis=1))
+
+
+PROMPTS = {"none": NoPrompt, "prompt-tuning": PromptTuning, "prefix-tuning": PrefixTuning,
+           "late-prompt": LatePrompt}
+

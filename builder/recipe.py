@@ -19,6 +19,7 @@ INITS = ("vocab", "text", "random")
 # builder.hard.HEADS), here so that pt-build checks its options before that
 # 3-second import; tests/test_registries.py keeps the two equal.
 POOLINGS = ("mean", "cls")
+PROMPT_METHODS = ("prompt-tuning", "prefix-tuning", "late-prompt")  # builder.prompts.PROMPTS, less "none"
 HARD_HEADS = ("zero-shot", "probe")
 
 
@@ -39,7 +40,14 @@ class Recipe:
     Two epochs: they beat one on MR dev (README, "The default recipe").
     """
 
+    method: str = knob("prompt-tuning", "Soft prompt method: virtual tokens before the text (prompt-tuning), learned"
+                       " keys and values at every layer from --layer on (prefix-tuning, P-tuning v2), or virtual"
+                       " tokens entering at --layer (late-prompt).", choices=PROMPT_METHODS)
     virtual_tokens: int = knob(20, "Virtual tokens of the soft prompt (0: none, the head alone).", low=0, high=256)
+    layer: int = knob(0, "prefix-tuning: the first layer with a prefix; late-prompt: the layer the prompt enters"
+                      " (the layers below run once per training text).", low=0, high=1000)
+    prefix_projection: int = knob(0, "prefix-tuning: hidden size of PEFT's reparameterization MLP, folded into"
+                                  " the prefix at export (0: none).", low=0, high=65536)
     init: str = knob("vocab", "Prompt init: embeddings of sampled frequent tokens, of --init-text, or random.",
                      choices=INITS)
     init_text: str | None = knob(None, "Text whose token embeddings start the prompt (implies --init text).")
@@ -77,6 +85,12 @@ class Recipe:
                                   if meta["high"] is not None else f"{flag} {value!r}: must be at least {meta['low']}")
         if self.init == "text" and not (self.init_text or "").strip():
             raise RecipeError("--init text needs --init-text TEXT (the words whose embeddings start the prompt)")
+        if self.method == "late-prompt" and self.layer == 0:
+            raise RecipeError("--method late-prompt enters at --layer 1 or above (at layer 0 it is prompt-tuning)")
+        if self.method != "prefix-tuning" and self.prefix_projection:
+            raise RecipeError(f"--prefix-projection is for --method prefix-tuning, not {self.method}")
+        if self.method == "prompt-tuning" and self.layer:
+            raise RecipeError("--layer is for prefix-tuning and late-prompt; prompt-tuning enters at the embeddings")
         if self.init_text is not None and self.init != "text":
             raise RecipeError(f"--init-text starts the prompt from text, --init {self.init} from elsewhere:"
                               f" give one of them")
@@ -90,6 +104,12 @@ class Recipe:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    def prompt_spec(self):
+        """The builder.prompts.PromptSpec this recipe trains."""
+        from .prompts import PromptSpec
+
+        return PromptSpec.of(self.method, self.virtual_tokens, self.layer, self.prefix_projection)
 
 
 def option_flag(name: str) -> str:

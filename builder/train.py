@@ -20,7 +20,7 @@ from mindspore import Tensor, nn, ops
 
 from ptbundle.runtime.bundle import batched_logits
 from ptbundle.runtime.metrics import classification_metrics
-from ptbundle.runtime.text import encode, load_tokenizer, pad
+from ptbundle.runtime.text import batch_indices, encode, load_tokenizer, pad
 
 from . import checkpoint
 from .backbone import Backbone
@@ -37,15 +37,19 @@ from .recipe import Recipe
 TRAIN_PAD_MULTIPLE = 16
 
 
-def build_classifier(backbone: Backbone, recipe: Recipe, num_labels: int, prompt_init,
+def build_classifier(backbone: Backbone, recipe: Recipe, num_labels: int, prompt_init: dict | None,
                      normalize: bool = False) -> PromptClassifier:
     """The model to train: frozen encoder, initial prompt (none with 0 virtual tokens), fresh head."""
-    net = PromptClassifier(backbone.build_encoder(), recipe.virtual_tokens, num_labels, recipe.pooling, normalize)
+    try:
+        net = PromptClassifier(backbone.build_encoder(), recipe.virtual_tokens, num_labels, recipe.pooling, normalize,
+                               spec=recipe.prompt_spec())
+    except ValueError as e:  # a layer the backbone does not have
+        raise RecipeError(f"--layer {recipe.layer}: {e}") from None
     rng = np.random.RandomState(recipe.seed)
     h = backbone.config.hidden_size
     values = {"classifier.weight": rng.normal(0, 0.02, (num_labels, h)), "classifier.bias": np.zeros(num_labels)}
     if recipe.virtual_tokens > 0:
-        values["prompt_embeddings"] = prompt_init
+        values.update(prompt_init)
     if recipe.pooling == "cls":
         pretrained = backbone.pooler_weights()
         if pretrained is not None:  # BERT: the checkpoint's pooler, frozen as in PEFT
@@ -59,25 +63,84 @@ def build_classifier(backbone: Backbone, recipe: Recipe, num_labels: int, prompt
     return net
 
 
-def initial_prompt(backbone: Backbone, recipe: Recipe, tokenizer, texts) -> np.ndarray:
-    """Starting vectors for the prompt, as in Lester et al. (2021) section 2.2."""
+def initial_prompt(backbone: Backbone, recipe: Recipe, tokenizer, texts) -> dict:
+    """Starting values of the prompt's Parameters, by name.
+
+    Lester et al. (2021) section 2.2 for a shallow prompt: embeddings of
+    frequent training tokens (`vocab`), of a text, or random.  A prefix
+    starts from the keys and values those tokens get at each layer, and a
+    late prompt from their states entering its layer: real activations, as
+    Li & Liang (2021) found best for prefixes.  `random` is PEFT's default for
+    a prefix, N(0, 1).
+    """
     table = backbone.word_embeddings
     rng = np.random.RandomState(recipe.seed)
-    n = recipe.virtual_tokens
+    n, spec = recipe.virtual_tokens, recipe.prompt_spec()
     if recipe.init == "random":
-        return rng.normal(0, table.std(), (n, table.shape[1])).astype(np.float32)
+        if spec.method == "prompt-tuning" or spec.projection:
+            vectors = rng.normal(0, table.std(), (n, table.shape[1]))
+        else:
+            width = (backbone.config.num_layers - spec.layer) * 2 * table.shape[1] \
+                if spec.method == "prefix-tuning" else table.shape[1]
+            vectors = rng.normal(0, 1.0, (n, width))
+        name = "prefix.embedding" if spec.projection else "prompt_embeddings"
+        return {name: vectors.astype(np.float32)}
     if recipe.init == "text":
         ids = tokenizer.encode(recipe.init_text, add_special_tokens=False).ids
         if not ids:
             raise RecipeError(f"--init-text {recipe.init_text!r} has no tokens in {backbone.name}'s vocabulary")
         ids = (ids * math.ceil(n / len(ids)))[:n]  # repeat to fill, as PEFT does
-        return table[ids].copy()
-    if recipe.init == "vocab":
+    elif recipe.init == "vocab":
         # Sample among the 5,000 most frequent tokens of the training text.
         counts = Counter(i for e in encode(tokenizer, texts) for i, s in zip(e.ids, e.special_tokens_mask) if not s)
         frequent = [i for i, _ in counts.most_common(5000)]
-        return table[rng.choice(frequent, n, replace=len(frequent) < n)].copy()
-    raise RecipeError(f"unknown prompt init {recipe.init!r} (vocab, text, random)")
+        ids = rng.choice(frequent, n, replace=len(frequent) < n)
+    else:
+        raise RecipeError(f"unknown prompt init {recipe.init!r} (vocab, text, random)")
+    if spec.method == "prompt-tuning":
+        return {"prompt_embeddings": table[ids].copy()}
+    if spec.projection:  # the reparameterization's input lives in embedding space
+        return {"prefix.embedding": table[ids].copy()}
+    states, keys_values = token_activations(backbone, list(ids))
+    if spec.method == "late-prompt":
+        return {"prompt_embeddings": states[spec.layer]}
+    return {"prompt_embeddings": np.concatenate(keys_values[spec.layer :], 1)}
+
+
+def token_activations(backbone: Backbone, ids: list) -> tuple:
+    """The tokens `ids` as one sequence through the frozen encoder (numpy, float32): the states entering
+    each layer [n, hidden], and each layer's keys and values side by side [n, 2 * hidden] (a prefix's layout)."""
+    from math import erf
+
+    w, cfg = backbone.parameters(), backbone.config
+
+    def norm(x, name):
+        x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + cfg.layer_norm_eps)
+        return x * w[f"{name}.gamma"] + w[f"{name}.beta"]
+
+    def dense(x, name):
+        return x @ w[f"{name}.weight"].T + w[f"{name}.bias"]
+
+    n, h, heads = len(ids), cfg.hidden_size, cfg.num_heads
+    x = w["embeddings.word"][ids] + w["embeddings.position"][cfg.position_offset : cfg.position_offset + n]
+    if "embeddings.token_type" in w:
+        x = x + w["embeddings.token_type"][0]
+    x = norm(x, "embeddings.norm")
+    states, keys_values = [], []
+    for i in range(cfg.num_layers):
+        at, ffn = f"layers.{i}.attention", f"layers.{i}.ffn"
+        states.append(x.astype(np.float32))
+        q, k, v = np.split(dense(x, f"{at}.qkv"), 3, -1)
+        keys_values.append(np.concatenate([k, v], 1).astype(np.float32))
+        split = lambda t: t.reshape(n, heads, h // heads).transpose(1, 0, 2)  # noqa: E731
+        scores = split(q) @ split(k).transpose(0, 2, 1) / np.sqrt(h // heads)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        ctx = (probs / probs.sum(-1, keepdims=True)) @ split(v)
+        x = norm(x + dense(ctx.transpose(1, 0, 2).reshape(n, h), f"{at}.out"), f"{at}.norm")
+        up = dense(x, f"{ffn}.up")
+        up = up * 0.5 * (1.0 + np.vectorize(erf)(up / np.sqrt(2.0)))
+        x = norm(x + dense(up, f"{ffn}.down"), f"{ffn}.norm")
+    return states, keys_values
 
 
 def lr_schedule(peak: float, total: int, warmup: float) -> list:
@@ -113,7 +176,7 @@ class TrainStep(nn.Cell):
         self.net = net
         trainable = net.trainable_params()
         # By identity, not name: MindSpore renames Parameters after the cell path.
-        prompt_ids = {id(p) for p in net.prompt.params().values()} if hasattr(net, "prompt") else set()
+        prompt_ids = {id(p) for p in net.prompt_params().values()} if hasattr(net, "prompt_params") else set()
         prompt = [p for p in trainable if id(p) in prompt_ids]
         head = [p for p in trainable if id(p) not in prompt_ids]
         groups = [{"params": head, "lr": lr_schedule(recipe.head_lr, steps, recipe.warmup),
@@ -176,6 +239,71 @@ class CellModel:
         n = len(arrays[0])
         filled = [np.concatenate([a, np.repeat(a[-1:], self.batch_size - n, 0)]) for a in arrays]
         return self.cell(*(Tensor(a) for a in filled)).asnumpy()[:n]
+
+
+class Lower(nn.Cell):
+    """A PromptClassifier's `lower` pass: the states entering the layer its prompt starts at."""
+
+    def __init__(self, net: PromptClassifier):
+        super().__init__(auto_prefix=False)
+        self.net = net
+
+    def construct(self, input_ids, attention_mask, token_type_ids):
+        return self.net.lower(input_ids, attention_mask, token_type_ids)[0]
+
+
+class Upper(nn.Cell):
+    """A PromptClassifier from the layer its prompt starts at: cached states and their mask in, logits out."""
+
+    def __init__(self, net: PromptClassifier):
+        super().__init__(auto_prefix=False)
+        self.net = net
+
+    def construct(self, states, attention_mask):
+        return self.net.classifier(self.net.upper_features(states, attention_mask))
+
+    def prompt_params(self) -> dict:
+        return self.net.prompt_params()
+
+
+class LayerCache:
+    """The states entering a prompt's first layer, computed once per text.
+
+    The layers below a late prompt (or a prefix that starts above layer 0)
+    never see it, so their output is the same every epoch: training runs
+    them once here and then pays only for the layers above (Liu et al.
+    2022, Late Prompt Tuning).  Each text's states are kept unpadded,
+    [length, hidden] float32 (MR's 8,528 training texts at layer 3 of
+    MiniLM: about 400 MB).
+    """
+
+    def __init__(self, net: PromptClassifier, encodings, pad_id: int, batch_size: int = 64):
+        lower = CellModel(Lower(net), batch_size)
+        self.lengths = [len(e.ids) for e in encodings]
+        self.states = [None] * len(encodings)
+        for index in batch_indices(self.lengths, batch_size):
+            out = lower(*pad([encodings[i] for i in index], pad_id, TRAIN_PAD_MULTIPLE))
+            for row, i in enumerate(index):
+                self.states[i] = out[row, : self.lengths[i]].copy()
+
+    def batch(self, index) -> tuple:
+        """(states [b, seq, hidden] zero-padded, mask [b, seq] int32), seq a multiple of TRAIN_PAD_MULTIPLE."""
+        longest = max(self.lengths[i] for i in index)
+        seq = -(-longest // TRAIN_PAD_MULTIPLE) * TRAIN_PAD_MULTIPLE
+        states = np.zeros((len(index), seq, self.states[index[0]].shape[1]), np.float32)
+        mask = np.zeros((len(index), seq), np.int32)
+        for row, i in enumerate(index):
+            states[row, : self.lengths[i]] = self.states[i]
+            mask[row, : self.lengths[i]] = 1
+        return states, mask
+
+    def logits(self, upper: Upper, width: int, batch_size: int = 64) -> np.ndarray:
+        """upper over every cached text, [n, width] in input order."""
+        model = CellModel(upper, batch_size)
+        out = np.zeros((len(self.states), width), np.float32)
+        for index in batch_indices(self.lengths, batch_size):
+            out[index] = model(*self.batch(index))
+        return out
 
 
 def cell_logits(cell, encodings, pad_id: int, width: int, batch_size: int = 64) -> np.ndarray:
@@ -311,21 +439,36 @@ def train(backbone: Backbone, dataset, recipe: Recipe, log=print, checkpoints: C
     net, pad_id = run.net, run.pad_id
     train_enc, train_y = run.splits["train"]
     world = parallel.world()
-    step = TrainStep(net, recipe, len(train_enc) // (recipe.batch_size * world.size) * recipe.epochs, world)
+    steps = len(train_enc) // (recipe.batch_size * world.size) * recipe.epochs
     if checkpoints is not None:
         checkpoints = replace(checkpoints, fingerprint=checkpoint.fingerprint(
             recipe.to_json(), backbone.sha256, [e.ids for e in train_enc], train_y.tolist()))
-    result = fit(step, lambda index: [Tensor(a) for a in pad([train_enc[i] for i in index], pad_id,
-                                                             TRAIN_PAD_MULTIPLE)],
-                 [len(e.ids) for e in train_enc], train_y, run.num_labels, recipe,
-                 lambda: evaluate(net, *run.splits["dev"], pad_id, run.num_labels), net.head_state, log,
-                 checkpoints=checkpoints, world=world)
+    if net.split > 0:  # the prompt starts above layer 0: the layers below run once per text (LayerCache)
+        started = time.time()
+        caches = {split: LayerCache(net, run.splits[split][0], pad_id) for split in ("train", "dev")}
+        gc.collect()
+        log(f"layers 0-{net.split - 1} computed once for {len(train_enc)} training and"
+            f" {len(run.splits['dev'][0])} dev texts ({time.time() - started:.0f} s); training layers"
+            f" {net.split}-{net.layer_count - 1}")
+        upper = Upper(net)
+        step = TrainStep(upper, recipe, steps, world)
+        batch_inputs = lambda index: [Tensor(a) for a in caches["train"].batch(index)]  # noqa: E731
+        dev_metrics = lambda: classification_metrics(  # noqa: E731
+            caches["dev"].logits(upper, run.num_labels).argmax(-1), run.splits["dev"][1], run.num_labels)
+    else:
+        step = TrainStep(net, recipe, steps, world)
+        batch_inputs = lambda index: [Tensor(a) for a in pad([train_enc[i] for i in index], pad_id,  # noqa: E731
+                                                             TRAIN_PAD_MULTIPLE)]
+        dev_metrics = lambda: evaluate(net, *run.splits["dev"], pad_id, run.num_labels)  # noqa: E731
+    result = fit(step, batch_inputs, [len(e.ids) for e in train_enc], train_y, run.num_labels, recipe, dev_metrics,
+                 net.head_state, log, checkpoints=checkpoints, world=world)
     # The compiled train graphs hold GBs of buffers (see TRAIN_PAD_MULTIPLE);
     # drop them before evaluation and export compile graphs of their own.
     del step
     gc.collect()
     net.load_head_state(result.weights)
-    metrics = {"best_epoch": result.best_epoch, "dev": result.curve[result.best_epoch - 1]["dev"],
+    # dev again through the whole net, as the bundle computes it (training may have scored it from cached layers)
+    metrics = {"best_epoch": result.best_epoch, "dev": evaluate(net, *run.splits["dev"], pad_id, run.num_labels),
                "test": evaluate(net, *run.splits["test"], pad_id, run.num_labels),
                "train_seconds": result.seconds,
                # the median leaves out the steps that compiled a new shape

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from ptbundle.builder import hard, pooling, recipe
+from ptbundle.builder import hard, pooling, prompts, recipe
 from ptbundle.builder.backbone import load_backbone
 from ptbundle.builder.export import TARGETS
 from ptbundle.builder.model import PromptClassifier
@@ -15,6 +15,7 @@ def test_option_names_match_the_registries():
     # recipe.py lists them so that pt-build checks options before importing MindSpore
     assert recipe.POOLINGS == tuple(pooling.POOLING)
     assert recipe.HARD_HEADS == tuple(hard.HEADS)
+    assert ("none",) + recipe.PROMPT_METHODS == tuple(prompts.PROMPTS)
 
 
 def test_every_graph_file_has_a_target_that_writes_it_and_a_backend_that_runs_it():
