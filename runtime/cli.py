@@ -8,7 +8,7 @@ import click
 
 from .backends import BACKENDS
 from .errors import PtbundleError
-from .format import DEVICES
+from .format import DEVICES, PEFT_DETAIL, PEFT_DIR
 from .inputs import CHUNK_LINES, FORMATS, LineReader, chunks
 from .serve import Limits
 
@@ -203,8 +203,9 @@ def info(bundle_path):
     click.echo(f"  created     {m.created}")
     click.echo("  versions    " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
     click.echo("  files")
+    width = max([22] + [len(name) for name in m.files])
     for name, digest in m.files.items():
-        click.echo(f"    {name:<22} sha256 {digest[:16]}")
+        click.echo(f"    {name:<{width}} sha256 {digest[:16]}")
 
 
 def show_task(bundle_path, t, several: bool) -> None:
@@ -220,6 +221,9 @@ def show_task(bundle_path, t, several: bool) -> None:
                f" {t.head} head, max length {t.max_length}")
     for label, texts in (t.details.get("verbalizer") or {}).items():
         click.echo(f"  verbalizer  {label}: " + " | ".join(texts))
+    if PEFT_DETAIL in t.details:  # bundles since peft/: the adapter's directory, or why there is none
+        peft = t.details[PEFT_DETAIL]
+        click.echo(f"  peft        {peft}" + ("/ (PeftModel.from_pretrained)" if peft == PEFT_DIR else ""))
     if t.recipe:
         click.echo("  recipe      " + ", ".join(f"{k}={v}" for k, v in t.recipe.items() if v is not None))
     metrics = t.metrics

@@ -9,6 +9,13 @@ A bundle is a directory:
     tokenizer.json       read with the `tokenizers` library
     prompt.safetensors   the learned prompt (`prompt_embeddings`, PEFT's key) and the head
     training_log.json    the training curve
+    peft/                optional: the prompt and head as a PEFT adapter directory (adapter_config.json,
+                         adapter_model.safetensors) that `PeftModel.from_pretrained` loads, when PEFT can
+                         express the task exactly; the task's details["peft"] says which (`PEFT_DETAIL`)
+
+The manifest's `files` names every file by its path relative to the bundle,
+"/"-separated ("model.onnx", "peft/adapter_config.json"); bundles written
+before the peft/ directory list flat names only, and verify the same way.
 
 Every graph has the signature `signature(...)`: int32 `input_ids`,
 `attention_mask`, `token_type_ids` of shape [batch, seq] in, float32 `logits`
@@ -38,6 +45,13 @@ TOKENIZER = "tokenizer.json"
 PROMPT = "prompt.safetensors"
 TRAINING_LOG = "training_log.json"
 GRAPHS = {"mindir": "model.mindir", "onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}  # graph kind -> file
+# The bundle's prompt and head as PEFT writes an adapter (builder.peft); task.details[PEFT_DETAIL] is PEFT_DIR
+# when the bundle holds it, else "not expressible: <why>" (e.g. mean pooling: PEFT's classifier heads read one token).
+PEFT_DIR = "peft"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_DETAIL = "peft"
+PEFT_NOT_EXPRESSIBLE = "not expressible: "
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 TASK_INPUT = "task_ids"  # multi-task graphs only: int32 [batch], each row's index into Manifest.tasks
@@ -75,6 +89,19 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def bundle_files(directory: Path) -> list:
+    """Every file under `directory`, as the manifest names it: its path relative to the directory, "/"-separated,
+    sorted (manifest.json itself included if it is there)."""
+    directory = Path(directory)
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+
+
+def is_bundle_path(name) -> bool:
+    """A file name the manifest may list: relative, "/"-separated, inside the bundle (no "..", no empty parts)."""
+    return (isinstance(name, str) and name != "" and not name.startswith("/") and "\\" not in name
+            and all(part not in ("", ".", "..") for part in name.split("/")))
+
+
 @dataclass(frozen=True)
 class BackboneInfo:
     """The frozen backbone the graph contains, and its shape (so no consumer guesses it)."""
@@ -104,7 +131,7 @@ class Task:
     num_virtual_tokens: int
     template: str | None = None  # hard prompts: applied in token space before the graph
     recipe: dict = field(default_factory=dict)  # the training choices, as given
-    details: dict = field(default_factory=dict)  # per kind, e.g. the zero-shot verbalizer
+    details: dict = field(default_factory=dict)  # per kind, e.g. the zero-shot verbalizer; PEFT_DETAIL (see above)
     metrics: dict = field(default_factory=dict)  # dev/test (and int8) accuracy, F1, timing
 
     @property
@@ -153,7 +180,7 @@ class Manifest:
     backbone: BackboneInfo
     device: str  # the device it was trained on
     export: dict = field(default_factory=dict)  # parity of each graph with the trained model
-    files: dict = field(default_factory=dict)  # file name -> sha256
+    files: dict = field(default_factory=dict)  # path relative to the bundle ("peft/adapter_config.json") -> sha256
     created: str = ""
     versions: dict = field(default_factory=dict)  # libraries that built it
     format_version: int = FORMAT_VERSION
@@ -246,6 +273,8 @@ class Manifest:
         need(self.device in DEVICES, "device", f"is {self.device!r}, not one of {', '.join(DEVICES)}")
         need(isinstance(self.files, dict) and all(isinstance(v, str) for v in self.files.values()), "files",
              "must map file names to sha256 strings")
+        bad = [name for name in self.files if not is_bundle_path(name)]
+        need(not bad, "files", f"names {bad[0]!r}, not a relative path inside the bundle" if bad else "")
         for name in ("export", "versions"):
             need(isinstance(getattr(self, name), dict), name, "must be a JSON object")
 
@@ -299,10 +328,14 @@ def upgrade_v1(raw: dict) -> dict:
 
 
 def verify_files(directory: Path, manifest: Manifest, names=None) -> None:
-    """The files (default: every file the manifest lists) exist and have the recorded sha256."""
+    """The files (default: every file the manifest lists, nested ones by their relative path) exist and have the
+    recorded sha256."""
     for name in names or manifest.files:
         if name not in manifest.files:
             raise BundleError(f"{directory}: this bundle has no {name}")
+        if not is_bundle_path(name):
+            raise BundleError(f"{Path(directory) / MANIFEST}: field 'files' names {name!r}, not a path inside"
+                              f" the bundle")
         expected = manifest.files[name]
         path = Path(directory) / name
         if not path.is_file():

@@ -17,9 +17,13 @@ def test_merged_manifest_keeps_every_task(merged_bundle):
     m = json.loads((out / "manifest.json").read_text())
     assert [t["name"] for t in m["tasks"]] == list(sources)
     assert m["signature"]["inputs"]["task_ids"] == {"dtype": "int32", "axes": ["batch"]}
+    several = "not expressible: several tasks in one graph (a PEFT adapter holds one prompt and head)"
     for task in m["tasks"]:
         own = json.loads((sources[task["name"]] / "manifest.json").read_text())["tasks"][0]
+        # everything but the PEFT adapter: a merged bundle has no peft/ (a source with cls pooling has one)
+        assert task["details"].pop("peft") == several and own["details"].pop("peft").startswith(("peft", "not"))
         assert {k: v for k, v in task.items() if k != "name"} == {k: v for k, v in own.items() if k != "name"}
+    assert json.loads((sources["pairs"] / "manifest.json").read_text())["tasks"][0]["details"]["peft"] == "peft"
     assert set(m["export"]) == {"mindir", "onnx", "sources"} and m["export"]["sources"] <= 1e-4
     assert "model.int8.onnx" not in m["files"]
 

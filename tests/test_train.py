@@ -38,7 +38,7 @@ def test_training_moves_prompt_and_head_only_and_learns(tiny_bert, pooling):
         np.testing.assert_array_equal(net.head_state()["pooler.weight"], frozen["pooler.dense.weight"])
     assert not np.allclose(net.head_state()["prompt_embeddings"],
                            initial_prompt(backbone, recipe, load_tokenizer(backbone.tokenizer_path, 128),
-                                          [e.text for e in toy_dataset().train]))
+                                          [e.text for e in toy_dataset().train])["prompt_embeddings"])
 
 
 def test_best_epoch_weights_are_kept(tiny_bert):
@@ -62,16 +62,28 @@ def test_prompt_initialisations(tiny_bert):
     tokenizer = load_tokenizer(backbone.tokenizer_path, 128)
     texts = ["a great movie", "the film"]
 
-    vocab = initial_prompt(backbone, Recipe(virtual_tokens=5), tokenizer, texts)
+    vocab = initial_prompt(backbone, Recipe(virtual_tokens=5), tokenizer, texts)["prompt_embeddings"]
     ids = {tokenizer.token_to_id(w) for w in "a great movie the film".split()}
     assert all(any(np.array_equal(row, table[i]) for i in ids) for row in vocab)
 
-    text = initial_prompt(backbone, Recipe(virtual_tokens=5, init="text", init_text="great movie"), tokenizer, texts)
+    text = initial_prompt(backbone, Recipe(virtual_tokens=5, init="text", init_text="great movie"), tokenizer,
+                          texts)["prompt_embeddings"]
     g, m = tokenizer.token_to_id("great"), tokenizer.token_to_id("movie")
     np.testing.assert_array_equal(text, table[[g, m, g, m, g]])  # repeated to fill, as PEFT does
 
-    rand = initial_prompt(backbone, Recipe(virtual_tokens=50, init="random"), tokenizer, texts)
+    rand = initial_prompt(backbone, Recipe(virtual_tokens=50, init="random"), tokenizer, texts)["prompt_embeddings"]
     assert rand.shape == (50, 32) and abs(rand.std() - table.std()) < 0.05
+
+    # a prefix starts from those tokens' keys and values at each layer, a late prompt from their states there
+    prefix = initial_prompt(backbone, Recipe(method="prefix-tuning", virtual_tokens=5, init="text",
+                                             init_text="great movie"), tokenizer, texts)["prompt_embeddings"]
+    late = initial_prompt(backbone, Recipe(method="late-prompt", layer=1, virtual_tokens=5, init="text",
+                                           init_text="great movie"), tokenizer, texts)["prompt_embeddings"]
+    assert prefix.shape == (5, 2 * 2 * 32) and late.shape == (5, 32)
+    assert not np.allclose(late, table[[g, m, g, m, g]])  # states after a layer, not embeddings
+    random_prefix = initial_prompt(backbone, Recipe(method="prefix-tuning", virtual_tokens=50, init="random"),
+                                   tokenizer, texts)["prompt_embeddings"]
+    assert abs(random_prefix.std() - 1.0) < 0.05  # PEFT's nn.Embedding default
 
     with pytest.raises(ValueError, match="--init text needs --init-text"):
         initial_prompt(backbone, Recipe(init="text"), tokenizer, texts)
