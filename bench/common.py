@@ -59,6 +59,11 @@ def spread(values, digits: int = 3) -> dict:
             "max": round(max(values), digits)}
 
 
+def verdict(ok) -> str:
+    """A target's cell: met, not met, or not measured."""
+    return "-" if ok is None else ("yes" if ok else "NO")
+
+
 def every_kth(items, k: int) -> list:
     """An evenly spaced subset: MR test lists all negative reviews, then all positive,
     so a prefix would be one label only; every k-th item keeps both and all lengths."""
@@ -145,6 +150,97 @@ def tool(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+def log(message: str) -> None:
+    """A progress line on stderr, timestamped."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def recipe_differences(recipe: dict, reference: dict, ignore=()) -> list:
+    """Fields of `reference` (a recipe as JSON) that `recipe` (a bundle's) does not share."""
+    return sorted(k for k, v in reference.items() if k not in ignore and recipe.get(k) != v)
+
+
+# --- the PyTorch peer's environment (bench/.peer-venv) ------------------------------------
+
+PEER_VENV = ROOT / "bench" / ".peer-venv"
+TORCH = "torch==2.13.0"  # the CPU wheel in /opt/wheels (pip's global find-links); never the CUDA build
+PEER_PACKAGES = [TORCH, "numpy<2", "transformers==5.23.0", "peft==0.21.2", "safetensors==0.8.0",
+                 "tokenizers==0.23.3"]
+PEFT_METHODS = ("prompt-tuning", "prefix-tuning")  # the prompt methods PEFT has (as PromptTuningConfig, PrefixTuningConfig)
+
+
+def no_peft_equivalent(method: str, layer: int = 0, pooling: str = "mean") -> str | None:
+    """Why PEFT (as the peer builds it) cannot run this prompt, or None when it can."""
+    if method not in PEFT_METHODS:
+        return f"{method}: PEFT has no such prompt method"
+    if layer:
+        return f"{method} from layer {layer}: PEFT's prefix starts at layer 0, it has no equivalent"
+    if pooling != "mean":
+        return f"{pooling} pooling: the peer pools the mean of the text only"
+    return None
+
+
+def peer_ready(venv: Path) -> bool:
+    stamp = venv / ".installed"
+    return stamp.is_file() and stamp.read_text().strip() == " ".join(PEER_PACKAGES) and (venv / "bin" / "python").exists()
+
+
+def ensure_peer_venv(venv: Path, stages: dict) -> Path:
+    """bench/.peer-venv with torch (CPU) + transformers + peft; created once, checked every time."""
+    import subprocess
+
+    stamp, spec = venv / ".installed", " ".join(PEER_PACKAGES)
+    python = venv / "bin" / "python"
+    if not peer_ready(venv):
+        started = time.perf_counter()
+        log(f"creating {venv} (torch CPU wheel, transformers, peft; a few minutes, once)")
+        # sys.executable is the project venv's python: venv builds on its base interpreter (3.11, as the wheel)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        pip = [str(python), "-m", "pip", "install", "-qq", "--disable-pip-version-check"]  # -qq: errors only
+        # torch first and alone, so pip takes the local CPU wheel; then the rest with torch pinned
+        # again on the same line, so no dependency can upgrade it (to the CUDA build from PyPI).
+        subprocess.run(pip + [TORCH], check=True)
+        subprocess.run(pip + PEER_PACKAGES, check=True)
+        stages["peer_venv_setup"] = round(time.perf_counter() - started, 1)
+    check_peer_venv(venv)
+    stamp.write_text(spec + "\n")
+    return python
+
+
+def check_peer_venv(venv: Path) -> None:
+    import subprocess
+
+    import click
+
+    python = str(venv / "bin" / "python")
+    listing = subprocess.run([python, "-m", "pip", "list", "--disable-pip-version-check"], check=True,
+                             capture_output=True, text=True).stdout
+    if "nvidia" in listing.lower():
+        raise click.ClickException(f"{venv} holds NVIDIA packages (a CUDA torch): delete it and rerun")
+    version = subprocess.run([python, "-c", "import torch; print(torch.__version__)"], check=True,
+                             capture_output=True, text=True).stdout.strip()
+    if not version.startswith("2.13.0") or "+cpu" not in version:
+        raise click.ClickException(f"{venv}: torch {version}, expected 2.13.0+cpu: delete it and rerun")
+
+
+def peer_or_skip(venv: Path, smoke: bool, stages: dict) -> Path | None:
+    """The peer's python; a --smoke run uses the venv only if it is set up, and never creates it."""
+    if not smoke:
+        return ensure_peer_venv(venv, stages)
+    if peer_ready(venv):
+        check_peer_venv(venv)
+        return venv / "bin" / "python"
+    log(f"peer skipped: no PyTorch environment at {venv} (--smoke never creates it; make bench does)")
+    return None
+
+
+def peer_environment() -> dict:
+    """os.environ for the peer's process: none of the project venv's paths, and never a model hub."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
 # --- the product: every ptbundle name bench/ uses -----------------------------------------
 
 # common.<name> is the product's module:attribute, imported on first use (PEP 562 __getattr__ below),
@@ -160,6 +256,7 @@ PRODUCT = {
     "Template": "ptbundle.runtime.template:Template",
     "sha256_file": "ptbundle.runtime.format:sha256_file",
     "PROMPT_FILE": "ptbundle.runtime.format:PROMPT", "TOKENIZER_FILE": "ptbundle.runtime.format:TOKENIZER",
+    "TRAINING_LOG_FILE": "ptbundle.runtime.format:TRAINING_LOG",
     "cpu_threads": "ptbundle.runtime.onnx_backend:default_threads",  # the thread count onnxruntime gets
     "session_options": "ptbundle.runtime.onnx_backend:session_options",  # how the runtime runs a graph
     "OnnxModel": "ptbundle.runtime.onnx_backend:OnnxModel", "batched_logits": "ptbundle.runtime.bundle:batched_logits",

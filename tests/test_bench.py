@@ -3,11 +3,13 @@
 Each script runs as a user runs it (`python bench/<kind>/<name>.py --smoke --backbone ... --data ...
 --results ...`), in a process of its own.  They start together on first use, two at a time (most of a
 smoke run is MindSpore's import and graph compilation), and each test waits for its own.  The PyTorch
-peer runs only where torch imports; bench/run.py --smoke must skip it, saying so, when its venv is absent.
+peer runs only where bench/.peer-venv is set up (make bench makes it; CI has none); bench/run.py and
+time_to_accuracy.py --smoke must skip it, saying so, when its venv is absent.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -15,17 +17,41 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from conftest import write_tsv, toy_rows
+from conftest import build, write_tsv, toy_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 
 
+def bench_module(path: str, name: str):
+    """A bench/ file as a module, with bench/ on sys.path for its `import common`."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / path)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_common = bench_module("common.py", "bench_common")
+PEER_PYTHON = bench_common.PEER_VENV / "bin" / "python" if bench_common.peer_ready(bench_common.PEER_VENV) else None
+needs_peer = pytest.mark.skipif(PEER_PYTHON is None, reason="no bench/.peer-venv (make bench creates it)")
+
+
 def run(script: str, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(BENCH / script), "--smoke", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=1200)  # 2 cores, 2 at once
+
+
+def run_peer(script: str, *args) -> subprocess.CompletedProcess:
+    """A bench/peer/ script in the peer's environment, as the harness runs it."""
+    done = subprocess.run([str(PEER_PYTHON), str(BENCH / "peer" / script), "--smoke", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1200, env=bench_common.peer_environment())
+    assert done.returncode == 0, f"{script} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +93,8 @@ def smoke(request, tiny_bert, toy_files, pairs_dir, tmp_path_factory):
     start("int8_choice", "experiments/int8_choice.py", "--bundle", bundle, "--data", data, "--splits", "dev",
           "--workdir", tmp_path_factory.mktemp("int8-work"))
     start("heldout", "experiments/heldout.py", *common, "--bundle", bundle, "--bundle", exports / "toy-hard-probe")
+    start("time_to_accuracy", "experiments/time_to_accuracy.py", *common, "--bundle", bundle,
+          "--peer-venv", tmp_path_factory.mktemp("no-peer-tta") / "venv")
     start("stream_memory", "perf/stream_memory.py", "--data", data)
     merged = request.getfixturevalue("merged_bundle")[0]
     start("serve_load", "perf/serve_load.py", "--data", data, "--bundle", merged, "--bundle", f"single={bundle}")
@@ -100,14 +128,24 @@ def test_run_smoke_measures_every_stage_and_skips_the_missing_peer(smoke):
     assert set(roofline["libraries"]) == {"numpy", "mindspore", "onnxruntime"}
     assert roofline["limit_gflops"] > 0 and roofline["model"]["hidden_size"] == 32  # the tiny checkpoint's
 
+    assert roofline["prompt"] == {"method": "prompt-tuning", "virtual_tokens": 4, "layer": 0}  # the bundle's
+
     inference = read(results, "inference")
     configs = {c["config"] for c in inference["results"]}
     assert configs == {"onnxruntime fp32", "onnxruntime int8", "mindspore fp32"}
+    assert inference["prompt"] == roofline["prompt"]
     assert inference["results"][0]["cold_start_seconds"]["median"] > 0  # --smoke: the first backend's only
     for config in inference["results"]:
         for row in config["throughput"]:
             assert row["sentences"] == 24 and row["sentences_per_second"]["median"] > 0
             assert 0 <= row["accuracy"] <= 1 and row["useful_gflop_per_sentence"] > 0
+        if config["config"].startswith("onnxruntime"):  # int8's loss against fp32 is read from these
+            assert config["split_accuracy"]["sentences"] == 24 and 0 <= config["split_accuracy"]["accuracy"] <= 1
+    # no peer: the issue's ratios are not measured, int8's loss is
+    targets = summary["targets"]
+    assert all(targets[k]["value"] is None and targets[k]["met"] is None
+               for k in ("fp32_vs_course", "fp32_vs_same", "int8_vs_same"))
+    assert targets["int8_accuracy_loss_points"]["sentences"] == 24
 
     train = read(results, "train_step")
     assert train["steps"] == 2 and train["seconds_per_step"]["median"] > 0
@@ -146,13 +184,15 @@ def test_peer_inputs_are_ours(smoke):
     _, results = finished(smoke, "peer_inputs")
     data = json.loads((results / "peer-inputs" / "data.json").read_text())
     assert data["labels"] == ["neg", "pos"] and data["recipe"]["virtual_tokens"] == 4
-    assert Path(data["text_module"]).is_file() and Path(data["head"]).is_file()
+    assert Path(data["text_module"]).is_file() and Path(data["tokenizer"]).is_file()
+    same, course = data["peers"]["same"], data["peers"]["course"]
+    assert same["method"] == "prompt-tuning" and same["virtual_tokens"] == 4 and Path(same["weights"]).is_file()
+    assert len(same["check"]["texts"]) == 8 and np.array(same["check"]["logits"]).shape == (8, 2)
+    assert course["weights"] is None and course["virtual_tokens"] == 20  # the toy bundle has no 20-token prompt
     batches = data["train_batches"][0]
     assert len(batches) == 64 // 16 and sorted(i for b in batches for i in b) == list(range(64))
     schedule = data["lr_schedules"]["1"]["prompt"]
     assert len(schedule) == 64 // 16 and max(schedule) == pytest.approx(data["recipe"]["prompt_lr"])
-    import numpy as np
-
     init = np.load(results / "peer-inputs" / "init.npz")
     assert init["prompt_embeddings"].shape == (4, 32)
 
@@ -182,16 +222,122 @@ def test_int8_choice_builds_the_shipped_graph_among_the_candidates(smoke):
     assert candidates["dyn-s8"]["ops"].get("DynamicQuantizeLinear", 0) > 0
 
 
-def test_peer_torch_smoke(smoke, tmp_path):
-    """Only where torch, transformers and peft import (the peer's venv, not the project's)."""
-    for module in ("torch", "transformers", "peft"):
-        pytest.importorskip(module)
+@needs_peer
+def test_peer_torch_runs_the_course_and_the_same_method_peers(smoke, tmp_path):
     _, results = finished(smoke, "peer_inputs")
-    done = run("peer/peer_torch.py", "--data", results / "peer-inputs", "--results", tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_peer("peer_torch.py", "--data", results / "peer-inputs", "--results", tmp_path)
     peer = read(tmp_path, "peer")
+    same, course = peer["peers"]["same"], peer["peers"]["course"]
+    assert same["method"] == "prompt-tuning" and same["logit_check"]["max_abs_diff"] < 1e-4, same["logit_check"]
+    assert course["virtual_tokens"] == 20 and course["weights"] is None and "logit_check" not in course
+    assert all(r["sentences_per_second"]["median"] > 0 for p in (same, course) for r in p["inference"])
     assert peer["gemm"]["layer_gflops"] > 0 and peer["training"]["seconds_per_step"]["median"] > 0
-    assert all(r["sentences_per_second"]["median"] > 0 for r in peer["inference"])
+    assert "max abs difference" in done.stdout
+
+
+@pytest.fixture(scope="module")
+def prefix_inputs(tiny_bert, toy_files, tmp_path_factory):
+    """peer_inputs.py's data for a prefix-tuning bundle on the tiny checkpoint (3 virtual tokens, from layer 0)."""
+    out = tmp_path_factory.mktemp("prefix")
+    build(["export", "--train", str(toy_files[0]), "--dev", str(toy_files[1]), "--backbone", str(tiny_bert),
+           "--prompt", "soft", "--method", "prefix-tuning", "--virtual-tokens", "3", "--epochs", "1",
+           "--batch-size", "8", "--out", str(out), "--name", "prefix"])
+    done = run("peer/peer_inputs.py", "--bundle", out / "prefix", "--backbone", tiny_bert,
+               "--data", toy_files[0].parent, "--results", out, "--peers", "same")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / "peer-inputs"
+
+
+def test_peer_inputs_name_the_bundle_method_and_its_logits(prefix_inputs):
+    data = json.loads((prefix_inputs / "data.json").read_text())
+    assert list(data["peers"]) == ["same"]  # --peers same
+    same = data["peers"]["same"]
+    assert same["method"] == "prefix-tuning" and same["virtual_tokens"] == 3 and same["projection"] == 0
+    assert np.array(same["check"]["logits"]).shape == (8, 2)
+
+
+def test_peft_has_no_late_prompt_nor_a_prefix_above_layer_0():
+    assert bench_common.no_peft_equivalent("prefix-tuning") is None
+    assert "layer 2" in bench_common.no_peft_equivalent("prefix-tuning", 2)
+    assert bench_common.no_peft_equivalent("late-prompt", 3)
+    assert bench_common.no_peft_equivalent("prompt-tuning", 0, "cls")
+
+
+@needs_peer
+def test_peft_prefix_tuning_gives_the_prefix_bundles_logits(prefix_inputs, tmp_path):
+    done = run_peer("peer_torch.py", "--data", prefix_inputs, "--results", tmp_path, "--skip", "gemm,training")
+    same = read(tmp_path, "peer")["peers"]["same"]
+    assert same["method"] == "prefix-tuning" and same["virtual_tokens"] == 3
+    assert same["logit_check"]["max_abs_diff"] < 1e-4, done.stdout  # 4.8e-7 measured
+    assert all(r["sentences_per_second"]["median"] > 0 for r in same["inference"])
+
+
+def test_flop_count_knows_the_prompt_method():
+    roofline = bench_module("perf/roofline.py", "bench_roofline")
+    cfg = roofline.ModelShape(hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4)
+    text, p, h = 10, 3, 32
+
+    def flops(method, layer=0, length=text, tokens=p):
+        return roofline.flops_per_sequence(length, roofline.PromptShape(method, tokens, layer), cfg)
+
+    none = flops("none")
+    assert flops("prompt-tuning") == flops("none", length=text + p)  # P more positions in every layer
+    attention_keys = 2 * (2 * text * p * h)  # P more keys: scores and context of the text's rows
+    assert flops("prefix-tuning") - none == 4 * attention_keys  # no more rows, P keys in each layer
+    assert flops("prefix-tuning", layer=1) - none == 3 * attention_keys
+    assert flops("late-prompt", layer=2) - none == (flops("prompt-tuning") - none) / 2  # 2 of 4 layers
+
+
+def test_run_checks_the_issue_targets_at_batch_64_sorted():
+    harness = bench_module("run.py", "bench_run")
+
+    def rows(rate):
+        return [{"batch_size": size, "sorted": True, "sentences_per_second": {"min": r, "median": r, "max": r}}
+                for size, r in ((8, rate / 2), (64, rate))]
+
+    inference = {"split": "test", "results": [
+        {"config": "onnxruntime fp32", "throughput": rows(150.0), "split_accuracy": {"sentences": 1068, "accuracy": 0.8006}},
+        {"config": "onnxruntime int8", "throughput": rows(320.0), "split_accuracy": {"sentences": 1068, "accuracy": 0.7950}}]}
+    peer = {"peers": {"course": {"label": "course", "inference": rows(70.0)},
+                      "same": {"label": "same", "inference": rows(100.0)}}}
+    table, targets = harness.issue_rows(inference, peer)
+    assert targets["fp32_vs_course"]["value"] == pytest.approx(150 / 70, abs=1e-3) and targets["fp32_vs_course"]["met"]
+    assert targets["fp32_vs_same"]["value"] == 1.5 and targets["fp32_vs_same"]["met"]
+    assert targets["int8_vs_same"]["value"] == 3.2 and targets["int8_vs_same"]["met"]
+    assert targets["int8_accuracy_loss_points"]["value"] == 0.56 and targets["int8_accuracy_loss_points"]["met"] is False
+    assert [r["met"] for r in table] == ["yes", "yes", "yes", "NO"]
+    peer["peers"]["same"] = {"label": "same method (late-prompt, 20 virtual tokens)", "skipped": "no PEFT equivalent"}
+    table, targets = harness.issue_rows(inference, peer)
+    assert targets["fp32_vs_same"]["met"] is None and targets["fp32_vs_same"]["skipped"] == "no PEFT equivalent"
+    assert table[1]["peer"] == "skipped" and targets["fp32_vs_course"]["met"]
+
+
+def test_time_to_accuracy_reads_our_training_log_and_skips_a_missing_peer(smoke):
+    done, results = finished(smoke, "time_to_accuracy")
+    assert "peer skipped: no PyTorch environment" in done.stderr and "PEFT skipped" in done.stdout
+    result = read(results, "time_to_accuracy")
+    curve = json.loads((Path(result["bundle"]) / "training_log.json").read_text())
+    best = max(curve, key=lambda point: point["dev"]["accuracy"])  # the first epoch at the best accuracy
+    assert result["ours"]["dev_accuracy"] == best["dev"]["accuracy"] and result["ours"]["seconds"] == best["seconds"]
+    assert result["ours"]["train_seconds"] == curve[-1]["seconds"] > 0
+    assert result["peer_skipped"] and result["peers"] == {} and result["ratio"] is None and result["met"] is None
+
+
+@needs_peer
+def test_time_to_accuracy_trains_both_peft_methods_to_our_accuracy(tiny_build, tiny_bert, toy_files, tmp_path):
+    done = run("experiments/time_to_accuracy.py", "--bundle", tiny_build[0] / "toy-soft", "--backbone", tiny_bert,
+               "--data", toy_files[0].parent, "--results", tmp_path, "--peer-venv", bench_common.PEER_VENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = read(tmp_path, "time_to_accuracy")
+    assert set(result["peers"]) == {"prompt-tuning", "prefix-tuning"} and result["better"] in result["peers"]
+    for method, peer in result["peers"].items():
+        assert peer["method"] == method and peer["virtual_tokens"] == 20 and peer["max_epochs"] == 1
+        assert peer["target"] == round(result["ours"]["dev_accuracy"], 4)
+        checks = peer["checks"]
+        assert [c["epoch"] for c in checks] == [0.5, 1.0][: len(checks)]  # --smoke: 2 checks in 1 epoch
+        assert all(c["train_seconds"] > 0 and c["eval_seconds"] >= 0 for c in checks)
+        assert peer["reached"] == (checks[-1]["dev_accuracy"] >= peer["target"])  # it stops once there
+    assert result["ratio"] > 0 and "ours / PEFT" in done.stdout
 
 
 def test_product_code_is_imported_in_one_place():

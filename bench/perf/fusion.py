@@ -82,10 +82,10 @@ def pairs(hidden: int, intermediate: int):
 @common.options()
 @click.option("--repeats", default=50, show_default=True)
 @click.option("--tokens", default=None, type=int,
-              help="Positions per row [default: --data's mean length + the recipe's virtual tokens].")
+              help="Positions per row [default: --data's mean length + the states the recipe's prompt adds].")
 def main(backbone, data, smoke, results, repeats, tokens):
     bb = common.load_backbone(backbone)
-    tokens = tokens or round(roofline.mean_positions(bb, data, common.recipe().virtual_tokens))
+    tokens = tokens or round(roofline.mean_positions(bb, data, roofline.PromptShape.of_recipe(common.recipe())))
     repeats = 2 if smoke else repeats
     rows = []
     for name, width, nodes, params, fuse in pairs(bb.config.hidden_size, bb.config.intermediate_size):

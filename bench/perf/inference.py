@@ -17,7 +17,13 @@ MindSpore fp32):
   own length with the prompt (perf/roofline.py, flops_per_sequence), and its
   fraction of the GEMM limit measured by perf/roofline.py (read from
   --roofline, or measured now with numpy if that file is missing); executed
-  GFLOP/s counts the padded shapes the backend really ran.
+  GFLOP/s counts the padded shapes the backend really ran.  The count knows
+  the bundle's prompt method (manifest: prompt_method, num_virtual_tokens,
+  recipe.layer): prompt tuning runs P more positions in every layer, a
+  prefix adds P keys per layer (from its layer) and no positions, a late
+  prompt P positions from its layer on (perf/roofline.py, PromptShape).
+- accuracy: of the onnxruntime graphs on every sentence of the split (batch
+  64, sorted), so that int8's loss against fp32 is measured on all of MR test;
 - cold start: wall time of a new `pt-run predict` process on 10 lines
   (import, load and hash-check the bundle, predict, print, exit); with
   --smoke, of the first backend only.
@@ -49,10 +55,10 @@ def batch_plan(lengths, batch_size: int, sort: bool, multiple: int) -> list:
             for b in common.batch_indices(lengths, batch_size, sort)]
 
 
-def flop_counts(lengths, batch_size: int, sort: bool, multiple: int, virtual_tokens: int, cfg) -> dict:
+def flop_counts(lengths, batch_size: int, sort: bool, multiple: int, prompt, cfg) -> dict:
     """Useful FLOPs (each sentence at its length) and executed FLOPs (padded batches) of one pass."""
-    useful = roofline.flops_of_lengths(lengths, virtual_tokens, cfg)
-    executed = sum(roofline.flops_of_batch(rows, seq, virtual_tokens, cfg)
+    useful = roofline.flops_of_lengths(lengths, prompt, cfg)
+    executed = sum(roofline.flops_of_batch(rows, seq, prompt, cfg)
                    for rows, seq in batch_plan(lengths, batch_size, sort, multiple))
     return {"useful": useful, "executed": executed}
 
@@ -69,6 +75,15 @@ def throughput(bundle, texts, texts_b, batch_size: int, repeats: int, sort: bool
     return seconds, predictions
 
 
+def accuracy(predictions, gold) -> float:
+    return round(float(np.mean([p.label == g for p, g in zip(predictions, gold)])), 4)
+
+
+def split_accuracy(bundle, texts, texts_b, gold) -> dict:
+    """Accuracy on every sentence of the split (batch 64, sorted): what int8's loss against fp32 is read from."""
+    return {"sentences": len(texts), "accuracy": accuracy(bundle.predict(texts, texts_b, batch_size=64), gold)}
+
+
 def throughput_row(bundle, texts, texts_b, gold, subset: str, batch_size: int, sort: bool, repeats: int,
                    flops: dict, limit_gflops: float) -> dict:
     seconds, predictions = throughput(bundle, texts, texts_b, batch_size, repeats, sort)
@@ -81,7 +96,7 @@ def throughput_row(bundle, texts, texts_b, gold, subset: str, batch_size: int, s
             "useful_gflop_per_sentence": round(flops["useful"] / len(texts) / 1e9, 5),
             "padding_overhead": round(flops["executed"] / flops["useful"] - 1, 3),
             # on these sentences; the peer reports the same, a check that both run the same model
-            "accuracy": round(float(np.mean([p.label == g for p, g in zip(predictions, gold)])), 4)}
+            "accuracy": accuracy(predictions, gold)}
 
 
 def cold_start(bundle_path: str, args: list, repeats: int, lines: list) -> dict:
@@ -156,7 +171,7 @@ def main(backbone, data, smoke, results, bundle_path, batch_sizes, sorting, back
     texts, texts_b = common.split_texts(examples)
     gold = [e.label for e in examples]
     lines = texts if texts_b is None else [f"{a}\t{b}" for a, b in zip(texts, texts_b)]
-    virtual_tokens, cfg = manifest["num_virtual_tokens"], roofline.ModelShape.of_manifest(manifest)
+    prompt, cfg = roofline.PromptShape.of_manifest(manifest), roofline.ModelShape.of_manifest(manifest)
     limit = load_limit(Path(roofline_path or Path(results) / "roofline.json"), cfg, smoke)
     limit_gflops = limit["limit_gflops"]
     click.echo(f"GEMM limit {limit_gflops:.1f} GFLOP/s ({limit['limit_library']}, {limit['source']}); "
@@ -166,18 +181,21 @@ def main(backbone, data, smoke, results, bundle_path, batch_sizes, sorting, back
     for name, load_args, cli_args in backend_configs(manifest, backends.split(",")):
         bundle = common.open_bundle(bundle_path, **load_args)
         lengths = [len(e.ids) for e in bundle.encode(texts, texts_b)]
-        mean_gflop = roofline.flops_of_lengths(lengths, virtual_tokens, cfg) / len(lengths) / 1e9
+        mean_gflop = roofline.flops_of_lengths(lengths, prompt, cfg) / len(lengths) / 1e9
         row = {"config": name, "throughput": []}
         for size in sizes:
             k = every_batch1 if size == 1 else every
             subset = (common.every_kth(texts, k), texts_b and common.every_kth(texts_b, k))
             for sort in (sorts if size > 1 else [True]):  # one row per batch: order is irrelevant
                 flops = flop_counts(common.every_kth(lengths, k), size, sort, bundle.model.pad_multiple,
-                                    virtual_tokens, cfg)
+                                    prompt, cfg)
                 measured = throughput_row(bundle, *subset, common.every_kth(gold, k), common.subset_name(len(texts), k),
                                           size, sort, repeats, flops, limit_gflops)
                 row["throughput"].append(measured)
                 click.echo(format_row(name, measured))
+        if load_args["backend"] == "onnxruntime":  # the graphs of the int8 target (MindSpore compiles per shape: slow)
+            row["split_accuracy"] = a = split_accuracy(bundle, texts, texts_b, gold)
+            click.echo(f"{name:<18} accuracy on all {a['sentences']} {split} sentences: {a['accuracy']:.4f}")
         del bundle
         row["cold_start_seconds"] = None  # --smoke: the first backend's only (pt-run with MindSpore takes seconds)
         if not (smoke and rows):
@@ -195,7 +213,7 @@ def main(backbone, data, smoke, results, bundle_path, batch_sizes, sorting, back
         threads["mindspore_runtime_num_threads"] = sys.modules["mindspore"].get_context("runtime_num_threads")
     common.write_results(results, "inference", {
         "bundle": bundle_path, "data": data, "split": split, "sentences": len(texts), "batch_sizes": sizes,
-        "repeats": repeats, "smoke": smoke, "virtual_tokens": virtual_tokens, "threads": threads,
+        "repeats": repeats, "smoke": smoke, "prompt": prompt.__dict__, "threads": threads,
         "mean_useful_gflop_per_sentence": round(mean_gflop, 4),
         "limit": {k: limit[k] for k in ("limit_gflops", "limit_library", "tokens", "source")},
         "machine": common.machine_info(), "versions": versions, "results": rows})

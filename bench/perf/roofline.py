@@ -1,6 +1,6 @@
 """The limit: fp32 GEMM speed at the model's shapes, and the model's FLOPs per sentence.
 
-    .venv/bin/python bench/perf/roofline.py [--backbone DIR] [--data mr] [--repeats 20] [--libraries numpy,mindspore,onnxruntime]
+    .venv/bin/python bench/perf/roofline.py [--backbone DIR] [--data mr] [--bundle B] [--repeats 20] [--libraries numpy,mindspore,onnxruntime]
 
 An encoder's forward pass is almost all matrix products: per layer and
 token, the fused query/key/value projection, the attention output
@@ -11,8 +11,9 @@ at those shapes, measured here in the same run, bounds what any runtime can
 reach on this machine.
 
 For each library and each of the four GEMM shapes of a layer of --backbone
-(M = tokens: 64 rows of --data's mean length plus the prompt, rounded up to
-8; MR on MiniLM: 64 * 48): GFLOP/s over --repeats timed calls
+(M = tokens: 64 rows of --data's mean length plus the states a prompt puts
+before the text, --bundle's or the default recipe's, rounded up to 8; MR on
+MiniLM with 20 virtual tokens: 64 * 48): GFLOP/s over --repeats timed calls
 (min/median/max, after warm-up calls).
 
 "The limit" (`limit_gflops`) is one number: for each library, the rate a
@@ -68,38 +69,81 @@ class ModelShape:
 
 # --- FLOPs ----------------------------------------------------------------------
 
-def flops_per_sequence(seq_len: int, virtual_tokens: int, cfg: ModelShape) -> int:
+@dataclass(frozen=True)
+class PromptShape:
+    """Where a prompt method (builder/prompts.py) adds work to the encoder.
+
+    prompt-tuning: P states before the text, in every layer; prefix-tuning: P
+    constant keys and values in front of each layer's own from `layer` on (no
+    extra query rows, nothing projected); late-prompt: P states entering layer
+    `layer`, in every layer from there; none: the text alone.
+    """
+
+    method: str = "none"
+    virtual_tokens: int = 0
+    layer: int = 0
+
+    @classmethod
+    def of_manifest(cls, manifest: dict) -> "PromptShape":
+        """A bundle's (common.read_manifest's dict; bundles before prefix tuning have no recipe layer: 0)."""
+        return cls(manifest["prompt_method"], manifest["num_virtual_tokens"], (manifest.get("recipe") or {}).get("layer", 0))
+
+    @classmethod
+    def of_recipe(cls, recipe) -> "PromptShape":
+        return cls(recipe.method if recipe.virtual_tokens else "none", recipe.virtual_tokens, recipe.layer)
+
+    def rows_and_keys(self, layer: int, seq_len: int) -> tuple:
+        """(query rows, keys each row attends to) of a `seq_len`-token text at encoder layer `layer`."""
+        p = self.virtual_tokens if layer >= self.layer else 0
+        if self.method in ("prompt-tuning", "late-prompt"):
+            return seq_len + p, seq_len + p
+        if self.method == "prefix-tuning":
+            return seq_len, seq_len + p
+        if self.method == "none":
+            return seq_len, seq_len
+        raise ValueError(f"prompt method {self.method!r}: no FLOP count for it")
+
+    @property
+    def top_rows(self) -> int:
+        """States in front of the text in the last layer (what the GEMMs there run on besides the text)."""
+        return self.virtual_tokens if self.method in ("prompt-tuning", "late-prompt") else 0
+
+
+def flops_per_sequence(seq_len: int, prompt: PromptShape, cfg: ModelShape) -> int:
     """Matmul FLOPs (2*M*N*K) of one forward pass over one sequence.
 
-    seq_len: text tokens ([CLS] and [SEP] included); the encoder runs over
-    seq_len + virtual_tokens positions.  Counted: the four linears of every
-    layer, attention scores (Q K^T) and context (P V) over all heads, and
-    the classification head.  Not counted: embeddings (a gather), layer norms,
+    seq_len: text tokens ([CLS] and [SEP] included); each layer runs its
+    linears over its query rows and attends them to its keys
+    (PromptShape.rows_and_keys).  Counted: the four linears of every layer,
+    attention scores (Q K^T) and context (P V) over all heads, and the
+    classification head.  Not counted: embeddings (a gather), layer norms,
     softmax, GELU, pooling (element-wise, a few % of the time, no GEMM).
     """
-    s = seq_len + virtual_tokens
-    h = cfg.hidden_size
-    linears = sum(2 * m * k * n for _, m, k, n in common.layer_gemm_shapes(s, h, cfg.intermediate_size))
-    attention = 2 * (2 * s * s * h)  # scores [s, d] x [d, s] and context [s, s] x [s, d], summed over heads
-    return cfg.num_layers * (linears + attention) + 2 * h * cfg.num_labels
+    h, total = cfg.hidden_size, 2 * cfg.hidden_size * cfg.num_labels
+    for layer in range(cfg.num_layers):
+        rows, keys = prompt.rows_and_keys(layer, seq_len)
+        linears = sum(2 * m * k * n for _, m, k, n in common.layer_gemm_shapes(rows, h, cfg.intermediate_size))
+        total += linears + 2 * (2 * rows * keys * h)  # scores [rows, d] x [d, keys] and context, summed over heads
+    return total
 
 
-def flops_of_lengths(lengths, virtual_tokens: int, cfg: ModelShape) -> int:
+def flops_of_lengths(lengths, prompt: PromptShape, cfg: ModelShape) -> int:
     """Useful FLOPs of a set of sentences, each at its own length (no padding)."""
-    return sum(flops_per_sequence(n, virtual_tokens, cfg) for n in lengths)
+    return sum(flops_per_sequence(n, prompt, cfg) for n in lengths)
 
 
-def flops_of_batch(batch_size: int, padded_len: int, virtual_tokens: int, cfg: ModelShape) -> int:
+def flops_of_batch(batch_size: int, padded_len: int, prompt: PromptShape, cfg: ModelShape) -> int:
     """FLOPs actually executed for one padded batch (every row at the padded length)."""
-    return batch_size * flops_per_sequence(padded_len, virtual_tokens, cfg)
+    return batch_size * flops_per_sequence(padded_len, prompt, cfg)
 
 
-def mean_positions(backbone, data: str, virtual_tokens: int) -> float:
-    """Mean encoder positions per sentence of --data's test (or dev) split: text tokens plus the prompt."""
+def mean_positions(backbone, data: str, prompt: PromptShape) -> float:
+    """Mean positions per sentence of --data's test (or dev) split in the last layer: text tokens plus the
+    states a prompt puts in front of them."""
     examples = common.eval_split(common.load_data(data))[1]
     tokenizer = common.load_tokenizer(backbone.tokenizer_path, common.recipe().max_length)
     lengths = [len(e.ids) for e in common.encode(tokenizer, *common.split_texts(examples))]
-    return float(np.mean(lengths)) + virtual_tokens
+    return float(np.mean(lengths)) + prompt.top_rows
 
 
 # --- GEMM timing ----------------------------------------------------------------
@@ -189,7 +233,7 @@ def measure(cfg: ModelShape, tokens: int, repeats: int = 20, libraries=tuple(LIB
                                 "(sum of their median times) at M = tokens"}
 
 
-def table(result: dict, virtual_tokens: int, positions: float) -> str:
+def table(result: dict, prompt: PromptShape, positions: float) -> str:
     cfg = ModelShape(**result["model"])
     names = [s for s, *_ in common.layer_gemm_shapes(result["tokens"], cfg.hidden_size, cfg.intermediate_size)]
     lines = [f"GEMM GFLOP/s, fp32, M = {result['tokens']} tokens, {result['threads']} threads "
@@ -199,29 +243,33 @@ def table(result: dict, virtual_tokens: int, positions: float) -> str:
         cells = "".join(f"{r['shapes'][n]['gflops']['median']:>9.1f} [{r['shapes'][n]['gflops']['min']:.0f}-"
                         f"{r['shapes'][n]['gflops']['max']:.0f}]".rjust(22) for n in names)
         lines.append(f"{lib:<12}{cells}{r['layer_gflops']:>9.1f}")
-    text = round(positions) - virtual_tokens
+    text = round(positions) - prompt.top_rows
     lines.append(f"limit: {result['limit_gflops']:.1f} GFLOP/s ({result['limit_library']}); "
-                 f"{virtual_tokens} virtual tokens + a {text}-token sentence: "
-                 f"{flops_per_sequence(text, virtual_tokens, cfg) / 1e9:.3f} GFLOP")
+                 f"{prompt.method}, {prompt.virtual_tokens} virtual tokens + a {text}-token sentence: "
+                 f"{flops_per_sequence(text, prompt, cfg) / 1e9:.3f} GFLOP")
     return "\n".join(lines)
 
 
 @click.command()
 @common.options()
 @click.option("--tokens", default=None, type=int, help="M: batch * positions [default: 64 rows of --data's mean].")
-@click.option("--virtual-tokens", default=None, type=int, help="Prompt length [default: the recipe's].")
+@click.option("--bundle", "bundle_path", default=None, help="Count the prompt of this bundle [default: the recipe's].")
+@click.option("--virtual-tokens", default=None, type=int, help="Prompt length [default: the recipe's or --bundle's].")
 @click.option("--repeats", default=20, show_default=True)
 @click.option("--libraries", default=",".join(LIBRARIES), show_default=True)
-def main(backbone, data, smoke, results, tokens, virtual_tokens, repeats, libraries):
+def main(backbone, data, smoke, results, tokens, bundle_path, virtual_tokens, repeats, libraries):
     bb = common.load_backbone(backbone)
-    virtual_tokens = common.recipe().virtual_tokens if virtual_tokens is None else virtual_tokens
-    positions = mean_positions(bb, data, virtual_tokens)
+    prompt = PromptShape.of_manifest(common.read_manifest(bundle_path)) if bundle_path \
+        else PromptShape.of_recipe(common.recipe())
+    if virtual_tokens is not None:
+        prompt = PromptShape(prompt.method, virtual_tokens, prompt.layer)
+    positions = mean_positions(bb, data, prompt)
     tokens = tokens or 64 * (-(-round(positions) // 8) * 8)
     repeats, min_seconds = (1, 0.005) if smoke else (repeats, 0.05)
     result = measure(ModelShape.of_backbone(bb), tokens, repeats,
                      tuple(x.strip() for x in libraries.split(",") if x.strip()), min_seconds)
-    result.update(backbone=bb.name, data=data, mean_positions=round(positions, 1), smoke=smoke)
-    click.echo(table(result, virtual_tokens, positions))
+    result.update(backbone=bb.name, data=data, prompt=prompt.__dict__, mean_positions=round(positions, 1), smoke=smoke)
+    click.echo(table(result, prompt, positions))
     common.write_results(results, "roofline", result)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
 import common  # noqa: E402
+import roofline  # noqa: E402
 
 
 def measure(backbone, dataset, batch_size: int | None, steps: int, virtual_tokens: int | None) -> dict:
@@ -37,6 +38,7 @@ def measure(backbone, dataset, batch_size: int | None, steps: int, virtual_token
     step = common.TrainStep(run.net, recipe, len(batches))
     onehot = np.eye(run.num_labels, dtype=np.float32)
     multiple = common.TRAIN_PAD_MULTIPLE
+    prompt_rows = roofline.PromptShape.of_recipe(recipe).top_rows  # states a prompt adds before the text
     compiled, compile_seconds, seconds, tokens = set(), [], [], []
     for index in batches:
         arrays = common.pad([encodings[i] for i in index], run.pad_id, multiple)
@@ -49,13 +51,14 @@ def measure(backbone, dataset, batch_size: int | None, steps: int, virtual_token
             compile_seconds.append(elapsed)
             continue
         seconds.append(elapsed)
-        tokens.append(arrays[0].size + recipe.batch_size * recipe.virtual_tokens)
+        tokens.append(arrays[0].size + recipe.batch_size * prompt_rows)
         if len(seconds) == steps:
             break
     if not seconds:
         raise SystemExit(f"{len(batches)} batches, each the first of its shape: no step left to time")
     median = statistics.median(seconds)
-    return {"batch_size": recipe.batch_size, "steps": len(seconds), "virtual_tokens": recipe.virtual_tokens,
+    return {"batch_size": recipe.batch_size, "steps": len(seconds), "method": recipe.method,
+            "virtual_tokens": recipe.virtual_tokens,
             "recipe": recipe.to_json(), "pad_multiple": multiple,
             "seconds_per_step": common.spread(seconds),
             "mean_tokens_per_step": round(float(np.mean(tokens)), 1),
