@@ -272,19 +272,33 @@ class LayerCache:
     The layers below a late prompt (or a prefix that starts above layer 0)
     never see it, so their output is the same every epoch: training runs
     them once here and then pays only for the layers above (Liu et al.
-    2022, Late Prompt Tuning).  Each text's states are kept unpadded,
-    [length, hidden] float32 (MR's 8,528 training texts at layer 3 of
-    MiniLM: about 400 MB).
+    2022, Late Prompt Tuning).  The texts' states are kept unpadded, one
+    [tokens, hidden] float32 table (MR's 8,528 training texts with MiniLM:
+    about 400 MB); past `memory_limit` bytes the table is a memory-mapped
+    file in a temporary directory instead, so a large corpus costs disk,
+    not RAM.
     """
 
-    def __init__(self, net: PromptClassifier, encodings, pad_id: int, batch_size: int = 64):
+    MEMORY_LIMIT = 2 << 30
+
+    def __init__(self, net: PromptClassifier, encodings, pad_id: int, batch_size: int = 64,
+                 memory_limit: int = MEMORY_LIMIT):
         lower = CellModel(Lower(net), batch_size)
         self.lengths = [len(e.ids) for e in encodings]
-        self.states = [None] * len(encodings)
+        self.starts = np.concatenate([[0], np.cumsum(self.lengths)])
+        shape = (int(self.starts[-1]), net.encoder.config.hidden_size)
+        if shape[0] * shape[1] * 4 > memory_limit:
+            import tempfile
+
+            self._directory = tempfile.TemporaryDirectory(prefix="ptbundle-layer-cache-")  # removed with the cache
+            self.table = np.lib.format.open_memmap(f"{self._directory.name}/states.npy", "w+", np.float32, shape)
+        else:
+            self.table = np.empty(shape, np.float32)
         for index in batch_indices(self.lengths, batch_size):
             out = lower(*pad([encodings[i] for i in index], pad_id, TRAIN_PAD_MULTIPLE))
             for row, i in enumerate(index):
-                self.states[i] = out[row, : self.lengths[i]].copy()
+                self.table[self.starts[i] : self.starts[i + 1]] = out[row, : self.lengths[i]]
+        self.states = [self.table[self.starts[i] : self.starts[i + 1]] for i in range(len(self.lengths))]
 
     def batch(self, index) -> tuple:
         """(states [b, seq, hidden] zero-padded, mask [b, seq] int32), seq a multiple of TRAIN_PAD_MULTIPLE."""

@@ -108,6 +108,9 @@ def test_cached_lower_layers_give_the_whole_pass(name, tiny_bert):
     cached = LayerCache(net, encodings, 0, batch_size=2).logits(Upper(net), 2, batch_size=3)
     assert net.split == SPECS[name].layer
     np.testing.assert_allclose(cached, whole, atol=1e-5, rtol=0)
+    on_disk = LayerCache(net, encodings, 0, batch_size=2, memory_limit=0)  # a corpus too large for memory
+    assert isinstance(on_disk.table, np.memmap)
+    np.testing.assert_array_equal(on_disk.logits(Upper(net), 2, batch_size=3), cached)
 
 
 def test_initial_activations_are_the_encoders_own(tiny_bert):
