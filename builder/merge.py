@@ -63,7 +63,7 @@ def read_source(spec: str) -> tuple:
     for i, task in enumerate(manifest.tasks):
         if task.prompt_method not in MERGEABLE_PROMPTS:
             raise BuildError(f"{path}: task {task.name!r} uses prompt method {task.prompt_method!r}; merge can fold"
-                             f" {', '.join(MERGEABLE_PROMPTS)}")
+                             f" {', '.join(MERGEABLE_PROMPTS)} (build it with --method prompt-tuning to merge it)")
         if manifest.multi_task:
             own = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(task.name + "/")}
             curve = (curves or {}).get(task.name)

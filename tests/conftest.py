@@ -93,19 +93,24 @@ def build(args):
 
 
 @pytest.fixture(scope="session")
-def merged_bundle(tmp_path_factory, tiny_build, tiny_bert):
-    """A second task on the same checkpoint unlike the toy one in every way the merge must handle:
+def merged_bundle(tmp_path_factory, tiny_build, tiny_bert, toy_files):
+    """The toy task as a shallow prompt (merge folds prompt tuning, not the default prefix), the two hard
+    bundles, and a second task on the same checkpoint unlike the toy one in every way the merge must handle:
     sentence pairs, three labels, cls pooling, a shorter prompt."""
     d = tmp_path_factory.mktemp("pairs3")
+    train, dev = toy_files
+    build(["export", "--train", str(train), "--dev", str(dev), "--backbone", str(tiny_bert), "--method",
+           "prompt-tuning", "--virtual-tokens", "4", "--epochs", "2", "--batch-size", "8", "--prompt-lr", "0.05",
+           "--head-lr", "0.05", "--prompt", "soft", "--out", str(d), "--name", "toy-shallow"])
     rows = [("a great movie", "the best film", "same"), ("a great movie", "the worst film", "opposite"),
             ("a dull movie", "the best script", "other")] * 8
     write_tsv(d / "train.tsv", rows, ("s1", "s2", "q"))
     build(["export", "--train", str(d / "train.tsv"), "--dev", str(d / "train.tsv"), "--text-column", "s1",
            "--text-b-column", "s2", "--label-column", "q", "--backbone", str(tiny_bert), "--virtual-tokens", "2",
-           "--pooling", "cls", "--epochs", "1", "--batch-size", "8", "--prompt", "soft", "--out", str(d),
+           "--method", "prompt-tuning", "--pooling", "cls", "--epochs", "1", "--batch-size", "8", "--prompt", "soft", "--out", str(d),
            "--name", "pairs"])
     exports = tiny_build[0]
-    sources = {"sentiment": exports / "toy-soft", "zeroshot": exports / "toy-hard-zeroshot",
+    sources = {"sentiment": d / "toy-shallow", "zeroshot": exports / "toy-hard-zeroshot",
                "probe": exports / "toy-hard-probe", "pairs": d / "pairs"}
     out = d / "merged"
     result = build(["merge", *(f"{k}={v}" for k, v in sources.items()), "--out", str(out),

@@ -128,7 +128,7 @@ def test_run_smoke_measures_every_stage_and_skips_the_missing_peer(smoke):
     assert set(roofline["libraries"]) == {"numpy", "mindspore", "onnxruntime"}
     assert roofline["limit_gflops"] > 0 and roofline["model"]["hidden_size"] == 32  # the tiny checkpoint's
 
-    assert roofline["prompt"] == {"method": "prompt-tuning", "virtual_tokens": 4, "layer": 0}  # the bundle's
+    assert roofline["prompt"] == {"method": "prefix-tuning", "virtual_tokens": 4, "layer": 0}  # the bundle's (default)
 
     inference = read(results, "inference")
     configs = {c["config"] for c in inference["results"]}
@@ -186,15 +186,15 @@ def test_peer_inputs_are_ours(smoke):
     assert data["labels"] == ["neg", "pos"] and data["recipe"]["virtual_tokens"] == 4
     assert Path(data["text_module"]).is_file() and Path(data["tokenizer"]).is_file()
     same, course = data["peers"]["same"], data["peers"]["course"]
-    assert same["method"] == "prompt-tuning" and same["virtual_tokens"] == 4 and Path(same["weights"]).is_file()
+    assert same["method"] == "prefix-tuning" and same["virtual_tokens"] == 4 and Path(same["weights"]).is_file()
     assert len(same["check"]["texts"]) == 8 and np.array(same["check"]["logits"]).shape == (8, 2)
     assert course["weights"] is None and course["virtual_tokens"] == 20  # the toy bundle has no 20-token prompt
     batches = data["train_batches"][0]
-    assert len(batches) == 64 // 16 and sorted(i for b in batches for i in b) == list(range(64))
+    assert len(batches) == 64 // data["recipe"]["batch_size"] and sorted(i for b in batches for i in b) == list(range(64))
     schedule = data["lr_schedules"]["1"]["prompt"]
-    assert len(schedule) == 64 // 16 and max(schedule) == pytest.approx(data["recipe"]["prompt_lr"])
+    assert len(schedule) == 64 // data["recipe"]["batch_size"] and max(schedule) == pytest.approx(data["recipe"]["prompt_lr"])
     init = np.load(results / "peer-inputs" / "init.npz")
-    assert init["prompt_embeddings"].shape == (4, 32)
+    assert init["prompt_embeddings"].shape == (4, 32)  # the peer trains a shallow prompt (PEFT prompt tuning)
 
 
 def test_fusion_times_both_sides(smoke):
@@ -228,7 +228,7 @@ def test_peer_torch_runs_the_course_and_the_same_method_peers(smoke, tmp_path):
     done = run_peer("peer_torch.py", "--data", results / "peer-inputs", "--results", tmp_path)
     peer = read(tmp_path, "peer")
     same, course = peer["peers"]["same"], peer["peers"]["course"]
-    assert same["method"] == "prompt-tuning" and same["logit_check"]["max_abs_diff"] < 1e-4, same["logit_check"]
+    assert same["method"] == "prefix-tuning" and same["logit_check"]["max_abs_diff"] < 1e-4, same["logit_check"]
     assert course["virtual_tokens"] == 20 and course["weights"] is None and "logit_check" not in course
     assert all(r["sentences_per_second"]["median"] > 0 for p in (same, course) for r in p["inference"])
     assert peer["gemm"]["layer_gflops"] > 0 and peer["training"]["seconds_per_step"]["median"] > 0
@@ -335,7 +335,7 @@ def test_time_to_accuracy_trains_both_peft_methods_to_our_accuracy(tiny_build, t
         assert peer["target"] == round(result["ours"]["dev_accuracy"], 4)
         checks = peer["checks"]
         assert [c["epoch"] for c in checks] == [0.5, 1.0][: len(checks)]  # --smoke: 2 checks in 1 epoch
-        assert all(c["train_seconds"] > 0 and c["eval_seconds"] >= 0 for c in checks)
+        assert all(c["train_seconds"] >= 0 and c["eval_seconds"] >= 0 for c in checks)  # tiny: may round to 0
         assert peer["reached"] == (checks[-1]["dev_accuracy"] >= peer["target"])  # it stops once there
     assert result["ratio"] > 0 and "ours / PEFT" in done.stdout
 

@@ -12,6 +12,7 @@ from ptbundle.builder import export as export_module
 from ptbundle.builder.backbone import load_backbone
 from ptbundle.builder.export import write_bundle
 from ptbundle.builder.model import PromptClassifier
+from ptbundle.builder.prompts import PromptSpec
 from ptbundle.runtime import Bundle, BundleError
 from ptbundle.runtime.format import Manifest, sha256_file
 from ptbundle.runtime.data import read_examples
@@ -80,7 +81,8 @@ def test_bundle_files_manifest_and_prompt(tiny_bundle, toy_files):
             assert metrics[split]["accuracy"] == pytest.approx(scored["accuracy"])
     assert t["recipe"]["seed"] == 0 and m["backbone"]["model_type"] == "bert"
     tensors = load_file(str(tiny_bundle / "prompt.safetensors"))
-    assert tensors["prompt_embeddings"].shape == (4, 32)
+    assert tensors["prompt_embeddings"].shape == (4, 2 * 2 * 32)  # a prefix: keys and values of 2 layers
+    assert t["prompt_method"] == "prefix-tuning" and t["details"]["first_layer"] == 0
     assert tensors["classifier.weight"].shape == (2, 32)
     curve = json.loads((tiny_bundle / "training_log.json").read_text())
     assert [p["epoch"] for p in curve] == [1, 2]
@@ -92,7 +94,7 @@ def test_runtime_predictions_equal_the_training_graph(tiny_bundle, toy_files, ti
     texts = [line.split("\t")[0] for line in toy_files[1].read_text().splitlines()[1:]]
     logits = bundle.logits(texts, batch_size=5)
     backbone = load_backbone(tiny_bert)
-    net = PromptClassifier(backbone.build_encoder(), 4, 2, "mean")
+    net = PromptClassifier(backbone.build_encoder(), 4, 2, "mean", spec=PromptSpec.of("prefix-tuning", 4))  # the default
     net.load_head_state(load_file(str(tiny_bundle / "prompt.safetensors")))
     tokenizer = load_tokenizer(tiny_bundle / "tokenizer.json", 128)
     for i, text in enumerate(texts):  # one at a time: no batching, no sorting

@@ -86,12 +86,14 @@ def merge_error(args):
 
 def test_merge_refuses_what_it_cannot_merge(merged_bundle, tiny_build, tiny_roberta, tiny_bert, tmp_path):
     exports = tiny_build[0]
-    soft, probe = exports / "toy-soft", exports / "toy-hard-probe"
+    soft, probe = merged_bundle[1]["sentiment"], exports / "toy-hard-probe"
+    assert "prompt method 'prefix-tuning'" in merge_error([exports / "toy-soft", probe, "--out", tmp_path / "m",
+                                                            "--backbone", tiny_bert])
     other = tmp_path / "other"
     pairs_data = str(merged_bundle[1]["pairs"].parent / "train.tsv")
     build(["export", "--train", pairs_data, "--dev", pairs_data, "--text-column", "s1",
            "--text-b-column", "s2", "--label-column", "q", "--backbone", str(tiny_roberta), "--virtual-tokens", "2",
-           "--epochs", "1", "--batch-size", "8", "--prompt", "soft", "--out", str(tmp_path), "--name", "other"])
+           "--method", "prompt-tuning", "--epochs", "1", "--batch-size", "8", "--prompt", "soft", "--out", str(tmp_path), "--name", "other"])
     assert "backbone sha256 differs" in merge_error([soft, other, "--out", tmp_path / "m", "--backbone", tiny_bert])
     assert "appears twice" in merge_error([soft, probe, "--out", tmp_path / "m", "--backbone", tiny_bert])
     assert "one of the bundles being merged" in merge_error([f"a={soft}", f"b={probe}", "--out", soft,
@@ -110,7 +112,7 @@ def test_merge_refuses_what_it_cannot_merge(merged_bundle, tiny_build, tiny_robe
 def test_merged_bundles_merge_again(merged_bundle, tiny_build, tiny_bert, tmp_path):
     out, sources = merged_bundle
     again = tmp_path / "again"
-    build(["merge", str(out), f"extra={tiny_build[0] / 'toy-soft'}", "--out", str(again), "--backbone", str(tiny_bert)])
+    build(["merge", str(out), f"extra={sources['sentiment']}", "--out", str(again), "--backbone", str(tiny_bert)])
     merged = Bundle.load(again)
     assert merged.task_names == ["sentiment", "zeroshot", "probe", "pairs", "extra"]
     np.testing.assert_allclose(merged.logits(TEXTS, task="extra"), merged.logits(TEXTS, task="sentiment"), atol=1e-5)

@@ -199,7 +199,7 @@ def test_deep_and_late_bundles_build_and_serve(options, tiny_bert, toy_files, tm
     (["--method", "late-prompt"], "--method late-prompt enters at --layer 1 or above"),
     (["--method", "prefix-tuning", "--layer", "7"], "--layer 7"),
     (["--method", "late-prompt", "--prefix-projection", "8", "--layer", "1"], "--prefix-projection is for"),
-    (["--layer", "1"], "--layer is for prefix-tuning and late-prompt"),
+    (["--method", "prompt-tuning", "--layer", "1"], "--layer is for prefix-tuning and late-prompt"),
 ])
 def test_bad_prompt_recipes_are_one_line(options, message, tiny_bert, toy_files, tmp_path):
     from ptbundle.builder.cli import cli

@@ -62,16 +62,18 @@ def test_prompt_initialisations(tiny_bert):
     tokenizer = load_tokenizer(backbone.tokenizer_path, 128)
     texts = ["a great movie", "the film"]
 
-    vocab = initial_prompt(backbone, Recipe(virtual_tokens=5), tokenizer, texts)["prompt_embeddings"]
+    shallow = dict(method="prompt-tuning")
+    vocab = initial_prompt(backbone, Recipe(virtual_tokens=5, **shallow), tokenizer, texts)["prompt_embeddings"]
     ids = {tokenizer.token_to_id(w) for w in "a great movie the film".split()}
     assert all(any(np.array_equal(row, table[i]) for i in ids) for row in vocab)
 
-    text = initial_prompt(backbone, Recipe(virtual_tokens=5, init="text", init_text="great movie"), tokenizer,
+    text = initial_prompt(backbone, Recipe(virtual_tokens=5, init="text", init_text="great movie", **shallow), tokenizer,
                           texts)["prompt_embeddings"]
     g, m = tokenizer.token_to_id("great"), tokenizer.token_to_id("movie")
     np.testing.assert_array_equal(text, table[[g, m, g, m, g]])  # repeated to fill, as PEFT does
 
-    rand = initial_prompt(backbone, Recipe(virtual_tokens=50, init="random"), tokenizer, texts)["prompt_embeddings"]
+    rand = initial_prompt(backbone, Recipe(virtual_tokens=50, init="random", **shallow), tokenizer,
+                          texts)["prompt_embeddings"]
     assert rand.shape == (50, 32) and abs(rand.std() - table.std()) < 0.05
 
     # a prefix starts from those tokens' keys and values at each layer, a late prompt from their states there

@@ -1,6 +1,6 @@
 """Sentence pairs end to end: GLUE MRPC through pt-build, pt-run eval and pt-run predict.
 
-    .venv/bin/python bench/experiments/mrpc.py [--data ../shared/data/mrpc] [--backbone DIR] [--epochs 2]
+    .venv/bin/python bench/experiments/mrpc.py [--data ../shared/data/mrpc] [--backbone DIR] [--epochs N]
 
 --data is a directory with train.tsv and dev.tsv in GLUE's MRPC columns
 (other columns: --text-column, --text-b-column, --label-column).  MRPC is
@@ -57,14 +57,15 @@ def majority(dataset) -> dict:
 @click.option("--text-column", default="#1 String", show_default=True)
 @click.option("--text-b-column", default="#2 String", show_default=True)
 @click.option("--label-column", default="Quality", show_default=True)
-@click.option("--epochs", default=2, show_default=True)
+@click.option("--epochs", default=None, type=int, help="[default: the recipe's]")
 @click.option("--bundle", "bundle_dir", default=None, help="[default: exports/mrpc-soft; --smoke: <results>/mrpc-soft]")
 def main(backbone, data, smoke, results, text_column, text_b_column, label_column, epochs, bundle_dir):
     mrpc = Path(data)
     bundle = Path(bundle_dir or (Path(results) / "mrpc-soft" if smoke else common.ROOT / "exports" / "mrpc-soft"))
     cols = ["--text-column", text_column, "--text-b-column", text_b_column, "--label-column", label_column]
     dataset = common.load_data(str(mrpc), common.Columns(text_column, label_column, text_b_column))
-    sizes = ["--epochs", "1", "--virtual-tokens", "4", "--batch-size", "8"] if smoke else ["--epochs", str(epochs)]
+    sizes = ["--epochs", "1", "--virtual-tokens", "4", "--batch-size", "8"] if smoke else \
+        (["--epochs", str(epochs)] if epochs else [])
     with tempfile.TemporaryDirectory() as tmp:
         fit, validation = split_train(mrpc / "train.tsv", Path(tmp))
         build = [common.tool("pt-build"), "export", "--prompt", "soft", "--train", str(fit), "--dev", str(validation),
@@ -86,7 +87,7 @@ def main(backbone, data, smoke, results, text_column, text_b_column, label_colum
     common.write_results(results, "mrpc", {
         "data": str(mrpc), "bundle": str(bundle), "smoke": smoke, "dev_accuracy": report["accuracy"],
         "dev_f1": report["f1"], "dev_macro_f1": report["macro_f1"], "majority_baseline": baseline,
-        "epochs": 1 if smoke else epochs, "build_seconds": round(build_seconds),
+        "epochs": 1 if smoke else (epochs or common.recipe().epochs), "build_seconds": round(build_seconds),
         "manifest_metrics": common.read_manifest(bundle)["metrics"]})
 
 

@@ -152,7 +152,9 @@ def built(name: str, args: list, workdir: Path, reuse: bool) -> tuple:
         click.echo(f"reusing {bundle} (same arguments and files)")
         return bundle, None
     key_file.unlink(missing_ok=True)  # an interrupted build leaves no key: it is never reused
-    command = [common.tool("pt-build"), "export", "--prompt", "soft", *args, "--out", str(workdir), "--name", name]
+    # merge folds shallow prompts (not the default prefix), so the tasks train one; ARGS may say otherwise
+    command = [common.tool("pt-build"), "export", "--prompt", "soft", "--method", "prompt-tuning", *args,
+               "--out", str(workdir), "--name", name]
     click.echo("$ " + " ".join(command))
     started = time.perf_counter()
     subprocess.run(command, check=True)
