@@ -428,8 +428,8 @@ def main(backbone, data, smoke, results, bundle_path, quick, no_peer, peer_venv,
         click.echo(f"note: load average {load} before the run: other work shared the CPU, the figures are low and noisy")
     differs = summary["targets"]["accuracy_not_worse"]["bundle_recipe_differs_in"]
     if differs:
-        click.echo(f"note: the bundle was not trained with the default recipe ({', '.join(differs)} differ): "
-                   f"its accuracy is not the default recipe's")
+        click.echo(f"note: the peer trains another recipe than the bundle's ({', '.join(differs)} differ): "
+                   f"their accuracies after training are not comparable")
     if peer is None:
         click.echo("note: no peer in this run (--no-peer, or --smoke without bench/.peer-venv): its columns are empty")
     for name, result in peers_of(summary["peer"]).items():
