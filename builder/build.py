@@ -61,18 +61,24 @@ def backbone_info(backbone: Backbone) -> BackboneInfo:
 
 
 def check_fits(recipe: Recipe, backbone: Backbone, soft: bool) -> None:
-    """The longest input (text + prompt) must have position embeddings in the backbone."""
+    """The recipe's prompt fits the backbone: its layer exists, and the longest input has position embeddings."""
     from .errors import RecipeError
+    from .prompts import PromptSpec
 
+    spec = recipe.prompt_spec() if soft else PromptSpec()
+    if spec.layer >= backbone.config.num_layers:
+        raise RecipeError(f"--layer {recipe.layer}: {backbone.name} has layers 0-{backbone.config.num_layers - 1}")
+    check_positions(recipe.max_length, spec, backbone, RecipeError)
+
+
+def check_positions(max_length: int, spec, backbone: Backbone, error: type) -> None:
+    """--max-length text tokens and the prompt's positions (builder.prompts: prompt tuning's tokens take some, a
+    prefix shifts the text's) must have position embeddings in the backbone."""
     cfg = backbone.config
-    if soft and recipe.method != "prompt-tuning" and recipe.layer >= cfg.num_layers:
-        raise RecipeError(f"--layer {recipe.layer}: {backbone.name} has layers 0-{cfg.num_layers - 1}")
-    room = cfg.max_positions - cfg.position_offset
-    # prompt-tuning's tokens take positions; a prefix moves the text's (builder.prompts); a late prompt has none
-    needed = recipe.max_length + (recipe.virtual_tokens if soft and recipe.method != "late-prompt" else 0)
+    room, needed = cfg.max_positions - cfg.position_offset, max_length + spec.positions()
     if needed > room:
-        raise RecipeError(f"--max-length {recipe.max_length}" + (f" + --virtual-tokens {recipe.virtual_tokens}"
-                          if soft else "") + f" = {needed} positions; {backbone.name} has {room}")
+        raise error(f"--max-length {max_length}" + (f" + {spec.virtual_tokens} virtual tokens" if needed > max_length
+                    else "") + f" = {needed} positions; {backbone.name} has {room}")
 
 
 def int8_inputs(backbone: Backbone, dataset, recipe: Recipe, template=None):
@@ -106,22 +112,12 @@ def build_soft(destination: Path, backbone: Backbone, dataset, recipe: Recipe, d
     net = net.folded()  # a prefix's reparameterization becomes its table
     manifest = base_manifest(dataset, backbone, recipe, device, kind="soft", head="linear",
                              prompt_method=recipe.method, num_virtual_tokens=recipe.virtual_tokens,
-                             details=prompt_details(net.spec), metrics=metrics)
+                             details=net.spec.details(), metrics=metrics)
     written = write_bundle(destination, net, backbone, manifest, curve,
                            int8_inputs(backbone, dataset, recipe) if quantize else None)
     if checkpoints is not None:
         checkpoints.path.unlink(missing_ok=True)  # the bundle holds what it was for
     return Built(destination, written.kind_label, written.only.metrics, command)
-
-
-def prompt_details(spec) -> dict:
-    """What a soft task's manifest says of its prompt beyond method and length."""
-    if spec.method == "prefix-tuning":
-        return {"first_layer": spec.layer, "layout": "prompt_embeddings [P, layers * 2 * hidden]: layer i's keys"
-                " in block 2i, values in 2i + 1 (PEFT's); text positions start at P"}
-    if spec.method == "late-prompt":
-        return {"layer": spec.layer}
-    return {}
 
 
 def build_hard(destinations: dict, backbone: Backbone, dataset, recipe: Recipe, template: Template,

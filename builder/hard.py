@@ -69,7 +69,7 @@ def hard_classifier(backbone: Backbone, recipe: Recipe, num_labels: int, normali
     if recipe.pooling == "cls" and backbone.pooler_weights() is None:
         raise BuildError(f"hard prompts with cls pooling need a checkpoint with a trained pooler; "
                          f"{backbone.name} has none: use --pooling mean")
-    return build_classifier(backbone, replace(recipe, method="prompt-tuning", virtual_tokens=0, layer=0, prefix_projection=0), num_labels, None, normalize)
+    return build_classifier(backbone, replace(recipe, virtual_tokens=0), num_labels, None, normalize)
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -207,7 +207,7 @@ def import_adapter(adapter_dir, destination, backbone_path, dataset, labels, pai
     """Fold an adapter into a bundle at `destination` (graphs parity-checked as every bundle's), scored on
     `dataset`'s dev and test splits if given; the manifest written."""
     from .backbone import load_backbone
-    from .build import backbone_info, prompt_details
+    from .build import backbone_info, check_positions
     from .export import write_bundle
     from .model import PromptClassifier, use_device
 
@@ -222,10 +222,7 @@ def import_adapter(adapter_dir, destination, backbone_path, dataset, labels, pai
         pair = dataset.is_pair
         dataset = dataclasses.replace(dataset, labels=labels)  # the classifier's order
     spec, cfg = adapter.spec, backbone.config
-    room = cfg.max_positions - cfg.position_offset
-    if max_length + spec.virtual_tokens > room:  # prompt tuning's tokens take positions; a prefix shifts the text's
-        raise BuildError(f"--max-length {max_length} + {spec.virtual_tokens} virtual tokens ="
-                         f" {max_length + spec.virtual_tokens} positions; {backbone.name} has {room}")
+    check_positions(max_length, spec, backbone, BuildError)
     net = PromptClassifier(backbone.build_encoder(), spec.virtual_tokens, adapter.num_labels, adapter.pooling,
                            spec=spec)
     net.load_head_state(adapter.values)
@@ -239,7 +236,7 @@ def import_adapter(adapter_dir, destination, backbone_path, dataset, labels, pai
               "peft_version": config.get("peft_version")}
     task = Task(name=dataset.name if dataset is not None else Path(destination).name, kind="soft", labels=labels,
                 pair=pair, max_length=max_length, pooling=adapter.pooling, head="linear", prompt_method=spec.method,
-                num_virtual_tokens=spec.virtual_tokens, recipe=recipe, details=prompt_details(spec), metrics=metrics)
+                num_virtual_tokens=spec.virtual_tokens, recipe=recipe, details=spec.details(), metrics=metrics)
     manifest = Manifest(tasks=(task,), pad_id=cfg.pad_token_id, backbone=backbone_info(backbone), device=device)
     return write_bundle(destination, net, backbone, manifest, [])
 

@@ -14,10 +14,12 @@ A method touches the encoder at three hooks, each a no-op unless it says:
     enter(i, x, mask)            on the states entering layer i
     keys_values(table, i, b)     constant keys and values put in front of layer i's own
 
-and declares `virtual_tokens` (states in front of the text at the top, which
-pooling skips), `position_shift` (where the text's positions start) and
+and declares `layout` (states in front of the text at the embeddings and at
+the top, which pooling skips; where the text's positions start),
 `first_layer` (the layers below it never see the prompt, so training computes
-them once per text: builder.train's layer cache).
+them once per text: builder.train's layer cache), `initial` (its starting
+values, from the tokens builder.train chooses) and `details` (what the
+manifest records of it).
 
     none            the text as tokenized (hard prompts: the template is text)
     prompt-tuning   Lester et al. 2021 / PEFT prompt tuning: virtual tokens
@@ -44,7 +46,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import mindspore as ms  # noqa: F401  (before onnx: see onnx_export)
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, nn, ops
+
+from .errors import RecipeError
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,15 @@ class PromptSpec:
     def folded(self) -> "PromptSpec":
         """The spec of the inference graph: the reparameterization folded away."""
         return PromptSpec(self.method, self.virtual_tokens, self.layer, 0)
+
+    def positions(self) -> int:
+        """Position rows the prompt takes before the text's (prompt tuning's tokens; a prefix's shift)."""
+        embedded, shift, _ = PROMPTS[self.method].layout(self)
+        return embedded + shift
+
+    def details(self) -> dict:
+        """What a task's manifest records of its prompt beyond method and length."""
+        return PROMPTS[self.method].details(self)
 
 
 class PromptMethod(nn.Cell):
@@ -111,6 +124,17 @@ class PromptMethod(nn.Cell):
         """params() as the inference graph holds them (the reparameterization applied), numpy."""
         return {k: v.asnumpy().copy() for k, v in self.params().items()}
 
+    @staticmethod
+    def initial(spec: PromptSpec, start) -> dict:
+        """Starting values of params(), by name.  `start` (builder.train.TokenStart or RandomStart) gives the
+        starting tokens' `embeddings()` [P, hidden], their `states(layer)` entering a layer [P, hidden], and
+        their `keys_values(first)` in every layer from `first` on [P, layers x 2 x hidden] (a prefix's layout)."""
+        return {}
+
+    @staticmethod
+    def details(spec: PromptSpec) -> dict:
+        return {}
+
     # ONNX halves: the same hooks writing ops into an onnx_export.Graph; `w` holds folded() arrays.
     @staticmethod
     def onnx_embed(g, w: dict, spec: PromptSpec, embeds: str, mask: str, types, batch: str):
@@ -136,6 +160,22 @@ def prefix_rows(g, batch: str, p: int, value: int, name: str) -> str:
     return g.op("Expand", [g.const(name, [[value]], np.int32), shape])
 
 
+def prepend(vectors, x, mask):
+    """`vectors` [P, hidden] in front of every row of x [b, s, hidden]; the mask gets P ones in front."""
+    b, p = x.shape[0], vectors.shape[0]
+    prompt = ops.broadcast_to(vectors.expand_dims(0), (b, p, vectors.shape[1]))
+    return ops.concat((prompt, x), 1), ops.concat((ops.ones((b, p), mask.dtype), mask), 1)
+
+
+def onnx_prepend(g, vectors: np.ndarray, x: str, mask: str, batch: str) -> tuple:
+    """prepend's ONNX half: the constant `vectors` (PEFT's prompt_embeddings) in front of every row of x."""
+    p, hidden = vectors.shape
+    prompt_shape = g.op("Concat", [batch, g.const("prompt_len_hidden", [p, hidden], np.int64)], axis=0)
+    prompt = g.op("Expand", [g.const("prompt_embeddings", vectors[None]), prompt_shape])
+    return (g.op("Concat", [prompt, x], axis=1),
+            g.op("Concat", [prefix_rows(g, batch, p, 1, "prefix_ones"), mask], axis=1))
+
+
 class PromptTuning(PromptMethod):
     def __init__(self, config, spec: PromptSpec):
         super().__init__(config, spec)
@@ -148,24 +188,21 @@ class PromptTuning(PromptMethod):
 
     def embed(self, embeds, attention_mask, token_type_ids):
         b, p = embeds.shape[0], self.virtual_tokens
-        prompt = ops.broadcast_to(self.embeddings.expand_dims(0), (b, p, self.embeddings.shape[1]))
-        return (ops.concat((prompt, embeds), 1),
-                ops.concat((ops.ones((b, p), attention_mask.dtype), attention_mask), 1),
-                ops.concat((ops.zeros((b, p), token_type_ids.dtype), token_type_ids), 1))
+        embeds, mask = prepend(self.embeddings, embeds, attention_mask)
+        return embeds, mask, ops.concat((ops.zeros((b, p), token_type_ids.dtype), token_type_ids), 1)
 
     def params(self) -> dict:
         return {"prompt_embeddings": self.embeddings}
 
     @staticmethod
+    def initial(spec: PromptSpec, start) -> dict:
+        return {"prompt_embeddings": start.embeddings()}
+
+    @staticmethod
     def onnx_embed(g, w: dict, spec: PromptSpec, embeds: str, mask: str, types, batch: str):
-        p = spec.virtual_tokens
-        hidden = w["prompt_embeddings"].shape[1]
-        prompt_shape = g.op("Concat", [batch, g.const("prompt_len_hidden", [p, hidden], np.int64)], axis=0)
-        prompt = g.op("Expand", [g.const("prompt_embeddings", w["prompt_embeddings"][None]), prompt_shape])
-        embeds = g.op("Concat", [prompt, embeds], axis=1)
-        mask = g.op("Concat", [prefix_rows(g, batch, p, 1, "prefix_ones"), mask], axis=1)
+        embeds, mask = onnx_prepend(g, w["prompt_embeddings"], embeds, mask, batch)
         if types is not None:  # an architecture without token types has none to extend
-            types = g.op("Concat", [prefix_rows(g, batch, p, 0, "prefix_zeros"), types], axis=1)
+            types = g.op("Concat", [prefix_rows(g, batch, spec.virtual_tokens, 0, "prefix_zeros"), types], axis=1)
         return embeds, mask, types
 
 
@@ -176,7 +213,7 @@ class PrefixTuning(PromptMethod):
         super().__init__(config, spec)
         h, p = config.hidden_size, spec.virtual_tokens
         if not 0 <= spec.layer < config.num_layers:
-            raise ValueError(f"prefix layer {spec.layer}: the encoder has layers 0-{config.num_layers - 1}")
+            raise RecipeError(f"--layer {spec.layer}: the encoder has layers 0-{config.num_layers - 1}")
         self.first_layer = spec.layer
         self.p, self.hidden, self.heads = p, h, config.num_heads
         self.head_dim = h // config.num_heads
@@ -217,6 +254,17 @@ class PrefixTuning(PromptMethod):
         return {"prompt_embeddings": self.table().asnumpy().copy()}
 
     @staticmethod
+    def initial(spec: PromptSpec, start) -> dict:
+        if spec.projection:  # the reparameterization's input lives in embedding space
+            return {"prefix.embedding": start.embeddings()}
+        return {"prompt_embeddings": start.keys_values(spec.layer)}
+
+    @staticmethod
+    def details(spec: PromptSpec) -> dict:
+        return {"first_layer": spec.layer, "layout": "prompt_embeddings [P, layers * 2 * hidden]: layer i's keys"
+                " in block 2i, values in 2i + 1 (PEFT's); text positions start at P"}
+
+    @staticmethod
     def onnx_past(g, w: dict, spec: PromptSpec, config, i: int, batch: str):
         if i < spec.layer:
             return None
@@ -233,8 +281,8 @@ class LatePrompt(PromptMethod):
     def __init__(self, config, spec: PromptSpec):
         super().__init__(config, spec)
         if not 0 < spec.layer < config.num_layers:
-            raise ValueError(f"late prompt layer {spec.layer}: choose 1-{config.num_layers - 1}"
-                             f" (layer 0 is prompt-tuning)")
+            raise RecipeError(f"--layer {spec.layer}: a late prompt enters at layer 1-{config.num_layers - 1}"
+                              f" (at layer 0 it is prompt-tuning)")
         self.first_layer = spec.layer
         self.embeddings = Parameter(np.zeros((spec.virtual_tokens, config.hidden_size), np.float32),
                                     name="prompt_embeddings")
@@ -244,24 +292,22 @@ class LatePrompt(PromptMethod):
         return 0, 0, spec.virtual_tokens
 
     def enter(self, i: int, x, mask):
-        if i != self.first_layer:
-            return x, mask
-        b, p = x.shape[0], self.virtual_tokens
-        prompt = ops.broadcast_to(self.embeddings.expand_dims(0), (b, p, self.embeddings.shape[1]))
-        return ops.concat((prompt, x), 1), ops.concat((ops.ones((b, p), mask.dtype), mask), 1)
+        return prepend(self.embeddings, x, mask) if i == self.first_layer else (x, mask)
 
     def params(self) -> dict:
         return {"prompt_embeddings": self.embeddings}
 
     @staticmethod
+    def initial(spec: PromptSpec, start) -> dict:
+        return {"prompt_embeddings": start.states(spec.layer)}
+
+    @staticmethod
+    def details(spec: PromptSpec) -> dict:
+        return {"layer": spec.layer}
+
+    @staticmethod
     def onnx_enter(g, w: dict, spec: PromptSpec, i: int, x: str, mask: str, batch: str):
-        if i != spec.layer:
-            return x, mask
-        p, hidden = w["prompt_embeddings"].shape
-        prompt_shape = g.op("Concat", [batch, g.const("prompt_len_hidden", [p, hidden], np.int64)], axis=0)
-        prompt = g.op("Expand", [g.const("prompt_embeddings", w["prompt_embeddings"][None]), prompt_shape])
-        return (g.op("Concat", [prompt, x], axis=1),
-                g.op("Concat", [prefix_rows(g, batch, p, 1, "prefix_ones"), mask], axis=1))
+        return onnx_prepend(g, w["prompt_embeddings"], x, mask, batch) if i == spec.layer else (x, mask)
 
 
 PROMPTS = {"none": NoPrompt, "prompt-tuning": PromptTuning, "prefix-tuning": PrefixTuning,

@@ -29,6 +29,7 @@ from . import parallel
 from .parallel import World
 from .errors import DataError, RecipeError
 from .model import PromptClassifier
+from .prompts import PROMPTS
 from .recipe import Recipe
 
 # MindSpore's CPU backend keeps 1.5-3 GB of buffers per compiled (batch, seq)
@@ -40,11 +41,8 @@ TRAIN_PAD_MULTIPLE = 16
 def build_classifier(backbone: Backbone, recipe: Recipe, num_labels: int, prompt_init: dict | None,
                      normalize: bool = False) -> PromptClassifier:
     """The model to train: frozen encoder, initial prompt (none with 0 virtual tokens), fresh head."""
-    try:
-        net = PromptClassifier(backbone.build_encoder(), recipe.virtual_tokens, num_labels, recipe.pooling, normalize,
-                               spec=recipe.prompt_spec())
-    except ValueError as e:  # a layer the backbone does not have
-        raise RecipeError(f"--layer {recipe.layer}: {e}") from None
+    net = PromptClassifier(backbone.build_encoder(), recipe.virtual_tokens, num_labels, recipe.pooling, normalize,
+                           spec=recipe.prompt_spec())
     rng = np.random.RandomState(recipe.seed)
     h = backbone.config.hidden_size
     values = {"classifier.weight": rng.normal(0, 0.02, (num_labels, h)), "classifier.bias": np.zeros(num_labels)}
@@ -64,7 +62,7 @@ def build_classifier(backbone: Backbone, recipe: Recipe, num_labels: int, prompt
 
 
 def initial_prompt(backbone: Backbone, recipe: Recipe, tokenizer, texts) -> dict:
-    """Starting values of the prompt's Parameters, by name.
+    """Starting values of the prompt's Parameters, by name (each method says which: builder.prompts `initial`).
 
     Lester et al. (2021) section 2.2 for a shallow prompt: embeddings of
     frequent training tokens (`vocab`), of a text, or random.  A prefix
@@ -73,38 +71,63 @@ def initial_prompt(backbone: Backbone, recipe: Recipe, tokenizer, texts) -> dict
     Li & Liang (2021) found best for prefixes.  `random` is PEFT's default for
     a prefix, N(0, 1).
     """
-    table = backbone.word_embeddings
     rng = np.random.RandomState(recipe.seed)
     n, spec = recipe.virtual_tokens, recipe.prompt_spec()
     if recipe.init == "random":
-        if spec.method == "prompt-tuning" or spec.projection:
-            vectors = rng.normal(0, table.std(), (n, table.shape[1]))
-        else:
-            width = (backbone.config.num_layers - spec.layer) * 2 * table.shape[1] \
-                if spec.method == "prefix-tuning" else table.shape[1]
-            vectors = rng.normal(0, 1.0, (n, width))
-        name = "prefix.embedding" if spec.projection else "prompt_embeddings"
-        return {name: vectors.astype(np.float32)}
-    if recipe.init == "text":
+        start = RandomStart(backbone, n, rng)
+    elif recipe.init == "text":
         ids = tokenizer.encode(recipe.init_text, add_special_tokens=False).ids
         if not ids:
             raise RecipeError(f"--init-text {recipe.init_text!r} has no tokens in {backbone.name}'s vocabulary")
-        ids = (ids * math.ceil(n / len(ids)))[:n]  # repeat to fill, as PEFT does
+        start = TokenStart(backbone, (ids * math.ceil(n / len(ids)))[:n])  # repeat to fill, as PEFT does
     elif recipe.init == "vocab":
         # Sample among the 5,000 most frequent tokens of the training text.
         counts = Counter(i for e in encode(tokenizer, texts) for i, s in zip(e.ids, e.special_tokens_mask) if not s)
         frequent = [i for i, _ in counts.most_common(5000)]
-        ids = rng.choice(frequent, n, replace=len(frequent) < n)
+        start = TokenStart(backbone, list(rng.choice(frequent, n, replace=len(frequent) < n)))
     else:
         raise RecipeError(f"unknown prompt init {recipe.init!r} (vocab, text, random)")
-    if spec.method == "prompt-tuning":
-        return {"prompt_embeddings": table[ids].copy()}
-    if spec.projection:  # the reparameterization's input lives in embedding space
-        return {"prefix.embedding": table[ids].copy()}
-    states, keys_values = token_activations(backbone, list(ids))
-    if spec.method == "late-prompt":
-        return {"prompt_embeddings": states[spec.layer]}
-    return {"prompt_embeddings": np.concatenate(keys_values[spec.layer :], 1)}
+    return {k: np.asarray(v, np.float32) for k, v in PROMPTS[spec.method].initial(spec, start).items()}
+
+
+class TokenStart:
+    """Starting tokens of a prompt: their embeddings, and (computed once, when a method asks) their activations."""
+
+    def __init__(self, backbone: Backbone, ids: list):
+        self.backbone, self.ids, self._activations = backbone, ids, None
+
+    def embeddings(self) -> np.ndarray:
+        return self.backbone.word_embeddings[self.ids].copy()
+
+    def states(self, layer: int) -> np.ndarray:
+        return self.activations()[0][layer]
+
+    def keys_values(self, first: int) -> np.ndarray:
+        return np.concatenate(self.activations()[1][first:], 1)
+
+    def activations(self) -> tuple:
+        if self._activations is None:
+            self._activations = token_activations(self.backbone, self.ids)
+        return self._activations
+
+
+class RandomStart:
+    """TokenStart's shapes, drawn at random: embeddings at the word table's scale, activations N(0, 1) (PEFT's
+    prefix init; the states a late prompt joins are layer-normalized)."""
+
+    def __init__(self, backbone: Backbone, n: int, rng):
+        self.backbone, self.n, self.rng = backbone, n, rng
+
+    def embeddings(self) -> np.ndarray:
+        table = self.backbone.word_embeddings
+        return self.rng.normal(0, table.std(), (self.n, table.shape[1]))
+
+    def states(self, layer: int) -> np.ndarray:
+        return self.rng.normal(0, 1.0, (self.n, self.backbone.config.hidden_size))
+
+    def keys_values(self, first: int) -> np.ndarray:
+        cfg = self.backbone.config
+        return self.rng.normal(0, 1.0, (self.n, (cfg.num_layers - first) * 2 * cfg.hidden_size))
 
 
 def token_activations(backbone: Backbone, ids: list) -> tuple:
@@ -298,23 +321,22 @@ class LayerCache:
             out = lower(*pad([encodings[i] for i in index], pad_id, TRAIN_PAD_MULTIPLE))
             for row, i in enumerate(index):
                 self.table[self.starts[i] : self.starts[i + 1]] = out[row, : self.lengths[i]]
-        self.states = [self.table[self.starts[i] : self.starts[i + 1]] for i in range(len(self.lengths))]
 
     def batch(self, index) -> tuple:
         """(states [b, seq, hidden] zero-padded, mask [b, seq] int32), seq a multiple of TRAIN_PAD_MULTIPLE."""
         longest = max(self.lengths[i] for i in index)
         seq = -(-longest // TRAIN_PAD_MULTIPLE) * TRAIN_PAD_MULTIPLE
-        states = np.zeros((len(index), seq, self.states[index[0]].shape[1]), np.float32)
+        states = np.zeros((len(index), seq, self.table.shape[1]), np.float32)
         mask = np.zeros((len(index), seq), np.int32)
         for row, i in enumerate(index):
-            states[row, : self.lengths[i]] = self.states[i]
+            states[row, : self.lengths[i]] = self.table[self.starts[i] : self.starts[i + 1]]
             mask[row, : self.lengths[i]] = 1
         return states, mask
 
     def logits(self, upper: Upper, width: int, batch_size: int = 64) -> np.ndarray:
         """upper over every cached text, [n, width] in input order."""
         model = CellModel(upper, batch_size)
-        out = np.zeros((len(self.states), width), np.float32)
+        out = np.zeros((len(self.lengths), width), np.float32)
         for index in batch_indices(self.lengths, batch_size):
             out[index] = model(*self.batch(index))
         return out
@@ -481,8 +503,10 @@ def train(backbone: Backbone, dataset, recipe: Recipe, log=print, checkpoints: C
     del step
     gc.collect()
     net.load_head_state(result.weights)
-    # dev again through the whole net, as the bundle computes it (training may have scored it from cached layers)
-    metrics = {"best_epoch": result.best_epoch, "dev": evaluate(net, *run.splits["dev"], pad_id, run.num_labels),
+    dev = result.curve[result.best_epoch - 1]["dev"]
+    if net.split > 0:  # scored from cached layers during training: again through the whole net, as the bundle runs
+        dev = evaluate(net, *run.splits["dev"], pad_id, run.num_labels)
+    metrics = {"best_epoch": result.best_epoch, "dev": dev,
                "test": evaluate(net, *run.splits["test"], pad_id, run.num_labels),
                "train_seconds": result.seconds,
                # the median leaves out the steps that compiled a new shape

@@ -147,3 +147,19 @@ SENTENCES = [
     "the acting is wonderful but the plot is dull",
     "one of the best films ever",
 ]
+
+
+def padded_inputs(tokenizer_path, model_type: str, texts, reset: bool = False) -> dict:
+    """input_ids, attention_mask, token_type_ids (int32, right-padded to the longest) as transformers receives them,
+    for the fixture scripts (fixtures/make_*reference.py).  `reset`: MiniLM's tokenizer.json pads to a fixed 128
+    and truncates; drop that first."""
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    if reset:
+        tok.no_padding()
+        tok.no_truncation()
+    pad_id, pad = (1, "<pad>") if model_type == "roberta" else (0, "[PAD]")
+    assert tok.token_to_id(pad) == pad_id
+    tok.enable_padding(pad_id=pad_id, pad_token=pad)
+    enc = tok.encode_batch(texts)
+    get = lambda f: np.array([getattr(e, f) for e in enc], dtype=np.int32)  # noqa: E731
+    return {"input_ids": get("ids"), "attention_mask": get("attention_mask"), "token_type_ids": get("type_ids")}

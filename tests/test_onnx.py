@@ -16,20 +16,29 @@ from onnx import TensorProto
 from ptbundle.builder.backbone import load_backbone
 from ptbundle.builder.model import PromptClassifier
 from ptbundle.builder.onnx_export import export_onnx
+from ptbundle.builder.prompts import PromptSpec
 from ptbundle.runtime.onnx_backend import OnnxModel
 from checkpoints import random_head
 
 # From the shortest real input ([CLS] x [SEP]) and a single row to a long padded batch.
 SHAPES = [(1, 3), (1, 7), (2, 3), (4, 9), (8, 40)]
-CASES = [("bert", "mean", 4), ("bert", "cls", 4), ("roberta", "cls", 4), ("bert", "cls", 0), ("roberta", "mean", 0)]
+# (checkpoint, pooling, virtual tokens, prompt method, its layer): every test below runs on each
+CASES = [("bert", "mean", 4, "prompt-tuning", 0), ("bert", "cls", 4, "prompt-tuning", 0),
+         ("roberta", "cls", 4, "prompt-tuning", 0), ("bert", "cls", 0, "none", 0), ("roberta", "mean", 0, "none", 0),
+         ("bert", "mean", 4, "prefix-tuning", 0), ("roberta", "cls", 4, "prefix-tuning", 1),
+         ("bert", "mean", 4, "late-prompt", 1)]
 NUM_LABELS = 2
 
 
-def make_net(backbone, pooling, virtual_tokens):
-    net = PromptClassifier(backbone.build_encoder(), virtual_tokens, NUM_LABELS, pooling)
+def make_net(backbone, pooling, virtual_tokens, method="prompt-tuning", layer=0):
+    spec = PromptSpec.of(method, virtual_tokens, layer)
+    net = PromptClassifier(backbone.build_encoder(), virtual_tokens, NUM_LABELS, pooling, spec=spec)
     head = random_head(backbone.config.hidden_size, max(virtual_tokens, 1), NUM_LABELS, seed=2)
     if virtual_tokens == 0:
         head.pop("prompt_embeddings")
+    else:  # the prompt's own shape: [P, hidden], or a prefix's [P, layers x 2 x hidden]
+        shape = net.prompt.params()["prompt_embeddings"].shape
+        head["prompt_embeddings"] = (np.random.RandomState(3).standard_normal(shape) * 0.5).astype(np.float32)
     if pooling == "mean":
         head.pop("pooler.weight"), head.pop("pooler.bias")
     net.load_head_state(head)
@@ -60,9 +69,9 @@ def ragged_batch(rng, batch, seq, backbone):
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: "-".join(map(str, c)))
 def exported(request, tmp_path_factory, tiny_bert, tiny_roberta):
-    family, pooling, virtual_tokens = request.param
+    family, pooling, virtual_tokens, method, layer = request.param
     backbone = load_backbone(tiny_bert if family == "bert" else tiny_roberta)
-    net = make_net(backbone, pooling, virtual_tokens)
+    net = make_net(backbone, pooling, virtual_tokens, method, layer)
     path = export_onnx(net, tmp_path_factory.mktemp("onnx") / "model.onnx")
     return backbone, net, path, virtual_tokens
 
@@ -108,9 +117,12 @@ def test_threads_option(exported):
 def test_attention_layer_norm_and_gelu_are_single_kernels(exported):
     """Attention is onnxruntime's fused kernel, LayerNorm and GELU native ops, not op chains."""
     backbone, _, path, _ = exported
-    ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    graph = onnx.load(str(path)).graph
+    ops = Counter(n.op_type for n in graph.node)
     layers = backbone.config.num_layers
     assert ops["Attention"] == ops["Gelu"] == layers
+    prefixed = [n for n in graph.node if n.op_type == "Attention" and len(n.input) == 5]  # a prefix enters as `past`
+    assert len(prefixed) == (layers - exported[1].spec.layer if exported[1].spec.method == "prefix-tuning" else 0)
     assert ops["LayerNormalization"] == 2 * layers + 1  # + the embeddings'
     assert ops["Softmax"] == ops["Erf"] == ops["Transpose"] == ops["Reshape"] == ops["ReduceMean"] == 0
 
@@ -163,10 +175,11 @@ def test_int8_logits_are_close_and_the_same_with_every_kernel(exported):
     np.testing.assert_allclose(precise(ids, mask, types), q, atol=1e-5, rtol=0)
 
 
-def test_int8_logits_do_not_depend_on_the_rest_of_the_batch(exported):
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_logits_do_not_depend_on_the_rest_of_the_batch(exported, precision):
     """A row scored alone (padded to its own length) gets the logits it gets inside a longer padded batch."""
     backbone = exported[0]
-    model = OnnxModel(quantized(exported))
+    model = OnnxModel(quantized(exported) if precision == "int8" else exported[2])
     ids, mask, types = ragged_batch(np.random.RandomState(5), 8, 40, backbone)
     together = model(ids, mask, types)
     for r in range(len(ids)):

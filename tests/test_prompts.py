@@ -131,38 +131,6 @@ def test_initial_activations_are_the_encoders_own(tiny_bert):
     np.testing.assert_allclose(keys_values[0][:, :32], keys, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", sorted(SPECS))
-def test_prediction_does_not_depend_on_the_batch(name, tiny_bert, tmp_path):
-    """A prefix or late prompt folded into ONNX: one sentence alone and inside a padded batch get the same logits."""
-    from ptbundle.builder.onnx_export import export_onnx
-    from ptbundle.runtime.onnx_backend import OnnxModel
-    from ptbundle.runtime.text import encode, load_tokenizer, pad
-
-    backbone = load_backbone(tiny_bert)
-    net = random_net(backbone, SPECS[name], pooling="cls")
-    model = OnnxModel(export_onnx(net, tmp_path / "model.onnx"))
-    tokenizer = load_tokenizer(backbone.tokenizer_path, 128)
-    texts = ["a great movie", "the worst film ever , boring acting and a weak story and a dull script", "dull"]
-    alone = model(*pad(encode(tokenizer, texts[:1]), 0))
-    together = model(*pad(encode(tokenizer, texts), 0, 16))
-    np.testing.assert_allclose(together[:1], alone, atol=1e-5, rtol=0)
-    expected = net(*(Tensor(a) for a in pad(encode(tokenizer, texts), 0, 16))).asnumpy()
-    np.testing.assert_allclose(together, expected, atol=1e-4, rtol=0)
-
-
-def test_prefix_attention_uses_onnxruntime_fused_attention(tiny_bert, tmp_path):
-    """The prefix joins onnxruntime's fused Attention as its `past`: no unfused attention ops in the graph."""
-    import onnx
-
-    from ptbundle.builder.onnx_export import export_onnx
-
-    net = random_net(load_backbone(tiny_bert), SPECS["prefix"])
-    graph = onnx.load(str(export_onnx(net, tmp_path / "model.onnx"))).graph
-    ops = [n.op_type for n in graph.node]
-    assert ops.count("Attention") == 2 and "Softmax" not in ops
-    assert all(len(n.input) == 5 for n in graph.node if n.op_type == "Attention")
-
-
 @pytest.mark.parametrize("options", [
     ["--method", "prefix-tuning", "--layer", "1"],
     ["--method", "late-prompt", "--layer", "1"],

@@ -160,8 +160,7 @@ def main(backbone, data, smoke, results, bundle_path, epochs, peers, course_bund
     specs = peer_specs(names, bundle_path, manifest, course_bundle, bb, dataset, data)
     # The peer's training step is PEFT prompt tuning: the default recipe as a shallow prompt of the bundle's
     # length (a prefix's step time against PEFT's is bench/experiments/time_to_accuracy.py's business).
-    recipe = common.recipe(virtual_tokens=manifest["num_virtual_tokens"], method="prompt-tuning", layer=0,
-                           prefix_projection=0)
+    recipe = common.recipe(virtual_tokens=manifest["num_virtual_tokens"], method="prompt-tuning")
     d = write_inputs(out, bundle_path, manifest, bb, dataset, data, recipe, 1 if smoke else epochs, specs)
     click.echo(f"{len(d['train']['texts'])} train, {len(d['dev']['texts'])} dev, {len(d['test']['texts'])} test "
                f"sentences, {len(d['train_batches'])} epoch(s) of {len(d['train_batches'][0])} batches -> {out}")

@@ -71,7 +71,7 @@ def train_to(args, data: dict, tokenizer) -> dict:
         steps += len(batches)
         t = time.perf_counter()
         dev = accuracy(model, tokenizer, data["dev"], data)
-        checks.append({"epoch": round(done, 3), "step": steps, "train_seconds": round(train_seconds, 1),
+        checks.append({"epoch": round(done, 3), "step": steps, "train_seconds": round(train_seconds, 3),
                        "eval_seconds": round(time.perf_counter() - t, 1), "dev_accuracy": dev,
                        "train_loss": round(run["mean_loss"], 4)})
         print(f"PEFT {recipe['method']} epoch {done:.2f} (step {steps}): dev {dev:.4f}, loss {run['mean_loss']:.4f}, "

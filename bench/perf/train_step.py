@@ -32,8 +32,7 @@ def measure(backbone, dataset, batch_size: int | None, steps: int, virtual_token
     from mindspore import Tensor
 
     # A shallow prompt, as the peer's step trains (peer_inputs): the two steps compare like with like.
-    recipe = common.recipe(batch_size=batch_size, virtual_tokens=virtual_tokens, method="prompt-tuning", layer=0,
-                           prefix_projection=0)
+    recipe = common.recipe(batch_size=batch_size, virtual_tokens=virtual_tokens, method="prompt-tuning")
     run = common.prepare(backbone, dataset, recipe)
     encodings, labels = run.splits["train"]
     batches = common.epoch_batches([len(e.ids) for e in encodings], recipe.batch_size, recipe.seed)[0]
