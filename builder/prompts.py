@@ -31,7 +31,9 @@ manifest records of it).
                     the text's positions start at P, as transformers + PEFT
                     do it.  The table is PEFT's `prompt_embeddings`
                     [P, layers * 2 * hidden] (layer i: key block 2i, value
-                    block 2i + 1, heads split inside a block).  With
+                    block 2i + 1, heads split inside a block; a decoder with
+                    grouped-query attention: blocks as wide as its kv heads,
+                    as PEFT's token_dim).  With
                     `projection`, PEFT's reparameterization (an embedding
                     through Linear-Tanh-Linear) trains the table and is
                     folded into it at export.
@@ -211,12 +213,14 @@ class PrefixTuning(PromptMethod):
 
     def __init__(self, config, spec: PromptSpec):
         super().__init__(config, spec)
-        h, p = config.hidden_size, spec.virtual_tokens
+        # One key (or value) block per layer is as wide as the layer's keys: the hidden size, or a decoder's
+        # kv_heads x head_dim under grouped-query attention (PEFT's token_dim then, its "heads" the kv heads).
+        h, p = getattr(config, "kv_width", config.hidden_size), spec.virtual_tokens
         if not 0 <= spec.layer < config.num_layers:
-            raise RecipeError(f"--layer {spec.layer}: the encoder has layers 0-{config.num_layers - 1}")
+            raise RecipeError(f"--layer {spec.layer}: the model has layers 0-{config.num_layers - 1}")
         self.first_layer = spec.layer
-        self.p, self.hidden, self.heads = p, h, config.num_heads
-        self.head_dim = h // config.num_heads
+        self.p, self.hidden, self.heads = p, h, getattr(config, "num_kv_heads", config.num_heads)
+        self.head_dim = h // self.heads
         width = (config.num_layers - spec.layer) * 2 * h
         self.projection = spec.projection
         if spec.projection:  # PEFT prefix_projection: embedding -> Linear -> Tanh -> Linear

@@ -57,17 +57,24 @@ def calibration_batches(encodings, pad_id: int, batch_size: int = CALIBRATION_BA
 
 
 def quantize_weights(onnx_path: Path, out_path: Path, reduce_range: bool = True, weight_type=None,
-                     per_channel: bool = True) -> None:
-    """onnxruntime's dynamic quantization of the encoder's GEMMs (activations scaled per call)."""
+                     per_channel: bool = True, exclude=HEAD_NODES) -> None:
+    """onnxruntime's dynamic quantization of the graph's GEMMs (activations scaled per call); the nodes named
+    in `exclude` (the head) stay fp32."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    # An encoder's attention is com.microsoft.Attention (QKV GEMM inside: it becomes QAttention); a decoder's
+    # is the standard opset-23 Attention over projected heads, which onnxruntime's quantizer would mistake
+    # for it, so there only its MatMuls are quantized.
+    contrib_attention = any(n.op_type == "Attention" and n.domain == "com.microsoft"
+                            for n in onnx.load(str(onnx_path), load_external_data=False).graph.node)
+    ops = QUANTIZED_OPS if contrib_attention else ("MatMul",)
     # One scale per weight column: columns of different range each keep their
     # precision, at the same speed.  Shape inference cannot type the outputs
     # of onnxruntime's contrib ops; all are float.
     quantize_dynamic(str(onnx_path), str(out_path), weight_type=weight_type or QuantType.QInt8,
-                     per_channel=per_channel, reduce_range=reduce_range, op_types_to_quantize=list(QUANTIZED_OPS),
-                     nodes_to_exclude=list(HEAD_NODES), extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                     per_channel=per_channel, reduce_range=reduce_range, op_types_to_quantize=list(ops),
+                     nodes_to_exclude=list(exclude), extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 def activation_ranges(onnx_path: Path, names, calibration) -> dict:

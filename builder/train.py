@@ -39,8 +39,21 @@ TRAIN_PAD_MULTIPLE = 16
 
 
 def build_classifier(backbone: Backbone, recipe: Recipe, num_labels: int, prompt_init: dict | None,
-                     normalize: bool = False) -> PromptClassifier:
-    """The model to train: frozen encoder, initial prompt (none with 0 virtual tokens), fresh head."""
+                     normalize: bool = False, label_rows: np.ndarray | None = None) -> PromptClassifier:
+    """The model to train: frozen encoder, initial prompt (none with 0 virtual tokens), fresh head.
+
+    A causal LM (backbone.is_decoder) gives a builder.decoder.DecoderClassifier instead, whose head starts as
+    `label_rows` (the label words' rows of its LM head, builder.decoder.label_rows) with no bias, or seeded at
+    random without them (a probe)."""
+    if backbone.is_decoder:
+        from .decoder import DecoderClassifier
+
+        net = DecoderClassifier(backbone.build_decoder(), num_labels, recipe.prompt_spec())
+        rng = np.random.RandomState(recipe.seed)
+        weight = label_rows if label_rows is not None else rng.normal(0, 0.02, (num_labels, backbone.config.hidden_size))
+        net.load_head_state({"classifier.weight": weight, "classifier.bias": np.zeros(num_labels),
+                             **(prompt_init if recipe.virtual_tokens > 0 else {})})
+        return net
     net = PromptClassifier(backbone.build_encoder(), recipe.virtual_tokens, num_labels, recipe.pooling, normalize,
                            spec=recipe.prompt_spec())
     rng = np.random.RandomState(recipe.seed)
@@ -107,7 +120,12 @@ class TokenStart:
 
     def activations(self) -> tuple:
         if self._activations is None:
-            self._activations = token_activations(self.backbone, self.ids)
+            if self.backbone.is_decoder:
+                from .decoder import token_activations as decoder_activations
+
+                self._activations = decoder_activations(self.backbone, self.ids)
+            else:
+                self._activations = token_activations(self.backbone, self.ids)
         return self._activations
 
 
@@ -127,7 +145,8 @@ class RandomStart:
 
     def keys_values(self, first: int) -> np.ndarray:
         cfg = self.backbone.config
-        return self.rng.normal(0, 1.0, (self.n, (cfg.num_layers - first) * 2 * cfg.hidden_size))
+        width = getattr(cfg, "kv_width", cfg.hidden_size)  # a decoder's keys are as wide as its kv heads
+        return self.rng.normal(0, 1.0, (self.n, (cfg.num_layers - first) * 2 * width))
 
 
 def token_activations(backbone: Backbone, ids: list) -> tuple:
@@ -305,11 +324,13 @@ class LayerCache:
     MEMORY_LIMIT = 2 << 30
 
     def __init__(self, net: PromptClassifier, encodings, pad_id: int, batch_size: int = 64,
-                 memory_limit: int = MEMORY_LIMIT):
-        lower = CellModel(Lower(net), batch_size)
+                 memory_limit: int = MEMORY_LIMIT, lower=None):
+        """`lower`: runs net.lower as the runtime calls a model (default: the MindSpore Cell; a decoder's
+        runs in onnxruntime, see inference_model)."""
+        lower = lower or CellModel(Lower(net), batch_size)
         self.lengths = [len(e.ids) for e in encodings]
         self.starts = np.concatenate([[0], np.cumsum(self.lengths)])
-        shape = (int(self.starts[-1]), net.encoder.config.hidden_size)
+        shape = (int(self.starts[-1]), net.hidden_size)
         if shape[0] * shape[1] * 4 > memory_limit:
             import tempfile
 
@@ -342,6 +363,38 @@ class LayerCache:
         return out
 
 
+class ScratchOnnx:
+    """A net's ONNX graph in a temporary directory, called as the runtime calls a model.
+
+    A decoder's forward passes outside the train step run here: MindSpore's
+    CPU backend keeps GBs of buffers per compiled (batch, seq) graph, which a
+    135M decoder multiplies (its layer cache over MR's training texts went
+    past 17 GB and was killed), while onnxruntime takes any shape in one
+    session, faster (builder.hard.FeatureCache does the same for features).
+    """
+
+    def __init__(self, net, lower: bool = False):
+        import tempfile
+
+        from ptbundle.runtime.onnx_backend import OnnxModel
+
+        from .decoder_classifier_onnx import export_decoder_classifier
+
+        self.directory = tempfile.TemporaryDirectory(prefix="ptbundle-forward-")
+        path = f"{self.directory.name}/model.onnx"
+        export_decoder_classifier(net, path, lower=lower)
+        self.model = OnnxModel(path)
+        self.pad_multiple = self.model.pad_multiple
+
+    def __call__(self, *arrays):
+        return self.model(*arrays)
+
+
+def inference_model(net, batch_size: int = 64):
+    """The model that scores `net` outside training: onnxruntime for a decoder (ScratchOnnx), else the Cell."""
+    return ScratchOnnx(net) if hasattr(net, "decoder") else CellModel(net, batch_size)
+
+
 def cell_logits(cell, encodings, pad_id: int, width: int, batch_size: int = 64) -> np.ndarray:
     """cell(ids, mask, types) -> [n, width] in input order, batched as the runtime batches."""
     return batched_logits(CellModel(cell, batch_size), encodings, pad_id, width, batch_size)
@@ -350,7 +403,7 @@ def cell_logits(cell, encodings, pad_id: int, width: int, batch_size: int = 64) 
 def evaluate(net, encodings, gold, pad_id: int, num_labels: int) -> dict:
     if not encodings:
         return {}
-    predicted = cell_logits(net, encodings, pad_id, num_labels).argmax(-1)
+    predicted = batched_logits(inference_model(net), encodings, pad_id, num_labels).argmax(-1)
     return classification_metrics(predicted, gold, num_labels)
 
 
@@ -452,26 +505,36 @@ class Prepared:
     num_labels: int
 
 
-def prepare(backbone: Backbone, dataset, recipe: Recipe) -> Prepared:
-    """Tokenize every split as the bundle will, and build the net with its initial prompt and head."""
+def prepare(backbone: Backbone, dataset, recipe: Recipe, template=None, label_words: dict | None = None) -> Prepared:
+    """Tokenize every split as the bundle will, and build the net with its initial prompt and head.
+
+    A decoder reads its inputs through `template` (its answer slot at the end) and starts its head from
+    `label_words` (label -> words, builder.decoder.label_rows)."""
     tokenizer = load_tokenizer(backbone.tokenizer_path, recipe.max_length)
-    splits = {name: encode_split(tokenizer, dataset, name) for name in ("train", "dev", "test")}
+    splits = {name: encode_split(tokenizer, dataset, name, template) for name in ("train", "dev", "test")}
     if len(splits["train"][0]) < recipe.batch_size:
         raise DataError(f"{len(splits['train'][0])} training examples, fewer than one batch of {recipe.batch_size}"
                         f" (lower --batch-size)")
     num_labels = len(dataset.labels)
     prompt_init = initial_prompt(backbone, recipe, tokenizer, [e.text for e in dataset.train]) \
         if recipe.virtual_tokens > 0 else None
-    net = build_classifier(backbone, recipe, num_labels, prompt_init)
+    rows = None
+    if backbone.is_decoder and label_words:
+        from .decoder import label_rows
+
+        rows = label_rows(backbone, tokenizer, label_words, dataset.labels)
+    net = build_classifier(backbone, recipe, num_labels, prompt_init, label_rows=rows)
     return Prepared(tokenizer, splits, net, backbone.config.pad_token_id, num_labels)
 
 
-def train(backbone: Backbone, dataset, recipe: Recipe, log=print, checkpoints: Checkpoints | None = None):
+def train(backbone: Backbone, dataset, recipe: Recipe, log=print, checkpoints: Checkpoints | None = None,
+          template=None, label_words: dict | None = None):
     """Train; return (net with the best dev epoch's weights, curve, metrics).
 
-    `checkpoints` (its fingerprint left empty: this fills it in from the recipe, data and backbone)."""
+    `checkpoints` (its fingerprint left empty: this fills it in from the recipe, data and backbone);
+    `template`, `label_words`: a decoder's (prepare)."""
     ms.set_seed(recipe.seed)
-    run = prepare(backbone, dataset, recipe)
+    run = prepare(backbone, dataset, recipe, template, label_words)
     net, pad_id = run.net, run.pad_id
     train_enc, train_y = run.splits["train"]
     world = parallel.world()
@@ -481,7 +544,9 @@ def train(backbone: Backbone, dataset, recipe: Recipe, log=print, checkpoints: C
             recipe.to_json(), backbone.sha256, [e.ids for e in train_enc], train_y.tolist()))
     if net.split > 0:  # the prompt starts above layer 0: the layers below run once per text (LayerCache)
         started = time.time()
-        caches = {split: LayerCache(net, run.splits[split][0], pad_id) for split in ("train", "dev")}
+        lower = ScratchOnnx(net, lower=True) if hasattr(net, "decoder") else None
+        caches = {split: LayerCache(net, run.splits[split][0], pad_id, lower=lower) for split in ("train", "dev")}
+        del lower
         gc.collect()
         log(f"layers 0-{net.split - 1} computed once for {len(train_enc)} training and"
             f" {len(run.splits['dev'][0])} dev texts ({time.time() - started:.0f} s); training layers"
@@ -489,8 +554,10 @@ def train(backbone: Backbone, dataset, recipe: Recipe, log=print, checkpoints: C
         upper = Upper(net)
         step = TrainStep(upper, recipe, steps, world)
         batch_inputs = lambda index: [Tensor(a) for a in caches["train"].batch(index)]  # noqa: E731
+        # A decoder's dev pass compiles a graph per shape as training does: at its batch size, not a bigger one.
+        dev_batch = recipe.batch_size if hasattr(net, "decoder") else 64
         dev_metrics = lambda: classification_metrics(  # noqa: E731
-            caches["dev"].logits(upper, run.num_labels).argmax(-1), run.splits["dev"][1], run.num_labels)
+            caches["dev"].logits(upper, run.num_labels, dev_batch).argmax(-1), run.splits["dev"][1], run.num_labels)
     else:
         step = TrainStep(net, recipe, steps, world)
         batch_inputs = lambda index: [Tensor(a) for a in pad([train_enc[i] for i in index], pad_id,  # noqa: E731

@@ -4,6 +4,9 @@
     bundle = Bundle.load("exports/mr-soft")
     bundle.predict(["a gorgeous, witty film"])  # -> [Prediction(label="positive", ...)]
 
+A generation bundle (runtime.format: a decoder and its prompt cache) loads
+the same way and generates instead: `bundle.generate(prompt)` (runtime.generate).
+
 Two backends run the same folded graph: onnxruntime (`model.onnx`, the
 default on CPU: light to install, quick to start) and MindSpore
 (`model.mindir`, the default on GPU and Ascend).  Nothing here imports the
@@ -20,7 +23,7 @@ import numpy as np
 
 from . import backends
 from .errors import BundleError, InputError, TemplateError
-from .format import MANIFEST, TOKENIZER, Manifest, Task, verify_files
+from .format import DECODER_GRAPHS, MANIFEST, PROMPT_CACHE, TOKENIZER, Manifest, Task, verify_files
 from .template import Template
 from .text import batch_indices, encode, load_tokenizer, pad
 
@@ -47,10 +50,11 @@ class TaskInput:
 
 
 class Bundle:
-    def __init__(self, directory: Path, manifest: Manifest, model, tokenizer_path: Path):
+    def __init__(self, directory: Path, manifest: Manifest, model, tokenizer_path: Path, generator=None):
         self.directory = directory
         self.manifest = manifest
         self.model = model
+        self.generator = generator  # runtime.generate.Generator of a generation bundle (model is None then)
         tokenizers = {}  # one per max_length: truncation is a setting of the tokenizer
         self.tasks = {}
         for i, task in enumerate(manifest.tasks):
@@ -68,6 +72,8 @@ class Bundle:
         if not directory.is_dir():
             raise BundleError(f"{directory}: no such bundle directory")
         manifest = Manifest.read(directory)
+        if manifest.generative:
+            return cls.load_generation(directory, manifest, device, runner, int8, verify)
         graph = runner.graph_file("int8" if int8 else "fp32")
         if graph not in manifest.files:
             hint = ("" if not int8 else " (merged bundles carry fp32 graphs only)" if manifest.multi_task
@@ -88,6 +94,60 @@ class Bundle:
             if check is not None:
                 check.result()  # a mismatch raises here, before the bundle is handed out
         return bundle
+
+    @classmethod
+    def load_generation(cls, directory: Path, manifest: Manifest, device: str, runner, int8: bool,
+                        verify: bool) -> "Bundle":
+        from .generate import DecoderSession, Generator, read_prompt_cache
+        from .text import load_tokenizer
+
+        if runner.name != "onnxruntime" or device != "CPU":
+            raise BundleError(f"{directory}: a generation bundle runs on onnxruntime on CPU only"
+                              f" (not {runner.name} on {device})")
+        graph = DECODER_GRAPHS["onnx-int8" if int8 else "onnx"]
+        for name in (graph, PROMPT_CACHE):
+            if name not in manifest.files:
+                hint = " (build it with int8 quantization)" if name == DECODER_GRAPHS["onnx-int8"] else ""
+                raise BundleError(f"{directory}: this bundle has no {name}{hint}")
+        if verify:  # the prompt cache and tokenizer are small: hash them first, the graph while it loads
+            verify_files(directory, manifest, [PROMPT_CACHE, TOKENIZER])
+        with ThreadPoolExecutor(1) as pool:
+            check = pool.submit(verify_files, directory, manifest, [graph]) if verify else None
+            try:
+                session = DecoderSession(directory / graph, read_prompt_cache(directory / PROMPT_CACHE))
+            except Exception:
+                if check is not None:
+                    check.result()  # a missing or altered file explains the failure best
+                raise
+            if check is not None:
+                check.result()
+        task = manifest.only
+        # No truncation: a prompt longer than the context is an error (Generator.check), not silently cut.
+        tokenizer = load_tokenizer(directory / TOKENIZER, task.max_length)
+        tokenizer.no_truncation()
+        return cls(directory, manifest, None, directory / TOKENIZER, Generator(session, tokenizer, task))
+
+    def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, stop=(), stream: bool = False, callback=None):
+        """Text generated after `prompt` (a generation bundle only).
+
+        Greedy at temperature 0; else sampled (nucleus `top_p`), reproducibly for a given `seed`.  Stops at
+        an eos token, at any of the `stop` strings (not included in the text) or after max_new_tokens.
+        Returns a runtime.generate.Generation (.text, .token_ids, .finish_reason); `callback(piece)` sees
+        each piece of text as it comes.  With stream=True, returns an iterator of the pieces instead.
+        Bad arguments and a prompt beyond the context raise InputError before any work.
+        """
+        if self.generator is None:
+            raise BundleError(f"{self.directory}: a {self.manifest.kind_label} classifier bundle: it predicts"
+                              f" labels (predict), it does not generate text")
+        if stream:
+            return self.generator.stream(prompt, max_new_tokens, temperature, top_p, seed, stop)
+        return self.generator.generate(prompt, max_new_tokens, temperature, top_p, seed, stop, callback)
+
+    def no_labels(self) -> None:
+        if self.generator is not None:
+            raise BundleError(f"{self.directory}: a generation bundle: it generates text (generate), it has no"
+                              f" labels to predict")
 
     @property
     def task_names(self) -> list:
@@ -135,6 +195,7 @@ class Bundle:
 
     def _run(self, texts, texts_b, batch_size: int, sort_by_length: bool, task) -> tuple:
         """(each row's TaskInput, logits)."""
+        self.no_labels()
         texts = list(texts)
         rows = self.row_tasks(task, len(texts))
         encodings = self._encode(texts, texts_b, rows)
@@ -150,6 +211,7 @@ class Bundle:
 
         For rows of pair tasks `texts_b` holds the second texts (None at rows of single-text tasks).
         """
+        self.no_labels()
         texts = list(texts)
         return self._encode(texts, texts_b, self.row_tasks(task, len(texts)))
 

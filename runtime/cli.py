@@ -96,6 +96,40 @@ def predict(file, bundle_path, task, input_format, fmt, batch_size, chunk_lines,
 
 
 @cli.command()
+@click.argument("bundle_path", metavar="BUNDLE", type=click.Path())
+@click.argument("prompt", required=False, default="-")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="0: greedy (the likeliest token each step).")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Sample from the smallest set of tokens this likely (with --temperature > 0).")
+@click.option("--seed", default=None, type=int, help="Makes sampling reproducible.")
+@click.option("--stop", multiple=True, help="Stop before this text (repeatable); it is not printed.")
+@click.option("--int8", is_flag=True, help="Use the bundle's int8 decoder graph.")
+def generate(bundle_path, prompt, max_new_tokens, temperature, top_p, seed, stop, int8):
+    """Generate text after PROMPT with a generation bundle, printing it as it comes.
+
+    PROMPT is the text itself, or '-' (the default) to read it from stdin
+    (so `pt-run generate BUNDLE - < question.txt` takes a file).  The
+    bundle's template (e.g. chat markup) is put around it.
+    """
+    import sys
+
+    if prompt == "-":
+        raw = sys.stdin.buffer.read()
+        try:
+            prompt = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")  # the newline that ends a file
+        except UnicodeDecodeError as e:
+            raise click.ClickException(f"<stdin>: not valid UTF-8 (byte {e.start + 1})") from None
+    bundle = load(bundle_path, "CPU", None, int8)
+    for piece in bundle.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                 seed=seed, stop=stop, stream=True):
+        click.echo(piece, nl=False)
+        sys.stdout.flush()  # each piece as it comes, even into a pipe
+    click.echo()
+
+
+@cli.command()
 @click.argument("bundle_specs", nargs=-1, metavar="[NAME=]BUNDLE...")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
@@ -209,6 +243,14 @@ def info(bundle_path):
 
 
 def show_task(bundle_path, t, several: bool) -> None:
+    if t.generation:
+        gen = t.generation
+        click.echo(f"{bundle_path}: generation bundle {t.name} (pt-run generate)")
+        click.echo(f"  prompt      {t.prompt_method}, {t.num_virtual_tokens} positions in the prompt cache;"
+                   f" context {gen['max_positions']} positions, eos ids {gen['eos_token_ids']}")
+        if t.template:
+            click.echo(f"  template    {t.template!r}")
+        return
     head = f" ({t.head} head)" if t.kind == "hard" else ""
     if several:
         click.echo(f"task {t.name}: {t.kind} prompt{head}")

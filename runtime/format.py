@@ -13,6 +13,31 @@ A bundle is a directory:
                          adapter_model.safetensors) that `PeftModel.from_pretrained` loads, when PEFT can
                          express the task exactly; the task's details["peft"] says which (`PEFT_DETAIL`)
 
+A generation bundle (pt-build's decoders: a Llama-family causal LM and its
+learned prompt, run token by token by runtime.generate) is a directory too:
+
+    manifest.json             one task of kind "generate" (`GENERATE`), no labels; its details["generation"]
+                              (`GENERATION_DETAIL`) holds the eos ids, the context length and the cache shape
+    decoder.onnx              the decoder with a KV cache (`decoder_signature`, below)
+    decoder.int8.onnx         optional: its int8 copy (dynamic int8 weights; the LM head fp32)
+    prompt_cache.safetensors  the learned prompt's keys and values at every layer, "key.{i}" and "value.{i}"
+                              float32 [kv_heads, P, head_dim] (P = num_virtual_tokens; zero-length for no
+                              prompt): every generation's cache starts as these
+    tokenizer.json            read with the `tokenizers` library
+
+The decoder graph's signature (`decoder_signature`): int64 `input_ids` and
+`position_ids` [batch, seq] (the text's positions start at P), int64
+`attention_mask` [batch, past + seq] (1 = attend, the cache's positions
+included), float32 `past_key.{i}` / `past_value.{i}` [batch, kv_heads, past,
+head_dim] per layer i in; float32 `logits` [batch, vocab] at each row's last
+attended new position, and `present_key.{i}` / `present_value.{i}` [batch,
+kv_heads, past + seq, head_dim] (the past with the new tokens appended) out.
+Generation bundles keep FORMAT_VERSION 3: their manifest is a version-3
+manifest, and a runtime from before them refuses one already (its Task check
+rejects kind "generate" and an empty label list, naming the field), while
+bumping the version would make older runtimes refuse new classifier bundles
+too, for nothing.
+
 The manifest's `files` names every file by its path relative to the bundle,
 "/"-separated ("model.onnx", "peft/adapter_config.json"); bundles written
 before the peft/ directory list flat names only, and verify the same way.
@@ -39,7 +64,7 @@ from pathlib import Path
 
 from .errors import BundleError
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 3  # generation bundles did not bump it: see the module docstring
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 PROMPT = "prompt.safetensors"
@@ -65,6 +90,45 @@ def signature(multi_task: bool = False) -> dict:
         inputs[TASK_INPUT] = ("int32", ("batch",))
     return {"inputs": inputs, "outputs": {OUTPUT_NAME: ("float32", ("batch", "num_labels"))}}
 
+
+# --- generation bundles (a causal decoder with a KV cache; runtime.generate) ---
+DECODER_GRAPHS = {"onnx": "decoder.onnx", "onnx-int8": "decoder.int8.onnx"}  # graph kind -> file
+PROMPT_CACHE = "prompt_cache.safetensors"  # "key.{i}", "value.{i}": float32 [kv_heads, P, head_dim] per layer
+GENERATE = "generate"  # Task.kind of a generation bundle
+DECODER_INPUTS = ("input_ids", "position_ids", "attention_mask")
+DECODER_OUTPUT = "logits"
+
+
+def past_names(layer: int) -> tuple:
+    """The decoder graph's cache inputs of one layer: (keys, values)."""
+    return f"past_key.{layer}", f"past_value.{layer}"
+
+
+def present_names(layer: int) -> tuple:
+    """The decoder graph's cache outputs of one layer: the past with the new tokens' keys and values appended."""
+    return f"present_key.{layer}", f"present_value.{layer}"
+
+
+def prompt_cache_names(layer: int) -> tuple:
+    return f"key.{layer}", f"value.{layer}"
+
+
+def decoder_signature(layers: int) -> dict:
+    """name -> (dtype, axes) of the decoder graph's inputs and outputs (module docstring)."""
+    inputs = {"input_ids": ("int64", ("batch", "seq")), "position_ids": ("int64", ("batch", "seq")),
+              "attention_mask": ("int64", ("batch", "past + seq"))}
+    outputs = {DECODER_OUTPUT: ("float32", ("batch", "vocab"))}
+    for i in range(layers):
+        for name in past_names(i):
+            inputs[name] = ("float32", ("batch", "kv_heads", "past", "head_dim"))
+        for name in present_names(i):
+            outputs[name] = ("float32", ("batch", "kv_heads", "past + seq", "head_dim"))
+    return {"inputs": inputs, "outputs": outputs}
+
+
+GENERATION_DETAIL = "generation"  # Task.details key of a generation bundle: GENERATION_FIELDS
+GENERATION_FIELDS = ("eos_token_ids", "max_positions", "num_layers", "num_kv_heads", "head_dim", "vocab_size")
+KINDS = ("soft", "hard", GENERATE)
 
 DEVICES = ("CPU", "GPU", "Ascend")
 REBUILD = "rebuild it with this version's pt-build export (or pt-build import for a PEFT adapter)"
@@ -121,7 +185,7 @@ class Task:
     """One task a bundle predicts: its labels, how its inputs are tokenized, how it was made and scored."""
 
     name: str  # "mr", or the name given to pt-build merge
-    kind: str  # "soft" (learned prompt) or "hard" (text template)
+    kind: str  # "soft" (learned prompt), "hard" (text template) or "generate" (a decoder: GENERATE)
     labels: tuple
     pair: bool  # two texts per input
     max_length: int  # text tokens per input, special tokens included, before any prompt
@@ -138,6 +202,11 @@ class Task:
     def kind_label(self) -> str:
         """'soft', or 'hard zero-shot' / 'hard probe': how tables name a bundle."""
         return f"hard {self.head}" if self.kind == "hard" else self.kind
+
+    @property
+    def generation(self) -> dict:
+        """A generation task's GENERATION_FIELDS (details[GENERATION_DETAIL]); {} for a classifier."""
+        return self.details.get(GENERATION_DETAIL, {}) if self.kind == GENERATE else {}
 
     def replace(self, **changes) -> "Task":
         return dataclasses.replace(self, **changes)
@@ -157,10 +226,11 @@ class Task:
         need = checker(path, where)
         need(isinstance(self.name, str) and self.name.strip() == self.name and self.name != "", "name",
              f"must be a non-empty name without surrounding spaces, not {self.name!r}")
-        need(isinstance(self.labels, (list, tuple)) and len(self.labels) >= 2
+        need(self.kind in KINDS, "kind", f"is {self.kind!r}, not one of {', '.join(map(repr, KINDS))}")
+        fewest = 0 if self.kind == GENERATE else 2  # a decoder writes text: it has no labels
+        need(isinstance(self.labels, (list, tuple)) and len(self.labels) >= fewest
              and all(isinstance(l, str) for l in self.labels), "labels", "must list at least two label strings")
         need(len(set(self.labels)) == len(self.labels), "labels", "has duplicates")
-        need(self.kind in ("soft", "hard"), "kind", f"is {self.kind!r}, not 'soft' or 'hard'")
         for name in ("max_length", "num_virtual_tokens"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
@@ -169,6 +239,24 @@ class Task:
         need(self.template is None or isinstance(self.template, str), "template", "must be a string or null")
         for name in ("recipe", "details", "metrics"):
             need(isinstance(getattr(self, name), dict), name, "must be a JSON object")
+        if self.kind == GENERATE:
+            self.check_generation(need)
+
+    def check_generation(self, need) -> None:
+        where = f"details.{GENERATION_DETAIL}"
+        gen = self.details.get(GENERATION_DETAIL)
+        need(isinstance(gen, dict), where, "must be a JSON object (a generation task's eos ids and cache shape)")
+        for name in GENERATION_FIELDS:
+            need(name in gen, where, f"misses {name!r}")
+        eos = gen["eos_token_ids"]
+        need(isinstance(eos, list) and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos),
+             f"{where}.eos_token_ids", f"must list token ids, not {eos!r}")
+        for name in GENERATION_FIELDS[1:]:
+            value = gen[name]
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"{where}.{name}",
+                 f"must be a positive integer, not {value!r}")
+        need(self.num_virtual_tokens < gen["max_positions"], "num_virtual_tokens",
+             f"is {self.num_virtual_tokens}, leaving no room in the context of {gen['max_positions']} positions")
 
 
 @dataclass(frozen=True)
@@ -189,6 +277,11 @@ class Manifest:
     def multi_task(self) -> bool:
         """The graph takes `task_ids` (TASK_INPUT)."""
         return len(self.tasks) > 1
+
+    @property
+    def generative(self) -> bool:
+        """A generation bundle: a decoder graph and a prompt cache (module docstring), not a classifier."""
+        return any(t.kind == GENERATE for t in self.tasks)
 
     @property
     def only(self) -> Task:
@@ -223,8 +316,10 @@ class Manifest:
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
         out["tasks"] = [t.to_json() for t in self.tasks]
+        graph = (decoder_signature(self.tasks[0].generation["num_layers"]) if self.generative
+                 else signature(self.multi_task))
         out["signature"] = {part: {n: {"dtype": d, "axes": list(a)} for n, (d, a) in io.items()}
-                            for part, io in signature(self.multi_task).items()}
+                            for part, io in graph.items()}
         return {"format": "ptbundle", **out}
 
     def write(self, directory: Path) -> Path:
@@ -268,6 +363,8 @@ class Manifest:
         need = checker(path)
         names = self.task_names
         need(len(set(names)) == len(names), "tasks", f"names a task twice ({', '.join(names)})")
+        need(not self.generative or len(self.tasks) == 1, "tasks", "holds a generation task among others"
+             " (a generation bundle has one task)")
         need(isinstance(self.pad_id, int) and not isinstance(self.pad_id, bool) and self.pad_id >= 0, "pad_id",
              f"must be a non-negative integer, not {self.pad_id!r}")
         need(self.device in DEVICES, "device", f"is {self.device!r}, not one of {', '.join(DEVICES)}")

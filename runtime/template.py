@@ -8,9 +8,10 @@ tokenized on its own and the pieces are joined as token ids, so that
 - truncation shortens the inputs, never the template (for "... It was" the
   words after the text are the ones that matter).
 
-The whitespace before a slot moves into the slot ("Review: {text}" encodes
-" " + text), so byte-level BPE (RoBERTa) sees the same tokens as it would in
-the formatted string; WordPiece ignores it.  For pairs, segment A is
+The whitespace before a slot moves into the slot, as written ("Review: {text}"
+encodes " " + text, a chat template's "user\n{text}" "\n" + text), so
+byte-level BPE (RoBERTa, Llama) sees the same tokens as it would in the
+formatted string; WordPiece ignores it.  For pairs, segment A is
 everything before `{text_b}` and segment B is `{text_b}` and what follows,
 with the tokenizer's own special tokens ([CLS] a [SEP] b [SEP], or RoBERTa's).
 Literal braces are written `{{` and `}}`.
@@ -59,7 +60,7 @@ class Template:
                 pieces[-1] = ("literal", stripped)
                 if not stripped:
                     pieces.pop()
-            pieces.append(("slot", name, " " if space else ""))
+            pieces.append(("slot", name, space))
         slots = [p[1] for p in pieces if p[0] == "slot"]
         if "text" not in slots:
             raise TemplateError(f"template {source!r} has no {{text}} slot")

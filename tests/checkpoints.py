@@ -163,3 +163,84 @@ def padded_inputs(tokenizer_path, model_type: str, texts, reset: bool = False) -
     enc = tok.encode_batch(texts)
     get = lambda f: np.array([getattr(e, f) for e in enc], dtype=np.int32)  # noqa: E731
     return {"input_ids": get("ids"), "attention_mask": get("attention_mask"), "token_type_ids": get("type_ids")}
+
+
+# --- a tiny Llama (decoder) in the Hugging Face layout ---------------------------------------------------------
+# Shaped like SmolLM2 (grouped-query attention, tied embeddings, byte-level BPE with its three special tokens
+# first), only smaller; fixtures/make_llama_reference.py computed its reference logits with transformers.
+
+LLAMA_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2, as in SmolLM2
+
+
+def llama_tokenizer() -> Tokenizer:
+    """Byte-level BPE over the byte alphabet (no merges) after SmolLM2's three special tokens; adds nothing."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(list(LLAMA_SPECIALS) + alphabet)}
+    tok = Tokenizer(models.BPE(vocab, [], unk_token=None))
+    tok.add_special_tokens(list(LLAMA_SPECIALS))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def llama_config(vocab_size: int, tie: bool = True) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": 2,
+        "head_dim": HIDDEN // HEADS,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": tie,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        "torch_dtype": "float32",
+    }
+
+
+def llama_weights(cfg: dict, seed: int) -> dict:
+    rng = np.random.RandomState(seed)
+    h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    d = cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
+
+    def normal(*shape, scale=0.2):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    w = {"model.embed_tokens.weight": normal(v, h, scale=1.0), "model.norm.weight": 1.0 + normal(h)}
+    for n in range(cfg["num_hidden_layers"]):
+        l = f"model.layers.{n}."
+        w[l + "input_layernorm.weight"] = 1.0 + normal(h)
+        w[l + "self_attn.q_proj.weight"] = normal(q, h)
+        w[l + "self_attn.k_proj.weight"] = normal(kv, h)
+        w[l + "self_attn.v_proj.weight"] = normal(kv, h)
+        w[l + "self_attn.o_proj.weight"] = normal(h, q)
+        w[l + "post_attention_layernorm.weight"] = 1.0 + normal(h)
+        w[l + "mlp.gate_proj.weight"] = normal(f, h)
+        w[l + "mlp.up_proj.weight"] = normal(f, h)
+        w[l + "mlp.down_proj.weight"] = normal(h, f)
+    if not cfg["tie_word_embeddings"]:
+        w["lm_head.weight"] = normal(v, h)
+    return w
+
+
+def write_llama_checkpoint(directory, seed: int = 0, tie: bool = True) -> Path:
+    """config.json, model.safetensors (transformers' LlamaForCausalLM names) and tokenizer.json of a tiny Llama."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = llama_tokenizer()
+    cfg = llama_config(tok.get_vocab_size(), tie)
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_file(llama_weights(cfg, seed), str(directory / "model.safetensors"))
+    tok.save(str(directory / "tokenizer.json"))
+    return directory

@@ -1,7 +1,8 @@
 """Checkpoint architectures as small declarative adapters, keyed by config.json's `model_type`.
 
 An `Architecture` says how one family's Hugging Face checkpoint maps onto
-the one MindSpore `Encoder` (builder.model): which config.json keys give
+one of two MindSpore models, its `family`: the `Encoder` (builder.model,
+BERT-like) or the `Decoder` (builder.decoder, Llama-like).  For an encoder: which config.json keys give
 the `EncoderConfig`, where positions start, whether it takes token types,
 its padding side and special tokens, and, for each of the Encoder's
 parameters, the checkpoint tensor(s) it is made of.  `weight_map` turns an
@@ -68,6 +69,11 @@ class Architecture:
     padding_side: str = "right"
     special_tokens: dict = field(default_factory=dict)  # role (cls, sep, pad, ...) -> token in tokenizer.json
     pooler: tuple | None = None  # (weight, bias) of the checkpoint's pooler dense, if it may have one
+    family: str = "encoder"  # or "decoder": builder.decoder's config reader, parameters and model
+
+    @property
+    def is_decoder(self) -> bool:
+        return self.family == "decoder"
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -87,8 +93,13 @@ def get(model_type) -> Architecture:
                             f"(supported: {', '.join(sorted(ARCHITECTURES))})") from None
 
 
-def config_from(arch: Architecture, raw: dict, source) -> EncoderConfig:
-    """The EncoderConfig of a parsed config.json; a missing or malformed field is a BackboneError."""
+def config_from(arch: Architecture, raw: dict, source):
+    """The EncoderConfig (or a decoder's DecoderConfig) of a parsed config.json; a missing or malformed field is
+    a BackboneError."""
+    if arch.is_decoder:
+        from ..decoder import decoder_config
+
+        return decoder_config(raw, source)
     types = typing.get_type_hints(EncoderConfig)
     values = {"model_type": arch.model_type}
     for name, key in arch.config.items():
@@ -117,8 +128,11 @@ def config_from(arch: Architecture, raw: dict, source) -> EncoderConfig:
     return dataclasses.replace(cfg, position_offset=arch.position_offset(cfg))
 
 
-def parameter_shapes(cfg: EncoderConfig) -> dict:
-    """Our Encoder's parameters and their shapes (tests/test_architecture.py holds this to the Encoder)."""
+def parameter_shapes(cfg) -> dict:
+    """Our Encoder's (or Decoder's) parameters and their shapes (tests/test_architecture.py holds this to the
+    models)."""
+    if not isinstance(cfg, EncoderConfig):
+        return decoder_shapes(cfg)
     h, f = cfg.hidden_size, cfg.intermediate_size
     shapes = {"embeddings.word": (cfg.vocab_size, h), "embeddings.position": (cfg.max_positions, h)}
     if cfg.type_vocab_size:
@@ -131,6 +145,22 @@ def parameter_shapes(cfg: EncoderConfig) -> dict:
         "ffn.up.weight": (f, h), "ffn.up.bias": (f,),
         "ffn.down.weight": (h, f), "ffn.down.bias": (h,),
         "ffn.norm.gamma": (h,), "ffn.norm.beta": (h,),
+    }
+    for i in range(cfg.num_layers):
+        shapes.update({f"layers.{i}.{name}": shape for name, shape in layer.items()})
+    return shapes
+
+
+def decoder_shapes(cfg) -> dict:
+    h, f, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.kv_width
+    shapes = {"embed_tokens.weight": (cfg.vocab_size, h), "norm.weight": (h,)}
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    layer = {
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
     }
     for i in range(cfg.num_layers):
         shapes.update({f"layers.{i}.{name}": shape for name, shape in layer.items()})
@@ -171,7 +201,8 @@ def weight_map(arch: Architecture, cfg: EncoderConfig) -> dict:
     return out
 
 
-from . import bert, roberta  # noqa: E402  (they build on Architecture, above)
+from . import bert, llama, roberta  # noqa: E402  (they build on Architecture, above)
 
 register(bert.BERT)
 register(roberta.ROBERTA)
+register(llama.LLAMA)

@@ -1,0 +1,485 @@
+"""A Llama-family causal decoder in plain MindSpore: RMSNorm, rotary positions, SwiGLU, grouped-query attention.
+
+One file, read top to bottom, as builder/model.py is for encoders.  The
+parameter names are transformers' `LlamaForCausalLM` names without the
+leading "model." (`layers.0.self_attn.q_proj.weight`, `norm.weight`,
+`embed_tokens.weight`), so the architecture's weight map is short and a
+reader can hold the two side by side.  `lm_head` is the embedding table when
+the checkpoint ties them (SmolLM2 does).
+
+Prompts keep PEFT's CAUSAL_LM semantics: a shallow prompt is P vectors in
+front of the token embeddings at positions 0..P-1; a prefix is P keys and
+values in front of every layer's own, the text's positions starting at P
+(transformers counts a cache's length into the positions).  Either way the
+prompt's keys and values at every layer do not depend on the text, since a
+causal model's tokens see only what precedes them: `prompt_cache` computes
+them once, and a generation bundle starts its KV cache with them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import BackboneError
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The decoder's sizes, as builder.architectures.llama reads them from config.json."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_positions: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_embeddings: bool
+    bos_token_id: int | None
+    eos_token_ids: tuple  # generation stops at any of them
+    pad_token_id: int
+
+    position_offset = 0  # rotary positions start at 0 (check_positions reads it as of encoders)
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+def decoder_config(raw: dict, source) -> DecoderConfig:
+    """The DecoderConfig of a parsed Llama config.json; a missing, malformed or unsupported field is a
+    BackboneError naming the file and the field."""
+
+    def get(key, kind, default=None):
+        value = raw.get(key, default)
+        if value is None:
+            raise BackboneError(f"{source}: missing field {key!r}")
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise BackboneError(f"{source}: field {key!r} is {value!r}, not true or false")
+            return value
+        try:
+            out = kind(value)
+        except (TypeError, ValueError):
+            raise BackboneError(f"{source}: field {key!r} is {value!r}, not {kind.__name__}") from None
+        if kind is int and out != value:
+            raise BackboneError(f"{source}: field {key!r} is {value!r}, not an integer")
+        return out
+
+    hidden, heads = get("hidden_size", int), get("num_attention_heads", int)
+    if heads < 1 or (raw.get("head_dim") is None and hidden % heads):
+        raise BackboneError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    kv_heads = get("num_key_value_heads", int, heads)
+    if kv_heads < 1 or heads % kv_heads:
+        raise BackboneError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise BackboneError(f"{source}: hidden_act {act!r} is not supported (only 'silu')")
+    if raw.get("rope_scaling"):
+        raise BackboneError(f"{source}: rope_scaling {raw['rope_scaling']!r} is not supported (plain rotary only)")
+    for key in ("attention_bias", "mlp_bias"):
+        if raw.get(key):
+            raise BackboneError(f"{source}: field {key!r} is true; only Llama without biases is supported")
+    eos = raw.get("eos_token_id")
+    eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    if not all(isinstance(e, int) for e in eos):
+        raise BackboneError(f"{source}: field 'eos_token_id' is {raw.get('eos_token_id')!r}, not token ids")
+    bos = raw.get("bos_token_id")
+    pad = raw.get("pad_token_id")
+    if pad is None:  # Llama checkpoints often have none; padding is masked anyway
+        pad = eos[0] if eos else 0
+    return DecoderConfig(
+        model_type=str(raw.get("model_type")),
+        vocab_size=get("vocab_size", int),
+        hidden_size=hidden,
+        num_layers=get("num_hidden_layers", int),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=get("head_dim", int, hidden // heads),
+        intermediate_size=get("intermediate_size", int),
+        max_positions=get("max_position_embeddings", int),
+        rms_norm_eps=get("rms_norm_eps", float, 1e-6),
+        rope_theta=get("rope_theta", float, 10000.0),
+        tie_embeddings=get("tie_word_embeddings", bool, False),
+        bos_token_id=bos if isinstance(bos, int) else None,
+        eos_token_ids=eos,
+        pad_token_id=int(pad),
+    )
+
+
+# --- the model ---------------------------------------------------------------------------------------------------
+
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+import mindspore as ms  # noqa: E402
+from mindspore import Parameter, Tensor, nn, ops  # noqa: E402
+
+MASK_FILL = -1e9  # added to the scores of keys a query may not see
+
+
+class RMSNorm(nn.Cell):
+    """x / rms(x) * weight, Llama's norm (no mean, no bias); frozen."""
+
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.weight = Parameter(np.ones(hidden, np.float32), name="weight")
+        self.eps = eps
+        # The mean of squares as a product with a column of 1/h: MindSpore's CPU
+        # reductions are slow, its GEMV is not (as model.LayerNormInputGrad).
+        self.average = Tensor(np.full((hidden, 1), 1.0 / hidden, np.float32))
+
+    def construct(self, x):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        rms = ops.rsqrt(ops.matmul(flat * flat, self.average) + self.eps)
+        return (flat * rms).reshape(shape) * self.weight
+
+
+def rotary_tables(cfg: DecoderConfig) -> tuple:
+    """cos and sin [max_positions, head_dim], as transformers' LlamaRotaryEmbedding computes them (float32)."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    freqs = np.arange(cfg.max_positions, dtype=np.float32)[:, None] * inv_freq[None, :].astype(np.float32)
+    emb = np.concatenate([freqs, freqs], -1)
+    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+
+
+def rotate(x, cos, sin):
+    """transformers' apply_rotary_pos_emb on one of q or k: [b, heads, s, d] with cos/sin [s, d]."""
+    half = x.shape[-1] // 2
+    rotated = ops.concat((-x[..., half:], x[..., :half]), -1)
+    return x * cos + rotated * sin
+
+
+class DecoderAttention(nn.Cell):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.group = cfg.num_heads // cfg.num_kv_heads
+        self.scale = 1.0 / math.sqrt(d)
+        self.q_proj = nn.Dense(h, cfg.num_heads * d, has_bias=False)
+        self.k_proj = nn.Dense(h, cfg.kv_width, has_bias=False)
+        self.v_proj = nn.Dense(h, cfg.kv_width, has_bias=False)
+        self.o_proj = nn.Dense(cfg.num_heads * d, h, has_bias=False)
+
+    def keys_values(self, x, cos, sin):
+        """This layer's keys (rotated) and values of `x` [b, s, h]: [b, kv_heads, s, head_dim] each, what a cache holds."""
+        b, s, _ = x.shape
+        k = self.k_proj(x).reshape(b, s, self.kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, s, self.kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        return rotate(k, cos, sin), v
+
+    def construct(self, x, mask_bias, cos, sin, past_keys=None, past_values=None):
+        """`past_keys`/`past_values` [b, kv_heads, P, head_dim] go in front of the layer's own (a prefix, or the
+        cache of a prompt); `mask_bias` [b, 1, s, P + s] covers them."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, self.heads, self.head_dim).transpose(0, 2, 1, 3)
+        q = rotate(q, cos, sin)
+        k, v = self.keys_values(x, cos, sin)
+        if past_keys is not None:
+            k = ops.concat((past_keys, k), 2)
+            v = ops.concat((past_values, v), 2)
+        if self.group > 1:  # grouped-query attention: query head i reads kv head i // group, as repeat_kv does
+            t = k.shape[2]
+            k = ops.broadcast_to(k.expand_dims(2), (b, self.kv_heads, self.group, t, self.head_dim)) \
+                .reshape(b, self.heads, t, self.head_dim)
+            v = ops.broadcast_to(v.expand_dims(2), (b, self.kv_heads, self.group, t, self.head_dim)) \
+                .reshape(b, self.heads, t, self.head_dim)
+        scores = ops.matmul(q, k.transpose(0, 1, 3, 2)) * self.scale + mask_bias
+        ctx = ops.matmul(ops.softmax(scores, -1), v)
+        return self.o_proj(ctx.transpose(0, 2, 1, 3).reshape(b, s, self.heads * self.head_dim))
+
+
+class SwiGLU(nn.Cell):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.gate_proj = nn.Dense(cfg.hidden_size, cfg.intermediate_size, has_bias=False)
+        self.up_proj = nn.Dense(cfg.hidden_size, cfg.intermediate_size, has_bias=False)
+        self.down_proj = nn.Dense(cfg.intermediate_size, cfg.hidden_size, has_bias=False)
+
+    def construct(self, x):
+        gate = self.gate_proj(x)
+        return self.down_proj(gate * ops.sigmoid(gate) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Cell):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = DecoderAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def construct(self, x, mask_bias, cos, sin, past_keys=None, past_values=None):
+        x = x + self.self_attn(self.input_layernorm(x), mask_bias, cos, sin, past_keys, past_values)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def keys_values(self, x, cos, sin):
+        """What this layer's cache holds for states `x` entering it."""
+        return self.self_attn.keys_values(self.input_layernorm(x), cos, sin)
+
+
+class Table(nn.Cell):
+    """A bare [rows, hidden] Parameter under the name `weight` (embed_tokens.weight, lm_head.weight)."""
+
+    def __init__(self, rows: int, hidden: int):
+        super().__init__()
+        self.weight = Parameter(np.zeros((rows, hidden), np.float32), name="weight")
+
+
+class Decoder(nn.Cell):
+    """The Llama body and LM head; inputs are embeddings, so a prompt can go in front of the tokens'."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = Table(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.CellList([DecoderLayer(cfg) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = Table(cfg.vocab_size, cfg.hidden_size)
+        cos, sin = rotary_tables(cfg)
+        self.cos, self.sin = Tensor(cos), Tensor(sin)
+        # Not a [max, max] triangle: SmolLM2's 8,192 positions would make it 268 MB.
+        self.index = Tensor(np.arange(cfg.max_positions, dtype=np.float32))
+
+    def output_table(self):
+        """The LM head's [vocab, hidden] matrix (the embeddings, when tied)."""
+        return self.embed_tokens.weight if self.config.tie_embeddings else self.lm_head.weight
+
+    def embed(self, input_ids):
+        return ops.gather(self.embed_tokens.weight, input_ids, 0)
+
+    def positions(self, start: int, s: int) -> tuple:
+        return self.cos[start : start + s], self.sin[start : start + s]
+
+    def mask_bias(self, attention_mask, past: int):
+        """[b, 1, s, past + s]: padding keys hidden, each text position sees the past and the text up to itself.
+
+        `attention_mask` [b, s] covers the text only; the past (a prompt) is visible to every position."""
+        b, s = attention_mask.shape
+        keys = (1.0 - attention_mask.astype(ms.float32)) * MASK_FILL  # [b, s]
+        index = self.index[:s]
+        causal = (index.expand_dims(0) > index.expand_dims(1)).astype(ms.float32) * MASK_FILL  # key after query
+        if past > 0:
+            keys = ops.concat((ops.zeros((b, past), ms.float32), keys), 1)
+            causal = ops.concat((ops.zeros((s, past), ms.float32), causal), 1)
+        return keys.expand_dims(1).expand_dims(1) + causal.expand_dims(0).expand_dims(0)
+
+    def construct(self, embeds, attention_mask):
+        """Final hidden states [b, s, h] (after the last norm) of embeddings [b, s, h]; positions from 0."""
+        cos, sin = self.positions(0, embeds.shape[1])
+        x = embeds
+        bias = self.mask_bias(attention_mask, 0)
+        for layer in self.layers:
+            x = layer(x, bias, cos, sin)
+        return self.norm(x)
+
+    def logits(self, hidden):
+        return ops.matmul(hidden, self.output_table().T)
+
+
+# --- classification through the LM head ---------------------------------------------------------------------------
+
+from .errors import RecipeError  # noqa: E402
+from .prompts import PROMPTS, PromptSpec  # noqa: E402
+
+DECODER_PROMPTS = ("none", "prompt-tuning", "prefix-tuning")  # a late prompt would need positions of its own
+
+
+class LabelWords(nn.Cell):
+    """The verbalizer: each label's score is the LM head's logit of its word at the answer position.
+
+    Only the label words' rows of the output matrix are in the graph
+    (`classifier.weight` [labels, hidden], the mean of a label's words'
+    rows when it has several), plus `classifier.bias`: zero-shot, minus the
+    log of the label's prior (calibration); trained with a soft prompt,
+    learned.  The names are PromptClassifier's head names, so training,
+    the bundle's prompt.safetensors and the runtime need nothing new.
+    """
+
+    def __init__(self, hidden: int, num_labels: int):
+        super().__init__(auto_prefix=False)
+        self.classifier = nn.Dense(hidden, num_labels)
+
+    def construct(self, hidden):
+        return self.classifier(hidden)
+
+
+def last_token_rows(mask):
+    """[b, s] mask -> [b, s] float one-hot of each row's last unmasked position (right padding)."""
+    after = ops.concat((mask[:, 1:], ops.zeros((mask.shape[0], 1), mask.dtype)), 1)
+    return (mask - after).astype(ms.float32)
+
+
+class DecoderClassifier(nn.Cell):
+    """Prompt + frozen causal LM + its label words: PET-style classification, the answer slot at the text's end.
+
+    inputs:  input_ids, attention_mask, token_type_ids (int32 [batch, seq]; token types are ignored)
+    output:  logits [batch, num_labels]
+
+    The same interface as model.PromptClassifier (head_params, folded,
+    lower / upper_features for training with cached lower layers), so
+    builder.train, builder.export and the runtime treat both alike.  The
+    text is read at its last token (a template ends with the words before
+    the answer, "... The sentiment is"), through the final norm, by the
+    label words' rows of the LM head.
+    """
+
+    def __init__(self, decoder: Decoder, num_labels: int, spec: PromptSpec | None = None):
+        super().__init__()
+        cfg = decoder.config
+        self.decoder = decoder
+        self.spec = spec or PromptSpec()
+        if self.spec.method not in DECODER_PROMPTS:
+            raise RecipeError(f"--method {self.spec.method}: a decoder takes {', '.join(DECODER_PROMPTS[1:])}")
+        self.prompt = PROMPTS[self.spec.method](cfg, self.spec)  # builder.prompts, laid out for kv heads
+        self.num_virtual_tokens = self.spec.virtual_tokens
+        self.prompt_method = self.spec.method
+        self.split = self.prompt.first_layer
+        self.layer_count = cfg.num_layers
+        self.hidden_size = cfg.hidden_size
+        self.pooling, self.normalize = "last", False
+        self.head = LabelWords(cfg.hidden_size, num_labels)
+        self.classifier = self.head.classifier
+
+    def construct(self, input_ids, attention_mask, token_type_ids):
+        return self.classifier(self.features(input_ids, attention_mask, token_type_ids))
+
+    def features(self, input_ids, attention_mask, token_type_ids):
+        states, mask = self.lower(input_ids, attention_mask, token_type_ids)
+        return self.upper_features(states, mask)
+
+    def start(self) -> int:
+        """The first position of the sequence the layers see: 0 (a shallow prompt's tokens come first), or after
+        a prefix's P cached positions.  The text itself starts at spec.positions()."""
+        return self.prompt.layout(self.spec)[1]
+
+    def lower(self, input_ids, attention_mask, token_type_ids):
+        """(states entering layer `split`, their mask): what a prefix starting higher never changes."""
+        embeds, mask, _ = self.prompt(self.decoder.embed(input_ids), attention_mask, token_type_ids)
+        x = embeds
+        if self.split > 0:
+            cos, sin = self.decoder.positions(self.start(), x.shape[1])
+            bias = self.decoder.mask_bias(mask, 0)
+            for i in range(self.split):
+                x = self.decoder.layers[i](x, bias, cos, sin)
+        return x, mask
+
+    def upper_features(self, x, mask):
+        """Layers from `split` on, with the prompt; the final norm of each row's last token [b, hidden]."""
+        b = x.shape[0]
+        cos, sin = self.decoder.positions(self.start(), x.shape[1])
+        p = self.num_virtual_tokens if self.prompt.has_keys_values else 0
+        bias = self.decoder.mask_bias(mask, p)
+        table = self.prompt.table()
+        for i in range(self.split, self.layer_count):
+            if self.prompt.has_keys_values:
+                keys, values = self.prompt.keys_values(table, i, b)  # keys as the encoder holds them: [b, kv, d, P]
+                x = self.decoder.layers[i](x, bias, cos, sin, keys.transpose(0, 1, 3, 2), values)
+            else:
+                x = self.decoder.layers[i](x, bias, cos, sin)
+        last = (x * last_token_rows(mask).expand_dims(2)).sum(1)
+        return self.decoder.norm(last)
+
+    def head_params(self) -> dict:
+        return {"classifier.weight": self.classifier.weight, "classifier.bias": self.classifier.bias,
+                **self.prompt.params()}
+
+    def prompt_params(self) -> dict:
+        return self.prompt.params()
+
+    def folded(self) -> "DecoderClassifier":
+        if not self.spec.projection:
+            return self
+        net = DecoderClassifier(self.decoder, self.classifier.weight.shape[0], self.spec.folded())
+        net.load_head_state(self.folded_state())
+        return net
+
+    def folded_state(self) -> dict:
+        state = self.head_state()
+        for name in self.prompt.params():
+            state.pop(name)
+        return {**state, **self.prompt.folded()}
+
+    def head_state(self) -> dict:
+        return {k: v.asnumpy().copy() for k, v in self.head_params().items()}
+
+    def load_head_state(self, values: dict) -> None:
+        targets = self.head_params()
+        for name, value in values.items():
+            if name not in targets:
+                raise KeyError(f"{name} is not part of this model's head (has {', '.join(targets)})")
+            value = np.asarray(value, np.float32)
+            if value.shape != tuple(targets[name].shape):
+                raise ValueError(f"{name}: shape {value.shape}, the model expects {tuple(targets[name].shape)}")
+            targets[name].set_data(Tensor(value))
+
+    def prompt_cache(self) -> dict:
+        """The prompt's keys and values at every layer it reaches, "key.{i}"/"value.{i}" -> [kv_heads, P, head_dim]
+        (numpy): the start of a generation bundle's KV cache.  A prefix is its own cache; a shallow prompt's is computed
+        once here (its positions 0..P-1 see nothing but each other)."""
+        if self.prompt_method == "none":
+            return {}
+        cfg = self.decoder.config
+        out = {}
+        if self.prompt.has_keys_values:  # layers from `split` on: a prefix from layer k has none below
+            table = self.prompt.table()
+            for i in range(self.split, cfg.num_layers):
+                keys, values = self.prompt.keys_values(table, i, 1)
+                out[f"key.{i}"], out[f"value.{i}"] = keys.transpose(0, 1, 3, 2)[0].asnumpy(), values[0].asnumpy()
+            return out
+        return sequence_cache(self.decoder, self.prompt.params()["prompt_embeddings"].value())[1]
+
+
+def sequence_cache(decoder: Decoder, embeds) -> tuple:
+    """One sequence of embeddings [n, hidden] at positions 0..n-1 through the decoder: (the states entering each
+    layer [n, hidden], its KV cache "key.{i}"/"value.{i}" -> [kv_heads, n, head_dim]), numpy."""
+    x = embeds.expand_dims(0)
+    n = x.shape[1]
+    cos, sin = decoder.positions(0, n)
+    bias = decoder.mask_bias(ops.ones((1, n), ms.int32), 0)
+    states, cache = [], {}
+    for i, layer in enumerate(decoder.layers):
+        states.append(x[0].asnumpy())
+        keys, values = layer.keys_values(x, cos, sin)
+        cache[f"key.{i}"], cache[f"value.{i}"] = keys[0].asnumpy(), values[0].asnumpy()
+        x = layer(x, bias, cos, sin)
+    return states, cache
+
+
+def token_activations(backbone, ids: list) -> tuple:
+    """builder.train.token_activations for a decoder: the tokens `ids` as one sequence, (states entering each
+    layer [n, hidden], each layer's keys and values side by side [n, 2 * kv_width], a prefix's layout).  A
+    prefix started from them is exactly the KV cache of those tokens read at positions 0..n-1."""
+    decoder = backbone.build_decoder()
+    states, cache = sequence_cache(decoder, Tensor(backbone.word_embeddings[ids]))
+    flat = lambda a: a.transpose(1, 0, 2).reshape(a.shape[1], -1)  # noqa: E731  [kv, n, d] -> [n, kv * d]
+    return states, [np.concatenate([flat(cache[f"key.{i}"]), flat(cache[f"value.{i}"])], 1)
+                    for i in range(len(states))]
+
+
+def label_rows(backbone, tokenizer, label_words: dict, labels) -> np.ndarray:
+    """[labels, hidden]: each label's row of the LM head, the mean of its words' rows when it has several.
+
+    A word is read as it follows the template's last word: with a space in
+    front (" positive"), and by its first token (the one the model would say
+    next; later tokens would need the first one fed back)."""
+    from .backbone import output_table
+
+    table = output_table(backbone)
+    rows = []
+    for label in labels:
+        ids = []
+        for word in label_words.get(label) or [label]:
+            if not word.strip():
+                raise RecipeError(f"label word {word!r} of {label!r} is empty")
+            ids.append(tokenizer.encode(" " + word.strip(), add_special_tokens=False).ids[0])
+        rows.append(table[ids].mean(0))
+    return np.stack(rows).astype(np.float32)

@@ -1,0 +1,177 @@
+"""Write a generation bundle: a Llama-family decoder, its prompt cache and tokenizer, atomically.
+
+The files and the graph's signature are runtime.format's (module docstring
+there).  As builder.export.write_bundle does for classifiers, the bundle is
+assembled in a hidden temporary directory beside its destination, every
+written graph is run back with onnxruntime and compared with the reference
+the caller passes, and only then is the directory renamed into place: a
+failure (or Ctrl-C) leaves no partial bundle.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from ptbundle.runtime.format import (DECODER_GRAPHS, GENERATE, GENERATION_DETAIL, PROMPT_CACHE, TOKENIZER,
+                                     BackboneInfo, Manifest, Task, bundle_files, prompt_cache_names, sha256_file)
+
+from .decoder import DecoderConfig
+from .decoder_onnx import LM_HEAD_NODE, decoder_graph
+from .errors import ExportError
+from .export import library_versions, replace_directory
+
+# Max |logit difference| of decoder.onnx from the reference, relative to the largest |logit| (at least 1):
+# fp32 sums in another order over 30 layers drift by about 1e-6 of the logits' scale.
+PARITY_TOLERANCE = 1e-4
+PARITY_SHAPES = ((1, 9), (3, 12))  # (batch, seq) right-padded probes, each checked as prefill and as decode
+
+
+def write_generation_bundle(destination, weights: dict, cfg: DecoderConfig, tokenizer_path, prompt_cache: dict | None,
+                            *, name: str, template: str | None, details: dict, backbone: BackboneInfo,
+                            device: str = "CPU", quantize: bool = False, prompt_method: str = "none",
+                            recipe: dict | None = None, metrics: dict | None = None,
+                            reference: Callable | None = None) -> Manifest:
+    """Write the bundle at `destination` (replacing any there) and return its manifest.
+
+    `weights`: the decoder's arrays, transformers' names with or without "model." (decoder_onnx.llama_weights).
+    `prompt_cache`: "key.{i}"/"value.{i}" -> float32 [kv_heads, P, head_dim], or None for no prompt.
+    `reference(input_ids, attention_mask)`: int64 [batch, seq] each -> float logits [batch, seq, vocab] of the
+    model with its prompt in front (the trained model, or transformers'); every written graph is checked
+    against it, and the largest difference goes into the manifest's `export`.  Without it the fp32 graph
+    is checked against itself only (prefill then decode against one pass).
+    """
+    destination = Path(destination)
+    cache = prompt_cache_arrays(prompt_cache, cfg)
+    p = next(iter(cache.values())).shape[1]
+    task = Task(name=name, kind=GENERATE, labels=(), pair=False, max_length=cfg.max_positions - p, pooling="none",
+                head="lm", prompt_method=prompt_method, num_virtual_tokens=p, template=template,
+                recipe=dict(recipe or {}),
+                details={**details, GENERATION_DETAIL: {
+                    "eos_token_ids": list(cfg.eos_token_ids), "max_positions": cfg.max_positions,
+                    "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+                    "vocab_size": cfg.vocab_size}},
+                metrics=dict(metrics or {}))
+    manifest = Manifest(tasks=(task,), pad_id=cfg.pad_token_id, backbone=backbone, device=device)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = destination.parent / f".{destination.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        import onnx
+
+        fp32 = tmp / DECODER_GRAPHS["onnx"]
+        model = decoder_graph(weights, cfg)
+        # No onnx.checker: it does not know onnxruntime's kernels; the parity check below loads and runs it.
+        onnx.save(model, str(fp32))
+        del model
+        export = {"onnx": check_graph(fp32, cfg, cache, reference)}
+        if quantize:
+            int8 = tmp / DECODER_GRAPHS["onnx-int8"]
+            quantize_decoder(fp32, int8)
+            # int8 is not held to the fp32 tolerance: its difference is recorded, and the test suite
+            # checks greedy ids and logits stay close (tests/test_generate.py)
+            export["onnx-int8"] = check_graph(int8, cfg, cache, reference, tolerance=None)
+        save_file(cache, str(tmp / PROMPT_CACHE))
+        shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+        files = bundle_files(tmp)
+        for f in files:
+            (tmp / f).chmod(0o644)
+        manifest = manifest.replace(
+            export=export, files={f: sha256_file(tmp / f) for f in files},
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            versions=library_versions())
+        manifest.write(tmp)
+        replace_directory(tmp, destination)
+    except BaseException:  # Ctrl-C included: never leave a half bundle
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def prompt_cache_arrays(prompt_cache: dict | None, cfg: DecoderConfig) -> dict:
+    """Every layer's "key.{i}" and "value.{i}", float32 [kv_heads, P, head_dim] (P = 0 without a prompt)."""
+    empty = np.zeros((cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+    out, lengths = {}, set()
+    for i in range(cfg.num_layers):
+        for name in prompt_cache_names(i):
+            value = empty if not prompt_cache else prompt_cache.get(name)
+            if value is None:
+                raise ExportError(f"prompt cache: no {name!r} (it needs key.i and value.i for each of the"
+                                  f" {cfg.num_layers} layers)")
+            value = np.ascontiguousarray(np.asarray(value, np.float32))
+            if value.ndim != 3 or value.shape[0] != cfg.num_kv_heads or value.shape[2] != cfg.head_dim:
+                raise ExportError(f"prompt cache: {name!r} has shape {list(value.shape)}, not [kv_heads"
+                                  f" {cfg.num_kv_heads}, P, head_dim {cfg.head_dim}]")
+            out[name] = value
+            lengths.add(value.shape[1])
+    if len(lengths) != 1:
+        raise ExportError(f"prompt cache: layers differ in prompt length ({sorted(lengths)})")
+    if lengths.pop() >= cfg.max_positions:
+        raise ExportError(f"prompt cache: the prompt fills the model's {cfg.max_positions} positions")
+    return out
+
+
+def quantize_decoder(fp32: Path, int8: Path) -> None:
+    """The projections' weights int8 (builder.quantize.quantize_weights: 7-bit, one scale per column, so the
+    same sums with and without VNNI), activations scaled per call: one prompt at a time, a call's scale is
+    its own.  The LM head stays fp32: it shares its table with the embedding Gather (tied weights), so an
+    int8 head would add a second copy of the largest matrix, and it decides every token."""
+    from .quantize import quantize_weights
+
+    quantize_weights(fp32, int8, exclude=(LM_HEAD_NODE,))
+
+
+def probe_batches(cfg: DecoderConfig, seed: int = 0):
+    """Right-padded random id batches (int64 ids, mask), as a batch of prompts of different lengths is."""
+    rng = np.random.RandomState(seed)
+    for batch, seq in PARITY_SHAPES:
+        lengths = rng.randint(max(2, seq // 2), seq + 1, batch)
+        lengths[0] = seq
+        ids = np.full((batch, seq), cfg.pad_token_id, np.int64)
+        mask = np.zeros((batch, seq), np.int64)
+        for r, n in enumerate(lengths):
+            ids[r, :n], mask[r, :n] = rng.randint(0, cfg.vocab_size, n), 1
+        yield ids, mask
+
+
+def check_graph(path: Path, cfg: DecoderConfig, cache: dict, reference: Callable | None,
+                tolerance: float | None = PARITY_TOLERANCE) -> float:
+    """Max |logit difference| of the graph at `path` from `reference` (or, without one, of prefill + decode
+    from one pass through the same graph), over the probes: each row's last token's logits, after a prefill
+    of all the tokens and after a prefill of all but the last then one decode step.  Raises ExportError
+    beyond `tolerance` x the logits' scale (None: record only)."""
+    from ptbundle.runtime.generate import DecoderSession
+
+    session = DecoderSession(path, cache)
+    worst, scale = 0.0, 1.0
+    for ids, mask in probe_batches(cfg):
+        rows = np.arange(len(ids))
+        last = mask.sum(1) - 1
+        whole = session.prefill(ids, mask)[0]
+        if reference is not None:
+            expected = np.asarray(reference(ids, mask), np.float64)[rows, last]
+        else:
+            expected = whole.astype(np.float64)
+        scale = max(scale, float(np.abs(expected).max()))
+        worst = max(worst, float(np.abs(whole - expected).max()))
+        # The last token of each row through the cache: prefill the rest (the row's last token masked out),
+        # then decode it at its own position.
+        head_mask = mask.copy()
+        head_mask[rows, last] = 0
+        _, present = session.prefill(ids, head_mask)
+        step_ids = ids[rows, last][:, None]
+        p = session.prompt_length
+        full_mask = np.concatenate([np.ones((len(ids), p), np.int64), head_mask, np.ones((len(ids), 1), np.int64)], 1)
+        stepped, _ = session.run(step_ids, (p + last)[:, None], full_mask, present)
+        worst = max(worst, float(np.abs(stepped - expected).max()))
+    if not np.isfinite(worst) or (tolerance is not None and worst > tolerance * scale):
+        raise ExportError(f"{path.name}: logits differ from the reference by {worst:.2e}"
+                          f" (> {tolerance} x {scale:.1f}, the largest logit)")
+    return worst

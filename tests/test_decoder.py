@@ -1,0 +1,276 @@
+"""The Llama decoder (builder.decoder) against transformers + PEFT, on the tiny Llama of tests/checkpoints.
+
+fixtures/llama_reference.npz holds transformers' logits for the same weights
+(fixtures/make_llama_reference.py made it); these tests read them through
+the real code paths: the checkpoint loaded by load_backbone, the MindSpore
+Decoder, the DecoderClassifier with each prompt method, and its ONNX graph.
+A head as wide as the vocabulary (the whole LM head as "label words") makes
+the classifier return the LM's full next-token logits at each row's last
+token, so it can be held to the reference.
+"""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mindspore import Tensor
+
+from checkpoints import write_llama_checkpoint
+from ptbundle.builder.backbone import load_backbone
+from ptbundle.builder.decoder import DecoderClassifier, token_activations
+from ptbundle.builder.errors import BackboneError, RecipeError
+from ptbundle.builder.onnx_export import export_onnx
+from ptbundle.builder.prompts import PromptSpec
+from ptbundle.runtime.onnx_backend import OnnxModel
+
+REFERENCE = Path(__file__).parent / "fixtures" / "llama_reference.npz"
+P = 5  # the reference's virtual tokens
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return np.load(REFERENCE)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, ref):
+    d = write_llama_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
+    digest = hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()
+    assert digest == str(ref["plain/checkpoint_sha256"]), "checkpoints.py changed: remake the fixture"
+    return load_backbone(d)
+
+
+@pytest.fixture(scope="module")
+def tiny_untied(tmp_path_factory):
+    return load_backbone(write_llama_checkpoint(tmp_path_factory.mktemp("tiny-llama-untied"), tie=False))
+
+
+def vocab_classifier(backbone, spec=PromptSpec(), prompt=None) -> DecoderClassifier:
+    """A classifier whose "label words" are the whole vocabulary: its logits are the LM's next-token logits."""
+    net = DecoderClassifier(backbone.build_decoder(), backbone.config.vocab_size, spec)
+    table = backbone.word_embeddings if backbone.config.tie_embeddings else backbone.weights["lm_head.weight"]
+    net.load_head_state({"classifier.weight": table, "classifier.bias": np.zeros(backbone.config.vocab_size),
+                         **({"prompt_embeddings": prompt} if prompt is not None else {})})
+    return net
+
+
+def run(net, ids, mask):
+    return net(Tensor(ids), Tensor(mask), Tensor(np.zeros_like(ids))).asnumpy()
+
+
+def last_rows(logits, mask, offset=0):
+    """Each row's logits at its last text token: [b, vocab]."""
+    return logits[np.arange(len(mask)), offset + mask.sum(1) - 1]
+
+
+def test_decoder_matches_transformers_at_every_position(tiny_llama, ref):
+    ids, mask = ref["plain/input_ids"], ref["plain/attention_mask"]
+    decoder = tiny_llama.build_decoder()
+    logits = decoder.logits(decoder(decoder.embed(Tensor(ids)), Tensor(mask))).asnumpy()
+    valid = mask.astype(bool)
+    assert np.abs(logits[valid] - ref["plain/logits"][valid]).max() < 1e-4
+    for i in range(len(ids)):  # each row alone, unpadded
+        n = int(mask[i].sum())
+        alone = decoder.logits(decoder(decoder.embed(Tensor(ids[i : i + 1, :n])), Tensor(mask[i : i + 1, :n])))
+        assert np.abs(alone.asnumpy() - ref[f"plain/row{i}/logits"]).max() < 1e-4
+
+
+def test_untied_head_matches_transformers(tiny_untied, ref):
+    ids, mask = ref["plain/input_ids"], ref["plain/attention_mask"]
+    expected = last_rows(ref["untied/logits"], mask)
+    assert np.abs(run(vocab_classifier(tiny_untied), ids, mask) - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["none", "prefix-tuning", "prompt-tuning"])
+def test_classifier_reads_the_lm_head_as_peft_does(tiny_llama, ref, method, tmp_path):
+    """PEFT CAUSAL_LM prefix and prompt tuning: same logits at each row's last token, in MindSpore and ONNX."""
+    ids, mask = ref["plain/input_ids"], ref["plain/attention_mask"]
+    if method == "none":
+        net, expected = vocab_classifier(tiny_llama), last_rows(ref["plain/logits"], mask)
+    elif method == "prefix-tuning":
+        net = vocab_classifier(tiny_llama, PromptSpec.of(method, P), ref["prefix/prefix"])
+        expected = last_rows(ref["prefix/logits"], mask)
+    else:  # PEFT returns the virtual positions' logits first
+        net = vocab_classifier(tiny_llama, PromptSpec.of(method, P), ref["prompt-tuning/prompt_embeddings"])
+        expected = last_rows(ref["prompt-tuning/logits"], mask, offset=P)
+    assert np.abs(run(net, ids, mask) - expected).max() < 1e-4
+    onnx = OnnxModel(export_onnx(net, tmp_path / "model.onnx"))
+    assert np.abs(onnx(ids, mask, np.zeros_like(ids)) - expected).max() < 1e-4
+
+
+def test_prefix_from_a_higher_layer_splits_at_that_layer(tiny_llama, ref, tmp_path):
+    """A prefix from layer 1 leaves layer 0 on the text alone: lower() once, upper_features() after, equal to
+    the whole pass, and the ONNX graph (an empty past below layer 1) agrees."""
+    ids, mask = ref["plain/input_ids"], ref["plain/attention_mask"]
+    table = np.random.RandomState(0).standard_normal((P, 2 * tiny_llama.config.kv_width)).astype(np.float32)
+    net = vocab_classifier(tiny_llama, PromptSpec.of("prefix-tuning", P, layer=1), table)
+    assert net.split == 1
+    whole = run(net, ids, mask)
+    states, m = net.lower(Tensor(ids), Tensor(mask), Tensor(np.zeros_like(ids)))
+    parts = net.classifier(net.upper_features(states, m)).asnumpy()
+    assert np.abs(parts - whole).max() < 1e-5
+    onnx = OnnxModel(export_onnx(net, tmp_path / "model.onnx"))
+    assert np.abs(onnx(ids, mask, np.zeros_like(ids)) - whole).max() < 1e-4
+
+
+def test_a_prediction_does_not_depend_on_its_batch(tiny_llama, ref):
+    ids, mask = ref["plain/input_ids"], ref["plain/attention_mask"]
+    net = vocab_classifier(tiny_llama, PromptSpec.of("prompt-tuning", P), ref["prompt-tuning/prompt_embeddings"])
+    together = run(net, ids, mask)
+    for i in range(len(ids)):
+        n = int(mask[i].sum())
+        alone = run(net, ids[i : i + 1, :n], mask[i : i + 1, :n])
+        assert np.abs(alone - together[i]).max() < 1e-4
+
+
+def test_prompt_cache_is_what_the_model_caches(tiny_llama, ref):
+    """A shallow prompt's cache, computed once, continues the text exactly as the prompt tokens in front do;
+    a prefix's cache is its table."""
+    prompt = ref["prompt-tuning/prompt_embeddings"]
+    net = vocab_classifier(tiny_llama, PromptSpec.of("prompt-tuning", P), prompt)
+    cache = net.prompt_cache()
+    assert set(cache) == {f"{kind}.{i}" for kind in ("key", "value") for i in range(2)}
+    assert cache["key.0"].shape == (2, P, 8)
+    # a prefix with exactly that cache as its table gives the prompt-tuning net's logits
+    table = np.concatenate([np.concatenate([cache[f"{k}.{i}"].transpose(1, 0, 2).reshape(P, -1)
+                                            for k in ("key", "value")], 1) for i in range(2)], 1)
+    prefix = vocab_classifier(tiny_llama, PromptSpec.of("prefix-tuning", P), table)
+    ids, mask = ref["plain/input_ids"], ref["plain/attention_mask"]
+    assert np.abs(run(prefix, ids, mask) - run(net, ids, mask)).max() < 1e-4
+    pcache = prefix.prompt_cache()
+    assert all(np.abs(pcache[k] - cache[k]).max() < 1e-6 for k in cache)
+
+
+def test_prefix_started_from_tokens_is_their_cache(tiny_llama, ref):
+    """builder.train's `vocab`/`text` init of a decoder's prefix: the tokens' keys and values at each layer,
+    so the prefix starts out as the hard prompt those tokens make."""
+    ids = [72, 105, 33, 44, 50]
+    _, keys_values = token_activations(tiny_llama, ids)
+    table = np.concatenate(keys_values, 1)
+    assert table.shape == (5, 2 * 2 * tiny_llama.config.kv_width)
+    prefix = vocab_classifier(tiny_llama, PromptSpec.of("prefix-tuning", 5), table)
+    text = ref["plain/input_ids"][2:3, :7]
+    together = np.concatenate([np.array([ids], np.int32), text], 1)
+    plain = vocab_classifier(tiny_llama)
+    assert np.abs(run(prefix, text, np.ones_like(text)) - run(plain, together, np.ones_like(together))).max() < 1e-4
+
+
+def test_decoder_rejects_late_prompts(tiny_llama):
+    with pytest.raises(RecipeError, match="a decoder takes prompt-tuning, prefix-tuning"):
+        DecoderClassifier(tiny_llama.build_decoder(), 2, PromptSpec.of("late-prompt", 4, layer=1))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_act", "gelu", "hidden_act 'gelu' is not supported"),
+    ("num_key_value_heads", 3, "not a multiple of num_key_value_heads 3"),
+    ("rope_scaling", {"type": "linear", "factor": 2.0}, "rope_scaling"),
+    ("vocab_size", "many", "field 'vocab_size' is 'many', not int"),
+])
+def test_bad_llama_config_is_one_line(tmp_path, field, value, message):
+    import json
+
+    d = write_llama_checkpoint(tmp_path / "bad")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[field] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BackboneError, match=message) as e:
+        load_backbone(d)
+    assert "\n" not in str(e.value) and "config.json" in str(e.value)
+
+
+def test_missing_tokenizer_is_one_line(tmp_path):
+    d = write_llama_checkpoint(tmp_path / "no-tokenizer")
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(BackboneError, match="missing tokenizer.json"):
+        load_backbone(d)
+
+
+# --- pt-build export on a decoder: the real CLI, real bundles, read back by the runtime --------------------------
+
+DECODER_TEMPLATE = "<|im_start|>user\nreview: {text}<|im_end|>\n<|im_start|>assistant\nit was"
+WORDS = ("pos=great", "neg=dull")
+
+
+@pytest.fixture(scope="module")
+def decoder_build(tmp_path_factory, toy_files, monkeypatch_module):
+    """Soft (a prefix), zero-shot and probe bundles of the toy task on the tiny Llama, given as a GGUF file (so
+    the conversion is on the path), with int8 graphs."""
+    from conftest import build
+    from test_gguf import write_gguf
+
+    root = tmp_path_factory.mktemp("decoder-build")
+    monkeypatch_module.setenv("PTBUNDLE_CACHE", str(root / "cache"))
+    gguf = write_gguf(root / "tiny.gguf", write_llama_checkpoint(root / "ckpt"))
+    train, dev = toy_files
+    out = root / "exports"
+    result = build(["export", "--train", str(train), "--dev", str(dev), "--test", str(dev), "--backbone", str(gguf),
+                    "--virtual-tokens", "4", "--epochs", "2", "--batch-size", "8", "--max-length", "64",
+                    "--template", DECODER_TEMPLATE, *[x for w in WORDS for x in ("--label-text", w)],
+                    "--out", str(out), "--name", "toy", "--quantize", "int8"])
+    return out, result.stdout
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_decoder_bundles_are_built_and_served(decoder_build):
+    from ptbundle.runtime import Bundle
+    from ptbundle.runtime.format import Manifest
+
+    out, stdout = decoder_build
+    assert "hard zero-shot" in stdout and "soft" in stdout
+    texts = ["a great movie", "the worst film ever", "boring acting and a weak story"]
+    for name, head in (("toy-soft", "label-words"), ("toy-hard-zeroshot", "zero-shot"), ("toy-hard-probe", "probe")):
+        manifest = Manifest.read(out / name)
+        task = manifest.only
+        assert (task.head, task.pooling, task.template) == (head, "last", DECODER_TEMPLATE)
+        assert manifest.backbone.model_type == "llama" and manifest.backbone.name == "tiny"
+        assert manifest.export["onnx"] < 1e-4 and manifest.export["mindir"] < 1e-5
+        assert "int8" in task.metrics
+        fp32 = Bundle.load(out / name)
+        logits = fp32.logits(texts)
+        one_by_one = np.concatenate([fp32.logits([t]) for t in texts])
+        assert np.abs(logits - one_by_one).max() < 1e-4  # no row depends on its batch
+        mindir = Bundle.load(out / name, backend="mindspore").logits(texts)
+        assert np.abs(mindir - logits).max() < 1e-4
+        int8 = Bundle.load(out / name, int8=True).logits(texts)
+        assert np.abs(int8 - np.concatenate([Bundle.load(out / name, int8=True).logits([t]) for t in texts])).max() \
+            < 1e-5  # fixed activation scales: int8 rows are batch-independent too
+    soft = Manifest.read(out / "toy-soft").only
+    assert soft.prompt_method == "prefix-tuning" and soft.details["label_words"] == {"pos": ["great"], "neg": ["dull"]}
+    zero = Manifest.read(out / "toy-hard-zeroshot").only
+    assert zero.details["calibration"] == "logprior"
+
+
+def test_zero_shot_head_is_the_label_words_rows_calibrated(tmp_path):
+    """The zero-shot head's rows are the LM head's rows of the label words' first tokens; its bias makes the
+    mean log-probability of every label equal on the unlabelled texts."""
+    from ptbundle.builder.decoder import label_rows
+    from ptbundle.builder.hard import lm_zero_shot_head
+    from ptbundle.runtime.text import load_tokenizer
+
+    backbone = load_backbone(write_llama_checkpoint(tmp_path / "ckpt"))
+    tokenizer = load_tokenizer(backbone.tokenizer_path, 64)
+    rows = label_rows(backbone, tokenizer, {"pos": ["great", "best"], "neg": ["dull"]}, ["neg", "pos"])
+    g, b, d = (tokenizer.encode(w, add_special_tokens=False).ids[0] for w in (" great", " best", " dull"))
+    table = backbone.word_embeddings
+    assert np.allclose(rows, [table[d], (table[g] + table[b]) / 2])
+    unlabelled = np.random.RandomState(0).standard_normal((50, backbone.config.hidden_size)).astype(np.float32)
+    head = lm_zero_shot_head(rows, unlabelled)
+    logits = unlabelled @ head["classifier.weight"].T + head["classifier.bias"]
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    assert np.ptp(logp.mean(0)) < 1e-4
+
+
+def test_label_word_without_tokens_is_one_line(tmp_path):
+    from ptbundle.builder.decoder import label_rows
+    from ptbundle.runtime.text import load_tokenizer
+
+    backbone = load_backbone(write_llama_checkpoint(tmp_path / "ckpt"))
+    with pytest.raises(RecipeError, match="label word ' ' of 'pos' is empty"):
+        label_rows(backbone, load_tokenizer(backbone.tokenizer_path, 64), {"pos": [" "]}, ["pos"])

@@ -1,0 +1,384 @@
+"""Generation bundles: the decoder graph against a reference, the KV cache, generate, pt-run generate, errors.
+
+The reference is tests/fixtures/llama_reference.npz (transformers + PEFT, see make_llama_reference.py) when
+it is there, else `llama_forward` below: a plain numpy Llama (RMSNorm, rotate_half rotary, grouped-query
+attention by repeating kv heads, SwiGLU) in float64.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from checkpoints import write_llama_checkpoint
+
+FIXTURE = Path(__file__).parent / "fixtures" / "llama_reference.npz"
+BIN = Path(sys.executable).parent
+P = 5
+CHAT = "<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def llama_forward(w, cfg, ids, mask, prompt_cache=None):
+    """Logits [batch, seq, vocab] at every text position (float64); the prompt cache's P positions in front."""
+    w = {k.removeprefix("model."): np.asarray(v, np.float64) for k, v in w.items()}
+    b, s = ids.shape
+    heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    p = 0 if prompt_cache is None else prompt_cache["key.0"].shape[1]
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2) / d))
+    angles = (p + np.arange(s))[:, None] * inv_freq[None]
+    cos, sin = np.cos(np.concatenate([angles, angles], -1)), np.sin(np.concatenate([angles, angles], -1))
+    rotate_half = lambda x: np.concatenate([-x[..., d // 2:], x[..., : d // 2]], -1)  # noqa: E731
+    rms = lambda x, g: x / np.sqrt((x ** 2).mean(-1, keepdims=True) + cfg.rms_norm_eps) * g  # noqa: E731
+    keys_mask = np.concatenate([np.ones((b, p)), mask], 1).astype(bool)
+    causal = np.arange(p + s)[None, :] <= (p + np.arange(s))[:, None]
+    visible = causal[None, None] & keys_mask[:, None, None, :]
+    x = w["embed_tokens.weight"][ids]
+    for i in range(cfg.num_layers):
+        a, m = f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+        h = rms(x, w[f"layers.{i}.input_layernorm.weight"])
+        split = lambda name, n: (h @ w[a + name].T).reshape(b, s, n, d).transpose(0, 2, 1, 3)  # noqa: E731
+        q, k, v = split("q_proj.weight", heads), split("k_proj.weight", kv), split("v_proj.weight", kv)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if p:
+            k = np.concatenate([np.broadcast_to(prompt_cache[f"key.{i}"], (b, kv, p, d)), k], 2)
+            v = np.concatenate([np.broadcast_to(prompt_cache[f"value.{i}"], (b, kv, p, d)), v], 2)
+        k, v = np.repeat(k, heads // kv, 1), np.repeat(v, heads // kv, 1)
+        scores = np.where(visible, q @ k.transpose(0, 1, 3, 2) / np.sqrt(d), -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        x = x + (probs @ v).transpose(0, 2, 1, 3).reshape(b, s, heads * d) @ w[a + "o_proj.weight"].T
+        h = rms(x, w[f"layers.{i}.post_attention_layernorm.weight"])
+        gate = h @ w[m + "gate_proj.weight"].T
+        x = x + (gate / (1 + np.exp(-gate)) * (h @ w[m + "up_proj.weight"].T)) @ w[m + "down_proj.weight"].T
+    x = rms(x, w["norm.weight"])
+    return x @ (w["embed_tokens.weight"] if cfg.tie_embeddings else w["lm_head.weight"]).T
+
+
+def prefix_cache(table: np.ndarray, cfg) -> dict:
+    """PEFT's prefix table [P, layers * 2 * kv_width] as a prompt cache (make_llama_reference.py, semantics a)."""
+    kvw, out = cfg.kv_width, {}
+    for i in range(cfg.num_layers):
+        for slot, name in ((2 * i, f"key.{i}"), (2 * i + 1, f"value.{i}")):
+            block = table[:, slot * kvw:(slot + 1) * kvw].reshape(len(table), cfg.num_kv_heads, cfg.head_dim)
+            out[name] = np.ascontiguousarray(block.transpose(1, 0, 2), np.float32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """(checkpoint dir, DecoderConfig, weights, reference npz or None, prompt cache of P positions)."""
+    from safetensors.numpy import load_file
+
+    from ptbundle.builder.decoder import decoder_config
+
+    d = write_llama_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
+    cfg = decoder_config(json.loads((d / "config.json").read_text()), d / "config.json")
+    weights = load_file(str(d / "model.safetensors"))
+    ref = dict(np.load(FIXTURE)) if FIXTURE.is_file() else None
+    if ref is not None:
+        cache = prefix_cache(ref["prefix/prefix"], cfg)
+    else:
+        rng = np.random.RandomState(2)
+        cache = {f"{n}.{i}": (rng.standard_normal((cfg.num_kv_heads, P, cfg.head_dim)) * 0.5).astype(np.float32)
+                 for i in range(cfg.num_layers) for n in ("key", "value")}
+    return d, cfg, weights, ref, cache
+
+
+def backbone_info(cfg):
+    from ptbundle.runtime.format import BackboneInfo
+
+    return BackboneInfo("tiny-llama", "llama", cfg.hidden_size, cfg.num_layers, cfg.num_heads,
+                        cfg.intermediate_size, cfg.vocab_size, "0" * 64)
+
+
+def write(llama, path, with_prompt: bool, template=None, quantize=False, cfg=None):
+    from ptbundle.builder.generation import write_generation_bundle
+
+    d, base_cfg, weights, _, cache = llama
+    cfg = cfg or base_cfg
+    cache = cache if with_prompt else None
+    reference = lambda ids, mask: llama_forward(weights, cfg, ids, mask, cache)  # noqa: E731
+    return write_generation_bundle(path, weights, cfg, d / "tokenizer.json", cache, name="tiny-chat",
+                                   template=template, details={}, backbone=backbone_info(cfg), quantize=quantize,
+                                   prompt_method="prefix-tuning" if with_prompt else "none", reference=reference)
+
+
+@pytest.fixture(scope="module")
+def bundles(llama, tmp_path_factory):
+    """{"plain": no prompt, int8 too; "prefix": the P-position prompt cache; "chat": no prompt, chat template}."""
+    out = tmp_path_factory.mktemp("generation")
+    write(llama, out / "plain", False, quantize=True)
+    write(llama, out / "prefix", True)
+    write(llama, out / "chat", False, template=CHAT)
+    return out
+
+
+def session_of(bundle_dir):
+    from ptbundle.runtime.generate import DecoderSession, read_prompt_cache
+
+    return DecoderSession(bundle_dir / "decoder.onnx", read_prompt_cache(bundle_dir / "prompt_cache.safetensors"))
+
+
+def reference_batch(llama, case):
+    """(ids, mask, logits [b, s, vocab]) of a right-padded batch, from the fixture or the numpy model."""
+    _, cfg, weights, ref, cache = llama
+    if ref is not None:
+        ids, mask = ref["plain/input_ids"].astype(np.int64), ref["plain/attention_mask"].astype(np.int64)
+        return ids, mask, ref[f"{case}/logits"]
+    rng = np.random.RandomState(0)
+    lengths = [13, 20, 7, 16]
+    ids = np.full((4, 20), cfg.pad_token_id, np.int64)
+    mask = np.zeros((4, 20), np.int64)
+    for r, n in enumerate(lengths):
+        ids[r, :n], mask[r, :n] = rng.randint(3, cfg.vocab_size, n), 1
+    return ids, mask, llama_forward(weights, cfg, ids, mask, cache if case == "prefix" else None)
+
+
+@pytest.mark.parametrize("case", ["plain", "prefix"])
+def test_graph_logits_equal_the_reference_at_every_position(llama, bundles, case):
+    ids, mask, expected = reference_batch(llama, case)
+    session = session_of(bundles / case)
+    assert session.prompt_length == (P if case == "prefix" else 0)
+    worst = 0.0
+    for t in range(1, ids.shape[1] + 1):  # the graph gives each row's last attended position: cut at t
+        logits, _ = session.prefill(ids[:, :t], mask[:, :t])
+        last = np.maximum(mask[:, :t].sum(1) - 1, 0)
+        rows = mask[:, :t].sum(1) > 0
+        worst = max(worst, float(np.abs(logits[rows] - expected[rows, last[rows]]).max()))
+    assert worst <= 1e-4, worst
+
+
+@pytest.mark.parametrize("case", ["plain", "prefix"])
+def test_prefill_then_decode_equals_one_pass(llama, bundles, case):
+    _, cfg, *_ = llama
+    session = session_of(bundles / case)
+    p = session.prompt_length
+    rng = np.random.RandomState(5)
+    ids = rng.randint(3, cfg.vocab_size, (2, 12)).astype(np.int64)
+    whole, present = session.prefill(ids, np.ones_like(ids))
+    assert present[0].shape == (2, cfg.num_kv_heads, p + 12, cfg.head_dim)
+    logits, cache = session.prefill(ids[:, :8], np.ones((2, 8), np.int64))
+    for j in range(8, 12):  # one token at a time over the growing cache
+        logits, cache = session.run(ids[:, j:j + 1], np.full((2, 1), p + j), np.ones((2, p + j + 1), np.int64), cache)
+    assert np.abs(logits - whole).max() <= 1e-4
+    for a, b in zip(cache, present):
+        assert np.abs(a - b).max() <= 1e-4
+
+
+def reference_greedy(llama, case):
+    """(prompts, [new token ids per prompt]) greedy, stopping at eos; from the fixture or the numpy model."""
+    _, cfg, weights, ref, cache = llama
+    if ref is not None:
+        prompts = json.loads(str(ref["greedy/prompts"]))
+        tokens, lengths = ref[f"greedy/{case}_tokens"], ref[f"greedy/{case}_lengths"]
+        return prompts, [list(map(int, t[:n])) for t, n in zip(tokens, lengths)], tokens.shape[1]
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(llama[0] / "tokenizer.json"))
+    prompts = ["hello there", "The film was", "a", "über café ☕", "<|im_start|>user"]
+    out = []
+    for prompt in prompts:
+        ids = tok.encode(prompt, add_special_tokens=False).ids
+        new = []
+        for _ in range(12):
+            seq = np.array([ids + new])
+            nxt = int(llama_forward(weights, cfg, seq, np.ones_like(seq), cache if case == "prefix" else None)[0, -1].argmax())
+            if nxt in cfg.eos_token_ids:
+                break
+            new.append(nxt)
+        out.append(new)
+    return prompts, out, 12
+
+
+@pytest.mark.parametrize("case", ["plain", "prefix"])
+def test_greedy_generate_equals_the_reference(llama, bundles, case):
+    from ptbundle.runtime import Bundle
+
+    bundle = Bundle.load(bundles / case)
+    prompts, expected, steps = reference_greedy(llama, case)
+    got = [bundle.generate(p, max_new_tokens=steps).token_ids for p in prompts]
+    assert got == expected
+
+
+def test_sampling_is_reproducible_with_a_seed_and_differs_across_seeds(bundles):
+    from ptbundle.runtime import Bundle
+
+    bundle = Bundle.load(bundles / "prefix")
+    # a high temperature: the tiny random model is very sure of itself
+    run = lambda seed: bundle.generate("The film was", max_new_tokens=20, temperature=8.0, seed=seed).token_ids  # noqa: E731
+    assert run(1) == run(1)
+    assert len({tuple(run(s)) for s in range(4)}) > 1
+    nucleus = lambda seed: bundle.generate("The film was", max_new_tokens=20, temperature=8.0, top_p=0.5,  # noqa: E731
+                                           seed=seed).token_ids
+    assert nucleus(3) == nucleus(3)
+
+
+def test_streamed_pieces_concatenate_to_the_text(bundles):
+    from ptbundle.runtime import Bundle
+
+    bundle = Bundle.load(bundles / "prefix")
+    tok = bundle.generator.tokenizer
+    for seed in range(3):
+        pieces = list(bundle.generate("über café", max_new_tokens=30, temperature=8.0, seed=seed, stream=True))
+        seen = []
+        result = bundle.generate("über café", max_new_tokens=30, temperature=8.0, seed=seed, callback=seen.append)
+        assert "".join(pieces) == result.text == tok.decode(result.token_ids, skip_special_tokens=True)
+        assert seen == pieces and all(pieces)
+
+
+def test_pieces_never_split_a_character(llama):
+    """Byte-level BPE here is one token per byte: each multi-byte character comes in several tokens."""
+    from tokenizers import Tokenizer
+
+    from ptbundle.runtime.generate import TextStream
+
+    tok = Tokenizer.from_file(str(llama[0] / "tokenizer.json"))
+    text = "über café ☕ 日本"
+    stream = TextStream(tok)
+    pieces = [stream.push(t) for t in tok.encode(text, add_special_tokens=False).ids]
+    assert "".join(pieces) + stream.flush() == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert sum(1 for p in pieces if p) == len(text)  # one piece per character, none split
+
+
+def test_stop_strings_and_eos_stop_generation(llama, bundles, tmp_path):
+    from ptbundle.runtime import Bundle
+
+    bundle = Bundle.load(bundles / "prefix")
+    # a seed whose sample runs the whole length (at this temperature eos, id 2, comes up now and then)
+    seed, full = next((s, g) for s in range(50)
+                      for g in [bundle.generate("The film was", max_new_tokens=30, temperature=8.0, seed=s)]
+                      if g.finish_reason == "length")
+    assert len(full.token_ids) == 30
+    stop = full.text[len(full.text) // 2:][:2]  # a piece of text the generation will meet
+    cut = bundle.generate("The film was", max_new_tokens=30, temperature=8.0, seed=seed, stop=[stop])
+    assert cut.finish_reason == "stop" and stop not in cut.text
+    assert full.text.startswith(cut.text) and full.text[len(cut.text):].startswith(stop)
+    # eos: make the token the model wants first an eos id
+    first = bundle.generate("hello there", max_new_tokens=3).token_ids[0]
+    import dataclasses
+
+    eos_cfg = dataclasses.replace(llama[1], eos_token_ids=(first,))
+    write(llama, tmp_path / "eos", True, cfg=eos_cfg)
+    stopped = Bundle.load(tmp_path / "eos").generate("hello there", max_new_tokens=3)
+    assert stopped.finish_reason == "eos" and stopped.token_ids == [] and stopped.text == ""
+
+
+def test_chat_template_joins_markup_and_prompt_as_tokens(llama, bundles):
+    from ptbundle.runtime import Bundle
+
+    bundle = Bundle.load(bundles / "chat")
+    result = bundle.generate("hi", max_new_tokens=2)
+    # special tokens 1 (<|im_start|>) and 2 (<|im_end|>); the newline kept as written; one token per byte
+    tok = bundle.generator.tokenizer
+    expected = [1] + tok.encode("user\n", add_special_tokens=False).ids + tok.encode("hi", add_special_tokens=False).ids \
+        + [2] + tok.encode("\n", add_special_tokens=False).ids + [1] + tok.encode("assistant\n", add_special_tokens=False).ids
+    assert result.prompt_ids == expected
+
+
+def run(*args, stdin=b""):
+    done = subprocess.run([str(BIN / "pt-run"), *map(str, args)], input=stdin, capture_output=True, timeout=300)
+    return done.returncode, done.stderr.decode("utf-8", "replace"), done.stdout.decode("utf-8", "replace")
+
+
+def assert_one_error_line(code, stderr, *expected):
+    assert code != 0, stderr
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, stderr
+    for text in expected:
+        assert text in errors[0], errors[0]
+
+
+def test_pt_run_generate_prints_the_text(bundles):
+    from ptbundle.runtime import Bundle
+
+    expected = Bundle.load(bundles / "chat").generate("hello", max_new_tokens=8).text
+    code, err, out = run("generate", bundles / "chat", "hello", "--max-new-tokens", 8)
+    assert code == 0, err
+    assert out == expected + "\n"
+    code, err, out = run("generate", bundles / "chat", "-", "--max-new-tokens", 8, stdin=b"hello\n")
+    assert code == 0 and out == expected + "\n", err
+
+
+def test_pt_run_generate_int8(llama, bundles):
+    """int8 weights: greedy ids mostly those of fp32 and logits close (per-call activation scales and 7-bit
+    weights give the same sums on AVX2, AVX-512 and VNNI CPUs)."""
+    from ptbundle.runtime import Bundle
+
+    fp32, int8 = Bundle.load(bundles / "plain"), Bundle.load(bundles / "plain", int8=True)
+    prompts = ["hello there", "The film was", "a", "über café", "123"]
+    same = sum(a == b for p in prompts
+               for a, b in zip(fp32.generate(p, max_new_tokens=8).token_ids, int8.generate(p, max_new_tokens=8).token_ids))
+    assert same >= 0.6 * 8 * len(prompts)
+    ids, mask, _ = reference_batch(llama, "plain")
+    a, _ = fp32.generator.session.prefill(ids, mask)
+    b, _ = int8.generator.session.prefill(ids, mask)
+    assert np.abs(a - b).max() <= 0.15 * np.abs(a).max()
+    code, err, out = run("generate", bundles / "plain", "hello", "--max-new-tokens", 4, "--int8")
+    assert code == 0 and out, err
+    manifest = json.loads((bundles / "plain" / "manifest.json").read_text())
+    assert manifest["export"]["onnx"] <= 1e-4 and "onnx-int8" in manifest["export"]
+
+
+def test_a_prompt_beyond_the_context_is_one_error_line_naming_both_numbers(bundles):
+    code, err, _ = run("generate", bundles / "prefix", "x" * 240, "--max-new-tokens", 20)
+    # 240 tokens + 20 > 256 - 5
+    assert_one_error_line(code, err, "240", "20", "251")
+    from ptbundle.runtime import Bundle
+    from ptbundle.runtime.errors import InputError
+
+    with pytest.raises(InputError):
+        Bundle.load(bundles / "prefix").generate("x" * 240, max_new_tokens=20)
+
+
+def test_generate_on_a_classifier_and_predict_on_a_generation_bundle_are_errors(tiny_bundle, bundles):
+    from ptbundle.runtime import Bundle
+    from ptbundle.runtime.errors import BundleError
+
+    code, err, _ = run("generate", tiny_bundle, "hello")
+    assert_one_error_line(code, err, "classifier")
+    with pytest.raises(BundleError, match="generation bundle"):
+        Bundle.load(bundles / "plain").predict(["hello"])
+    with pytest.raises(BundleError, match="generation bundle"):
+        Bundle.load(bundles / "plain").logits(["hello"])
+
+
+@pytest.mark.parametrize("damage", ["missing", "altered"])
+def test_a_missing_or_altered_prompt_cache_is_one_error_line(bundles, tmp_path, damage):
+    copy = tmp_path / "copy"
+    shutil.copytree(bundles / "prefix", copy)
+    cache = copy / "prompt_cache.safetensors"
+    if damage == "missing":
+        cache.unlink()
+    else:
+        cache.write_bytes(cache.read_bytes() + b" ")
+    code, err, _ = run("generate", copy, "hello", "--max-new-tokens", 2)
+    assert_one_error_line(code, err, "prompt_cache.safetensors", "missing" if damage == "missing" else "sha256")
+
+
+def test_info_shows_a_generation_bundle(bundles):
+    code, err, out = run("info", bundles / "prefix")
+    assert code == 0, err
+    assert "generation bundle" in out and "5 positions" in out
+
+
+def test_a_failed_build_leaves_no_bundle(llama, tmp_path):
+    from ptbundle.builder.errors import ExportError
+
+    _, cfg, weights, _, cache = llama
+    bad = {**cache, "key.0": cache["key.0"][:, :2]}  # layers differ in prompt length
+    from ptbundle.builder.generation import write_generation_bundle
+
+    with pytest.raises(ExportError, match="prompt length"):
+        write_generation_bundle(tmp_path / "b", weights, cfg, llama[0] / "tokenizer.json", bad, name="x",
+                                template=None, details={}, backbone=backbone_info(cfg))
+    wrong = lambda ids, mask: llama_forward(weights, cfg, ids, mask) + 1.0  # noqa: E731
+    with pytest.raises(ExportError, match="differ from the reference"):
+        write_generation_bundle(tmp_path / "b", weights, cfg, llama[0] / "tokenizer.json", None, name="x",
+                                template=None, details={}, backbone=backbone_info(cfg), reference=wrong)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,318 @@
+"""builder.gguf: a GGUF file -> the Hugging Face layout, checked on tiny GGUFs written in the real format.
+
+The GGUFs are written with gguf.GGUFWriter from the tiny Llama of checkpoints.write_llama_checkpoint, as
+llama.cpp's convert_hf_to_gguf.py writes a Llama: Q and K rows permuted for its rotary layout
+(`llama_cpp_permute`, LlamaModel.permute), norms in F32, the tokenizer as tokenizer.ggml.* metadata
+(model "gpt2", tokens, token types with the specials as CONTROL, merges).  The real SmolLM2 file is
+compared with transformers' own GGUF loading by bench/experiments/gguf_parity.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from checkpoints import LLAMA_SPECIALS, WORDS, write_llama_checkpoint
+
+gguf = pytest.importorskip("gguf")
+from ptbundle.builder import gguf as G  # noqa: E402
+from ptbundle.builder.errors import BackboneError  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+SAMPLES = ["a great movie", "this film was terrible , boring and far too long !", "not bad ... 2024 naïve café 😀",
+           "<|im_start|>user\nthe acting is wonderful<|im_end|>\n<|im_start|>assistant\n", "  two  spaces\tand\n\nlines",
+           "<|endoftext|>the best<|im_end|>"]
+LAYER = {v: k for k, v in G.LAYER_TENSORS.items()}
+GLOBAL = {v: k for k, v in G.GLOBAL_TENSORS.items()}
+
+
+def llama_cpp_permute(w, n_head, n_head_kv):
+    """convert_hf_to_gguf.py's LlamaModel.permute: q with (heads, heads), k with (heads, kv heads)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_name(hf: str) -> str:
+    if hf in GLOBAL:
+        return GLOBAL[hf]
+    i, rest = hf[len("model.layers."):].split(".", 1)
+    return f"blk.{i}.{LAYER[rest]}"
+
+
+def gguf_tensors(cfg, weights):
+    """GGUF name -> float32 array as convert_hf_to_gguf writes it (Q/K permuted), numpy order [out, in]."""
+    out = {}
+    for hf, w in weights.items():
+        if hf.endswith("q_proj.weight"):
+            w = llama_cpp_permute(w, cfg["num_attention_heads"], cfg["num_attention_heads"])
+        elif hf.endswith("k_proj.weight"):
+            w = llama_cpp_permute(w, cfg["num_attention_heads"], cfg["num_key_value_heads"])
+        out[gguf_name(hf)] = w
+    return out
+
+
+def write_gguf(path, ckpt, qtype=Q.F32, arch="llama", drop=(), tokenizer_model="gpt2", raw=None, pre="smollm"):
+    """A GGUF of the checkpoint directory `ckpt`; `drop`: metadata keys or tensor names to leave out; `raw`:
+    {tensor name: (bytes array, type)} written as given."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    tok = json.loads((ckpt / "tokenizer.json").read_text())
+    w = gguf.GGUFWriter(str(path), arch)
+    a = arch + "."
+    kv = {
+        a + "block_count": lambda: w.add_block_count(cfg["num_hidden_layers"]),
+        a + "context_length": lambda: w.add_context_length(cfg["max_position_embeddings"]),
+        a + "embedding_length": lambda: w.add_embedding_length(cfg["hidden_size"]),
+        a + "feed_forward_length": lambda: w.add_feed_forward_length(cfg["intermediate_size"]),
+        a + "attention.head_count": lambda: w.add_head_count(cfg["num_attention_heads"]),
+        a + "attention.head_count_kv": lambda: w.add_head_count_kv(cfg["num_key_value_heads"]),
+        a + "rope.freq_base": lambda: w.add_rope_freq_base(cfg["rope_theta"]),
+        a + "attention.layer_norm_rms_epsilon": lambda: w.add_layer_norm_rms_eps(cfg["rms_norm_eps"]),
+        a + "rope.dimension_count": lambda: w.add_rope_dimension_count(cfg["head_dim"]),
+        a + "vocab_size": lambda: w.add_vocab_size(cfg["vocab_size"]),
+    }
+    vocab = tok["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    assert [vocab[t] for t in tokens] == list(range(len(tokens)))
+    specials = {t["content"] for t in tok["added_tokens"] if t["special"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    kv.update({
+        "tokenizer.ggml.model": lambda: w.add_tokenizer_model(tokenizer_model),
+        "tokenizer.ggml.pre": lambda: w.add_tokenizer_pre(pre),
+        "tokenizer.ggml.tokens": lambda: w.add_token_list(tokens),
+        "tokenizer.ggml.token_type": lambda: w.add_token_types([3 if t in specials else 1 for t in tokens]),
+        "tokenizer.ggml.merges": lambda: w.add_token_merges(merges),
+        "tokenizer.ggml.bos_token_id": lambda: w.add_bos_token_id(cfg["bos_token_id"]),
+        "tokenizer.ggml.eos_token_id": lambda: w.add_eos_token_id(cfg["eos_token_id"]),
+        "tokenizer.ggml.padding_token_id": lambda: w.add_pad_token_id(cfg["pad_token_id"]),
+        "tokenizer.ggml.add_bos_token": lambda: w.add_add_bos_token(False),
+        "tokenizer.chat_template": lambda: w.add_chat_template("{% for m in messages %}<|im_start|>{{ m.content }}"
+                                                               "<|im_end|>{% endfor %}"),
+    })
+    w.add_name("tiny-llama")
+    for key, add in kv.items():
+        if key not in drop:
+            add()
+    for name, t in gguf_tensors(cfg, load_file(str(ckpt / "model.safetensors"))).items():
+        if name in drop:
+            continue
+        if raw and name in raw:
+            data, kind = raw[name]
+            w.add_tensor(name, data, raw_dtype=kind)
+        elif t.ndim == 2 and qtype not in (Q.F32, Q.F16):
+            w.add_tensor(name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+        elif t.ndim == 2 and qtype == Q.F16:
+            w.add_tensor(name, t.astype(np.float16))
+        else:
+            w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return write_llama_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_untied(tmp_path_factory):
+    return write_llama_checkpoint(tmp_path_factory.mktemp("tiny-llama-untied"), tie=False)
+
+
+def convert(tmp_path, ckpt, **kw):
+    return G.hf_directory(write_gguf(tmp_path / "model.gguf", ckpt, **kw), tmp_path / "cache")
+
+
+def test_permutation_is_transformers_inverse():
+    w = np.arange(8 * 2 * 3 * 5, dtype=np.float32).reshape(48, 5)
+    for heads, kv in ((8, 8), (8, 2), (6, 3)):
+        rows = (kv * 2 * 3) if kv != heads else heads * 2 * 3
+        x = w[:rows]
+        assert np.array_equal(G._unpermute(llama_cpp_permute(x, heads, kv), kv), x)
+        assert not np.array_equal(llama_cpp_permute(x, heads, kv), x)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_untied"])
+def test_f32_roundtrip_is_exact(tmp_path, fixture, request):
+    ckpt = request.getfixturevalue(fixture)
+    out = convert(tmp_path, ckpt)
+    assert sorted(p.name for p in out.iterdir()) == sorted(G.FILES + ("source.json",))
+    want, got = load_file(str(ckpt / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].dtype == np.float32 and np.array_equal(got[name], want[name]), name
+    cfg, orig = json.loads((out / "config.json").read_text()), json.loads((ckpt / "config.json").read_text())
+    keys = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+            "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act")
+    assert {k: cfg[k] for k in keys} == {k: orig[k] for k in keys}
+    from ptbundle.builder.decoder import decoder_config
+
+    assert decoder_config(cfg, out / "config.json") == decoder_config(orig, ckpt / "config.json")
+    extra = json.loads((out / "tokenizer_config.json").read_text())
+    assert (extra["bos_token"], extra["eos_token"], extra["pad_token"]) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    assert extra["chat_template"].startswith("{% for m in messages %}")
+
+
+def blockwise_bound(w, per_block):
+    blocks = w.reshape(w.shape[0], -1, 32)
+    return np.repeat(per_block(blocks), 32, axis=-1).reshape(w.shape)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_1, Q.F16])
+def test_quantized_within_quantization_error(tmp_path, tiny_llama, qtype):
+    out = convert(tmp_path, tiny_llama, qtype=qtype)
+    want, got = load_file(str(tiny_llama / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    permuted = gguf_tensors(cfg, want)
+    for name, w in want.items():
+        if w.ndim == 1:
+            assert np.array_equal(got[name], w), name
+            continue
+        # exactly what gguf's own quantize -> dequantize gives, un-permuted
+        if qtype == Q.F16:
+            exact = permuted[gguf_name(name)].astype(np.float16).astype(np.float32)
+        else:
+            exact = gguf.quants.dequantize(gguf.quants.quantize(permuted[gguf_name(name)], qtype), qtype)
+        if "q_proj" in name:
+            exact = G._unpermute(exact, cfg["num_attention_heads"])
+        elif "k_proj" in name:
+            exact = G._unpermute(exact, cfg["num_key_value_heads"])
+        assert np.array_equal(got[name], exact), name
+        # and within the format's error of the original: half a step, plus the fp16 rounding of the scales
+        if qtype == Q.Q8_0:
+            bound = blockwise_bound(w, lambda b: np.abs(b).max(-1, keepdims=True) * (0.5 / 127 + 2 ** -11))
+        elif qtype == Q.Q4_1:
+            bound = blockwise_bound(w, lambda b: (b.max(-1, keepdims=True) - b.min(-1, keepdims=True)) / 15 * 0.5
+                                    * 1.01 + np.abs(b).max(-1, keepdims=True) * 2 ** -10)
+        else:
+            bound = np.abs(w) * 2 ** -11 + 1e-7
+        assert (np.abs(got[name] - w) <= bound).all(), (name, float(np.abs(got[name] - w).max()))
+        assert not np.array_equal(got[name], w), name  # it really was quantized
+
+
+def bpe_checkpoint(directory):
+    """The tiny Llama with a trained byte-level BPE (real merges) and an embedding row per token."""
+    ckpt = write_llama_checkpoint(directory)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=list(LLAMA_SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 3, trainer)
+    tok.save(str(ckpt / "tokenizer.json"))
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["vocab_size"] = tok.get_vocab_size()
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    from safetensors.numpy import save_file
+
+    weights = load_file(str(ckpt / "model.safetensors"))
+    e = weights["model.embed_tokens.weight"]
+    extra = np.random.RandomState(5).standard_normal((cfg["vocab_size"] - e.shape[0], e.shape[1])).astype(np.float32)
+    weights["model.embed_tokens.weight"] = np.concatenate([e, extra])
+    save_file(weights, str(ckpt / "model.safetensors"))
+    return ckpt, tok
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_tokenizer_ids_equal_the_original(tmp_path, tiny_llama, trained):
+    ckpt, original = bpe_checkpoint(tmp_path / "bpe") if trained else \
+        (tiny_llama, Tokenizer.from_file(str(tiny_llama / "tokenizer.json")))
+    if trained:  # without its merges it is no tokenizer
+        path = write_gguf(tmp_path / "no-merges.gguf", ckpt, drop=("tokenizer.ggml.merges",))
+        with pytest.raises(BackboneError, match="missing metadata 'tokenizer.ggml.merges'"):
+            G.hf_directory(path, tmp_path / "cache")
+        assert len(json.loads((ckpt / "tokenizer.json").read_text())["model"]["merges"]) > 30
+    out = convert(tmp_path, ckpt)
+    ours = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert ours.get_vocab_size() == original.get_vocab_size()
+    texts = SAMPLES + [" ".join(WORDS[i::7]) for i in range(7)]
+    for text in texts:
+        for special in (True, False):
+            assert ours.encode(text, add_special_tokens=special).ids == original.encode(text, add_special_tokens=special).ids
+        assert ours.decode(ours.encode(text).ids, skip_special_tokens=False) == text
+    ids = ours.encode("<|im_start|>user<|im_end|>").ids
+    assert ids[0] == 1 and ids[-1] == 2  # the specials stay whole
+    if trained:
+        assert len(ours.encode(texts[-1]).ids) < len(texts[-1].encode())  # the merges are used
+
+
+def test_cache_is_reused_and_atomic(tmp_path, tiny_llama, monkeypatch):
+    path = write_gguf(tmp_path / "model.gguf", tiny_llama)
+    cache = tmp_path / "cache"
+    first = G.hf_directory(path, cache)
+    assert first.parent == cache and first.name == G.sha256_of(path)[:16]
+    stamp = {f.name: f.stat().st_mtime_ns for f in first.iterdir()}
+    monkeypatch.setattr(G, "write_hf_directory", lambda *a: pytest.fail("the cache was not used"))
+    assert G.hf_directory(path, cache) == first
+    assert {f.name: f.stat().st_mtime_ns for f in first.iterdir()} == stamp
+    monkeypatch.undo()
+    # the default root: $PTBUNDLE_CACHE/gguf
+    monkeypatch.setenv("PTBUNDLE_CACHE", str(tmp_path / "env"))
+    assert G.hf_directory(path) == tmp_path / "env" / "gguf" / first.name
+    # a run killed while writing leaves nothing behind, and a half directory is rebuilt
+    other = tmp_path / "other"
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(G, "_weights", killed)
+    with pytest.raises(KeyboardInterrupt):
+        G.hf_directory(path, other)
+    assert list(other.iterdir()) == []
+    monkeypatch.undo()
+    (other / first.name).mkdir()
+    (other / first.name / "config.json").write_text("{}")
+    again = G.hf_directory(path, other)
+    assert again == other / first.name and (again / "model.safetensors").is_file()
+    assert sorted(p.name for p in other.iterdir()) == [first.name]
+
+
+def iq4_nl_bytes(rows, cols):
+    return np.zeros((rows, cols // 32 * 18), dtype=np.uint8)
+
+
+BAD = {
+    "not-gguf": (None, "not a GGUF file"),
+    "truncated": (None, "truncated or corrupt"),
+    "gemma": (dict(arch="gemma"), "architecture 'gemma' is not supported (only 'llama')"),
+    "iq4": (dict(raw={"blk.0.attn_v.weight": (iq4_nl_bytes(16, 32), Q.IQ4_NL)}),
+            "tensor 'blk.0.attn_v.weight' has type IQ4_NL, which is not accepted"),
+    "no-tokens": (dict(drop=("tokenizer.ggml.tokens",)), "missing metadata 'tokenizer.ggml.tokens'"),
+    "no-tokenizer-model": (dict(drop=("tokenizer.ggml.model",)), "missing metadata 'tokenizer.ggml.model'"),
+    "sentencepiece": (dict(tokenizer_model="llama"),
+                      "tokenizer model 'llama' is not supported (only 'gpt2' byte-level BPE)"),
+    "no-tensor": (dict(drop=("blk.1.ffn_up.weight",)), "missing tensor 'blk.1.ffn_up.weight'"),
+    "no-heads": (dict(drop=("llama.attention.head_count",)), "missing metadata 'llama.attention.head_count'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_backbone_error(tmp_path, tiny_llama, case):
+    kw, message = BAD[case]
+    path = tmp_path / "model.gguf"
+    if case == "not-gguf":
+        path.write_text("config = {}\n")
+    elif case == "truncated":
+        good = write_gguf(tmp_path / "good.gguf", tiny_llama).read_bytes()
+        path.write_bytes(good[: len(good) // 2])
+    else:
+        write_gguf(path, tiny_llama, **kw)
+    with pytest.raises(BackboneError) as e:
+        G.hf_directory(path, tmp_path / "cache")
+    text = str(e.value)
+    assert message in text and text.startswith(str(path)) and "\n" not in text, text
+    assert not (tmp_path / "cache").exists() or [p.name for p in (tmp_path / "cache").iterdir()] == []
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(BackboneError, match="no such GGUF file"):
+        G.hf_directory(tmp_path / "nothing.gguf", tmp_path / "cache")
