@@ -288,6 +288,7 @@ class Decoder(nn.Cell):
 # --- classification through the LM head ---------------------------------------------------------------------------
 
 from .errors import RecipeError  # noqa: E402
+from .model import HeadState  # noqa: E402
 from .prompts import PROMPTS, PromptSpec  # noqa: E402
 
 DECODER_PROMPTS = ("none", "prompt-tuning", "prefix-tuning")  # a late prompt would need positions of its own
@@ -318,7 +319,7 @@ def last_token_rows(mask):
     return (mask - after).astype(ms.float32)
 
 
-class DecoderClassifier(nn.Cell):
+class DecoderClassifier(HeadState, nn.Cell):
     """Prompt + frozen causal LM + its label words: PET-style classification, the answer slot at the text's end.
 
     inputs:  input_ids, attention_mask, token_type_ids (int32 [batch, seq]; token types are ignored)
@@ -392,34 +393,12 @@ class DecoderClassifier(nn.Cell):
         return {"classifier.weight": self.classifier.weight, "classifier.bias": self.classifier.bias,
                 **self.prompt.params()}
 
-    def prompt_params(self) -> dict:
-        return self.prompt.params()
-
     def folded(self) -> "DecoderClassifier":
         if not self.spec.projection:
             return self
         net = DecoderClassifier(self.decoder, self.classifier.weight.shape[0], self.spec.folded())
         net.load_head_state(self.folded_state())
         return net
-
-    def folded_state(self) -> dict:
-        state = self.head_state()
-        for name in self.prompt.params():
-            state.pop(name)
-        return {**state, **self.prompt.folded()}
-
-    def head_state(self) -> dict:
-        return {k: v.asnumpy().copy() for k, v in self.head_params().items()}
-
-    def load_head_state(self, values: dict) -> None:
-        targets = self.head_params()
-        for name, value in values.items():
-            if name not in targets:
-                raise KeyError(f"{name} is not part of this model's head (has {', '.join(targets)})")
-            value = np.asarray(value, np.float32)
-            if value.shape != tuple(targets[name].shape):
-                raise ValueError(f"{name}: shape {value.shape}, the model expects {tuple(targets[name].shape)}")
-            targets[name].set_data(Tensor(value))
 
     def prompt_cache(self) -> dict:
         """The prompt's keys and values at every layer it reaches, "key.{i}"/"value.{i}" -> [kv_heads, P, head_dim]

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ptbundle.runtime.data import read_text
 from ptbundle.runtime.template import Template
 from ptbundle.runtime.text import encode, load_tokenizer
 
@@ -63,13 +64,7 @@ def read_instructions(path) -> list:
     Blank lines are skipped; anything else wrong is a DataError of one line naming the file, the line and the
     field."""
     path = Path(path)
-    try:
-        content = path.read_bytes().decode("utf-8-sig")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from e
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8") from e
+    content = read_text(path)
     examples = []
     for n, line in enumerate(content.split("\n"), start=1):
         if not line.strip():

@@ -211,7 +211,38 @@ def attention_bias(attention_mask):
     return (1.0 - attention_mask.astype(ms.float32)).expand_dims(1).expand_dims(1) * -1e9
 
 
-class PromptClassifier(nn.Cell):
+class HeadState:
+    """The trained part of a classifier as named arrays: `head_params()` (prompt and head, under stable names)
+    read and written as numpy, the prompt folded for inference.  PromptClassifier and the decoder's
+    DecoderClassifier (builder.decoder) share it; each says what its head_params and prompt are."""
+
+    def prompt_params(self) -> dict:
+        """The prompt's Parameters (trained at the prompt's learning rate)."""
+        return self.prompt.params()
+
+    def folded_state(self) -> dict:
+        """head_state with the prompt as the inference graph holds it (a prefix's reparameterization applied)."""
+        state = self.head_state()
+        for name in self.prompt.params():
+            state.pop(name)
+        return {**state, **self.prompt.folded()}
+
+    def head_state(self) -> dict:
+        """head_params as numpy arrays (copies)."""
+        return {k: v.asnumpy().copy() for k, v in self.head_params().items()}
+
+    def load_head_state(self, values: dict) -> None:
+        targets = self.head_params()
+        for name, value in values.items():
+            if name not in targets:
+                raise KeyError(f"{name} is not part of this model's head (has {', '.join(targets)})")
+            value = np.asarray(value, np.float32)
+            if value.shape != tuple(targets[name].shape):
+                raise ValueError(f"{name}: shape {value.shape}, the model expects {tuple(targets[name].shape)}")
+            targets[name].set_data(Tensor(value))
+
+
+class PromptClassifier(HeadState, nn.Cell):
     """Prompt + frozen encoder + pooling + linear head.
 
     inputs:  input_ids, attention_mask, token_type_ids  (int32, [batch, seq])
@@ -304,31 +335,6 @@ class PromptClassifier(nn.Cell):
                                self.normalize, spec=self.spec.folded())
         net.load_head_state(self.folded_state())
         return net
-
-    def prompt_params(self) -> dict:
-        """The prompt's Parameters (trained at the prompt's learning rate)."""
-        return self.prompt.params()
-
-    def folded_state(self) -> dict:
-        """head_state with the prompt as the inference graph holds it (a prefix's reparameterization applied)."""
-        state = self.head_state()
-        for name in self.prompt.params():
-            state.pop(name)
-        return {**state, **self.prompt.folded()}
-
-    def head_state(self) -> dict:
-        """head_params as numpy arrays (copies)."""
-        return {k: v.asnumpy().copy() for k, v in self.head_params().items()}
-
-    def load_head_state(self, values: dict) -> None:
-        targets = self.head_params()
-        for name, value in values.items():
-            if name not in targets:
-                raise KeyError(f"{name} is not part of this model's head (has {', '.join(targets)})")
-            value = np.asarray(value, np.float32)
-            if value.shape != tuple(targets[name].shape):
-                raise ValueError(f"{name}: shape {value.shape}, the model expects {tuple(targets[name].shape)}")
-            targets[name].set_data(Tensor(value))
 
     def pool(self, hidden, attention_mask):
         return self.pooler(hidden, attention_mask)  # builder.pooling

@@ -324,7 +324,7 @@ class LayerCache:
     MEMORY_LIMIT = 2 << 30
 
     def __init__(self, net: PromptClassifier, encodings, pad_id: int, batch_size: int = 64,
-                 memory_limit: int = MEMORY_LIMIT, lower=None):
+                 memory_limit: int = MEMORY_LIMIT, lower=None, label: str = "lower layers"):
         """`lower`: runs net.lower as the runtime calls a model (default: the MindSpore Cell; a decoder's
         runs in onnxruntime, see inference_model)."""
         lower = lower or CellModel(Lower(net), batch_size)
@@ -338,7 +338,7 @@ class LayerCache:
             self.table = np.lib.format.open_memmap(f"{self._directory.name}/states.npy", "w+", np.float32, shape)
         else:
             self.table = np.empty(shape, np.float32)
-        for index in batch_indices(self.lengths, batch_size):
+        for index in progress(batch_indices(self.lengths, batch_size), label, lambda: ""):
             out = lower(*pad([encodings[i] for i in index], pad_id, TRAIN_PAD_MULTIPLE))
             for row, i in enumerate(index):
                 self.table[self.starts[i] : self.starts[i + 1]] = out[row, : self.lengths[i]]
@@ -545,7 +545,8 @@ def train(backbone: Backbone, dataset, recipe: Recipe, log=print, checkpoints: C
     if net.split > 0:  # the prompt starts above layer 0: the layers below run once per text (LayerCache)
         started = time.time()
         lower = ScratchOnnx(net, lower=True) if hasattr(net, "decoder") else None
-        caches = {split: LayerCache(net, run.splits[split][0], pad_id, lower=lower) for split in ("train", "dev")}
+        caches = {split: LayerCache(net, run.splits[split][0], pad_id, lower=lower,
+                                    label=f"layers 0-{net.split - 1}, {split}") for split in ("train", "dev")}
         del lower
         gc.collect()
         log(f"layers 0-{net.split - 1} computed once for {len(train_enc)} training and"
@@ -554,10 +555,10 @@ def train(backbone: Backbone, dataset, recipe: Recipe, log=print, checkpoints: C
         upper = Upper(net)
         step = TrainStep(upper, recipe, steps, world)
         batch_inputs = lambda index: [Tensor(a) for a in caches["train"].batch(index)]  # noqa: E731
-        # A decoder's dev pass compiles a graph per shape as training does: at its batch size, not a bigger one.
-        dev_batch = recipe.batch_size if hasattr(net, "decoder") else 64
         dev_metrics = lambda: classification_metrics(  # noqa: E731
-            caches["dev"].logits(upper, run.num_labels, dev_batch).argmax(-1), run.splits["dev"][1], run.num_labels)
+            caches["dev"].logits(upper, run.num_labels).argmax(-1), run.splits["dev"][1], run.num_labels)
+        if hasattr(net, "decoder"):  # the whole net in onnxruntime (ScratchOnnx): no MindSpore graphs per shape
+            dev_metrics = lambda: evaluate(net, *run.splits["dev"], pad_id, run.num_labels)  # noqa: E731
     else:
         step = TrainStep(net, recipe, steps, world)
         batch_inputs = lambda index: [Tensor(a) for a in pad([train_enc[i] for i in index], pad_id,  # noqa: E731
@@ -571,7 +572,7 @@ def train(backbone: Backbone, dataset, recipe: Recipe, log=print, checkpoints: C
     gc.collect()
     net.load_head_state(result.weights)
     dev = result.curve[result.best_epoch - 1]["dev"]
-    if net.split > 0:  # scored from cached layers during training: again through the whole net, as the bundle runs
+    if net.split > 0 and not hasattr(net, "decoder"):  # scored from cached layers: again through the whole net
         dev = evaluate(net, *run.splits["dev"], pad_id, run.num_labels)
     metrics = {"best_epoch": result.best_epoch, "dev": dev,
                "test": evaluate(net, *run.splits["test"], pad_id, run.num_labels),

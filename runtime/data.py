@@ -91,16 +91,21 @@ class Columns:
     text_b: str | None = None
 
 
-def read_examples(path, columns: Columns = Columns()) -> list:
-    """Read a .tsv, .csv or .jsonl file into Examples."""
-    path = Path(path)
+def read_text(path: Path) -> str:
+    """A data file's text (UTF-8, a BOM dropped); unreadable or not UTF-8 is a DataError naming file and line."""
     try:
-        content = path.read_bytes().decode("utf-8-sig")
+        return path.read_bytes().decode("utf-8-sig")
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from e
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8") from e
+
+
+def read_examples(path, columns: Columns = Columns()) -> list:
+    """Read a .tsv, .csv or .jsonl file into Examples."""
+    path = Path(path)
+    content = read_text(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = jsonl_rows(content, path)

@@ -274,3 +274,41 @@ def test_label_word_without_tokens_is_one_line(tmp_path):
     backbone = load_backbone(write_llama_checkpoint(tmp_path / "ckpt"))
     with pytest.raises(RecipeError, match="label word ' ' of 'pos' is empty"):
         label_rows(backbone, load_tokenizer(backbone.tokenizer_path, 64), {"pos": [" "]}, ["pos"])
+
+
+def test_pt_build_instruct_writes_a_generation_bundle(tmp_path):
+    """pt-build instruct on the tiny Llama: a prompt trained on instructions, its cache in the bundle, served by
+    Bundle.generate; the same command without a prompt writes the baseline."""
+    import json
+
+    from conftest import build
+    from ptbundle.runtime import Bundle
+    from ptbundle.runtime.format import Manifest
+
+    ckpt = write_llama_checkpoint(tmp_path / "ckpt")
+    rows = [{"instruction": "Give the opposite of the word.", "input": w, "output": o}
+            for w, o in (("hot", "cold"), ("up", "down"), ("big", "small"), ("early", "late"))] * 4
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--backbone", str(ckpt), "--train", str(data), "--dev", str(data), "--out", str(tmp_path / "out")]
+    build(["instruct", *common, "--method", "prompt-tuning", "--virtual-tokens", "4", "--epochs", "1",
+           "--batch-size", "8", "--max-length", "200"])
+    build(["instruct", *common, "--prompt", "none"])
+    soft, none = Manifest.read(tmp_path / "out" / "chat-soft"), Manifest.read(tmp_path / "out" / "chat-none")
+    assert (soft.only.kind, soft.only.prompt_method, soft.only.num_virtual_tokens) == ("generate", "prompt-tuning", 4)
+    assert (none.only.prompt_method, none.only.num_virtual_tokens) == ("none", 0)
+    assert soft.export["onnx"] < 1e-4  # the graph against the trained model
+    assert soft.only.metrics["dev"]["loss"] <= soft.only.metrics["before"]["initial_prompt"]["loss"] + 1e-6
+    out = Bundle.load(tmp_path / "out" / "chat-soft").generate("Give the opposite of the word.\nhot",
+                                                                max_new_tokens=5)
+    assert len(out.token_ids) == 5 or out.finish_reason != "length"
+
+
+def test_pt_build_instruct_refuses_an_encoder(tmp_path, tiny_bert):
+    from click.testing import CliRunner
+
+    from ptbundle.builder.cli import cli
+
+    result = CliRunner().invoke(cli, ["instruct", "--backbone", str(tiny_bert), "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "generation needs a causal LM" in result.output
+    assert not (tmp_path / "out" / "chat-soft").exists()
