@@ -125,7 +125,9 @@ def quantize_decoder(fp32: Path, int8: Path) -> None:
     int8 head would add a second copy of the largest matrix, and it decides every token."""
     from .quantize import quantize_weights
 
-    quantize_weights(fp32, int8, exclude=(LM_HEAD_NODE,))
+    # onnxruntime's quantizer first rewrites the head's Gemm as a MatMul named "<name>_MatMul" (and would then
+    # quantize it: it did, until this named both)
+    quantize_weights(fp32, int8, exclude=(LM_HEAD_NODE, LM_HEAD_NODE + "_MatMul"))
 
 
 def probe_batches(cfg: DecoderConfig, seed: int = 0):

@@ -96,6 +96,7 @@ def smoke(request, tiny_bert, toy_files, pairs_dir, tmp_path_factory):
     start("time_to_accuracy", "experiments/time_to_accuracy.py", *common, "--bundle", bundle,
           "--peer-venv", tmp_path_factory.mktemp("no-peer-tta") / "venv")
     start("stream_memory", "perf/stream_memory.py", "--data", data)
+    start("generate_speed", "perf/generate_speed.py")  # its own tiny Llama; the peer only where its venv is
     merged = request.getfixturevalue("merged_bundle")[0]
     start("serve_load", "perf/serve_load.py", "--data", data, "--bundle", merged, "--bundle", f"single={bundle}")
     yield started
@@ -381,3 +382,15 @@ def test_stream_memory_reads_back_every_line_in_order(smoke):
     assert result["tiny"] and len(result["rows"]) == 2
     for row in result["rows"]:
         assert row["output_lines_in_order"] == row["lines"] > 0 and row["peak_rss_mb"] > 0
+
+
+def test_generate_speed_times_our_generation_bundles(smoke):
+    _, results = finished(smoke, "generate_speed")
+    result = read(results, "generate_speed")
+    for contender in ("ours fp32 prompt", "ours fp32 none", "ours int8 prompt", "ours int8 none"):
+        figures = result["figures"][contender]
+        assert figures["decode_tokens_per_s"]["median"] > 0 and figures["ttft_ms"]["median"] > 0
+    if PEER_PYTHON is not None:  # greedy tokens of the fp32 bundle equal transformers + PEFT's
+        assert result["parity"]["fp32"]["match"] == result["parity"]["prompts"]
+    else:
+        assert result["peer_skipped"]
