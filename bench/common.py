@@ -288,7 +288,9 @@ PRODUCT = {
     "build_lm_model": "ptbundle.builder.instruct:build_model",  # LMPromptModel: prompt_cache(), the reference
     "lm_reference": "ptbundle.builder.instruct:reference",
     "CHAT_FORMAT": "ptbundle.builder.instruct:CHAT_FORMAT", "DEFAULT_INIT_TEXT": "ptbundle.builder.instruct:DEFAULT_INIT_TEXT",
-    "packaged_gguf": "ptbundle.builder.backbone:packaged_gguf",
+    "packaged_gguf": "ptbundle.builder.backbone:packaged_gguf", "hf_directory": "ptbundle.builder.gguf:hf_directory",
+    "DecoderConfig": "ptbundle.builder.decoder:DecoderConfig", "Kernels": "ptbundle.builder.decoder_onnx:Kernels",
+    "decoder_graph": "ptbundle.builder.decoder_onnx:decoder_graph",
 }
 
 

