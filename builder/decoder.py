@@ -141,12 +141,13 @@ class RMSNorm(nn.Cell):
 
 
 def rotary_tables(cfg: DecoderConfig) -> tuple:
-    """cos and sin [max_positions, head_dim], as transformers' LlamaRotaryEmbedding computes them (float32)."""
+    """cos and sin of position x inverse frequency, [max_positions, head_dim / 2], as transformers' default
+    rotary embedding computes them (float32 inverse frequencies; the angles in float64, a hair closer).  The
+    MindSpore Decoder repeats them to head_dim; the ONNX graphs (builder.decoder_onnx) take them as they are."""
     d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
-    freqs = np.arange(cfg.max_positions, dtype=np.float32)[:, None] * inv_freq[None, :].astype(np.float32)
-    emb = np.concatenate([freqs, freqs], -1)
-    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+    inv_freq = (1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))).astype(np.float32)
+    angles = np.arange(cfg.max_positions, dtype=np.float64)[:, None] * inv_freq.astype(np.float64)[None]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 def rotate(x, cos, sin):
@@ -244,8 +245,8 @@ class Decoder(nn.Cell):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if not cfg.tie_embeddings:
             self.lm_head = Table(cfg.vocab_size, cfg.hidden_size)
-        cos, sin = rotary_tables(cfg)
-        self.cos, self.sin = Tensor(cos), Tensor(sin)
+        cos, sin = rotary_tables(cfg)  # [positions, head_dim / 2]: rotate_half pairs dims i and i + head_dim / 2
+        self.cos, self.sin = Tensor(np.concatenate([cos, cos], -1)), Tensor(np.concatenate([sin, sin], -1))
         # Not a [max, max] triangle: SmolLM2's 8,192 positions would make it 268 MB.
         self.index = Tensor(np.arange(cfg.max_positions, dtype=np.float32))
 
@@ -294,25 +295,6 @@ from .prompts import PROMPTS, PromptSpec  # noqa: E402
 DECODER_PROMPTS = ("none", "prompt-tuning", "prefix-tuning")  # a late prompt would need positions of its own
 
 
-class LabelWords(nn.Cell):
-    """The verbalizer: each label's score is the LM head's logit of its word at the answer position.
-
-    Only the label words' rows of the output matrix are in the graph
-    (`classifier.weight` [labels, hidden], the mean of a label's words'
-    rows when it has several), plus `classifier.bias`: zero-shot, minus the
-    log of the label's prior (calibration); trained with a soft prompt,
-    learned.  The names are PromptClassifier's head names, so training,
-    the bundle's prompt.safetensors and the runtime need nothing new.
-    """
-
-    def __init__(self, hidden: int, num_labels: int):
-        super().__init__(auto_prefix=False)
-        self.classifier = nn.Dense(hidden, num_labels)
-
-    def construct(self, hidden):
-        return self.classifier(hidden)
-
-
 def last_token_rows(mask):
     """[b, s] mask -> [b, s] float one-hot of each row's last unmasked position (right padding)."""
     after = ops.concat((mask[:, 1:], ops.zeros((mask.shape[0], 1), mask.dtype)), 1)
@@ -347,8 +329,12 @@ class DecoderClassifier(HeadState, nn.Cell):
         self.layer_count = cfg.num_layers
         self.hidden_size = cfg.hidden_size
         self.pooling, self.normalize = "last", False
-        self.head = LabelWords(cfg.hidden_size, num_labels)
-        self.classifier = self.head.classifier
+        # The verbalizer: label i's score is the LM head's logit of its words at the answer position.  Only the
+        # label words' rows of the output matrix are in the graph (the mean of a label's words' rows when it has
+        # several, builder.decoder.label_rows), plus a bias: zero-shot, minus the label's mean log-probability
+        # (builder.hard.lm_zero_shot_head); with a soft prompt, learned.  PromptClassifier's head names, so
+        # training, prompt.safetensors and the runtime need nothing new.
+        self.classifier = nn.Dense(cfg.hidden_size, num_labels)
 
     def construct(self, input_ids, attention_mask, token_type_ids):
         return self.classifier(self.features(input_ids, attention_mask, token_type_ids))

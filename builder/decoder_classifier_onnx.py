@@ -20,7 +20,8 @@ from onnx import TensorProto, helper
 
 from ptbundle.runtime.format import INPUT_NAMES, OUTPUT_NAME, past_names
 
-from .decoder_onnx import KERNELS, MASK_FILL, Rope, decoder_layer, rms_norm, rotary_tables
+from .decoder import rotary_tables
+from .decoder_onnx import KERNELS, MASK_FILL, Rope, decoder_layer, rms_norm
 from .onnx_export import CONTRIB, Graph, f32, linear
 
 OPSET = 23  # as the generation graph (builder.decoder_onnx)

@@ -54,7 +54,7 @@ from onnx import TensorProto, helper
 
 from ptbundle.runtime.format import (DECODER_INPUTS, DECODER_OUTPUT, past_names, present_names)
 
-from .decoder import DecoderConfig
+from .decoder import DecoderConfig, rotary_tables
 from .onnx_export import CONTRIB, Graph, f32
 
 OPSET = 23  # RMSNormalization, RotaryEmbedding and Attention with a KV cache; onnxruntime 1.32 runs it
@@ -121,15 +121,6 @@ def decoder_graph(weights: dict, cfg: DecoderConfig, kernels: Kernels = KERNELS)
     head = embed if cfg.tie_embeddings else g.const("lm_head.weight", w["lm_head.weight"])
     g.op("Gemm", [x, head], transB=1, name=LM_HEAD_NODE, output=DECODER_OUTPUT)
     return decoder_proto(g, cfg)
-
-
-def rotary_tables(cfg: DecoderConfig) -> tuple:
-    """cos and sin of position x inverse frequency, [max_positions, head_dim / 2], as transformers' default
-    rotary embedding computes them (float32 inverse frequencies; the angles then in float64, a hair closer)."""
-    d = cfg.head_dim
-    inv_freq = (1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))).astype(np.float32)
-    angles = np.arange(cfg.max_positions, dtype=np.float64)[:, None] * inv_freq.astype(np.float64)[None]
-    return f32(np.cos(angles)), f32(np.sin(angles))
 
 
 class Rope:

@@ -238,7 +238,7 @@ class LMPromptModel(nn.Cell):
         self.offset = net.prompt.layout(net.spec)[0]  # states in front of the text at the embeddings (P or 0)
         self.has_keys_values = net.prompt.has_keys_values
         self.p = net.num_virtual_tokens if self.has_keys_values else 0
-        for param in net.head.get_parameters():
+        for param in net.classifier.get_parameters():
             param.requires_grad = False
 
     def hidden_states(self, input_ids, attention_mask):

@@ -299,9 +299,14 @@ def test_pt_build_instruct_writes_a_generation_bundle(tmp_path):
     assert (none.only.prompt_method, none.only.num_virtual_tokens) == ("none", 0)
     assert soft.export["onnx"] < 1e-4  # the graph against the trained model
     assert soft.only.metrics["dev"]["loss"] <= soft.only.metrics["before"]["initial_prompt"]["loss"] + 1e-6
-    out = Bundle.load(tmp_path / "out" / "chat-soft").generate("Give the opposite of the word.\nhot",
-                                                                max_new_tokens=5)
-    assert len(out.token_ids) == 5 or out.finish_reason != "length"
+    from ptbundle.builder.instruct import instruction_tokenizer, prompt_ids
+
+    text = "Give the opposite of the word.\nhot"
+    out = Bundle.load(tmp_path / "out" / "chat-soft").generate(text, max_new_tokens=5)
+    # the bundle wraps the prompt in the chat format training used, token for token
+    assert out.prompt_ids == prompt_ids(instruction_tokenizer(load_backbone(ckpt)), text)
+    assert (out.finish_reason, len(out.token_ids)) == ("length", 5) or \
+        (out.finish_reason == "eos" and len(out.token_ids) < 5)
 
 
 def test_pt_build_instruct_refuses_an_encoder(tmp_path, tiny_bert):
