@@ -264,6 +264,7 @@ PRODUCT = {
     # bench/experiments/int8_choice.py builds the candidates from the exporter's own steps
     "quantize_int8": "ptbundle.builder.quantize:quantize_int8",
     "quantize_weights": "ptbundle.builder.quantize:quantize_weights",
+    "blockwise_weights": "ptbundle.builder.quantize:blockwise_weights",
     "fix_activation_scales": "ptbundle.builder.quantize:fix_activation_scales",
     "calibration_sample": "ptbundle.builder.quantize:calibration_sample",
     "calibration_batches": "ptbundle.builder.quantize:calibration_batches",

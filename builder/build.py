@@ -196,7 +196,7 @@ def percent(metrics: dict, key: str) -> str:
 
 
 def build_generation(destination: Path, backbone: Backbone, recipe: Recipe | None, train_file, dev_file, device: str,
-                     quantize: bool, log) -> Built:
+                     quantize: bool, log, mindir_capacity: int | None = None) -> Built:
     """A generation bundle of a causal LM: with `recipe`, a soft prompt trained with the LM loss on instruction
     data (builder.instruct) whose KV cache starts every cache; with None, the model alone (a baseline)."""
     from .generation import write_generation_bundle
@@ -219,5 +219,6 @@ def build_generation(destination: Path, backbone: Backbone, recipe: Recipe | Non
         name=Path(destination).name, template=CHAT_FORMAT.template,
         details={"train": str(train_file), "dev": str(dev_file), "stop": CHAT_FORMAT.end},
         backbone=backbone_info(backbone), device=device, quantize=quantize, prompt_method=method,
-        recipe=recipe.to_json() if recipe is not None else {}, metrics=metrics, reference=check)
+        recipe=recipe.to_json() if recipe is not None else {}, metrics=metrics, reference=check,
+        mindir_capacity=mindir_capacity)
     return Built(Path(destination), "generate", written.only.metrics, "")

@@ -193,8 +193,12 @@ def merge(bundles, out_path, backbone, device):
               help="Directory that receives the bundle.")
 @click.option("--name", default=None, help="Bundle name [default: chat-soft, or chat-none].")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Also write decoder.int8.onnx.")
+@click.option("--mindir-capacity", type=click.IntRange(1), default=None,
+              help="Positions in decoder.mindir's static KV cache (prompt and new tokens together)"
+                   " [default: the model's context, at most 2048].")
 @recipe_options
-def instruct(prompt_kind, train_file, dev_file, backbone, device, out_dir, name, quantize, **recipe_values):
+def instruct(prompt_kind, train_file, dev_file, backbone, device, out_dir, name, quantize, mindir_capacity,
+             **recipe_values):
     """Prompt-tune a causal LM on instructions and write a generation bundle (pt-run generate serves it).
 
     The prompt is trained with the LM loss on the answers only (PEFT's
@@ -217,7 +221,7 @@ def instruct(prompt_kind, train_file, dev_file, backbone, device, out_dir, name,
     use_device(device)
     bb = load_backbone(backbone)
     built = build_generation(out / (name or f"chat-{prompt_kind}"), bb, recipe, train_file, dev_file, device,
-                             quantize == "int8", lambda message: click.echo(message, err=True))
+                             quantize == "int8", lambda message: click.echo(message, err=True), mindir_capacity)
     dev = built.metrics.get("dev", {})
     click.echo(f"wrote {built.path} in {time.time() - started:.0f} s" + (
         f": dev loss {dev['loss']:.4f}" if "loss" in dev else ""))

@@ -179,13 +179,22 @@ class DecoderAttention(nn.Cell):
     def construct(self, x, mask_bias, cos, sin, past_keys=None, past_values=None):
         """`past_keys`/`past_values` [b, kv_heads, P, head_dim] go in front of the layer's own (a prefix, or the
         cache of a prompt); `mask_bias` [b, 1, s, P + s] covers them."""
-        b, s, _ = x.shape
-        q = self.q_proj(x).reshape(b, s, self.heads, self.head_dim).transpose(0, 2, 1, 3)
-        q = rotate(q, cos, sin)
         k, v = self.keys_values(x, cos, sin)
         if past_keys is not None:
             k = ops.concat((past_keys, k), 2)
             v = ops.concat((past_values, v), 2)
+        return self.attend(self.query(x, cos, sin), k, v, mask_bias)
+
+    def query(self, x, cos, sin):
+        """The rotated queries of `x` [b, s, h]: [b, heads, s, head_dim]."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, self.heads, self.head_dim).transpose(0, 2, 1, 3)
+        return rotate(q, cos, sin)
+
+    def attend(self, q, k, v, mask_bias):
+        """Queries [b, heads, s, d] over keys and values [b, kv_heads, t, d] (`mask_bias` [b, 1, s, t]), through
+        o_proj: [b, s, hidden].  Also the static-cache graph's (builder.decoder_mindir), whose t is its capacity."""
+        b, _, s, _ = q.shape
         if self.group > 1:  # grouped-query attention: query head i reads kv head i // group, as repeat_kv does
             t = k.shape[2]
             k = ops.broadcast_to(k.expand_dims(2), (b, self.kv_heads, self.group, t, self.head_dim)) \
@@ -219,6 +228,10 @@ class DecoderLayer(nn.Cell):
 
     def construct(self, x, mask_bias, cos, sin, past_keys=None, past_values=None):
         x = x + self.self_attn(self.input_layernorm(x), mask_bias, cos, sin, past_keys, past_values)
+        return self.feed_forward(x)
+
+    def feed_forward(self, x):
+        """The layer's second residual block (after attention): what builder.decoder_mindir shares with construct."""
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def keys_values(self, x, cos, sin):

@@ -3,9 +3,10 @@
 The files and the graph's signature are runtime.format's (module docstring
 there).  As builder.export.write_bundle does for classifiers, the bundle is
 assembled in a hidden temporary directory beside its destination, every
-written graph is run back with onnxruntime and compared with the reference
-the caller passes, and only then is the directory renamed into place: a
-failure (or Ctrl-C) leaves no partial bundle.
+written graph is run back (the ONNX ones with onnxruntime, decoder.mindir
+with MindSpore) and compared with the reference the caller passes, and only
+then is the directory renamed into place: a failure (or Ctrl-C) leaves no
+partial bundle.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from typing import Callable
 import numpy as np
 from safetensors.numpy import save_file
 
-from ptbundle.runtime.format import (DECODER_GRAPHS, GENERATE, GENERATION_DETAIL, PROMPT_CACHE, TOKENIZER,
-                                     BackboneInfo, Manifest, Task, bundle_files, prompt_cache_names, sha256_file)
+from ptbundle.runtime.format import (DECODER_GRAPHS, GENERATE, GENERATION_DETAIL, MINDIR_CAPACITY, PROMPT_CACHE,
+                                     TOKENIZER, BackboneInfo, Manifest, Task, bundle_files, prompt_cache_names,
+                                     sha256_file)
 
 from .decoder import DecoderConfig
+from .decoder_mindir import export_decoder_mindir
 from .decoder_onnx import LM_HEAD_NODE, decoder_graph
 from .errors import ExportError
 from .export import library_versions, replace_directory
@@ -31,13 +34,16 @@ from .export import library_versions, replace_directory
 # fp32 sums in another order over 30 layers drift by about 1e-6 of the logits' scale.
 PARITY_TOLERANCE = 1e-4
 PARITY_SHAPES = ((1, 9), (3, 12))  # (batch, seq) right-padded probes, each checked as prefill and as decode
+# decoder.mindir's cache slots unless the caller says: a static cache costs its whole capacity in memory and in
+# attention at every step, so not SmolLM2's 8,192 positions, but room for a long chat.
+MINDIR_CAPACITY_DEFAULT = 2048
 
 
 def write_generation_bundle(destination, weights: dict, cfg: DecoderConfig, tokenizer_path, prompt_cache: dict | None,
                             *, name: str, template: str | None, details: dict, backbone: BackboneInfo,
                             device: str = "CPU", quantize: bool = False, prompt_method: str = "none",
                             recipe: dict | None = None, metrics: dict | None = None,
-                            reference: Callable | None = None) -> Manifest:
+                            reference: Callable | None = None, mindir_capacity: int | None = None) -> Manifest:
     """Write the bundle at `destination` (replacing any there) and return its manifest.
 
     `weights`: the decoder's arrays, transformers' names with or without "model." (decoder_onnx.llama_weights).
@@ -46,17 +52,20 @@ def write_generation_bundle(destination, weights: dict, cfg: DecoderConfig, toke
     model with its prompt in front (the trained model, or transformers'); every written graph is checked
     against it, and the largest difference goes into the manifest's `export`.  Without it the fp32 graph
     is checked against itself only (prefill then decode against one pass).
+    `mindir_capacity`: the cache slots of decoder.mindir (prompt cache, prompt and new tokens together;
+    default min(max_positions, MINDIR_CAPACITY_DEFAULT)), recorded in the manifest.
     """
     destination = Path(destination)
     cache = prompt_cache_arrays(prompt_cache, cfg)
     p = next(iter(cache.values())).shape[1]
+    capacity = static_capacity(mindir_capacity, cfg, p)
     task = Task(name=name, kind=GENERATE, labels=(), pair=False, max_length=cfg.max_positions - p, pooling="none",
                 head="lm", prompt_method=prompt_method, num_virtual_tokens=p, template=template,
                 recipe=dict(recipe or {}),
                 details={**details, GENERATION_DETAIL: {
                     "eos_token_ids": list(cfg.eos_token_ids), "max_positions": cfg.max_positions,
                     "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-                    "vocab_size": cfg.vocab_size}},
+                    "vocab_size": cfg.vocab_size, MINDIR_CAPACITY: capacity}},
                 metrics=dict(metrics or {}))
     manifest = Manifest(tasks=(task,), pad_id=cfg.pad_token_id, backbone=backbone, device=device)
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +87,8 @@ def write_generation_bundle(destination, weights: dict, cfg: DecoderConfig, toke
             # int8 is not held to the fp32 tolerance: its difference is recorded, and the test suite
             # checks greedy ids and logits stay close (tests/test_generate.py)
             export["onnx-int8"] = check_graph(int8, cfg, cache, reference, tolerance=None)
+        export["mindir"] = write_mindir(tmp / DECODER_GRAPHS["mindir"], weights, cfg, capacity, cache, reference,
+                                        device)
         save_file(cache, str(tmp / PROMPT_CACHE))
         shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
         files = bundle_files(tmp)
@@ -118,6 +129,45 @@ def prompt_cache_arrays(prompt_cache: dict | None, cfg: DecoderConfig) -> dict:
     return out
 
 
+def static_capacity(capacity: int | None, cfg: DecoderConfig, p: int) -> int:
+    """decoder.mindir's cache slots: at most the model's positions, and room after the prompt cache for the
+    parity probes (a prefill of the longest and one decode step)."""
+    if capacity is None:
+        capacity = min(cfg.max_positions, MINDIR_CAPACITY_DEFAULT)
+    fewest = p + max(seq for _, seq in PARITY_SHAPES) + 1
+    if not fewest <= capacity <= cfg.max_positions:
+        raise ExportError(f"MindIR capacity (--mindir-capacity) {capacity}: it must be from {fewest} (the prompt"
+                          f" cache's {p} positions and room for the parity probes) to the model's"
+                          f" {cfg.max_positions} positions")
+    return capacity
+
+
+def write_mindir(path: Path, weights: dict, cfg: DecoderConfig, capacity: int, cache: dict,
+                 reference: Callable | None, device: str) -> float:
+    """decoder.mindir from the MindSpore Decoder that training uses, checked as decoder.onnx is (check_graph,
+    through the runtime's StaticDecoderSession on `device`); returns its largest logit difference."""
+    from ptbundle.runtime.mindspore_generate import StaticDecoderSession
+
+    export_decoder_mindir(ms_decoder(weights, cfg), capacity, path)  # the Decoder is not kept for the check
+    return check_graph(path, cfg, cache, reference, session=StaticDecoderSession(path, cache, capacity, device))
+
+
+def ms_decoder(weights: dict, cfg: DecoderConfig):
+    """builder.decoder.Decoder holding `weights` (transformers' names with or without "model.")."""
+    from .backbone import set_parameters
+    from .decoder import Decoder
+    from .decoder_onnx import llama_weights
+
+    decoder = Decoder(cfg)
+    names = {name for name, _ in decoder.parameters_and_names()}
+    w = llama_weights(weights)
+    missing = sorted(names - set(w))
+    if missing:
+        raise ExportError(f"decoder weights: no {missing[0]!r} ({len(missing)} of the decoder's tensors missing)")
+    set_parameters(decoder, {name: w[name] for name in names})
+    return decoder
+
+
 def quantize_decoder(fp32: Path, int8: Path) -> None:
     """The projections' weights int8 (builder.quantize.quantize_weights: 7-bit, one scale per column, so the
     same sums with and without VNNI), activations scaled per call: one prompt at a time, a call's scale is
@@ -144,14 +194,15 @@ def probe_batches(cfg: DecoderConfig, seed: int = 0):
 
 
 def check_graph(path: Path, cfg: DecoderConfig, cache: dict, reference: Callable | None,
-                tolerance: float | None = PARITY_TOLERANCE) -> float:
+                tolerance: float | None = PARITY_TOLERANCE, session=None) -> float:
     """Max |logit difference| of the graph at `path` from `reference` (or, without one, of prefill + decode
     from one pass through the same graph), over the probes: each row's last token's logits, after a prefill
     of all the tokens and after a prefill of all but the last then one decode step.  Raises ExportError
-    beyond `tolerance` x the logits' scale (None: record only)."""
+    beyond `tolerance` x the logits' scale (None: record only).  `session`: the runtime's session of the
+    graph (default: an onnxruntime DecoderSession); all have DecoderSession's interface and meaning."""
     from ptbundle.runtime.generate import DecoderSession
 
-    session = DecoderSession(path, cache)
+    session = session or DecoderSession(path, cache)
     worst, scale = 0.0, 1.0
     for ids, mask in probe_batches(cfg):
         rows = np.arange(len(ids))

@@ -207,3 +207,69 @@ def quantize_int8(onnx_path: Path, int8_path: Path, pad_id: int, eval_sets: dict
         predicted = batched_logits(model, encodings, pad_id, num_labels).argmax(-1)
         report[split] = classification_metrics(predicted, gold, num_labels)
     return report
+
+
+# --- block-wise weights (generation graphs) --------------------------------------------------------------------
+
+def blockwise_weights(onnx_path: Path, out_path: Path, bits: int = 8, block_size: int = 32, exclude=()) -> int:
+    """Every MatMul by a constant [K, N] weight (but the nodes named in `exclude`) as onnxruntime's
+    com.microsoft.MatMulNBits: `bits`-bit weights in blocks of `block_size` along K, one scale per block
+    (symmetric, the default zero point 2^(bits-1)), accuracy_level 4: at run time each row's activations are
+    quantized to int8 per block of K too.  Per-tensor activation scales fail a decoder (SmolLM2's SwiGLU output
+    has outliers hundreds of times its median: one scale for the whole row rounds the rest to a few levels);
+    here an outlier spoils only its own block, and every row's scales are its own, so no row depends on its
+    batch.  Returns the number of MatMuls replaced.  bench/experiments/int8_decoder.py chose the block size."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if bits not in (4, 8) or block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"blockwise_weights: bits 4 or 8 and a power-of-two block of at least 16, not {bits}/{block_size}")
+    model = onnx.load(str(onnx_path))
+    weights = {t.name: t for t in model.graph.initializer}
+    used = {}
+    for node in model.graph.node:
+        for name in node.input:
+            used[name] = used.get(name, 0) + 1
+    nodes, replaced = [], 0
+    for node in model.graph.node:
+        weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if weight is None or node.name in exclude or len(weight.dims) != 2:
+            nodes.append(node)
+            continue
+        packed, scales = pack_blocks(numpy_helper.to_array(weight).astype(np.float32), bits, block_size)
+        k, n = weight.dims
+        prefix = node.name or weight.name
+        model.graph.initializer.extend([numpy_helper.from_array(packed, f"{prefix}.q{bits}"),
+                                        numpy_helper.from_array(scales, f"{prefix}.scales")])
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], f"{prefix}.q{bits}", f"{prefix}.scales"],
+                                      list(node.output), name=node.name, domain="com.microsoft", K=k, N=n, bits=bits,
+                                      block_size=block_size, accuracy_level=4))
+        replaced += 1
+        used[weight.name] -= 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    kept = [t for t in model.graph.initializer if used.get(t.name, 1) > 0]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(out_path))
+    return replaced
+
+
+def pack_blocks(weight: np.ndarray, bits: int, block_size: int) -> tuple:
+    """[K, N] float weights -> (uint8 [N, K / block, block * bits / 8], float32 [N * K / block] scales), as
+    MatMulNBits reads them: column n's blocks along K, zero point 2^(bits-1), two 4-bit values a byte (low first).
+    K is zero-padded to whole blocks."""
+    k, n = weight.shape
+    blocks = -(-k // block_size)
+    w = np.zeros((n, blocks * block_size), np.float32)
+    w[:, :k] = weight.T
+    w = w.reshape(n, blocks, block_size)
+    top = 2 ** (bits - 1) - 1
+    scales = np.abs(w).max(-1) / top
+    scales[scales == 0] = 1.0
+    q = (np.clip(np.rint(w / scales[..., None]), -top, top) + 2 ** (bits - 1)).astype(np.uint8)
+    if bits == 4:
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    return np.ascontiguousarray(q), scales.astype(np.float32).reshape(-1)

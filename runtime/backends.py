@@ -1,13 +1,17 @@
 """Runtime backends, a small registry: which graph file each runs, on which devices, and how to open it.
 
     onnxruntime   model.onnx / model.int8.onnx   CPU (the default there: light to install, quick to start)
+                  decoder.onnx / decoder.int8.onnx
     mindspore     model.mindir                   CPU, GPU, Ascend (the default on GPU and Ascend)
+                  decoder.mindir (a static KV cache: runtime.mindspore_generate)
 
 A new backend is one module with a model class (called with int32
 (ids, mask, types) arrays, returning float32 logits; a `pad_multiple`
-attribute) and one `register(...)` line here.  Backends are imported only
-when used, so the runtime pulls in neither MindSpore nor onnxruntime until
-a bundle needs it.
+attribute), for generation bundles a decoder session class (the interface
+of runtime.generate.DecoderSession, opened by its `open` classmethod), and
+one `register(...)` line here.  Backends are imported only when used, so
+the runtime pulls in neither MindSpore nor onnxruntime until a bundle
+needs it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BundleError
-from .format import DEVICES, GRAPHS
+from .format import DECODER_GRAPHS, DEVICES, GRAPHS
 
 
 @dataclass(frozen=True)
@@ -26,21 +30,32 @@ class Backend:
     devices: tuple
     files: dict  # precision ("fp32", "int8") -> graph file in the bundle
     model_class: str  # "module:Class", imported on first use
+    decoders: dict  # precision -> decoder graph file of a generation bundle
+    decoder_class: str  # "module:Class" of its session, imported on first use
 
-    def graph_file(self, precision: str) -> str:
-        if precision not in self.files:
-            others = [b.name for b in BACKENDS.values() if precision in b.files]
+    def graph_file(self, precision: str, generative: bool = False) -> str:
+        """The bundle's graph file this backend runs at `precision` (the decoder's, in a generation bundle)."""
+        files = lambda b: b.decoders if generative else b.files  # noqa: E731
+        if precision not in files(self):
+            others = [b.name for b in BACKENDS.values() if precision in files(b)]
             raise BundleError(f"backend {self.name!r} has no {precision} graph (use backend={others[0]!r})"
                               if others else f"no backend runs {precision} graphs")
-        return self.files[precision]
+        return files(self)[precision]
 
     def open(self, path: Path, device: str):
+        return self.load_class(self.model_class, device)(path, device)
+
+    def open_decoder(self, path: Path, device: str, prompt_cache: dict, generation: dict):
+        """A generation bundle's decoder session; `generation` is its task's details["generation"]."""
+        return self.load_class(self.decoder_class, device).open(path, prompt_cache, generation, device)
+
+    def load_class(self, name: str, device: str):
         if device not in self.devices:
             users = [b.name for b in BACKENDS.values() if device in b.devices]
             raise BundleError(f"the {self.name} backend runs on {', '.join(self.devices)};"
                               f" use backend={users[0]!r} for {device}")
-        module, cls = self.model_class.split(":")
-        return getattr(importlib.import_module(module, __package__), cls)(path, device)
+        module, cls = name.split(":")
+        return getattr(importlib.import_module(module, __package__), cls)
 
 
 BACKENDS: dict = {}
@@ -52,8 +67,10 @@ def register(backend: Backend) -> Backend:
 
 
 register(Backend("onnxruntime", ("CPU",), {"fp32": GRAPHS["onnx"], "int8": GRAPHS["onnx-int8"]},
-                 ".onnx_backend:OnnxModel"))
-register(Backend("mindspore", DEVICES, {"fp32": GRAPHS["mindir"]}, ".mindspore_backend:MindSporeModel"))
+                 ".onnx_backend:OnnxModel",
+                 {"fp32": DECODER_GRAPHS["onnx"], "int8": DECODER_GRAPHS["onnx-int8"]}, ".generate:DecoderSession"))
+register(Backend("mindspore", DEVICES, {"fp32": GRAPHS["mindir"]}, ".mindspore_backend:MindSporeModel",
+                 {"fp32": DECODER_GRAPHS["mindir"]}, ".mindspore_generate:StaticDecoderSession"))
 
 
 def get(name: str | None, device: str) -> Backend:

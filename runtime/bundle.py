@@ -9,7 +9,8 @@ the same way and generates instead: `bundle.generate(prompt)` (runtime.generate)
 
 Two backends run the same folded graph: onnxruntime (`model.onnx`, the
 default on CPU: light to install, quick to start) and MindSpore
-(`model.mindir`, the default on GPU and Ascend).  Nothing here imports the
+(`model.mindir`, the default on GPU and Ascend); a generation bundle's
+decoder likewise (`decoder.onnx`, or `decoder.mindir` over a static cache).  Nothing here imports the
 builder; MindSpore is imported only when its backend is used.
 """
 
@@ -98,30 +99,30 @@ class Bundle:
     @classmethod
     def load_generation(cls, directory: Path, manifest: Manifest, device: str, runner, int8: bool,
                         verify: bool) -> "Bundle":
-        from .generate import DecoderSession, Generator, read_prompt_cache
+        from .generate import Generator, read_prompt_cache
         from .text import load_tokenizer
 
-        if runner.name != "onnxruntime" or device != "CPU":
-            raise BundleError(f"{directory}: a generation bundle runs on onnxruntime on CPU only"
-                              f" (not {runner.name} on {device})")
-        graph = DECODER_GRAPHS["onnx-int8" if int8 else "onnx"]
+        task = manifest.only
+        graph = runner.graph_file("int8" if int8 else "fp32", generative=True)
         for name in (graph, PROMPT_CACHE):
             if name not in manifest.files:
-                hint = " (build it with int8 quantization)" if name == DECODER_GRAPHS["onnx-int8"] else ""
-                raise BundleError(f"{directory}: this bundle has no {name}{hint}")
+                hint = {DECODER_GRAPHS["onnx-int8"]: " (build it with int8 quantization)",
+                        DECODER_GRAPHS["mindir"]: " (it was built before generation bundles had one: rebuild it"
+                                                  " with this version's pt-build, or use backend='onnxruntime')"}
+                raise BundleError(f"{directory}: this bundle has no {name}{hint.get(name, '')}")
         if verify:  # the prompt cache and tokenizer are small: hash them first, the graph while it loads
             verify_files(directory, manifest, [PROMPT_CACHE, TOKENIZER])
         with ThreadPoolExecutor(1) as pool:
             check = pool.submit(verify_files, directory, manifest, [graph]) if verify else None
             try:
-                session = DecoderSession(directory / graph, read_prompt_cache(directory / PROMPT_CACHE))
+                session = runner.open_decoder(directory / graph, device, read_prompt_cache(directory / PROMPT_CACHE),
+                                              task.generation)
             except Exception:
                 if check is not None:
                     check.result()  # a missing or altered file explains the failure best
                 raise
             if check is not None:
                 check.result()
-        task = manifest.only
         # No truncation: a prompt longer than the context is an error (Generator.check), not silently cut.
         tokenizer = load_tokenizer(directory / TOKENIZER, task.max_length)
         tokenizer.no_truncation()

@@ -8,7 +8,7 @@ import click
 
 from .backends import BACKENDS
 from .errors import PtbundleError
-from .format import DEVICES, PEFT_DETAIL, PEFT_DIR
+from .format import DEVICES, MINDIR_CAPACITY, PEFT_DETAIL, PEFT_DIR
 from .inputs import CHUNK_LINES, FORMATS, LineReader, chunks
 from .serve import Limits
 
@@ -105,13 +105,18 @@ def predict(file, bundle_path, task, input_format, fmt, batch_size, chunk_lines,
               help="Sample from the smallest set of tokens this likely (with --temperature > 0).")
 @click.option("--seed", default=None, type=int, help="Makes sampling reproducible.")
 @click.option("--stop", multiple=True, help="Stop before this text (repeatable); it is not printed.")
-@click.option("--int8", is_flag=True, help="Use the bundle's int8 decoder graph.")
-def generate(bundle_path, prompt, max_new_tokens, temperature, top_p, seed, stop, int8):
+@click.option("--device", default="CPU", show_default=True, type=click.Choice(DEVICES))
+@click.option("--backend", type=click.Choice(list(BACKENDS)), default=None,
+              help="[default: onnxruntime on CPU, mindspore on GPU/Ascend]")
+@click.option("--int8", is_flag=True, help="Use the bundle's int8 decoder graph (onnxruntime).")
+def generate(bundle_path, prompt, max_new_tokens, temperature, top_p, seed, stop, device, backend, int8):
     """Generate text after PROMPT with a generation bundle, printing it as it comes.
 
     PROMPT is the text itself, or '-' (the default) to read it from stdin
     (so `pt-run generate BUNDLE - < question.txt` takes a file).  The
-    bundle's template (e.g. chat markup) is put around it.
+    bundle's template (e.g. chat markup) is put around it.  The mindspore
+    backend runs decoder.mindir, whose KV cache has a fixed size (pt-run
+    info shows it): prompt and new tokens must fit in it.
     """
     import sys
 
@@ -121,7 +126,7 @@ def generate(bundle_path, prompt, max_new_tokens, temperature, top_p, seed, stop
             prompt = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")  # the newline that ends a file
         except UnicodeDecodeError as e:
             raise click.ClickException(f"<stdin>: not valid UTF-8 (byte {e.start + 1})") from None
-    bundle = load(bundle_path, "CPU", None, int8)
+    bundle = load(bundle_path, device, backend, int8)
     for piece in bundle.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                  seed=seed, stop=stop, stream=True):
         click.echo(piece, nl=False)
@@ -248,6 +253,8 @@ def show_task(bundle_path, t, several: bool) -> None:
         click.echo(f"{bundle_path}: generation bundle {t.name} (pt-run generate)")
         click.echo(f"  prompt      {t.prompt_method}, {t.num_virtual_tokens} positions in the prompt cache;"
                    f" context {gen['max_positions']} positions, eos ids {gen['eos_token_ids']}")
+        if MINDIR_CAPACITY in gen:
+            click.echo(f"  mindir      a static KV cache of {gen[MINDIR_CAPACITY]} positions (--backend mindspore)")
         if t.template:
             click.echo(f"  template    {t.template!r}")
         return

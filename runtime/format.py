@@ -20,6 +20,9 @@ learned prompt, run token by token by runtime.generate) is a directory too:
                               (`GENERATION_DETAIL`) holds the eos ids, the context length and the cache shape
     decoder.onnx              the decoder with a KV cache (`decoder_signature`, below)
     decoder.int8.onnx         optional: its int8 copy (dynamic int8 weights; the LM head fp32)
+    decoder.mindir            optional (bundles since MindSpore generation): the decoder for MindSpore over a
+                              static KV cache of details["generation"]["mindir_capacity"] slots (`MINDIR_CAPACITY`;
+                              signature below)
     prompt_cache.safetensors  the learned prompt's keys and values at every layer, "key.{i}" and "value.{i}"
                               float32 [kv_heads, P, head_dim] (P = num_virtual_tokens; zero-length for no
                               prompt): every generation's cache starts as these
@@ -32,6 +35,17 @@ included), float32 `past_key.{i}` / `past_value.{i}` [batch, kv_heads, past,
 head_dim] per layer i in; float32 `logits` [batch, vocab] at each row's last
 attended new position, and `present_key.{i}` / `present_value.{i}` [batch,
 kv_heads, past + seq, head_dim] (the past with the new tokens appended) out.
+decoder.mindir (builder.decoder_mindir) keeps each cache at a fixed capacity
+C, so MindSpore's GraphCell, which prepares a graph per input shape, sees
+one shape for every decode step.  Its inputs, in this order (GraphCell's are
+positional): int32 `input_ids` and `position_ids` [batch, seq], int32
+`cache_position` [seq] (the cache slot each new token is written to), int32
+`attention_mask` [batch, C] (1 = the slot holds a key to attend to, after
+this call's writes), then float32 `key_cache.{i}`, `value_cache.{i}` [batch,
+kv_heads, C, head_dim] for each layer i; out: `logits` [batch, vocab] as
+above, then the caches in the same order with the new tokens written.  A
+slot is an index of decoder.onnx's cache (the prompt cache in slots 0..P-1),
+so the two graphs read the same sequence of calls alike.
 Generation bundles keep FORMAT_VERSION 3: their manifest is a version-3
 manifest, and a runtime from before them refuses one already (its Task check
 rejects kind "generate" and an empty label list, naming the field), while
@@ -92,7 +106,7 @@ def signature(multi_task: bool = False) -> dict:
 
 
 # --- generation bundles (a causal decoder with a KV cache; runtime.generate) ---
-DECODER_GRAPHS = {"onnx": "decoder.onnx", "onnx-int8": "decoder.int8.onnx"}  # graph kind -> file
+DECODER_GRAPHS = {"onnx": "decoder.onnx", "onnx-int8": "decoder.int8.onnx", "mindir": "decoder.mindir"}  # kind -> file
 PROMPT_CACHE = "prompt_cache.safetensors"  # "key.{i}", "value.{i}": float32 [kv_heads, P, head_dim] per layer
 GENERATE = "generate"  # Task.kind of a generation bundle
 DECODER_INPUTS = ("input_ids", "position_ids", "attention_mask")
@@ -128,6 +142,7 @@ def decoder_signature(layers: int) -> dict:
 
 GENERATION_DETAIL = "generation"  # Task.details key of a generation bundle: GENERATION_FIELDS
 GENERATION_FIELDS = ("eos_token_ids", "max_positions", "num_layers", "num_kv_heads", "head_dim", "vocab_size")
+MINDIR_CAPACITY = "mindir_capacity"  # details[GENERATION_DETAIL] key when the bundle has decoder.mindir: its cache slots
 KINDS = ("soft", "hard", GENERATE)
 
 DEVICES = ("CPU", "GPU", "Ascend")
@@ -257,6 +272,11 @@ class Task:
                  f"must be a positive integer, not {value!r}")
         need(self.num_virtual_tokens < gen["max_positions"], "num_virtual_tokens",
              f"is {self.num_virtual_tokens}, leaving no room in the context of {gen['max_positions']} positions")
+        if MINDIR_CAPACITY in gen:
+            capacity = gen[MINDIR_CAPACITY]
+            need(isinstance(capacity, int) and not isinstance(capacity, bool)
+                 and self.num_virtual_tokens < capacity <= gen["max_positions"], f"{where}.{MINDIR_CAPACITY}",
+                 f"must be an integer above num_virtual_tokens and at most max_positions, not {capacity!r}")
 
 
 @dataclass(frozen=True)

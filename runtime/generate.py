@@ -15,6 +15,11 @@ Generation stops at an eos id (the manifest lists them), at a stop string
 (which is not part of the output) or after max_new_tokens.  Text comes out
 in pieces that never split a UTF-8 character, however byte-level BPE cut it.
 Imports onnxruntime, numpy and tokenizers only.
+
+`DecoderSession` runs decoder.onnx; with backend="mindspore" the Generator
+drives runtime.mindspore_generate's StaticDecoderSession (decoder.mindir, a
+cache of fixed capacity) through the same interface, and a prompt must then
+fit that capacity as well as the model's context.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ REPLACEMENT = "\ufffd"  # what a byte-level decoder shows for the bytes of a cha
 class DecoderSession:
     """decoder.onnx in onnxruntime, with the bundle's prompt cache in front of every call's cache."""
 
+    capacity = None  # the cache grows with each call, up to the model's positions (StaticDecoderSession has one)
+
     def __init__(self, path: Path, prompt_cache: dict, threads: int | None = None):
         import onnxruntime as ort
 
@@ -52,15 +59,13 @@ class DecoderSession:
         if sorted(inputs) != sorted(expected):
             raise BundleError(f"{path}: not a decoder graph (inputs {', '.join(inputs[:4])}, ...)")
         self.output_names = ["logits"] + [n for i in range(self.layers) for n in present_names(i)]
-        try:
-            self.cache = [np.ascontiguousarray(prompt_cache[n], np.float32)[None]
-                          for i in range(self.layers) for n in prompt_cache_names(i)]
-        except KeyError as e:
-            raise BundleError(f"{PROMPT_CACHE}: no {e.args[0]!r} for this {self.layers}-layer decoder") from None
-        shapes = {a.shape[2] for a in self.cache}
-        if len(shapes) != 1:
-            raise BundleError(f"{PROMPT_CACHE}: layers differ in prompt length ({sorted(shapes)})")
-        self.prompt_length = shapes.pop()
+        prompt, self.prompt_length = prompt_arrays(prompt_cache, self.layers)
+        self.cache = [a[None] for a in prompt]
+
+    @classmethod
+    def open(cls, path: Path, prompt_cache: dict, generation: dict, device: str) -> "DecoderSession":
+        """How runtime.backends opens one for a bundle (the registry checked the device: CPU)."""
+        return cls(path, prompt_cache)
 
     def run(self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, past: list) -> tuple:
         """One call: (logits [batch, vocab], present caches in past_names order)."""
@@ -149,7 +154,10 @@ class Generator:
         self.session, self.tokenizer, self.task = session, tokenizer, task
         gen = task.generation
         self.eos = set(gen["eos_token_ids"])
-        self.context = gen["max_positions"] - session.prompt_length  # positions left for prompt + new tokens
+        self.positions = gen["max_positions"]
+        if session.capacity is not None:  # a static cache (decoder.mindir) holds what it was built for
+            self.positions = min(self.positions, session.capacity)
+        self.context = self.positions - session.prompt_length  # positions left for prompt + new tokens
         if session.prompt_length != task.num_virtual_tokens:
             raise BundleError(f"{PROMPT_CACHE}: {session.prompt_length} prompt positions, the manifest says"
                               f" {task.num_virtual_tokens}")
@@ -173,10 +181,14 @@ class Generator:
         if not ids:
             raise InputError("the prompt is empty (no tokens)")
         if len(ids) + max_new_tokens > self.context:
+            static = self.positions < self.task.generation["max_positions"]
+            where = "the static KV cache of decoder.mindir" if static else "the model's context"
+            hint = (f"; backend='onnxruntime' has the model's {self.task.generation['max_positions']}, or rebuild"
+                    f" with a larger pt-build instruct --mindir-capacity") if static else ""
             raise InputError(f"the prompt's {len(ids)} tokens + max_new_tokens {max_new_tokens} ="
-                             f" {len(ids) + max_new_tokens} exceed the model's context of {self.context} tokens"
-                             f" ({self.context + self.session.prompt_length} positions, {self.session.prompt_length}"
-                             f" taken by the learned prompt)")
+                             f" {len(ids) + max_new_tokens} exceed {where} of {self.context} tokens"
+                             f" ({self.positions} positions, {self.session.prompt_length} taken by the learned"
+                             f" prompt{hint})")
         return ids
 
     def stream(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
@@ -242,6 +254,20 @@ def pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Ge
         keep = order[: int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]
         return int(keep[rng.choice(len(keep), p=probs[keep] / probs[keep].sum())])
     return int(rng.choice(len(probs), p=probs))
+
+
+def prompt_arrays(prompt_cache: dict, layers: int) -> tuple:
+    """(the prompt cache's arrays in the graphs' cache order, key.0, value.0, key.1, ..., each float32
+    [kv_heads, P, head_dim]; P): what every session's cache starts with."""
+    try:
+        arrays = [np.ascontiguousarray(prompt_cache[name], np.float32)
+                  for i in range(layers) for name in prompt_cache_names(i)]
+    except KeyError as e:
+        raise BundleError(f"{PROMPT_CACHE}: no {e.args[0]!r} for this {layers}-layer decoder") from None
+    lengths = {a.shape[1] for a in arrays}
+    if len(lengths) != 1:
+        raise BundleError(f"{PROMPT_CACHE}: layers differ in prompt length ({sorted(lengths)})")
+    return arrays, lengths.pop()
 
 
 def read_prompt_cache(path: Path) -> dict:

@@ -1,6 +1,7 @@
 """model.mindir run by MindSpore's GraphCell: the backend for Ascend and GPU.
 
-MindSpore is imported here and nowhere else in the runtime, so only bundles
+MindSpore is imported here (and in mindspore_generate, its decoder session
+for generation bundles) and nowhere else in the runtime, so only bundles
 loaded with backend="mindspore" pay its 3 s and 400 MB.
 """
 
@@ -45,6 +46,17 @@ def first_sentence(error: Exception) -> str:
     return str(error).strip().splitlines()[0].split(". ")[0][:200]
 
 
+def load_graph(path: Path, device: str):
+    """A MindIR file as a GraphCell on `device` (select_device); an unreadable file is a one-line BundleError."""
+    import mindspore as ms
+
+    select_device(device)
+    try:
+        return ms.nn.GraphCell(ms.load(str(path)))
+    except Exception as e:  # MindSpore raises RuntimeError/ValueError for unreadable graphs
+        raise BundleError(f"{path}: MindSpore cannot load it ({first_sentence(e)})") from e
+
+
 class MindSporeModel:
     """Same call as OnnxModel: int32 [batch, seq] arrays in, float32 logits out."""
 
@@ -55,12 +67,8 @@ class MindSporeModel:
     def __init__(self, path: Path, device: str = "CPU"):
         import mindspore as ms
 
-        select_device(device)
+        self.cell = load_graph(path, device)
         self.tensor = ms.Tensor
-        try:
-            self.cell = ms.nn.GraphCell(ms.load(str(path)))
-        except Exception as e:  # MindSpore raises RuntimeError/ValueError for unreadable graphs
-            raise BundleError(f"{path}: MindSpore cannot load it ({first_sentence(e)})") from e
 
     def __call__(self, ids, mask, types, task_ids=None) -> np.ndarray:
         """`task_ids` [batch]: a multi-task graph's row tasks (format.TASK_INPUT)."""

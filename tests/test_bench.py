@@ -390,6 +390,10 @@ def test_generate_speed_times_our_generation_bundles(smoke):
     for contender in ("ours fp32 prompt", "ours fp32 none", "ours int8 prompt", "ours int8 none"):
         figures = result["figures"][contender]
         assert figures["decode_tokens_per_s"]["median"] > 0 and figures["ttft_ms"]["median"] > 0
+    for kind in ("fp32", "int8"):  # the paired TTFT ratio: prompted over plain, per prompt
+        pairs = result["ttft_pairs"][kind]
+        assert pairs["rounds"] == 3 and 0 < pairs["ratio"]["min"] <= pairs["ratio"]["max"]
+        assert "ttft_prompt_over_none (%s, paired)" % kind in result["targets"]
     if PEER_PYTHON is not None:  # greedy tokens of the fp32 bundle equal transformers + PEFT's
         assert result["parity"]["fp32"]["match"] == result["parity"]["prompts"]
     else:

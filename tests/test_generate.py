@@ -19,6 +19,7 @@ from checkpoints import write_llama_checkpoint
 FIXTURE = Path(__file__).parent / "fixtures" / "llama_reference.npz"
 BIN = Path(sys.executable).parent
 P = 5
+CAPACITY = 64  # decoder.mindir's static cache in the test bundles: a quarter of the tiny model's 256 positions
 CHAT = "<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -104,7 +105,8 @@ def write(llama, path, with_prompt: bool, template=None, quantize=False, cfg=Non
     reference = lambda ids, mask: llama_forward(weights, cfg, ids, mask, cache)  # noqa: E731
     return write_generation_bundle(path, weights, cfg, d / "tokenizer.json", cache, name="tiny-chat",
                                    template=template, details={}, backbone=backbone_info(cfg), quantize=quantize,
-                                   prompt_method="prefix-tuning" if with_prompt else "none", reference=reference)
+                                   prompt_method="prefix-tuning" if with_prompt else "none", reference=reference,
+                                   mindir_capacity=CAPACITY)
 
 
 @pytest.fixture(scope="module")
@@ -194,11 +196,12 @@ def reference_greedy(llama, case):
     return prompts, out, 12
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "mindspore"])
 @pytest.mark.parametrize("case", ["plain", "prefix"])
-def test_greedy_generate_equals_the_reference(llama, bundles, case):
+def test_greedy_generate_equals_the_reference(llama, bundles, case, backend):
     from ptbundle.runtime import Bundle
 
-    bundle = Bundle.load(bundles / case)
+    bundle = Bundle.load(bundles / case, backend=backend)
     prompts, expected, steps = reference_greedy(llama, case)
     got = [bundle.generate(p, max_new_tokens=steps).token_ids for p in prompts]
     assert got == expected
@@ -325,6 +328,49 @@ def test_pt_run_generate_int8(llama, bundles):
     assert manifest["export"]["onnx"] <= 1e-4 and "onnx-int8" in manifest["export"]
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_blockwise_weights_run_in_onnxruntime_as_their_dequantized_matmul(tmp_path, bits):
+    """builder.quantize.blockwise_weights writes MatMulNBits that onnxruntime runs: its product equals x times
+    the weights the packing describes (unpacked here independently) up to the int8 rounding of activations per
+    block, an outlier weight spoils only its own block's scale, and a row's output does not depend on its batch."""
+    import onnx  # after ptbundle.builder (MindSpore first): see builder/onnx_export.py
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ptbundle.builder.quantize import blockwise_weights
+
+    rng = np.random.RandomState(0)
+    k, n = 100, 48  # K not a whole number of blocks: zero-padded
+    w = rng.standard_normal((k, n)).astype(np.float32) * 0.1
+    w[3, 5] = 30.0  # an outlier: only column 5's first block is coarser
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"), helper.make_node("MatMul", ["y", "w2"], ["z"],
+                                                                                     name="keep")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [None, n])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.eye(n, dtype=np.float32), "w2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "a.onnx"))
+    assert blockwise_weights(tmp_path / "a.onnx", tmp_path / "b.onnx", bits=bits, block_size=32, exclude=("keep",)) == 1
+    model = onnx.load(str(tmp_path / "b.onnx"))
+    assert [nd.op_type for nd in model.graph.node] == ["MatMulNBits", "MatMul"]
+    assert {t.name for t in model.graph.initializer} == {"mm.q%d" % bits, "mm.scales", "w2"}  # fp32 w gone
+    packed = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "mm.q%d" % bits))
+    scales = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "mm.scales")).reshape(n, -1)
+    if bits == 4:  # two values a byte, the first in the low nibble
+        packed = np.stack([packed & 15, packed >> 4], -1).reshape(n, scales.shape[1], -1)
+    dequantized = ((packed.astype(np.float32) - 2 ** (bits - 1)) * scales[..., None]).reshape(n, -1)[:, :k].T
+    assert np.abs(dequantized - w).max() <= 0.5 * scales.max() + 1e-6
+    assert np.abs(dequantized[32:, 5] - w[32:, 5]).max() < 0.05 * 30.0 / (2 ** (bits - 1) - 1)  # other blocks fine
+
+    session = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((6, k)).astype(np.float32)
+    z = session.run(None, {"x": x})[0]
+    expected = x @ dequantized
+    assert np.abs(z - expected).max() <= 0.02 * np.abs(expected).max()  # activations int8 per block of 32
+    alone = np.concatenate([session.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    assert np.abs(alone - z).max() <= 1e-5 * np.abs(z).max()
+
+
 def test_a_prompt_beyond_the_context_is_one_error_line_naming_both_numbers(bundles):
     code, err, _ = run("generate", bundles / "prefix", "x" * 240, "--max-new-tokens", 20)
     # 240 tokens + 20 > 256 - 5
@@ -365,6 +411,7 @@ def test_info_shows_a_generation_bundle(bundles):
     code, err, out = run("info", bundles / "prefix")
     assert code == 0, err
     assert "generation bundle" in out and "5 positions" in out
+    assert f"static KV cache of {CAPACITY} positions" in out
 
 
 def test_a_failed_build_leaves_no_bundle(llama, tmp_path):
@@ -377,8 +424,145 @@ def test_a_failed_build_leaves_no_bundle(llama, tmp_path):
     with pytest.raises(ExportError, match="prompt length"):
         write_generation_bundle(tmp_path / "b", weights, cfg, llama[0] / "tokenizer.json", bad, name="x",
                                 template=None, details={}, backbone=backbone_info(cfg))
+    with pytest.raises(ExportError, match="MindIR capacity"):  # no room after the prompt cache
+        write_generation_bundle(tmp_path / "b", weights, cfg, llama[0] / "tokenizer.json", cache, name="x",
+                                template=None, details={}, backbone=backbone_info(cfg), mindir_capacity=P + 4)
     wrong = lambda ids, mask: llama_forward(weights, cfg, ids, mask) + 1.0  # noqa: E731
     with pytest.raises(ExportError, match="differ from the reference"):
         write_generation_bundle(tmp_path / "b", weights, cfg, llama[0] / "tokenizer.json", None, name="x",
                                 template=None, details={}, backbone=backbone_info(cfg), reference=wrong)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- decoder.mindir: the same decoder for MindSpore, over a static KV cache ----------------------------------------
+
+MINDIR_TOLERANCE = 1e-4  # max |logit difference|, logits of scale ~20: the bound decoder.onnx is held to above
+
+
+@pytest.mark.parametrize("case", ["plain", "prefix"])
+def test_the_bundle_has_a_hashed_mindir_graph_and_its_parity(bundles, case):
+    from ptbundle.runtime.format import Manifest, sha256_file
+
+    manifest = Manifest.read(bundles / case)
+    assert manifest.files["decoder.mindir"] == sha256_file(bundles / case / "decoder.mindir")
+    assert manifest.only.generation["mindir_capacity"] == CAPACITY
+    assert 0 <= manifest.export["mindir"] <= MINDIR_TOLERANCE  # measured at export, prefill and decode
+
+
+@pytest.mark.parametrize("case", ["plain", "prefix"])
+def test_mindir_logits_equal_the_reference_and_onnx_in_prefill_and_decode(llama, bundles, case):
+    from ptbundle.runtime import Bundle
+
+    _, cfg, *_ = llama
+    onnx = session_of(bundles / case)
+    mindir = Bundle.load(bundles / case, backend="mindspore").generator.session
+    ids, mask, expected = reference_batch(llama, case)  # right-padded rows of different lengths
+    rows, last = np.arange(len(ids)), mask.sum(1) - 1
+    logits, _ = mindir.prefill(ids, mask)
+    assert np.abs(logits - expected[rows, last]).max() <= MINDIR_TOLERANCE
+    assert np.abs(logits - onnx.prefill(ids, mask)[0]).max() <= MINDIR_TOLERANCE
+    # the same calls to both: a prefill of 8 tokens, then one token at a time
+    p = mindir.prompt_length
+    ids = np.random.RandomState(5).randint(3, cfg.vocab_size, (2, 12)).astype(np.int64)
+    a, onnx_cache = onnx.prefill(ids[:, :8], np.ones((2, 8)))
+    b, mindir_cache = mindir.prefill(ids[:, :8], np.ones((2, 8)))
+    for j in range(8, 12):
+        assert np.abs(a - b).max() <= MINDIR_TOLERANCE
+        step = (ids[:, j:j + 1], np.full((2, 1), p + j), np.ones((2, p + j + 1), np.int64))
+        (a, onnx_cache), (b, mindir_cache) = onnx.run(*step, onnx_cache), mindir.run(*step, mindir_cache)
+    assert np.abs(a - b).max() <= MINDIR_TOLERANCE
+
+
+@pytest.mark.parametrize("case", ["plain", "prefix"])
+def test_mindspore_greedy_generation_equals_onnxruntime_token_for_token(bundles, case):
+    from ptbundle.runtime import Bundle
+
+    onnx, mindir = Bundle.load(bundles / case), Bundle.load(bundles / case, backend="mindspore")
+    # 1 to 57 tokens (one per byte): prefills padded to 8, 16, 32, 48 and, near the cache's end, 59 (not 64)
+    prompts = ["a", "hello", "The film", "The film was", "über café ☕ and more", "x" * 40, "y" * 57]
+    for prompt in prompts:
+        steps = 2 if len(prompt) == 57 else 12
+        expected = onnx.generate(prompt, max_new_tokens=steps)
+        got = mindir.generate(prompt, max_new_tokens=steps)
+        assert (got.token_ids, got.text, got.finish_reason) == (expected.token_ids, expected.text,
+                                                                expected.finish_reason), prompt
+
+
+def test_mindir_decode_steps_keep_one_shape(llama, bundles):
+    """GraphCell prepares a graph per input shape: every decode step must bring the same ones."""
+    from ptbundle.runtime import Bundle
+
+    _, cfg, *_ = llama
+    bundle = Bundle.load(bundles / "prefix", backend="mindspore")
+    session = bundle.generator.session
+    start = [c.asnumpy().copy() for c in session.start_caches(1)]
+    for prompt in ("abc", "hello there", "hello again"):  # 3, 11 and 11 tokens
+        assert len(bundle.generate(prompt, max_new_tokens=10).token_ids) == 10
+    assert session.shapes == {(1, 8), (1, 16), (1, 1)}  # two prefill lengths, one decode shape for 27 steps
+    cache_shapes = [(1, cfg.num_kv_heads, CAPACITY, cfg.head_dim)] * (2 * cfg.num_layers)
+    _, cache = session.prefill(np.array([[5, 6, 7]]), np.ones((1, 3)))
+    for position in range(P + 3, P + 8):
+        assert [tuple(c.shape) for c in cache] == cache_shapes
+        _, cache = session.run(np.array([[9]]), np.array([[position]]), np.ones((1, position + 1)), cache)
+    # the graph returns new caches, never writing into those it is given: every prefill starts from the same ones
+    for before, after in zip(start, session.start_caches(1)):
+        assert np.array_equal(before, after.asnumpy())
+
+
+def test_mindspore_on_a_bundle_without_decoder_mindir_is_one_error_line(bundles, tmp_path):
+    from ptbundle.runtime import Bundle
+    from ptbundle.runtime.errors import BundleError
+    from ptbundle.runtime.format import Manifest
+
+    old = tmp_path / "old"  # as bundles were before decoder.mindir
+    shutil.copytree(bundles / "prefix", old)
+    (old / "decoder.mindir").unlink()
+    manifest = Manifest.read(old)
+    task = manifest.only
+    generation = {k: v for k, v in task.generation.items() if k != "mindir_capacity"}
+    manifest.replace(files={k: v for k, v in manifest.files.items() if k != "decoder.mindir"}).replace_task(
+        task.name, details={**task.details, "generation": generation}).write(old)
+    with pytest.raises(BundleError, match="no decoder.mindir") as error:
+        Bundle.load(old, backend="mindspore")
+    assert "\n" not in str(error.value) and "onnxruntime" in str(error.value)
+    assert Bundle.load(old).generate("hello", max_new_tokens=2).token_ids  # onnxruntime still runs it
+    code, err, _ = run("generate", old, "hello", "--backend", "mindspore")
+    assert_one_error_line(code, err, "no decoder.mindir")
+    with pytest.raises(BundleError, match="no int8 graph"):
+        Bundle.load(bundles / "plain", backend="mindspore", int8=True)
+
+
+def test_a_prompt_beyond_the_static_cache_is_refused_before_any_work(bundles):
+    from ptbundle.runtime import Bundle
+    from ptbundle.runtime.errors import InputError
+
+    bundle = Bundle.load(bundles / "prefix", backend="mindspore")
+    # 50 tokens + 10 = 60 > 64 - 5 = 59: beyond the static cache, well inside the model's 251
+    with pytest.raises(InputError, match="static KV cache") as error:
+        bundle.generate("x" * 50, max_new_tokens=10)
+    for number in ("50", "10", "60", "59", "64"):
+        assert number in str(error.value)
+    assert bundle.generator.session.shapes == set()  # the graph was not called
+    assert len(Bundle.load(bundles / "prefix").generate("x" * 50, max_new_tokens=10).token_ids) == 10
+    code, err, _ = run("generate", bundles / "prefix", "x" * 50, "--max-new-tokens", 10, "--backend", "mindspore")
+    assert_one_error_line(code, err, "static KV cache", "60", "59")
+
+
+def test_pt_run_generate_with_the_mindspore_backend_prints_the_same_text(bundles):
+    from ptbundle.runtime import Bundle
+
+    expected = Bundle.load(bundles / "chat").generate("hello", max_new_tokens=8).text
+    code, err, out = run("generate", bundles / "chat", "hello", "--max-new-tokens", 8, "--backend", "mindspore")
+    assert code == 0, err
+    assert out == expected + "\n"
+
+
+def test_a_bad_mindir_capacity_in_the_manifest_names_the_field(bundles):
+    from ptbundle.runtime.errors import BundleError
+    from ptbundle.runtime.format import Manifest
+
+    raw = json.loads((bundles / "prefix" / "manifest.json").read_text())
+    for bad in (1000, P, "64"):  # beyond the model's 256 positions; no room after the prompt; not an integer
+        raw["tasks"][0]["details"]["generation"]["mindir_capacity"] = bad
+        with pytest.raises(BundleError, match="details.generation.mindir_capacity"):
+            Manifest.from_json(raw)

@@ -8,7 +8,7 @@ from ptbundle.builder.export import TARGETS
 from ptbundle.builder.model import PromptClassifier
 from ptbundle.builder.train import TrainStep
 from ptbundle.runtime import backends
-from ptbundle.runtime.format import GRAPHS
+from ptbundle.runtime.format import DECODER_GRAPHS, GRAPHS
 
 
 def test_option_names_match_the_registries():
@@ -22,6 +22,8 @@ def test_every_graph_file_has_a_target_that_writes_it_and_a_backend_that_runs_it
     written = {t.file for t in TARGETS.values()} | {GRAPHS["onnx-int8"]}  # int8: quantize.quantize_int8
     assert written == set(GRAPHS.values())
     assert {f for b in backends.BACKENDS.values() for f in b.files.values()} == set(GRAPHS.values())
+    # a generation bundle's decoders (builder.generation writes each)
+    assert {f for b in backends.BACKENDS.values() for f in b.decoders.values()} == set(DECODER_GRAPHS.values())
 
 
 def test_the_prompt_trains_at_its_own_rate_without_decay(tiny_bert):
