@@ -14,7 +14,7 @@ from ptbundle.runtime.template import Template
 from ptbundle.runtime.text import load_tokenizer
 
 from .backbone import Backbone
-from .errors import RecipeError
+from .errors import BuildError, RecipeError
 from .recipe import Recipe
 
 # Chosen on MR dev only, by bench/experiments/zero_shot_search.py (README, "Soft and hard
@@ -169,6 +169,40 @@ def build_hard(destinations: dict, backbone: Backbone, dataset, recipe: Recipe, 
         log(f"wrote {destination}: dev accuracy {written.only.metrics['dev']['accuracy']:.4f}")
         built.append(Built(destination, written.kind_label, written.only.metrics, commands[head]))
     return built
+
+
+def build_hard_apart(destinations: dict, backbone_arg, dataset, recipe: Recipe, template: Template, label_texts,
+                     device: str, quantize: bool, commands: dict) -> list:
+    """build_hard in a process of its own, which gives its memory back when it ends.
+
+    MindSpore's CPU allocator keeps what each compiled graph took until the
+    process exits: with SmolLM2 the zero-shot bundle's export left 7.6 GB
+    behind, and the soft prompt's training then went past the machine's
+    24 GB and was killed (README, "Decoders").  The child loads the backbone
+    itself (a GGUF's conversion is cached) and logs to the same stderr."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(build_hard_child, destinations, backbone_arg, dataset, recipe, template, label_texts,
+                               device, quantize, commands).result()
+        except BrokenProcessPool:
+            raise BuildError("the hard-prompt bundles' process died (out of memory?) before it finished: build"
+                             " them alone with --prompt hard") from None
+
+
+def build_hard_child(destinations, backbone_arg, dataset, recipe, template, label_texts, device, quantize,
+                     commands) -> list:
+    import sys
+
+    from .backbone import load_backbone
+    from .model import use_device
+
+    use_device(device)
+    return build_hard(destinations, load_backbone(backbone_arg), dataset, recipe, template, label_texts, device,
+                      quantize, commands, lambda message: print(message, file=sys.stderr, flush=True))
 
 
 def comparison_table(built: list, eval_args: list) -> str:

@@ -91,7 +91,7 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
 
     # MindSpore takes seconds to import: only after the cheap checks above.
     from .backbone import load_backbone
-    from .build import build_hard, build_soft, check_fits, comparison_table
+    from .build import build_hard, build_hard_apart, build_soft, check_fits, comparison_table
     from .model import use_device
 
     from .parallel import world
@@ -131,10 +131,11 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
                           quantize == "int8", commands, log) if heads else []
 
     # MindSpore's CPU allocator keeps what earlier graphs took: an encoder's soft prompt (the main result)
-    # goes first, as the order hardly moves its peak; a decoder's hard bundles go first, since after its
-    # training (19 GB with SmolLM2) the zero-shot pass ran out of the machine's 24 GB.
-    if bb.is_decoder:
-        built += build_hard_bundles()
+    # goes first, as the order hardly moves its peak; a decoder's hard bundles are built first and in a
+    # process of their own (build_hard_apart), since with SmolLM2 the two did not fit in one process's 24 GB.
+    if bb.is_decoder and heads and prompt_kind != "hard":
+        built += build_hard_apart({h: out / names[h] for h in heads}, backbone, dataset, recipe, template,
+                                  label_texts, device, quantize == "int8", commands)
         heads = []
     if prompt_kind != "hard":
         from .checkpoint import Checkpoints

@@ -19,7 +19,8 @@ learned prompt, run token by token by runtime.generate) is a directory too:
     manifest.json             one task of kind "generate" (`GENERATE`), no labels; its details["generation"]
                               (`GENERATION_DETAIL`) holds the eos ids, the context length and the cache shape
     decoder.onnx              the decoder with a KV cache (`decoder_signature`, below)
-    decoder.int8.onnx         optional: its int8 copy (dynamic int8 weights; the LM head fp32)
+    decoder.int8.onnx         optional: its int8 copy (com.microsoft.MatMulNBits: 8-bit weights and activations per
+                              block of 32, the LM head included; builder.generation.quantize_decoder)
     decoder.mindir            optional (bundles since MindSpore generation): the decoder for MindSpore over a
                               static KV cache of details["generation"]["mindir_capacity"] slots (`MINDIR_CAPACITY`;
                               signature below)

@@ -97,6 +97,7 @@ def smoke(request, tiny_bert, toy_files, pairs_dir, tmp_path_factory):
           "--peer-venv", tmp_path_factory.mktemp("no-peer-tta") / "venv")
     start("stream_memory", "perf/stream_memory.py", "--data", data)
     start("generate_speed", "perf/generate_speed.py")  # its own tiny Llama; the peer only where its venv is
+    start("int8_decoder", "experiments/int8_decoder.py", "--smoke")  # a generation bundle of its own tiny Llama
     merged = request.getfixturevalue("merged_bundle")[0]
     start("serve_load", "perf/serve_load.py", "--data", data, "--bundle", merged, "--bundle", f"single={bundle}")
     yield started
@@ -382,6 +383,19 @@ def test_stream_memory_reads_back_every_line_in_order(smoke):
     assert result["tiny"] and len(result["rows"]) == 2
     for row in result["rows"]:
         assert row["output_lines_in_order"] == row["lines"] > 0 and row["peak_rss_mb"] > 0
+
+
+def test_int8_decoder_compares_the_candidates_with_fp32(smoke):
+    _, results = finished(smoke, "int8_decoder")
+    result = read(results, "int8_decoder-smoke")
+    rows = result["candidates"]
+    assert set(rows) == {"fp32", "dynamic", "dynamic-no-down", "nbits8-b32", "nbits8-b32-head", "nbits8-b128",
+                         "nbits4-b32"}
+    assert rows["fp32"]["teacher_forced_top1_agreement"] == 1.0 and rows["fp32"]["max_rel_logit_diff"]["max"] == 0
+    assert rows["nbits8-b32-head"]["ops"]["MatMulNBits"] > 0 and rows["nbits8-b32-head"]["ops"]["Gemm"] == 0
+    assert rows["dynamic"]["ops"]["MatMulInteger"] > 0 or rows["dynamic"]["ops"]["MatMul"] == 0
+    for row in rows.values():
+        assert row["decode_tokens_per_s"]["median"] > 0
 
 
 def test_generate_speed_times_our_generation_bundles(smoke):

@@ -309,10 +309,18 @@ def test_pt_run_generate_prints_the_text(bundles):
 
 
 def test_pt_run_generate_int8(llama, bundles):
-    """int8 weights: greedy ids mostly those of fp32 and logits close (per-call activation scales and 7-bit
-    weights give the same sums on AVX2, AVX-512 and VNNI CPUs)."""
+    """The int8 graph: every projection and the LM head as block-quantized MatMulNBits (the embedding table
+    fp32 for its Gather), greedy ids mostly those of fp32, logits close, and a row's logits the same alone or
+    in a padded batch (each row's activation scales are its own)."""
+    import onnx
+
     from ptbundle.runtime import Bundle
 
+    cfg = llama[1]
+    graph = onnx.load(str(bundles / "plain" / "decoder.int8.onnx"))
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("MatMulNBits") == 4 * cfg.num_layers + 1  # qkv, o, gate_up, down per layer; the head
+    assert "MatMul" not in ops and "Gemm" not in ops and "MatMulInteger" not in ops
     fp32, int8 = Bundle.load(bundles / "plain"), Bundle.load(bundles / "plain", int8=True)
     prompts = ["hello there", "The film was", "a", "über café", "123"]
     same = sum(a == b for p in prompts
@@ -322,6 +330,9 @@ def test_pt_run_generate_int8(llama, bundles):
     a, _ = fp32.generator.session.prefill(ids, mask)
     b, _ = int8.generator.session.prefill(ids, mask)
     assert np.abs(a - b).max() <= 0.15 * np.abs(a).max()
+    alone = np.concatenate([int8.generator.session.prefill(ids[r:r + 1, :mask[r].sum()], mask[r:r + 1, :mask[r].sum()])[0]
+                            for r in range(len(ids))])
+    assert np.abs(alone - b).max() <= 1e-4 * np.abs(b).max()
     code, err, out = run("generate", bundles / "plain", "hello", "--max-new-tokens", 4, "--int8")
     assert code == 0 and out, err
     manifest = json.loads((bundles / "plain" / "manifest.json").read_text())

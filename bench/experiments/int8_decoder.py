@@ -6,13 +6,14 @@
 Every candidate is made from the bundle's decoder.onnx; the LM head (a Gemm
 over the tied embedding table) stays fp32 unless the name says "head".
 
-    dynamic          what pt-build wrote until now (builder.generation's first quantize_decoder): onnxruntime's
+    dynamic          what pt-build wrote before this choice: onnxruntime's
                      dynamic quantization, int8 weights per column (7-bit), one activation scale per call
     dynamic-no-down  the same with each layer's down_proj fp32 (SwiGLU's output carries Llama's outliers)
     nbits8-b32       MatMulNBits (builder.quantize.blockwise_weights): 8-bit weights in blocks of 32 along the
                      input axis, each with its scale, accuracy_level 4 (activations quantized to int8 per block of 32 at run time, as llama.cpp's
                      Q8_0 x Q8_0 dot products do): an outlier spoils only its own block's scale
-    nbits8-b32-head  the same with the LM head too (a transposed int8 copy of the table; the Gather keeps fp32)
+    nbits8-b32-head  the same with the LM head too (a transposed int8 copy of the table; the Gather keeps fp32):
+                     what pt-build writes (builder.generation.quantize_decoder)
     nbits8-b128      blocks of 128
     nbits4-b32       4-bit weights, blocks of 32 (for scale: llama.cpp's Q4 class)
 
@@ -42,46 +43,28 @@ import common  # noqa: E402
 
 common.decoder_graph  # noqa: B018  (imports MindSpore before onnx: see builder/onnx_export.py)
 import onnx  # noqa: E402
-from onnx import helper, numpy_helper  # noqa: E402
 
 from perf.generate_speed import PROMPTS, tiny_llama  # noqa: E402
 
 CANDIDATES = ("fp32", "dynamic", "dynamic-no-down", "nbits8-b32", "nbits8-b32-head", "nbits8-b128", "nbits4-b32")
-LM_HEAD = "lm_head"
-
-
-def head_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The head's Gemm(x, table, transB=1) as MatMul(x, tableT), so the NBits quantizer takes it (Gemm it does not)."""
-    node = next(n for n in model.graph.node if n.name == LM_HEAD)
-    inits = {t.name: t for t in model.graph.initializer}
-    table = numpy_helper.to_array(inits[node.input[1]])
-    copy = numpy_helper.from_array(np.ascontiguousarray(table.T), node.input[1] + ".T")
-    model.graph.initializer.append(copy)
-    matmul = helper.make_node("MatMul", [node.input[0], copy.name], list(node.output), name=LM_HEAD)
-    index = list(model.graph.node).index(node)
-    model.graph.node.remove(node)
-    model.graph.node.insert(index, matmul)
-    return model
+LM_HEAD = "lm_head"  # builder.decoder_onnx.LM_HEAD_NODE
 
 
 def build(name: str, fp32: Path, out: Path) -> Path:
     if name == "fp32":
         return fp32
     path = out / f"{name}.onnx"
-    model = onnx.load(str(fp32))
-    if name.startswith("dynamic"):
+    if name == "nbits8-b32-head":  # what pt-build writes: the product's own function
+        common.quantize_decoder(fp32, path)
+    elif name.startswith("nbits"):
+        bits, block = int(name[5]), int(name.split("-b")[1])
+        common.blockwise_weights(fp32, path, bits=bits, block_size=block, exclude=(LM_HEAD,))
+    else:  # onnxruntime renames the head's Gemm "<name>_MatMul" before it applies the exclusion
         exclude = [LM_HEAD, LM_HEAD + "_MatMul"]
         if name == "dynamic-no-down":
-            exclude += [n.name for n in model.graph.node if n.name.endswith("down_proj")]
+            exclude += [n.name for n in onnx.load(str(fp32), load_external_data=False).graph.node
+                        if n.name.endswith("down_proj")]
         common.quantize_weights(fp32, path, exclude=tuple(exclude))
-        return path
-    bits = int(name[5])
-    block = int(name.split("-b")[1].split("-")[0])
-    exclude = (LM_HEAD,)
-    if name.endswith("-head"):
-        onnx.save(head_as_matmul(model), str(path))
-        fp32, exclude = path, ()
-    common.blockwise_weights(fp32, path, bits=bits, block_size=block, exclude=exclude)
     return path
 
 
