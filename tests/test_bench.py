@@ -393,7 +393,7 @@ def test_int8_decoder_compares_the_candidates_with_fp32(smoke):
                          "nbits4-b32"}
     assert rows["fp32"]["teacher_forced_top1_agreement"] == 1.0 and rows["fp32"]["max_rel_logit_diff"]["max"] == 0
     assert rows["nbits8-b32-head"]["ops"]["MatMulNBits"] > 0 and rows["nbits8-b32-head"]["ops"]["Gemm"] == 0
-    assert rows["dynamic"]["ops"]["MatMulInteger"] > 0 or rows["dynamic"]["ops"]["MatMul"] == 0
+    assert rows["dynamic"]["ops"]["MatMulInteger"] > 0 and rows["nbits8-b32"]["ops"]["Gemm"] == 1  # head fp32
     for row in rows.values():
         assert row["decode_tokens_per_s"]["median"] > 0
 
