@@ -266,6 +266,7 @@ PRODUCT = {
     "quantize_weights": "ptbundle.builder.quantize:quantize_weights",
     "blockwise_weights": "ptbundle.builder.quantize:blockwise_weights",
     "quantize_decoder": "ptbundle.builder.generation:quantize_decoder",
+    "DecoderSession": "ptbundle.runtime.generate:DecoderSession",  # how the runtime runs a decoder graph
     "fix_activation_scales": "ptbundle.builder.quantize:fix_activation_scales",
     "calibration_sample": "ptbundle.builder.quantize:calibration_sample",
     "calibration_batches": "ptbundle.builder.quantize:calibration_batches",

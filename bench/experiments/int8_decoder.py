@@ -108,8 +108,6 @@ def greedy(session, ids: list, n: int) -> list:
 def main(bundle, n_prompts, new_tokens, candidates, smoke, results):
     from safetensors.numpy import load_file
 
-    from ptbundle.runtime.generate import DecoderSession  # noqa: the product's own session (runtime only)
-
     started = time.perf_counter()
     names = [c for c in candidates.split(",") if c]
     unknown = [c for c in names if c not in CANDIDATES]
@@ -131,14 +129,14 @@ def main(bundle, n_prompts, new_tokens, candidates, smoke, results):
         ids = [generator.encode(t) for t in texts[:n_prompts]]
         cache = load_file(str(bundle / "prompt_cache.safetensors"))
         fp32 = bundle / "decoder.onnx"
-        reference = DecoderSession(fp32, cache)
+        reference = common.DecoderSession(fp32, cache)
         wanted = [greedy(reference, x, new_tokens) for x in ids]
         rows = {}
         for name in names:
             t = time.perf_counter()
             path = build(name, fp32, tmp)
             built = time.perf_counter() - t
-            session = DecoderSession(path, cache)
+            session = common.DecoderSession(path, cache)
             forced = [teacher_forced(session, x, w) for x, w in zip(ids, wanted)]
             base = [teacher_forced(reference, x, w)["logits"] for x, w in zip(ids, wanted)] if name != "fp32" else \
                 [f["logits"] for f in forced]
