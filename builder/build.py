@@ -233,12 +233,13 @@ def build_generation(destination: Path, backbone: Backbone, recipe: Recipe | Non
                      quantize: bool, log, mindir_capacity: int | None = None) -> Built:
     """A generation bundle of a causal LM: with `recipe`, a soft prompt trained with the LM loss on instruction
     data (builder.instruct) whose KV cache starts every cache; with None, the model alone (a baseline)."""
-    from .generation import write_generation_bundle
+    from .generation import static_capacity, write_generation_bundle
     from .instruct import CHAT_FORMAT, read_instructions, reference, train_prompt
 
     if not backbone.is_decoder:
         raise RecipeError(f"{backbone.name} is an encoder ({backbone.config.model_type}): generation needs a causal"
                           f" LM (--backbone smollm2, a Llama .gguf or checkpoint directory)")
+    static_capacity(mindir_capacity, backbone.config, recipe.virtual_tokens if recipe else 0)  # before training
     train_examples, dev_examples = read_instructions(train_file), read_instructions(dev_file)
     cache, metrics, check, method = None, {}, None, "none"
     if recipe is not None:

@@ -126,17 +126,14 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
         f"{bb.config.num_layers}x{bb.config.hidden_size})")
     built = []
 
-    def build_hard_bundles():
-        return build_hard({h: out / names[h] for h in heads}, bb, dataset, recipe, template, label_texts, device,
-                          quantize == "int8", commands, log) if heads else []
-
     # MindSpore's CPU allocator keeps what earlier graphs took: an encoder's soft prompt (the main result)
     # goes first, as the order hardly moves its peak; a decoder's hard bundles are built first and in a
     # process of their own (build_hard_apart), since with SmolLM2 the two did not fit in one process's 24 GB.
-    if bb.is_decoder and heads and prompt_kind != "hard":
-        built += build_hard_apart({h: out / names[h] for h in heads}, backbone, dataset, recipe, template,
-                                  label_texts, device, quantize == "int8", commands)
-        heads = []
+    hard = {h: out / names[h] for h in heads}  # head -> destination
+    if bb.is_decoder and hard and prompt_kind != "hard":
+        built += build_hard_apart(hard, backbone, dataset, recipe, template, label_texts, device, quantize == "int8",
+                                  commands)
+        hard = {}
     if prompt_kind != "hard":
         from .checkpoint import Checkpoints
 
@@ -145,7 +142,8 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
                                 commands["soft"], log, saves, template, label_texts))
         if not workers.leader:
             return
-    built += build_hard_bundles()
+    if hard:
+        built += build_hard(hard, bb, dataset, recipe, template, label_texts, device, quantize == "int8", commands, log)
     click.echo(f"built {len(built)} bundle(s) in {time.time() - started:.0f} s")
     click.echo(comparison_table(built, eval_data_args(data, train_file, dev_file, test_file, text_column,
                                                       text_b_column, label_column)))

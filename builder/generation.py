@@ -187,9 +187,7 @@ def quantize_decoder(fp32: Path, int8: Path) -> None:
 
     model = onnx.load(str(fp32))
     head_as_matmul(model)
-    onnx.save(model, str(int8))
-    del model
-    blockwise_weights(int8, int8, bits=8, block_size=INT8_BLOCK)
+    blockwise_weights(model, int8, bits=8, block_size=INT8_BLOCK)
 
 
 def head_as_matmul(model) -> None:

@@ -211,20 +211,21 @@ def quantize_int8(onnx_path: Path, int8_path: Path, pad_id: int, eval_sets: dict
 
 # --- block-wise weights (generation graphs) --------------------------------------------------------------------
 
-def blockwise_weights(onnx_path: Path, out_path: Path, bits: int = 8, block_size: int = 32, exclude=()) -> int:
+def blockwise_weights(onnx_path, out_path: Path, bits: int = 8, block_size: int = 32, exclude=()) -> int:
     """Every MatMul by a constant [K, N] weight (but the nodes named in `exclude`) as onnxruntime's
     com.microsoft.MatMulNBits: `bits`-bit weights in blocks of `block_size` along K, one scale per block
     (symmetric, the default zero point 2^(bits-1)), accuracy_level 4: at run time each row's activations are
     quantized to int8 per block of K too.  Per-tensor activation scales fail a decoder (SmolLM2's SwiGLU output
     has outliers hundreds of times its median: one scale for the whole row rounds the rest to a few levels);
     here an outlier spoils only its own block, and every row's scales are its own, so no row depends on its
-    batch.  Returns the number of MatMuls replaced.  bench/experiments/int8_decoder.py chose the block size."""
+    batch.  `onnx_path` may be a loaded ModelProto (changed in place).  Returns the number of MatMuls replaced.
+    bench/experiments/int8_decoder.py chose the block size."""
     import onnx
     from onnx import helper, numpy_helper
 
     if bits not in (4, 8) or block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"blockwise_weights: bits 4 or 8 and a power-of-two block of at least 16, not {bits}/{block_size}")
-    model = onnx.load(str(onnx_path))
+    model = onnx_path if isinstance(onnx_path, onnx.ModelProto) else onnx.load(str(onnx_path))
     weights = {t.name: t for t in model.graph.initializer}
     used = {}
     for node in model.graph.node:

@@ -317,3 +317,18 @@ def test_pt_build_instruct_refuses_an_encoder(tmp_path, tiny_bert):
     result = CliRunner().invoke(cli, ["instruct", "--backbone", str(tiny_bert), "--out", str(tmp_path / "out")])
     assert result.exit_code != 0 and "generation needs a causal LM" in result.output
     assert not (tmp_path / "out" / "chat-soft").exists()
+
+
+def test_pt_build_instruct_refuses_a_bad_mindir_capacity_before_training(tmp_path):
+    """--mindir-capacity that cannot hold the prompt cache and the export's probes: one line, before any training
+    (no 'epoch' line, no bundle)."""
+    from click.testing import CliRunner
+
+    from ptbundle.builder.cli import cli
+
+    ckpt = write_llama_checkpoint(tmp_path / "ckpt")
+    result = CliRunner().invoke(cli, ["instruct", "--backbone", str(ckpt), "--virtual-tokens", "4",
+                                      "--mindir-capacity", "8", "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "MindIR capacity (--mindir-capacity) 8" in result.output
+    assert "epoch" not in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out" / "chat-soft").exists()
