@@ -18,6 +18,7 @@ them once, and a generation bundle starts its KV cache with them.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from .errors import BackboneError
@@ -416,19 +417,34 @@ class DecoderClassifier(HeadState, nn.Cell):
         return sequence_cache(self.decoder, self.prompt.params()["prompt_embeddings"].value())[1]
 
 
+@contextlib.contextmanager
+def eager():
+    """PyNative inside, the mode as it was after: a forward pass that compiles no graph (each compiled shape of
+    a 30-layer decoder keeps GBs of buffers; evaluation and greedy decoding see many shapes, once each)."""
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        yield
+    finally:
+        ms.set_context(mode=mode)
+
+
 def sequence_cache(decoder: Decoder, embeds) -> tuple:
     """One sequence of embeddings [n, hidden] at positions 0..n-1 through the decoder: (the states entering each
     layer [n, hidden], its KV cache "key.{i}"/"value.{i}" -> [kv_heads, n, head_dim]), numpy."""
-    x = embeds.expand_dims(0)
-    n = x.shape[1]
-    cos, sin = decoder.positions(0, n)
-    bias = decoder.mask_bias(ops.ones((1, n), ms.int32), 0)
-    states, cache = [], {}
-    for i, layer in enumerate(decoder.layers):
-        states.append(x[0].asnumpy())
-        keys, values = layer.keys_values(x, cos, sin)
-        cache[f"key.{i}"], cache[f"value.{i}"] = keys[0].asnumpy(), values[0].asnumpy()
-        x = layer(x, bias, cos, sin)
+    # Eager: in graph mode each layer's call would compile that layer's graph (for SmolLM2 several times slower
+    # than the eager pass, with the same numbers)
+    with eager():
+        x = embeds.expand_dims(0)
+        n = x.shape[1]
+        cos, sin = decoder.positions(0, n)
+        bias = decoder.mask_bias(ops.ones((1, n), ms.int32), 0)
+        states, cache = [], {}
+        for i, layer in enumerate(decoder.layers):
+            states.append(x[0].asnumpy())
+            keys, values = layer.keys_values(x, cos, sin)
+            cache[f"key.{i}"], cache[f"value.{i}"] = keys[0].asnumpy(), values[0].asnumpy()
+            x = layer(x, bias, cos, sin)
     return states, cache
 
 

@@ -90,11 +90,24 @@ def probe_inputs(vocab_size: int, pad_id: int, seed: int = 0, tasks: int = 1):
         yield arrays + ((rng.randint(0, tasks, batch).astype(np.int32),) if tasks > 1 else ())
 
 
-def check_parity(net, reloaded, target: Target, vocab_size: int, pad_id: int) -> float:
-    """Max |logit difference| between the in-memory net and an exported graph."""
+def reference_outputs(net, vocab_size: int, pad_id: int) -> list:
+    """(probe arrays, the in-memory net's logits) for every probe, computed once for all targets.
+
+    Eagerly: in graph mode each probe shape compiles a graph that runs once
+    (for SmolLM2 that took several times longer than the eager pass, with the
+    same numbers)."""
+    from .decoder import eager
+
+    net.set_train(False)
+    with eager():
+        return [(arrays, net(*(Tensor(a) for a in arrays)).asnumpy())
+                for arrays in probe_inputs(vocab_size, pad_id, tasks=task_count(net))]
+
+
+def check_parity(references: list, reloaded, target: Target) -> float:
+    """Max |logit difference| between the in-memory net (reference_outputs) and an exported graph."""
     worst = 0.0
-    for arrays in probe_inputs(vocab_size, pad_id, tasks=task_count(net)):
-        expected = net(*(Tensor(a) for a in arrays)).asnumpy()
+    for arrays, expected in references:
         worst = max(worst, float(np.abs(reloaded(*arrays) - expected).max()))
     if not worst <= target.tolerance:  # NaN fails too
         raise ExportError(f"exported {target.name} graph differs from the trained model by {worst:.2e}"
@@ -130,17 +143,17 @@ def write_bundle(destination, net, backbone, manifest: Manifest, curve,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        vocab, pad_id = backbone.config.vocab_size, manifest.pad_id
+        references = reference_outputs(net, backbone.config.vocab_size, manifest.pad_id)
         parity, written = {}, manifest
         for target in TARGETS.values():
             path = target.export(net, tmp / target.file)
-            parity[target.name] = check_parity(net, target.load(path, manifest.device), target, vocab, pad_id)
+            parity[target.name] = check_parity(references, target.load(path, manifest.device), target)
         if verify is not None:
             parity.update(verify(tmp))
         if int8 is not None:
             task = manifest.only
             written = written.replace_task(task.name, metrics={**task.metrics, "int8": quantize_int8(
-                tmp / GRAPHS["onnx"], tmp / GRAPHS["onnx-int8"], pad_id, int8.eval_sets, int8.calibration)})
+                tmp / GRAPHS["onnx"], tmp / GRAPHS["onnx-int8"], manifest.pad_id, int8.eval_sets, int8.calibration)})
         # The tokenizer truncates per task at run time (runtime.text.load_tokenizer); the file is the backbone's.
         load_tokenizer(backbone.tokenizer_path, max(t.max_length for t in manifest.tasks)).save(str(tmp / TOKENIZER))
         save_file(net.head_state(), str(tmp / PROMPT))

@@ -27,7 +27,6 @@ training turns it into a learned system prompt.  The trained net's
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -214,7 +213,7 @@ def batch_arrays(encoded, pad_id: int, seq_multiple: int = SEQ_MULTIPLE, target_
 import mindspore as ms  # noqa: E402
 from mindspore import Tensor, nn, ops  # noqa: E402
 
-from .decoder import DecoderClassifier  # noqa: E402
+from .decoder import DecoderClassifier, eager  # noqa: E402
 from .prompts import PromptSpec  # noqa: E402
 
 
@@ -358,18 +357,6 @@ class LMTrainStep(nn.Cell):
                                                         target_weight)
         self.optimizer(grads)
         return loss, losses, predicted
-
-
-@contextlib.contextmanager
-def eager():
-    """PyNative inside, the mode as it was after: a forward pass that compiles no graph (each compiled shape of
-    a 30-layer decoder keeps GBs of buffers; evaluation and greedy decoding see many shapes, once each)."""
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    try:
-        yield
-    finally:
-        ms.set_context(mode=mode)
 
 
 def lm_metrics(model: LMPromptModel, encoded, pad_id: int, batch_size: int = 8) -> dict:
