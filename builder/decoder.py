@@ -239,6 +239,28 @@ class DecoderLayer(nn.Cell):
         """What this layer's cache holds for states `x` entering it."""
         return self.self_attn.keys_values(self.input_layernorm(x), cos, sin)
 
+    def last_row(self, x, pick, mask_bias, cos, sin, past_keys=None, past_values=None):
+        """construct's output at one position of each row, `pick` [b, s, 1] (one-hot): [b, 1, hidden].
+
+        The keys and values still come from every position; the query, the
+        attention and the feed-forward run for that row alone.  A classifier
+        reads nothing else from its last layer, so this saves about 90% of
+        that layer (a tenth of training a prefix on SmolLM2's layers 20-29).
+        Products with a one-hot and sums select exactly."""
+        attn = self.self_attn
+        h = self.input_layernorm(x)
+        k, v = attn.keys_values(h, cos, sin)
+        if past_keys is not None:
+            k = ops.concat((past_keys, k), 2)
+            v = ops.concat((past_values, v), 2)
+        b = x.shape[0]
+        row_cos = (cos.expand_dims(0) * pick).sum(1).reshape(b, 1, 1, -1)  # [b, 1, 1, head_dim]: its position's
+        row_sin = (sin.expand_dims(0) * pick).sum(1).reshape(b, 1, 1, -1)
+        q = rotate(attn.q_proj((h * pick).sum(1, keepdims=True)).reshape(b, 1, attn.heads, attn.head_dim)
+                   .transpose(0, 2, 1, 3), row_cos, row_sin)
+        row_bias = (mask_bias * pick.expand_dims(1)).sum(2, keepdims=True)  # [b, 1, 1, keys]
+        return self.feed_forward((x * pick).sum(1, keepdims=True) + attn.attend(q, k, v, row_bias))
+
 
 class Table(nn.Cell):
     """A bare [rows, hidden] Parameter under the name `weight` (embed_tokens.weight, lm_head.weight)."""
@@ -380,14 +402,17 @@ class DecoderClassifier(HeadState, nn.Cell):
         p = self.num_virtual_tokens if self.prompt.has_keys_values else 0
         bias = self.decoder.mask_bias(mask, p)
         table = self.prompt.table()
+        pick = last_token_rows(mask).expand_dims(2)  # [b, s, 1]: each row's last text token, the answer slot
         for i in range(self.split, self.layer_count):
+            past = ()
             if self.prompt.has_keys_values:
                 keys, values = self.prompt.keys_values(table, i, b)  # keys as the encoder holds them: [b, kv, d, P]
-                x = self.decoder.layers[i](x, bias, cos, sin, keys.transpose(0, 1, 3, 2), values)
-            else:
-                x = self.decoder.layers[i](x, bias, cos, sin)
-        last = (x * last_token_rows(mask).expand_dims(2)).sum(1)
-        return self.decoder.norm(last)
+                past = (keys.transpose(0, 1, 3, 2), values)
+            if i < self.layer_count - 1:
+                x = self.decoder.layers[i](x, bias, cos, sin, *past)
+            else:  # the last layer for the answer slot alone
+                x = self.decoder.layers[i].last_row(x, pick, bias, cos, sin, *past)
+        return self.decoder.norm((x * pick).sum(1) if self.split == self.layer_count else x[:, 0])
 
     def head_params(self) -> dict:
         return {"classifier.weight": self.classifier.weight, "classifier.bias": self.classifier.bias,

@@ -92,6 +92,7 @@ def smoke(request, tiny_bert, toy_files, pairs_dir, tmp_path_factory):
     start("peer_inputs", "peer/peer_inputs.py", *common, "--bundle", bundle)
     start("int8_choice", "experiments/int8_choice.py", "--bundle", bundle, "--data", data, "--splits", "dev",
           "--workdir", tmp_path_factory.mktemp("int8-work"))
+    start("prefix_attention", "perf/prefix_attention.py", *common, "--bundle", bundle)
     start("heldout", "experiments/heldout.py", *common, "--bundle", bundle, "--bundle", exports / "toy-hard-probe")
     start("time_to_accuracy", "experiments/time_to_accuracy.py", *common, "--bundle", bundle,
           "--peer-venv", tmp_path_factory.mktemp("no-peer-tta") / "venv")
@@ -204,6 +205,18 @@ def test_fusion_times_both_sides(smoke):
     rows = read(results, "fusion")["rows"]
     assert all(r["ms"]["median"] > 0 for r in rows)
     assert rows[1]["ops_run"] == ["Add", "Add", "LayerNormalization"]  # the runtime's UNFUSED passes off
+
+
+def test_prefix_attention_kernels_agree_and_the_bundle_runs_one_fused_attention_a_layer(smoke):
+    _, results = finished(smoke, "prefix_attention")
+    result = read(results, "prefix_attention")
+    rows = {r["kernel"]: r for r in result["rows"]}
+    assert len(rows) == 4 and all(r["ms"]["median"] > 0 for r in rows.values())
+    for name in ("MatMul, MultiHeadAttention past_key/past_value", "MatMul, Concat prefix, MultiHeadAttention"):
+        assert rows[name]["max_abs_diff"] < 1e-4  # the same attention as model.onnx's
+    assert rows["Attention, prefix as past (model.onnx)"]["ops_run"][-1] == "Attention"
+    ops = result["bundle"]["ops"]["model.onnx"]
+    assert ops["Attention"] == result["bundle"]["layers"]  # onnxruntime's optimizer kept every layer fused
 
 
 def test_heldout_scores_each_domain(smoke):

@@ -113,6 +113,28 @@ def test_prefix_from_a_higher_layer_splits_at_that_layer(tiny_llama, ref, tmp_pa
     onnx = OnnxModel(export_onnx(net, tmp_path / "model.onnx"))
     assert np.abs(onnx(ids, mask, np.zeros_like(ids)) - whole).max() < 1e-4
 
+def test_layer_cache_of_a_decoder_gives_the_whole_pass(tiny_llama):
+    """Training a prefix from layer 1 reads layer 0's states from LayerCache, which a decoder computes in
+    onnxruntime (ScratchOnnx) with each batch padded to its longest row only: equal to the whole MindSpore pass
+    for texts of many lengths, in batches that mix them."""
+    from ptbundle.builder.train import LayerCache, ScratchOnnx, Upper
+    from ptbundle.runtime.text import encode, load_tokenizer
+
+    table = np.random.RandomState(1).standard_normal((P, 2 * tiny_llama.config.kv_width)).astype(np.float32)
+    net = vocab_classifier(tiny_llama, PromptSpec.of("prefix-tuning", P, layer=1), table)
+    texts = ["a great movie", "dull", "the worst film ever , boring acting and a weak story , dull dull dull",
+             "the best script", "fine", "an unusually long and winding review of a rather short film", "ok then"]
+    encodings = encode(load_tokenizer(tiny_llama.tokenizer_path, 64), texts)
+    assert len({len(e.ids) for e in encodings}) > 3
+    lower = ScratchOnnx(net, lower=True)
+    assert lower.pad_multiple == 1
+    cache = LayerCache(net, encodings, 0, batch_size=3, lower=lower)
+    wholes = [run(net, np.array([e.ids], np.int32), np.ones((1, len(e.ids)), np.int32))[0] for e in encodings]
+    cached = cache.logits(Upper(net), len(wholes[0]), batch_size=4)
+    for i, whole in enumerate(wholes):
+        assert np.abs(cached[i] - whole).max() < 1e-4, i
+
+
 
 def test_a_prediction_does_not_depend_on_its_batch(tiny_llama, ref):
     ids, mask = ref["plain/input_ids"], ref["plain/attention_mask"]
