@@ -18,7 +18,6 @@ them once, and a generation bundle starts its KV cache with them.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 from .errors import BackboneError
@@ -325,7 +324,7 @@ class Decoder(nn.Cell):
 # --- classification through the LM head ---------------------------------------------------------------------------
 
 from .errors import RecipeError  # noqa: E402
-from .model import HeadState  # noqa: E402
+from .model import HeadState, eager  # noqa: E402
 from .prompts import PROMPTS, PromptSpec  # noqa: E402
 
 DECODER_PROMPTS = ("none", "prompt-tuning", "prefix-tuning")  # a late prompt would need positions of its own
@@ -440,18 +439,6 @@ class DecoderClassifier(HeadState, nn.Cell):
                 out[f"key.{i}"], out[f"value.{i}"] = keys.transpose(0, 1, 3, 2)[0].asnumpy(), values[0].asnumpy()
             return out
         return sequence_cache(self.decoder, self.prompt.params()["prompt_embeddings"].value())[1]
-
-
-@contextlib.contextmanager
-def eager():
-    """PyNative inside, the mode as it was after: a forward pass that compiles no graph (each compiled shape of
-    a 30-layer decoder keeps GBs of buffers; evaluation and greedy decoding see many shapes, once each)."""
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    try:
-        yield
-    finally:
-        ms.set_context(mode=mode)
 
 
 def sequence_cache(decoder: Decoder, embeds) -> tuple:

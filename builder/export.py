@@ -30,6 +30,7 @@ from ptbundle.runtime.onnx_backend import OnnxModel
 from ptbundle.runtime.text import load_tokenizer
 
 from .errors import ExportError
+from .model import eager
 from .onnx_export import export_onnx
 from .peft import bundle_adapter
 from .quantize import Int8Inputs, quantize_int8
@@ -96,8 +97,6 @@ def reference_outputs(net, vocab_size: int, pad_id: int) -> list:
     Eagerly: in graph mode each probe shape compiles a graph that runs once
     (for SmolLM2 that took several times longer than the eager pass, with the
     same numbers)."""
-    from .decoder import eager
-
     net.set_train(False)
     with eager():
         return [(arrays, net(*(Tensor(a) for a in arrays)).asnumpy())

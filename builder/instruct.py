@@ -213,7 +213,8 @@ def batch_arrays(encoded, pad_id: int, seq_multiple: int = SEQ_MULTIPLE, target_
 import mindspore as ms  # noqa: E402
 from mindspore import Tensor, nn, ops  # noqa: E402
 
-from .decoder import DecoderClassifier, eager  # noqa: E402
+from .decoder import DecoderClassifier  # noqa: E402
+from .model import eager  # noqa: E402
 from .prompts import PromptSpec  # noqa: E402
 
 

@@ -13,6 +13,7 @@ positions too.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -34,6 +35,18 @@ def use_device(device: str = "CPU") -> None:
         raise RecipeError(f"device {device!r} is not one of {', '.join(DEVICES)}")
     ms.set_context(mode=ms.GRAPH_MODE)
     select_device(device)
+
+
+@contextlib.contextmanager
+def eager():
+    """PyNative inside, the mode as it was after: for forward passes that should compile no graph: a graph
+    per shape used once costs more than it saves (and a 30-layer decoder's keep GBs of buffers each)."""
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        yield
+    finally:
+        ms.set_context(mode=mode)
 
 
 @dataclass(frozen=True)
