@@ -271,6 +271,7 @@ PRODUCT = {
     "calibration_sample": "ptbundle.builder.quantize:calibration_sample",
     "calibration_batches": "ptbundle.builder.quantize:calibration_batches",
     "HEAD_NODES": "ptbundle.builder.onnx_export:HEAD_NODES",
+    "ENCODER_MASK_FILL": "ptbundle.builder.onnx_export:MASK_FILL",
     "UNFUSED": "ptbundle.runtime.onnx_backend:UNFUSED",  # the fusion passes the runtime turns off
     "ONNX_PAD_MULTIPLE": "ptbundle.runtime.onnx_backend:OnnxModel.pad_multiple",
     "use_device": "ptbundle.builder.model:use_device",

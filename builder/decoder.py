@@ -411,7 +411,7 @@ class DecoderClassifier(HeadState, nn.Cell):
                 x = self.decoder.layers[i](x, bias, cos, sin, *past)
             else:  # the last layer for the answer slot alone
                 x = self.decoder.layers[i].last_row(x, pick, bias, cos, sin, *past)
-        return self.decoder.norm((x * pick).sum(1) if self.split == self.layer_count else x[:, 0])
+        return self.decoder.norm(x[:, 0])  # a prompt starts below the last layer (builder.prompts checks --layer)
 
     def head_params(self) -> dict:
         return {"classifier.weight": self.classifier.weight, "classifier.bias": self.classifier.bias,

@@ -113,6 +113,7 @@ def test_prefix_from_a_higher_layer_splits_at_that_layer(tiny_llama, ref, tmp_pa
     onnx = OnnxModel(export_onnx(net, tmp_path / "model.onnx"))
     assert np.abs(onnx(ids, mask, np.zeros_like(ids)) - whole).max() < 1e-4
 
+
 def test_layer_cache_of_a_decoder_gives_the_whole_pass(tiny_llama):
     """Training a prefix from layer 1 reads layer 0's states from LayerCache, which a decoder computes in
     onnxruntime (ScratchOnnx) with each batch padded to its longest row only: equal to the whole MindSpore pass
@@ -126,14 +127,23 @@ def test_layer_cache_of_a_decoder_gives_the_whole_pass(tiny_llama):
              "the best script", "fine", "an unusually long and winding review of a rather short film", "ok then"]
     encodings = encode(load_tokenizer(tiny_llama.tokenizer_path, 64), texts)
     assert len({len(e.ids) for e in encodings}) > 3
-    lower = ScratchOnnx(net, lower=True)
-    assert lower.pad_multiple == 1
-    cache = LayerCache(net, encodings, 0, batch_size=3, lower=lower)
+    onnx_lower = ScratchOnnx(net, lower=True)
+    widths = []  # the real graph, called through a recorder of the padded widths it is given
+
+    class Lower:
+        pad_multiple = onnx_lower.pad_multiple
+
+        def __call__(self, *arrays):
+            widths.append(arrays[0].shape[1])
+            return onnx_lower(*arrays)
+
+    cache = LayerCache(net, encodings, 0, batch_size=3, lower=Lower())
+    lengths = sorted(len(e.ids) for e in encodings)
+    assert widths == [max(lengths[i : i + 3]) for i in range(0, len(lengths), 3)]  # each batch's longest row
     wholes = [run(net, np.array([e.ids], np.int32), np.ones((1, len(e.ids)), np.int32))[0] for e in encodings]
     cached = cache.logits(Upper(net), len(wholes[0]), batch_size=4)
     for i, whole in enumerate(wholes):
         assert np.abs(cached[i] - whole).max() < 1e-4, i
-
 
 
 def test_a_prediction_does_not_depend_on_its_batch(tiny_llama, ref):

@@ -42,7 +42,7 @@ import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 BATCH = 64  # the bench's batch
-MASK_FILL = -10000.0
+MASK_FILL = common.ENCODER_MASK_FILL  # what model.onnx adds to masked scores
 
 
 def variants(hidden: int, heads: int, prefix: int):
