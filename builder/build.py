@@ -85,7 +85,14 @@ def check_fits(recipe: Recipe, backbone: Backbone, soft: bool) -> None:
     spec = recipe.prompt_spec() if soft else PromptSpec()
     if spec.layer >= backbone.config.num_layers:
         raise RecipeError(f"--layer {recipe.layer}: {backbone.name} has layers 0-{backbone.config.num_layers - 1}")
+    check_dropout(recipe, backbone)
     check_positions(recipe.max_length, spec, backbone, RecipeError)
+
+
+def check_dropout(recipe: Recipe, backbone: Backbone) -> None:
+    if recipe.dropout and backbone.is_decoder:  # builder.model.TrainDropout sits in the encoder only
+        raise RecipeError(f"--dropout {recipe.dropout}: {backbone.name} is a decoder, trained here without dropout"
+                          f" (as Llama checkpoints are)")
 
 
 def check_positions(max_length: int, spec, backbone: Backbone, error: type) -> None:
@@ -243,6 +250,7 @@ def build_generation(destination: Path, backbone: Backbone, recipe: Recipe | Non
     train_examples, dev_examples = read_instructions(train_file), read_instructions(dev_file)
     cache, metrics, check, method = None, {}, None, "none"
     if recipe is not None:
+        check_dropout(recipe, backbone)
         if recipe.method == "prefix-tuning" and recipe.layer:
             raise RecipeError(f"--layer {recipe.layer}: a generation bundle's prompt cache covers every layer"
                               f" (a prefix from layer 0)")

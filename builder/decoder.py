@@ -372,7 +372,10 @@ class DecoderClassifier(HeadState, nn.Cell):
         self.classifier = nn.Dense(cfg.hidden_size, num_labels)
 
     def construct(self, input_ids, attention_mask, token_type_ids):
-        return self.classifier(self.features(input_ids, attention_mask, token_type_ids))
+        return self.head(self.features(input_ids, attention_mask, token_type_ids))
+
+    def head(self, features):
+        return self.classifier(features)
 
     def features(self, input_ids, attention_mask, token_type_ids):
         states, mask = self.lower(input_ids, attention_mask, token_type_ids)

@@ -122,6 +122,23 @@ def gelu(x):
     return x * (0.5 + 0.5 * ops.erf(x * (1.0 / math.sqrt(2.0))))
 
 
+class TrainDropout(nn.Cell):
+    """Dropout while training, the identity until `set_rate` (before the first compile: graph mode reads the
+    rate as a constant) and at inference.  nn.Dropout fixes its rate when built, so this builds one then."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = 0.0
+        self.drop = nn.Identity()
+
+    def set_rate(self, p: float) -> None:
+        self.p = p
+        self.drop = nn.Dropout(p=p) if p > 0 else nn.Identity()
+
+    def construct(self, x):
+        return self.drop(x)
+
+
 class Embeddings(nn.Cell):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -133,6 +150,7 @@ class Embeddings(nn.Cell):
             self.token_type = Parameter(np.zeros((cfg.type_vocab_size, h), np.float32), name="token_type")
         self.norm = FrozenLayerNorm(h, cfg.layer_norm_eps)
         self.offset = cfg.position_offset
+        self.dropout = TrainDropout()  # Encoder.set_dropout: BERT's places, while training only
 
     def construct(self, inputs_embeds, token_type_ids, shift: int = 0):
         """`shift`: positions start that many rows later (a prefix's length, as transformers counts a cache)."""
@@ -145,7 +163,7 @@ class Embeddings(nn.Cell):
         """Token types and LayerNorm over embeddings that have their positions (MultiTaskClassifier gives its own)."""
         if self.use_types:  # a constant: graph mode compiles one branch
             x = x + ops.gather(self.token_type, token_type_ids, 0)
-        return self.norm(x)
+        return self.dropout(self.norm(x))
 
 
 class Attention(nn.Cell):
@@ -158,6 +176,8 @@ class Attention(nn.Cell):
         self.qkv = nn.Dense(h, 3 * h)  # one GEMM for query, key and value
         self.out = nn.Dense(h, h)
         self.norm = FrozenLayerNorm(h, cfg.layer_norm_eps)
+        self.probs_dropout = TrainDropout()
+        self.dropout = TrainDropout()
 
     def construct(self, x, mask_bias, prefix_keys=None, prefix_values=None):
         """`prefix_keys` [b, heads, head_dim, P] and `prefix_values` [b, heads, P, head_dim] go in front of the
@@ -174,9 +194,9 @@ class Attention(nn.Cell):
             k = ops.concat((prefix_keys, k), -1)
             v = ops.concat((prefix_values, v), 2)
         scores = ops.matmul(q, k) * self.scale + mask_bias
-        ctx = ops.matmul(ops.softmax(scores, -1), v)
+        ctx = ops.matmul(self.probs_dropout(ops.softmax(scores, -1)), v)
         ctx = ctx.transpose(0, 2, 1, 3).reshape(b, s, h)
-        return self.norm(x + self.out(ctx))
+        return self.norm(x + self.dropout(self.out(ctx)))
 
 
 class FeedForward(nn.Cell):
@@ -185,9 +205,10 @@ class FeedForward(nn.Cell):
         self.up = nn.Dense(cfg.hidden_size, cfg.intermediate_size)
         self.down = nn.Dense(cfg.intermediate_size, cfg.hidden_size)
         self.norm = FrozenLayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.dropout = TrainDropout()
 
     def construct(self, x):
-        return self.norm(x + self.down(gelu(self.up(x))))
+        return self.norm(x + self.dropout(self.down(gelu(self.up(x)))))
 
 
 class Layer(nn.Cell):
@@ -208,6 +229,14 @@ class Encoder(nn.Cell):
         self.config = cfg
         self.embeddings = Embeddings(cfg)
         self.layers = nn.CellList([Layer(cfg) for _ in range(cfg.num_layers)])
+
+    def set_dropout(self, p: float) -> None:
+        """Dropout at BERT's places (embeddings, attention probabilities, both residual branches) while
+        training: the frozen encoder as transformers and PEFT train it.  Set before the first compile (graph
+        mode reads `p` as a constant); at inference (set_train(False)) every one is the identity."""
+        for _, cell in self.cells_and_names():
+            if isinstance(cell, TrainDropout):
+                cell.set_rate(p)
 
     def construct(self, inputs_embeds, attention_mask, token_type_ids):
         return self.run_layers(self.embeddings(inputs_embeds, token_type_ids), attention_mask)
@@ -289,10 +318,19 @@ class PromptClassifier(HeadState, nn.Cell):
         self.layer_count = encoder.config.num_layers
         self.hidden_size = h
         self.pooler = POOLING[pooling](h, self.prompt.virtual_tokens)
+        self.head_dropout = TrainDropout()  # BertForSequenceClassification's, before the head (set_dropout)
         self.classifier = nn.Dense(h, num_labels)
 
     def construct(self, input_ids, attention_mask, token_type_ids):
-        return self.classifier(self.features(input_ids, attention_mask, token_type_ids))
+        return self.head(self.features(input_ids, attention_mask, token_type_ids))
+
+    def head(self, features):
+        return self.classifier(self.head_dropout(features))
+
+    def set_dropout(self, p: float) -> None:
+        """Training-time dropout in the encoder and before the head (Encoder.set_dropout)."""
+        self.encoder.set_dropout(p)
+        self.head_dropout.set_rate(p)
 
     def features(self, input_ids, attention_mask, token_type_ids):
         """The pooled vector the head reads (unit length with `normalize`)."""

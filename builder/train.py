@@ -56,6 +56,7 @@ def build_classifier(backbone: Backbone, recipe: Recipe, num_labels: int, prompt
         return net
     net = PromptClassifier(backbone.build_encoder(), recipe.virtual_tokens, num_labels, recipe.pooling, normalize,
                            spec=recipe.prompt_spec())
+    net.set_dropout(recipe.dropout)
     rng = np.random.RandomState(recipe.seed)
     h = backbone.config.hidden_size
     values = {"classifier.weight": rng.normal(0, 0.02, (num_labels, h)), "classifier.bias": np.zeros(num_labels)}
@@ -302,7 +303,7 @@ class Upper(nn.Cell):
         self.net = net
 
     def construct(self, states, attention_mask):
-        return self.net.classifier(self.net.upper_features(states, attention_mask))
+        return self.net.head(self.net.upper_features(states, attention_mask))
 
     def prompt_params(self) -> dict:
         return self.net.prompt_params()

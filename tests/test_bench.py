@@ -287,6 +287,14 @@ def test_peft_prefix_tuning_gives_the_prefix_bundles_logits(prefix_inputs, tmp_p
     assert all(r["sentences_per_second"]["median"] > 0 for r in same["inference"])
 
 
+@needs_peer
+def test_peer_finetune_trains_every_weight_and_scores_test_once(prefix_inputs, tmp_path):
+    done = run_peer("peer_finetune.py", "--data", prefix_inputs, "--results", tmp_path, "--epochs", "1")
+    result = read(tmp_path, "finetune_peer")
+    assert result["trainable_parameters"] > 1000  # the tiny encoder's, not a head's 66
+    assert len(result["curve"]) == 1 and 0 <= result["test_accuracy"] <= 1, done.stdout
+
+
 def test_flop_count_knows_the_prompt_method():
     roofline = bench_module("perf/roofline.py", "bench_roofline")
     cfg = roofline.ModelShape(hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4)

@@ -193,6 +193,15 @@ def test_decoder_rejects_late_prompts(tiny_llama):
         DecoderClassifier(tiny_llama.build_decoder(), 2, PromptSpec.of("late-prompt", 4, layer=1))
 
 
+def test_decoder_refuses_dropout(tiny_llama):
+    from ptbundle.builder.build import check_fits
+    from ptbundle.builder.recipe import Recipe
+
+    check_fits(Recipe(), tiny_llama, soft=True)
+    with pytest.raises(RecipeError, match="--dropout 0.1: .* is a decoder"):
+        check_fits(Recipe(dropout=0.1), tiny_llama, soft=True)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("hidden_act", "gelu", "hidden_act 'gelu' is not supported"),
     ("num_key_value_heads", 3, "not a multiple of num_key_value_heads 3"),

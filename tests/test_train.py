@@ -7,8 +7,10 @@ from conftest import toy_rows
 from ptbundle.builder.backbone import load_backbone
 from ptbundle.runtime.data import Dataset, Example
 from ptbundle.builder.recipe import Recipe
-from ptbundle.builder.train import bucketed_batches, initial_prompt, lr_schedule, train
-from ptbundle.runtime.text import load_tokenizer
+from mindspore import Tensor
+
+from ptbundle.builder.train import bucketed_batches, build_classifier, initial_prompt, lr_schedule, train
+from ptbundle.runtime.text import encode, load_tokenizer, pad
 
 
 def toy_dataset(pair=False):
@@ -147,3 +149,25 @@ def test_layer_norm_input_gradient_and_gelu_match_mindspores_own():
         expected = ms.grad(Loss(reference))(Tensor(x)).asnumpy()
         np.testing.assert_allclose(ms.grad(Loss(mine))(Tensor(x)).asnumpy(), expected, atol=1e-5)
         assert np.abs(expected).max() > 0.5  # the gradient is not trivially zero
+
+
+@pytest.mark.parametrize("method", ["prefix-tuning", "late-prompt"])
+def test_dropout_acts_while_training_only(tiny_bert, method):
+    """--dropout drops at BERT's places in a train graph; an inference graph is the net without it."""
+    backbone = load_backbone(tiny_bert)
+    tokenizer = load_tokenizer(backbone.tokenizer_path, 128)
+    texts = ["a great movie", "the film was dull and long", "fine"]
+    layer = 1 if method == "late-prompt" else 0
+
+    def net(dropout):
+        recipe = Recipe(method=method, layer=layer, virtual_tokens=3, dropout=dropout)
+        return build_classifier(backbone, recipe, 2, initial_prompt(backbone, recipe, tokenizer, texts))
+
+    inputs = [Tensor(a) for a in pad(encode(tokenizer, texts), backbone.config.pad_token_id, 16)]
+    plain, dropped = net(0.0), net(0.3)
+    plain.set_train(False)
+    dropped.set_train(True)
+    first, second = dropped(*inputs).asnumpy(), dropped(*inputs).asnumpy()
+    assert not np.allclose(first, second)  # a new mask each step
+    dropped.set_train(False)
+    np.testing.assert_array_equal(dropped(*inputs).asnumpy(), plain(*inputs).asnumpy())
