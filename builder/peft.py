@@ -19,7 +19,11 @@ What folds, exactly (the bundle's predictions equal PEFT's on the same inputs):
     PREFIX_TUNING   prompt_embeddings [P, layers * 2 * hidden]: builder.prompts' prefix-tuning from
                     layer 0; with prefix_projection the saved table is already the MLP's output
 
-task_type SEQ_CLS only, on the backbone's *ForSequenceClassification head (`HEADS`), read through
+task_type FEATURE_EXTRACTION with PREFIX_TUNING, when the directory also holds PEFT_HEAD (the Linear over
+the mean of the text rows, which PEFT has no class for): our mean pooling, the default bundle's.  PEFT's
+FEATURE_EXTRACTION model drops token_type_ids, so BERT sentence pairs are refused.
+
+task_type SEQ_CLS, on the backbone's *ForSequenceClassification head (`HEADS`), read through
 our cls pooling: BERT's `classifier` reads the checkpoint's own pooler (frozen; PEFT neither trains
 nor saves it); RoBERTa's head is `classifier.dense` (our pooler.*) then `classifier.out_proj` (our
 classifier.*).  Anything else is a BuildError of one line naming the file and the field.
@@ -39,8 +43,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ptbundle.runtime.format import (PEFT_CONFIG, PEFT_DETAIL, PEFT_DIR, PEFT_NOT_EXPRESSIBLE, PEFT_WEIGHTS,
-                                     Manifest, Task, read_json_object)
+from ptbundle.runtime.format import (PEFT_CONFIG, PEFT_DETAIL, PEFT_DIR, PEFT_HEAD, PEFT_NOT_EXPRESSIBLE,
+                                     PEFT_WEIGHTS, Manifest, Task, read_json_object)
 
 from .errors import BuildError
 from .prompts import PromptSpec
@@ -54,10 +58,11 @@ REFUSED_TYPES = {  # peft_type -> why, where there is more to say than SUPPORTED
                                " at a time and join the bundles with pt-build merge",
 }
 REFUSED_TASKS = {  # task_type -> why
-    "FEATURE_EXTRACTION": "the adapter has no classification head (PEFT returns hidden states); train it with"
-                          " task_type SEQ_CLS (the head saved from modules_to_save), or train a prompt and head on"
-                          " this backbone with pt-build export",
+    "FEATURE_EXTRACTION": f"the adapter has no classification head (PEFT returns hidden states); train it with"
+                          f" task_type SEQ_CLS (the head saved from modules_to_save), or put the Linear over the"
+                          f" mean of the text rows beside it as {PEFT_HEAD} (weight, bias), as a bundle's peft/ does",
 }
+MEAN_HEAD = {"weight": "classifier.weight", "bias": "classifier.bias"}  # PEFT_HEAD's tensors -> our names
 # backbone model_type -> {adapter tensor: our name}: the head of its *ForSequenceClassification as PEFT saves it.
 # BERT's pooler is the checkpoint's (frozen, not saved): our cls pooling with backbone.pooler_weights().
 HEADS = {
@@ -95,9 +100,9 @@ def read_adapter(directory, backbone) -> Adapter:
     if not config_path.is_file():
         raise BuildError(f"{directory}: not a PEFT adapter directory (no {PEFT_CONFIG})")
     config = read_json_object(config_path, BuildError)
-    method = check_config(config, config_path, backbone)
+    method = check_config(config, config_path, backbone, (directory / PEFT_HEAD).is_file())
     weights = directory / PEFT_WEIGHTS
-    tensors = read_tensors(directory)
+    tensors = read_tensors(directory / PEFT_WEIGHTS)
     p, cfg = config["num_virtual_tokens"], backbone.config
     width = cfg.hidden_size * (2 * cfg.num_layers if method == "prefix-tuning" else 1)
     prompt = tensors.pop(PROMPT_KEY, None)
@@ -106,17 +111,30 @@ def read_adapter(directory, backbone) -> Adapter:
     if prompt.shape != (p, width):
         raise BuildError(f"{weights}: {PROMPT_KEY} has shape {prompt.shape}; {config['peft_type']} with"
                          f" num_virtual_tokens {p} on {backbone.name} needs {(p, width)}")
-    values = {PROMPT_KEY: prompt, **read_head(tensors, weights, backbone)}
-    return Adapter(PromptSpec.of(method, p), "cls", values, values["classifier.weight"].shape[0], config)
+    if config["task_type"] == "FEATURE_EXTRACTION":  # the prefix alone; its head beside it (check_config)
+        if tensors:
+            raise BuildError(f"{weights}: unexpected tensor {sorted(tensors)[0]!r}: a FEATURE_EXTRACTION adapter"
+                             f" holds {PROMPT_KEY} only")
+        head = read_tensors(directory / PEFT_HEAD)
+        pooling, values = "mean", {PROMPT_KEY: prompt, **read_head(head, directory / PEFT_HEAD, backbone, MEAN_HEAD)}
+    else:
+        pooling, values = "cls", {PROMPT_KEY: prompt, **read_head(tensors, weights, backbone)}
+    return Adapter(PromptSpec.of(method, p), pooling, values, values["classifier.weight"].shape[0], config)
 
 
-def check_config(config: dict, path: Path, backbone) -> str:
-    """The prompt method the adapter folds into; a field that cannot be folded exactly is a BuildError naming it."""
+def check_config(config: dict, path: Path, backbone, mean_head: bool = False) -> str:
+    """The prompt method the adapter folds into; a field that cannot be folded exactly is a BuildError naming it.
+    `mean_head`: PEFT_HEAD is beside it (a FEATURE_EXTRACTION prefix then folds, with mean pooling)."""
     peft_type = config.get("peft_type")
     if peft_type not in METHODS:
         raise BuildError(f"{path}: peft_type {peft_type!r}: {REFUSED_TYPES.get(peft_type, SUPPORTED)}")
     task_type = config.get("task_type")
-    if task_type != "SEQ_CLS":
+    if task_type == "FEATURE_EXTRACTION" and mean_head:
+        if peft_type != "PREFIX_TUNING":
+            raise BuildError(f"{path}: task_type 'FEATURE_EXTRACTION' with {PEFT_HEAD}: pt-build import folds it for"
+                             f" PREFIX_TUNING only (PEFT puts a {peft_type} prompt's rows into the hidden states"
+                             f" that {PEFT_HEAD} would average), not {peft_type}")
+    elif task_type != "SEQ_CLS":
         why = REFUSED_TASKS.get(task_type, "pt-build import builds sequence classifiers: task_type SEQ_CLS, with the"
                                            " classifier saved from modules_to_save")
         raise BuildError(f"{path}: task_type {task_type!r}: {why}")
@@ -136,15 +154,16 @@ def check_config(config: dict, path: Path, backbone) -> str:
     return METHODS[peft_type]
 
 
-def read_tensors(directory: Path) -> dict:
-    """adapter_model.safetensors as float32 arrays, keys without an adapter name."""
-    path = directory / PEFT_WEIGHTS
+def read_tensors(path: Path) -> dict:
+    """A safetensors file of the adapter (adapter_model.safetensors, PEFT_HEAD) as float32 arrays, keys without
+    an adapter name."""
+    directory = path.parent
     if not path.is_file():
         for other in OTHER_WEIGHT_FILES:
             if (directory / other).is_file():
                 raise BuildError(f"{directory / other}: pt-build import reads {PEFT_WEIGHTS} only; re-save the"
                                  f" adapter with safetensors (PEFT: save_pretrained(dir, safe_serialization=True))")
-        raise BuildError(f"{directory}: missing {PEFT_WEIGHTS}")
+        raise BuildError(f"{directory}: missing {path.name}")
     from safetensors.numpy import load_file
 
     try:
@@ -159,14 +178,18 @@ def read_tensors(directory: Path) -> dict:
     return out
 
 
-def read_head(tensors: dict, path: Path, backbone) -> dict:
-    """The classifier (and pooler) of the backbone's *ForSequenceClassification, under our names."""
+def read_head(tensors: dict, path: Path, backbone, names: dict | None = None) -> dict:
+    """The classifier (and pooler) of the backbone's *ForSequenceClassification, under our names; with `names`
+    (MEAN_HEAD) the Linear of PEFT_HEAD instead."""
     model_type, h = backbone.config.model_type, backbone.config.hidden_size
-    names = HEADS.get(model_type)
+    seq_cls = names is None
+    names = HEADS.get(model_type) if seq_cls else names
     if names is None:
         raise BuildError(f"{path}: no PEFT sequence-classification head is known for model_type {model_type!r}"
                          f" (known: {', '.join(HEADS)})")
     missing = [k for k in names if k not in tensors]
+    if missing and not seq_cls:
+        raise BuildError(f"{path}: no tensor {missing[0]!r} (the head holds {' and '.join(names)})")
     if missing:
         other = next((t for t, n in HEADS.items() if t != model_type and all(k in tensors for k in n)), None)
         raise BuildError(f"{path}: no classifier tensor {missing[0]!r} (a SEQ_CLS adapter saves its head from"
@@ -174,8 +197,9 @@ def read_head(tensors: dict, path: Path, backbone) -> dict:
                                                  if other else ""))
     extra = sorted(set(tensors) - set(names))
     if extra:
-        raise BuildError(f"{path}: unexpected tensor {extra[0]!r} ({len(extra)} in all): a prompt-learning SEQ_CLS"
-                         f" adapter holds {PROMPT_KEY} and the {model_type} classifier only")
+        raise BuildError(f"{path}: unexpected tensor {extra[0]!r} ({len(extra)} in all): " + (
+            f"a prompt-learning SEQ_CLS adapter holds {PROMPT_KEY} and the {model_type} classifier only" if seq_cls
+            else f"the head holds {' and '.join(names)} only"))
     values = {ours: tensors[key] for key, ours in names.items()}
     n = values["classifier.weight"].shape[0] if values["classifier.weight"].ndim == 2 else 0
     shapes = {"classifier.weight": (n, h), "classifier.bias": (n,), "pooler.weight": (h, h), "pooler.bias": (h,)}
@@ -186,7 +210,7 @@ def read_head(tensors: dict, path: Path, backbone) -> dict:
     if n < 2:
         raise BuildError(f"{path}: the classifier has {n} output(s); pt-build import builds classifiers of 2 or"
                          f" more labels")
-    if "pooler.weight" not in values:  # BERT: the checkpoint's own pooler, frozen
+    if seq_cls and "pooler.weight" not in values:  # BERT: the checkpoint's own pooler, frozen
         pooler = backbone.pooler_weights()
         if pooler is None:
             raise BuildError(f"backbone {backbone.path}: no pooler weights, so {model_type}'s sequence classifier"
@@ -220,6 +244,10 @@ def import_adapter(adapter_dir, destination, backbone_path, dataset, labels, pai
         if pair and not dataset.is_pair:
             raise BuildError("--pair: the data has one text per example")
         pair = dataset.is_pair
+    if pair and adapter.pooling == "mean" and backbone.config.type_vocab_size > 1:
+        raise BuildError(f"{adapter_dir}: a FEATURE_EXTRACTION adapter on sentence pairs: PEFT's model drops"
+                         f" token_type_ids, which {backbone.name} reads, so its predictions cannot be reproduced")
+    if dataset is not None:
         dataset = dataclasses.replace(dataset, labels=labels)  # the classifier's order
     spec, cfg = adapter.spec, backbone.config
     check_positions(max_length, spec, backbone, BuildError)
@@ -289,9 +317,15 @@ def not_expressible(net, task: Task, backbone) -> str | None:
         return f"prefix from layer {spec.layer} (PEFT's prefix tuning has a prefix at every layer)"
     if spec.method not in ("prompt-tuning", "prefix-tuning"):
         return f"prompt method {spec.method!r}"
+    if task.pooling == "mean":  # a FEATURE_EXTRACTION prefix, its head in PEFT_HEAD
+        if spec.method != "prefix-tuning":
+            return (f"mean pooling with {spec.method} (PEFT's sequence-classification heads read the first"
+                    f" position; a FEATURE_EXTRACTION adapter with {PEFT_HEAD} holds a prefix only)")
+        if task.pair and backbone.config.type_vocab_size > 1:
+            return "mean pooling of sentence pairs (PEFT's FEATURE_EXTRACTION model drops token_type_ids)"
+        return None
     if task.pooling != "cls":
-        return (f"{task.pooling} pooling (PEFT's sequence-classification heads read the first position; its"
-                f" FEATURE_EXTRACTION adapters carry no head)")
+        return f"{task.pooling} pooling (PEFT's sequence-classification heads read the first position)"
     model_type = backbone.config.model_type
     if model_type not in HEADS:
         return f"no PEFT sequence-classification head is known for model_type {model_type!r}"
@@ -315,21 +349,29 @@ def write_adapter(directory, net, task: Task, backbone) -> str:
     directory = Path(directory)
     directory.mkdir()
     state = net.folded_state()  # a prefix's reparameterization applied, as PEFT saves it
-    names = {PROMPT_KEY: PROMPT_KEY, **HEADS[backbone.config.model_type]}
-    save_file({key: np.ascontiguousarray(state[ours], np.float32) for key, ours in names.items()},
-              str(directory / PEFT_WEIGHTS), metadata={"format": "pt"})
-    (directory / PEFT_CONFIG).write_text(json.dumps(adapter_config(net.spec, backbone), indent=2, sort_keys=True),
-                                         encoding="utf-8")
+
+    def save(names: dict, name: str):
+        save_file({key: np.ascontiguousarray(state[ours], np.float32) for key, ours in names.items()},
+                  str(directory / name), metadata={"format": "pt"})
+
+    mean = task.pooling == "mean"
+    save({PROMPT_KEY: PROMPT_KEY, **({} if mean else HEADS[backbone.config.model_type])}, PEFT_WEIGHTS)
+    if mean:
+        save(MEAN_HEAD, PEFT_HEAD)
+    config = adapter_config(net.spec, backbone, "FEATURE_EXTRACTION" if mean else "SEQ_CLS")
+    (directory / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
     return directory.name
 
 
-def adapter_config(spec: PromptSpec, backbone) -> dict:
-    """adapter_config.json with the fields PEFT 0.21.2 writes for this method (inference_mode: as it saves them)."""
+def adapter_config(spec: PromptSpec, backbone, task_type: str = "SEQ_CLS") -> dict:
+    """adapter_config.json with the fields PEFT 0.21.2 writes for this method and task (inference_mode: as it
+    saves them; FEATURE_EXTRACTION saves no modules)."""
     cfg = backbone.config
     config = {"auto_mapping": None, "base_model_name_or_path": backbone.name, "inference_mode": True,
-              "modules_to_save": list(MODULES_TO_SAVE), "num_attention_heads": cfg.num_heads,
-              "num_layers": cfg.num_layers, "num_transformer_submodules": 1, "num_virtual_tokens": spec.virtual_tokens,
-              "peft_version": PEFT_VERSION, "revision": None, "task_type": "SEQ_CLS", "token_dim": cfg.hidden_size}
+              "modules_to_save": list(MODULES_TO_SAVE) if task_type == "SEQ_CLS" else None,
+              "num_attention_heads": cfg.num_heads, "num_layers": cfg.num_layers, "num_transformer_submodules": 1,
+              "num_virtual_tokens": spec.virtual_tokens, "peft_version": PEFT_VERSION, "revision": None,
+              "task_type": task_type, "token_dim": cfg.hidden_size}
     if spec.method == "prefix-tuning":  # the table is saved folded: a plain prefix (prefix_projection false)
         return {**config, "peft_type": "PREFIX_TUNING", "encoder_hidden_size": cfg.hidden_size, "init_weights": None,
                 "prefix_projection": False}

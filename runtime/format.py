@@ -10,8 +10,9 @@ A bundle is a directory:
     prompt.safetensors   the learned prompt (`prompt_embeddings`, PEFT's key) and the head
     training_log.json    the training curve
     peft/                optional: the prompt and head as a PEFT adapter directory (adapter_config.json,
-                         adapter_model.safetensors) that `PeftModel.from_pretrained` loads, when PEFT can
-                         express the task exactly; the task's details["peft"] says which (`PEFT_DETAIL`)
+                         adapter_model.safetensors; a mean-pooling one's head beside it in head.safetensors)
+                         that `PeftModel.from_pretrained` loads, when PEFT can express the task exactly; the
+                         task's details["peft"] says which (`PEFT_DETAIL`)
 
 A generation bundle (pt-build's decoders: a Llama-family causal LM and its
 learned prompt, run token by token by runtime.generate) is a directory too:
@@ -90,6 +91,9 @@ GRAPHS = {"mindir": "model.mindir", "onnx": "model.onnx", "onnx-int8": "model.in
 PEFT_DIR = "peft"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
+# A FEATURE_EXTRACTION adapter (a prefix over the bare encoder: PEFT has no mean-pooling head) carries its
+# head beside it: the Linear over the mean of the text rows, tensors "weight" [labels, hidden] and "bias".
+PEFT_HEAD = "head.safetensors"
 PEFT_DETAIL = "peft"
 PEFT_NOT_EXPRESSIBLE = "not expressible: "
 

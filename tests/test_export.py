@@ -61,9 +61,11 @@ def test_reloaded_mindir_matches_in_memory_model(tmp_path, tiny_bert, tiny_rober
 
 
 def test_bundle_files_manifest_and_prompt(tiny_bundle, toy_files):
-    assert {p.name for p in tiny_bundle.iterdir()} == BUNDLE_FILES
+    # the default recipe (a prefix, mean pooling) carries its PEFT adapter: a FEATURE_EXTRACTION prefix + its head
+    peft = {"peft/adapter_config.json", "peft/adapter_model.safetensors", "peft/head.safetensors"}
+    assert {p.name for p in tiny_bundle.iterdir()} == BUNDLE_FILES | {"peft"}
     m = json.loads((tiny_bundle / "manifest.json").read_text())
-    assert set(m["files"]) == BUNDLE_FILES - {"manifest.json"}
+    assert set(m["files"]) == BUNDLE_FILES - {"manifest.json"} | peft
     for name, digest in m["files"].items():
         assert sha256_file(tiny_bundle / name) == digest
     assert len(m["tasks"]) == 1 and m["format_version"] == 3

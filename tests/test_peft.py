@@ -2,8 +2,9 @@
 refuses what it cannot fold in one line, and every bundle's peft/ directory imports back to the same predictions.
 
 The adapters in fixtures/peft_adapters/ were written by PEFT 0.21.2 on exactly the tiny checkpoints of
-conftest's tiny_bert / tiny_roberta (fixtures/make_prefix_reference.py, fixtures/make_p_tuning_reference.py),
-with PEFT's logits on the stored inputs.  That PEFT itself loads a bundle's peft/ directory is checked by hand
+conftest's tiny_bert / tiny_roberta (fixtures/make_prefix_reference.py, fixtures/make_p_tuning_reference.py,
+fixtures/make_mean_adapter.py: a FEATURE_EXTRACTION prefix and its mean-pooling head.safetensors), with PEFT's
+logits on the stored inputs.  That PEFT itself loads a bundle's peft/ directory is checked by hand
 (fixtures/check_peft_roundtrip.py, with torch): these tests have no torch.
 """
 
@@ -33,6 +34,7 @@ TOLERANCE = 1e-4  # the bundles' ONNX tolerance (onnxruntime's fused kernels sum
 CASES = {
     "bert-prefix": ("bert", "prefix", ("tiny-bert-prefix-cls", "tiny-bert-prefix-pair")),
     "bert-prefix-projection": ("bert", "prefix", ("tiny-bert-prefix-projection",)),
+    "bert-prefix-mean": ("bert", "prefix", ("tiny-bert-prefix-mean",)),  # FEATURE_EXTRACTION + head.safetensors
     "roberta-prefix": ("roberta", "prefix", ("tiny-roberta-prefix-cls",)),
     "bert-prompt-tuning": ("bert", "prefix", ("bert-prompt-tuning",)),
     "bert-p-tuning-mlp": ("bert", "p-tuning", ("bert-p-tuning-mlp",)),
@@ -76,7 +78,8 @@ def test_imported_adapter_predicts_what_peft_predicts(name, imported):
     reference = REFERENCES[source]
     bundle = Bundle.load(imported(name))
     task = bundle.manifest.only
-    assert task.pooling == "cls" and task.recipe["source"] == "peft" and task.num_virtual_tokens == 3
+    assert task.pooling == ("mean" if name.endswith("-mean") else "cls")
+    assert task.recipe["source"] == "peft" and task.num_virtual_tokens == 3
     assert task.prompt_method == ("prefix-tuning" if "prefix" in name else "prompt-tuning")
     for case in cases:
         expected = reference[f"{case}/logits"]
@@ -104,7 +107,8 @@ def test_imported_bundle_writes_the_adapter_back_as_peft_does(name, imported, ch
     assert {"peft/adapter_config.json", "peft/adapter_model.safetensors"} <= set(manifest.files)
     ours = json.loads((bundle / "peft" / "adapter_config.json").read_text())
     peft_type = "PREFIX_TUNING" if "prefix" in name else "PROMPT_TUNING"
-    model = ADAPTERS / ("bert-prefix" if peft_type == "PREFIX_TUNING" else "bert-prompt-tuning")  # PEFT's own files
+    model = ADAPTERS / (name if name.endswith("-mean") else "bert-prefix" if peft_type == "PREFIX_TUNING"
+                        else "bert-prompt-tuning")  # PEFT's own files
     theirs = json.loads((model / "adapter_config.json").read_text())
     assert ours["base_model_name_or_path"] == Path(checkpoints_by_family[CASES[name][0]]).name
     assert {**ours, "base_model_name_or_path": "tiny-bert"} == theirs
@@ -113,6 +117,11 @@ def test_imported_bundle_writes_the_adapter_back_as_peft_does(name, imported, ch
         load_file(str(source / "adapter_model.safetensors")).keys()
     assert (bundle / "peft" / "adapter_model.safetensors").read_bytes() == \
         (source / "adapter_model.safetensors").read_bytes()
+    assert sorted(p.name for p in (bundle / "peft").iterdir()) == sorted(p.name for p in source.iterdir())
+    if name.endswith("-mean"):
+        assert load_file(str(bundle / "peft" / "head.safetensors")).keys() == {"weight", "bias"}
+        for key, value in load_file(str(source / "head.safetensors")).items():
+            np.testing.assert_array_equal(load_file(str(bundle / "peft" / "head.safetensors"))[key], value)
 
 
 # ---------------------------------------------------------------- refusals
@@ -160,6 +169,16 @@ REFUSALS = {
     "no-classifier": (dict(files={"adapter_model.safetensors": prompt_only}),
                       "no classifier tensor 'base_model.classifier.weight'"),
     "roberta-head-on-bert": (dict(source="roberta-prefix"), "it holds a roberta head, the backbone is bert"),
+    "mean-head-of-a-prompt": (dict(source="bert-prefix-mean", config={"peft_type": "PROMPT_TUNING"}),
+                              "with head.safetensors: pt-build import folds it for PREFIX_TUNING only"),
+    "mean-head-key": (dict(source="bert-prefix-mean", files={"head.safetensors": lambda p: save_file(
+        {"weight": np.zeros((2, 32), np.float32)}, str(p))}), "head.safetensors: no tensor 'bias'"),
+    "mean-head-shape": (dict(source="bert-prefix-mean", files={"head.safetensors": lambda p: save_file(
+        {"weight": np.zeros((2, 16), np.float32), "bias": np.zeros(2, np.float32)}, str(p))}),
+        "head.safetensors: weight has shape (2, 16), expected (2, 32)"),
+    "mean-adapter-with-a-head-inside": (dict(source="bert-prefix-mean", files={
+        "adapter_model.safetensors": (ADAPTERS / "bert-prefix" / "adapter_model.safetensors").read_bytes()}),
+        "unexpected tensor 'base_model.classifier.bias': a FEATURE_EXTRACTION adapter holds prompt_embeddings only"),
 }
 
 
@@ -191,8 +210,9 @@ def task(pooling="cls", method="prompt-tuning", kind="soft"):
 @pytest.mark.parametrize("method, layer, pooling, kind, expected", [
     ("prompt-tuning", 0, "cls", "soft", "peft"),
     ("prefix-tuning", 0, "cls", "soft", "peft"),
-    ("prompt-tuning", 0, "mean", "soft", "not expressible: mean pooling (PEFT's sequence-classification heads read"
-                                         " the first position"),
+    ("prefix-tuning", 0, "mean", "soft", "peft"),  # FEATURE_EXTRACTION, its head in head.safetensors
+    ("prompt-tuning", 0, "mean", "soft", "not expressible: mean pooling with prompt-tuning (PEFT's"
+                                         " sequence-classification heads read the first position"),
     ("prefix-tuning", 1, "cls", "soft", "not expressible: prefix from layer 1"),
     ("late-prompt", 1, "cls", "soft", "not expressible: late prompt (enters at layer 1"),
     ("none", 0, "cls", "hard", "not expressible: hard prompt"),
@@ -215,7 +235,10 @@ def test_write_adapter_writes_what_peft_expresses_and_says_why_not(method, layer
     assert (tmp_path / "peft").exists() == (status == "peft")
     if status == "peft":
         assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["adapter_config.json",
-                                                                         "adapter_model.safetensors"]
+                                                                         "adapter_model.safetensors"] + (
+            ["head.safetensors"] if pooling == "mean" else [])
+        config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+        assert config["task_type"] == ("FEATURE_EXTRACTION" if pooling == "mean" else "SEQ_CLS")
 
 
 def test_a_bert_pooler_other_than_the_checkpoints_is_not_expressible(tmp_path, tiny_bert):
@@ -245,8 +268,9 @@ def test_merged_bundles_say_why_they_carry_no_adapter():
 
 
 @pytest.mark.parametrize("family, options", [
-    ("bert", ["--method", "prefix-tuning"]),
-    ("roberta", ["--method", "prompt-tuning"]),  # RoBERTa's head dense is trained: it travels as classifier.dense
+    ("bert", ["--method", "prefix-tuning", "--pooling", "cls"]),
+    ("roberta", ["--method", "prompt-tuning", "--pooling", "cls"]),  # RoBERTa's trained head dense: classifier.dense
+    ("bert", ["--method", "prefix-tuning", "--pooling", "mean"]),  # the default: FEATURE_EXTRACTION + head.safetensors
 ])
 def test_a_bundles_peft_directory_imports_to_the_same_predictions(family, options, tmp_path, toy_files,
                                                                   checkpoints_by_family):
@@ -256,16 +280,17 @@ def test_a_bundles_peft_directory_imports_to_the_same_predictions(family, option
     backbone = checkpoints_by_family[family]
     result = CliRunner().invoke(cli, ["export", "--prompt", "soft", "--train", str(train), "--dev", str(dev),
                                       "--backbone", str(backbone), "--virtual-tokens", "3", "--epochs", "1",
-                                      "--batch-size", "8", "--pooling", "cls", "--out", str(tmp_path),
+                                      "--batch-size", "8", "--out", str(tmp_path),
                                       "--name", "toy", *options])
     assert result.exit_code == 0, result.output + repr(result.exception)
     original = tmp_path / "toy"
     manifest = Manifest.read(original)
     assert manifest.only.details["peft"] == "peft"
     # nested files are hashed by their relative path, and checked like the others
+    mean = "mean" in options
     assert sorted(manifest.files) == ["model.mindir", "model.onnx", "peft/adapter_config.json",
-                                      "peft/adapter_model.safetensors", "prompt.safetensors", "tokenizer.json",
-                                      "training_log.json"]
+                                      "peft/adapter_model.safetensors"] + (["peft/head.safetensors"] if mean else []) \
+        + ["prompt.safetensors", "tokenizer.json", "training_log.json"]
     verify_files(original, manifest)
     info = CliRunner().invoke(run_cli, ["info", str(original)])
     assert info.exit_code == 0 and "peft/adapter_model.safetensors" in info.output
@@ -281,7 +306,9 @@ def test_a_bundles_peft_directory_imports_to_the_same_predictions(family, option
     imported = Manifest.read(back).only
     assert imported.labels == manifest.only.labels  # the data's labels, in the classifier's order
     assert imported.metrics["dev"]["accuracy"] == pytest.approx(manifest.only.metrics["dev"]["accuracy"])
-    for name in ("adapter_config.json", "adapter_model.safetensors"):  # written again, the same bytes
+    assert imported.pooling == ("mean" if mean else "cls")
+    for name in ("adapter_config.json", "adapter_model.safetensors") + (("head.safetensors",) if mean else ()):
+        # written again, the same bytes
         assert (back / "peft" / name).read_bytes() == (original / "peft" / name).read_bytes()
 
     (original / "peft" / "adapter_config.json").write_text("{}")
