@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/peer/peer_inputs.py --bundle exports/mr-soft --epochs 3
     bench/.peer-venv/bin/python bench/peer/peer_finetune.py --data bench/results/peer-inputs [--lr 3e-5]
+        [--epochs 3] [--smoke: 4 steps, the test's]
 
 A ceiling for prompt methods on the same frozen backbone (issue 11 asks a
 22M-parameter encoder to pass 83.5% on MR test): transformers' AutoModel in
