@@ -238,7 +238,7 @@ def import_adapter(adapter_dir, destination, backbone_path, dataset, labels, pai
     use_device(device)
     backbone = load_backbone(backbone_path)
     adapter = read_adapter(adapter_dir, backbone)
-    weights = Path(adapter_dir) / PEFT_WEIGHTS
+    weights = Path(adapter_dir) / (PEFT_HEAD if adapter.pooling == "mean" else PEFT_WEIGHTS)  # the classifier's file
     labels = label_names(labels, dataset, adapter.num_labels, weights)
     if dataset is not None:
         if pair and not dataset.is_pair:

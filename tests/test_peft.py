@@ -197,6 +197,8 @@ def test_adapters_it_cannot_fold_are_one_line_and_leave_nothing(case, tmp_path, 
 def test_labels_must_fit_the_classifier(tmp_path, tiny_bert):
     result = run_import(ADAPTERS / "bert-prefix", "--backbone", tiny_bert, "--out", tmp_path, "--labels", "a,b,c")
     assert result.exit_code == 1 and "--labels names 3 labels; the classifier in" in result.output
+    result = run_import(ADAPTERS / "bert-prefix-mean", "--backbone", tiny_bert, "--out", tmp_path, "--labels", "a")
+    assert result.exit_code == 1 and "head.safetensors has 2 outputs" in result.output  # the file with the head
 
 
 # ---------------------------------------------------------------- out: which bundles carry peft/, and why not
