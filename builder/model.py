@@ -128,11 +128,9 @@ class TrainDropout(nn.Cell):
 
     def __init__(self):
         super().__init__()
-        self.p = 0.0
         self.drop = nn.Identity()
 
     def set_rate(self, p: float) -> None:
-        self.p = p
         self.drop = nn.Dropout(p=p) if p > 0 else nn.Identity()
 
     def construct(self, x):
@@ -233,7 +231,8 @@ class Encoder(nn.Cell):
     def set_dropout(self, p: float) -> None:
         """Dropout at BERT's places (embeddings, attention probabilities, both residual branches) while
         training: the frozen encoder as transformers and PEFT train it.  Set before the first compile (graph
-        mode reads `p` as a constant); at inference (set_train(False)) every one is the identity."""
+        mode reads `p` as a constant); at inference (set_train(False)) every one is the identity, and so in the
+        layers below a late prompt or a higher prefix, which training computes once (builder.train.LayerCache)."""
         for _, cell in self.cells_and_names():
             if isinstance(cell, TrainDropout):
                 cell.set_rate(p)

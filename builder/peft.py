@@ -102,7 +102,7 @@ def read_adapter(directory, backbone) -> Adapter:
     config = read_json_object(config_path, BuildError)
     method = check_config(config, config_path, backbone, (directory / PEFT_HEAD).is_file())
     weights = directory / PEFT_WEIGHTS
-    tensors = read_tensors(directory / PEFT_WEIGHTS)
+    tensors = read_tensors(weights)
     p, cfg = config["num_virtual_tokens"], backbone.config
     width = cfg.hidden_size * (2 * cfg.num_layers if method == "prefix-tuning" else 1)
     prompt = tensors.pop(PROMPT_KEY, None)
@@ -244,7 +244,7 @@ def import_adapter(adapter_dir, destination, backbone_path, dataset, labels, pai
         if pair and not dataset.is_pair:
             raise BuildError("--pair: the data has one text per example")
         pair = dataset.is_pair
-    if pair and adapter.pooling == "mean" and backbone.config.type_vocab_size > 1:
+    if adapter.pooling == "mean" and loses_token_types(pair, backbone):
         raise BuildError(f"{adapter_dir}: a FEATURE_EXTRACTION adapter on sentence pairs: PEFT's model drops"
                          f" token_type_ids, which {backbone.name} reads, so its predictions cannot be reproduced")
     if dataset is not None:
@@ -303,6 +303,11 @@ def score(net, backbone, dataset, max_length: int) -> dict:
 # ---------------------------------------------------------------- out: a bundle's peft/ directory
 
 
+def loses_token_types(pair: bool, backbone) -> bool:
+    """PEFT's FEATURE_EXTRACTION model drops token_type_ids: sentence pairs on a backbone that reads them differ."""
+    return pair and backbone.config.type_vocab_size > 1
+
+
 def not_expressible(net, task: Task, backbone) -> str | None:
     """Why PEFT cannot hold this task's prompt and head with the same predictions, or None if it can."""
     spec = getattr(net, "spec", None)
@@ -321,7 +326,7 @@ def not_expressible(net, task: Task, backbone) -> str | None:
         if spec.method != "prefix-tuning":
             return (f"mean pooling with {spec.method} (PEFT's sequence-classification heads read the first"
                     f" position; a FEATURE_EXTRACTION adapter with {PEFT_HEAD} holds a prefix only)")
-        if task.pair and backbone.config.type_vocab_size > 1:
+        if loses_token_types(task.pair, backbone):
             return "mean pooling of sentence pairs (PEFT's FEATURE_EXTRACTION model drops token_type_ids)"
         return None
     if task.pooling != "cls":

@@ -292,6 +292,7 @@ def test_peer_finetune_trains_every_weight_and_scores_test_once(prefix_inputs, t
     done = run_peer("peer_finetune.py", "--data", prefix_inputs, "--results", tmp_path, "--epochs", "1")
     result = read(tmp_path, "finetune_peer")
     assert result["trainable_parameters"] > 1000  # the tiny encoder's, not a head's 66
+    assert result["changed_tensors"] == result["tensors"] > 30  # every weight moved, the encoder's too
     assert len(result["curve"]) == 1 and 0 <= result["test_accuracy"] <= 1, done.stdout
 
 

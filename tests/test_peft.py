@@ -194,6 +194,27 @@ def test_adapters_it_cannot_fold_are_one_line_and_leave_nothing(case, tmp_path, 
     assert not (out / "x").exists() and os.listdir(out) == []  # no bundle, no half-written one
 
 
+def test_a_mean_adapter_on_bert_sentence_pairs_is_refused(tmp_path, tiny_bert, tiny_roberta):
+    """PEFT's FEATURE_EXTRACTION model drops token_type_ids, which BERT reads for the second text."""
+    result = run_import(ADAPTERS / "bert-prefix-mean", "--backbone", tiny_bert, "--out", tmp_path, "--pair")
+    assert result.exit_code == 1 and "drops token_type_ids" in result.output and os.listdir(tmp_path) == []
+    from ptbundle.builder.backbone import load_backbone
+    from ptbundle.builder.model import PromptClassifier
+    from ptbundle.builder.peft import write_adapter
+    from ptbundle.builder.prompts import PromptSpec
+
+    pairs = task("mean", "prefix-tuning").replace(pair=True)
+    refused = "not expressible: mean pooling of sentence pairs"
+    for checkpoint, expected in ((tiny_bert, refused), (tiny_roberta, "peft")):
+        backbone = load_backbone(checkpoint)
+        net = PromptClassifier(backbone.build_encoder(), 3, 2, "mean", spec=PromptSpec.of("prefix-tuning", 3))
+        out = tmp_path / backbone.config.model_type / "peft"
+        out.parent.mkdir()
+        # the directory's name when written; RoBERTa has no token types to lose
+        assert write_adapter(out, net, pairs, backbone).startswith(expected)
+        assert out.exists() == (expected == "peft")
+
+
 def test_labels_must_fit_the_classifier(tmp_path, tiny_bert):
     result = run_import(ADAPTERS / "bert-prefix", "--backbone", tiny_bert, "--out", tmp_path, "--labels", "a,b,c")
     assert result.exit_code == 1 and "--labels names 3 labels; the classifier in" in result.output

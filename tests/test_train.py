@@ -9,7 +9,7 @@ from ptbundle.runtime.data import Dataset, Example
 from ptbundle.builder.recipe import Recipe
 from mindspore import Tensor
 
-from ptbundle.builder.train import bucketed_batches, build_classifier, initial_prompt, lr_schedule, train
+from ptbundle.builder.train import Lower, Upper, bucketed_batches, build_classifier, initial_prompt, lr_schedule, train
 from ptbundle.runtime.text import encode, load_tokenizer, pad
 
 
@@ -153,7 +153,8 @@ def test_layer_norm_input_gradient_and_gelu_match_mindspores_own():
 
 @pytest.mark.parametrize("method", ["prefix-tuning", "late-prompt"])
 def test_dropout_acts_while_training_only(tiny_bert, method):
-    """--dropout drops at BERT's places in a train graph; an inference graph is the net without it."""
+    """--dropout drops at BERT's places in a train graph; an inference graph is the net without it.  A late
+    prompt trains through builder.train.Upper on cached states: that path drops too."""
     backbone = load_backbone(tiny_bert)
     tokenizer = load_tokenizer(backbone.tokenizer_path, 128)
     texts = ["a great movie", "the film was dull and long", "fine"]
@@ -165,6 +166,11 @@ def test_dropout_acts_while_training_only(tiny_bert, method):
 
     inputs = [Tensor(a) for a in pad(encode(tokenizer, texts), backbone.config.pad_token_id, 16)]
     plain, dropped = net(0.0), net(0.3)
+    if method == "late-prompt":  # what training runs: layer 0 once (eval mode), the layers above in the step
+        states = Lower(plain)
+        states.set_train(False)
+        inputs = [states(*inputs), inputs[1]]
+        plain, dropped = Upper(plain), Upper(dropped)
     plain.set_train(False)
     dropped.set_train(True)
     first, second = dropped(*inputs).asnumpy(), dropped(*inputs).asnumpy()

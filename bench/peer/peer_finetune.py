@@ -19,13 +19,12 @@ from __future__ import annotations
 import copy
 import time
 
-import numpy as np
 import torch
 from transformers import AutoModel
 
 import peer_torch  # first: it puts bench/ on sys.path, for common
 from common import write_results
-from peer_torch import accuracy, train_labels
+from peer_torch import accuracy, mean_pool, train_labels
 
 
 class FineTuned(torch.nn.Module):
@@ -37,9 +36,7 @@ class FineTuned(torch.nn.Module):
         self.head = torch.nn.Linear(self.encoder.config.hidden_size, num_labels)
 
     def forward(self, ids, mask):
-        states = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        m = mask.unsqueeze(-1).to(states.dtype)
-        return self.head((states * m).sum(1) / m.sum(1).clamp(min=1e-9))
+        return self.head(mean_pool(self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask))
 
 
 def main():
@@ -53,8 +50,9 @@ def main():
                          f" (peer_inputs.py --epochs)")
     encodings, y = train_labels(data, tokenizer)
     model = FineTuned(data["backbone"], len(data["labels"]))
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    rest = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    start = copy.deepcopy(model.state_dict())
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    rest = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
                                   lr=args.lr, eps=1e-6)
     batches = [b for epoch in data["train_batches"][: args.epochs] for b in epoch]
@@ -86,7 +84,11 @@ def main():
     model.load_state_dict(best[1])
     result = {"lr": args.lr, "epochs": args.epochs, "batch_size": len(batches[0]), "curve": curve,
               "dev_accuracy": best[0], "test_accuracy": accuracy(model, tokenizer, data["test"], data),
-              "trainable_parameters": sum(p.numel() for p in model.parameters()), **peer_torch.environment()}
+              "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              # tensors the training changed: every one, or it was not a fine-tuning
+              "changed_tensors": sum(not torch.equal(v, start[k]) for k, v in model.state_dict().items()
+                                     if v.is_floating_point()),
+              "tensors": sum(v.is_floating_point() for v in model.state_dict().values()), **peer_torch.environment()}
     print(f"fine-tuned: best dev {result['dev_accuracy']:.4f}, test {result['test_accuracy']:.4f}")
     write_results(args.results, "finetune_peer", result)
 

@@ -168,9 +168,14 @@ class PeerModel(torch.nn.Module):
         return {name: t.detach().numpy().copy() for name, t in self.weights().items()}
 
     def forward(self, ids, mask):
-        hidden = self.peft(input_ids=ids, attention_mask=mask).last_hidden_state[:, self.text_start :]
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return self.head((hidden * m).sum(1) / m.sum(1).clamp_min(1e-9))
+        hidden = self.peft(input_ids=ids, attention_mask=mask).last_hidden_state
+        return self.head(mean_pool(hidden[:, self.text_start :], mask))
+
+
+def mean_pool(hidden, mask):
+    """The mean of the rows the mask keeps (our MeanPooling)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
 # --- GEMM ---------------------------------------------------------------------------
