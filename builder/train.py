@@ -228,6 +228,7 @@ class TrainStep(nn.Cell):
             groups.append({"params": prompt, "lr": lr_schedule(recipe.prompt_lr, steps, recipe.warmup),
                            "weight_decay": 0.0})
         self.optimizer = nn.AdamWeightDecay(groups)
+        self.smoothing = recipe.label_smoothing
         self.grad_fn = ms.value_and_grad(self.loss, None, self.optimizer.parameters, has_aux=True)
         # Under msrun (builder.parallel): the gradients averaged over the workers before the update.
         self.parallel = world.size > 1
@@ -237,7 +238,8 @@ class TrainStep(nn.Cell):
     def loss(self, *args):
         *inputs, onehot = args
         logits = self.net(*inputs)
-        return -(ops.log_softmax(logits, -1) * onehot).sum(-1).mean(), logits
+        target = onehot * (1.0 - self.smoothing) + self.smoothing / onehot.shape[-1]
+        return -(ops.log_softmax(logits, -1) * target).sum(-1).mean(), logits
 
     def construct(self, *args):
         """args: what the net takes (ids, mask, types; or features for a head alone), then one-hot labels."""

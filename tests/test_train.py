@@ -177,3 +177,25 @@ def test_dropout_acts_while_training_only(tiny_bert, method):
     assert not np.allclose(first, second)  # a new mask each step
     dropped.set_train(False)
     np.testing.assert_array_equal(dropped(*inputs).asnumpy(), plain(*inputs).asnumpy())
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_label_smoothing_is_the_loss_the_step_minimises(tiny_bert, smoothing):
+    """The step's loss is the cross-entropy against (1 - x) on the gold label plus x shared by all labels,
+    computed here in numpy from the logits the step returns (its forward pass, before the update)."""
+    from ptbundle.builder.train import TrainStep
+
+    backbone = load_backbone(tiny_bert)
+    tokenizer = load_tokenizer(backbone.tokenizer_path, 128)
+    texts = ["a great movie", "the film was dull and long", "fine", "awful"]
+    recipe = Recipe(virtual_tokens=3, label_smoothing=smoothing)
+    net = build_classifier(backbone, recipe, 3, initial_prompt(backbone, recipe, tokenizer, texts))
+    inputs = [Tensor(a) for a in pad(encode(tokenizer, texts), backbone.config.pad_token_id, 16)]
+    gold = np.array([0, 2, 1, 2])
+    loss, logits = TrainStep(net, recipe, steps=10)(*inputs, Tensor(np.eye(3, dtype=np.float32)[gold]))
+    z = logits.asnumpy().astype(np.float64)
+    log_p = z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    target = np.eye(3)[gold] * (1 - smoothing) + smoothing / 3
+    np.testing.assert_allclose(float(loss.asnumpy()), -(log_p * target).sum(-1).mean(), rtol=1e-5)
+    if smoothing:  # the smoothed loss is not the plain one
+        assert abs(float(loss.asnumpy()) + log_p[np.arange(4), gold].mean()) > 1e-4
