@@ -251,6 +251,9 @@ def build_generation(destination: Path, backbone: Backbone, recipe: Recipe | Non
     cache, metrics, check, method = None, {}, None, "none"
     if recipe is not None:
         check_dropout(recipe, backbone)
+        if recipe.label_smoothing:  # builder.instruct.LMTrainStep has a loss of its own, over the vocabulary
+            raise RecipeError(f"--label-smoothing {recipe.label_smoothing}: pt-build instruct trains with the LM loss"
+                              f" on the answers, which takes no label smoothing")
         if recipe.method == "prefix-tuning" and recipe.layer:
             raise RecipeError(f"--layer {recipe.layer}: a generation bundle's prompt cache covers every layer"
                               f" (a prefix from layer 0)")

@@ -360,16 +360,21 @@ def test_pt_build_instruct_refuses_an_encoder(tmp_path, tiny_bert):
     assert not (tmp_path / "out" / "chat-soft").exists()
 
 
-def test_pt_build_instruct_refuses_a_bad_mindir_capacity_before_training(tmp_path):
-    """--mindir-capacity that cannot hold the prompt cache and the export's probes: one line, before any training
-    (no 'epoch' line, no bundle)."""
+@pytest.mark.parametrize("options, message", [
+    # cannot hold the prompt cache and the export's probes
+    (["--mindir-capacity", "8"], "MindIR capacity (--mindir-capacity) 8"),
+    # the LM loss has none: not a recipe the manifest records and training ignores
+    (["--label-smoothing", "0.1"], "--label-smoothing 0.1: pt-build instruct"),
+])
+def test_pt_build_instruct_refuses_before_training(tmp_path, options, message):
+    """One line, before any training (no 'epoch' line, no bundle)."""
     from click.testing import CliRunner
 
     from ptbundle.builder.cli import cli
 
     ckpt = write_llama_checkpoint(tmp_path / "ckpt")
-    result = CliRunner().invoke(cli, ["instruct", "--backbone", str(ckpt), "--virtual-tokens", "4",
-                                      "--mindir-capacity", "8", "--out", str(tmp_path / "out")])
-    assert result.exit_code != 0 and "MindIR capacity (--mindir-capacity) 8" in result.output
+    result = CliRunner().invoke(cli, ["instruct", "--backbone", str(ckpt), "--virtual-tokens", "4", *options,
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0 and message in result.output
     assert "epoch" not in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out" / "chat-soft").exists()
