@@ -1,7 +1,7 @@
 # Two commands set up a fresh machine and run everything:
 #   make bundle   train + export the MR soft-prompt bundle and the two hard-prompt bundles (with int8 graphs),
 #                 print the table comparing them, then predict with the soft one
-#   make test     run the test suite
+#   make test     check the import layering (lint-imports), then run the test suite
 #   make bench    benchmarks of the bundle in exports/mr-soft against the GEMM limit and PyTorch + PEFT (sized for 15 min;
 #                 creates bench/.peer-venv on first use); BENCH_ARGS=--quick for a smoke run
 # Both create .venv on first use (MindSpore is a 2.4 GB wheel: the first run takes a few minutes).
@@ -27,6 +27,7 @@ bundle: $(STAMP)
 		| $(BIN)/pt-run predict -
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -17,3 +17,9 @@ class RecipeError(BuildError):
 
 class ExportError(BuildError):
     """A graph that could not be written or does not match the trained model."""
+
+
+class OptionConflict(RecipeError):
+    """Options that do not go together (exit status 2, as click's own usage errors)."""
+
+    exit_code = 2

@@ -13,18 +13,24 @@ from dataclasses import dataclass, field
 import click
 
 from .errors import RecipeError
+from .models.pooling import POOLING
+from .models.prompts import PROMPTS, PromptSpec
 
 INITS = ("vocab", "text", "random")
-# The names of the registries that import MindSpore (builder.model.POOLING,
-# builder.hard.HEADS), here so that pt-build checks its options before that
-# 3-second import; tests/test_registries.py keeps the two equal.
-POOLINGS = ("mean", "cls")
-PROMPT_METHODS = ("prompt-tuning", "prefix-tuning", "late-prompt")  # builder.prompts.PROMPTS, less "none"
-HARD_HEADS = ("zero-shot", "probe")
+
+
+def prompt_methods() -> tuple:
+    """--method's choices: the registered prompt methods (builder.models.prompts), less "none"."""
+    return tuple(name for name in PROMPTS if name != "none")
+
+
+def poolings() -> tuple:
+    return tuple(POOLING)
 
 
 def knob(default, help: str, *, low=None, high=None, choices=None):
-    """A recipe field with what its pt-build option shows and accepts."""
+    """A recipe field with what its pt-build option shows and accepts (`choices`: a tuple, or a function giving
+    one: a registry's names, read when asked, so a kind registered later is a choice too)."""
     return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices})
 
 
@@ -37,13 +43,13 @@ def field_type(f) -> type:
 class Recipe:
     """Everything that decides the result; recorded in the manifest.
 
-    Chosen on MR dev over several seeds (README, "The default recipe").
+    Chosen on MR dev over several seeds (docs/prompts.md, "The default recipe").
     """
 
-    # prefix-tuning: MR dev 83.9 against prompt-tuning's 79.6 (README, "The default recipe").
+    # prefix-tuning: MR dev 83.9 against prompt-tuning's 79.6 (docs/prompts.md, "The default recipe").
     method: str = knob("prefix-tuning", "Soft prompt method: virtual tokens before the text (prompt-tuning), learned"
                        " keys and values at every layer from --layer on (prefix-tuning, P-tuning v2), or virtual"
-                       " tokens entering at --layer (late-prompt).", choices=PROMPT_METHODS)
+                       " tokens entering at --layer (late-prompt).", choices=prompt_methods)
     virtual_tokens: int = knob(20, "Virtual tokens of the soft prompt (0: none, the head alone).", low=0, high=256)
     layer: int = knob(0, "prefix-tuning: the first layer with a prefix; late-prompt: the layer the prompt enters"
                       " (the layers below run once per training text).", low=0, high=1000)
@@ -54,7 +60,7 @@ class Recipe:
                      choices=INITS)
     init_text: str | None = knob(None, "Text whose token embeddings start the prompt (implies --init text).")
     pooling: str = knob("mean", "How the head reads the encoder: mean of the text tokens, or the first position"
-                        " through the pooler.", choices=POOLINGS)
+                        " through the pooler.", choices=poolings)
     dropout: float = knob(0.0, "Dropout while training, at BERT's places in the frozen encoder and before the head"
                           " (an encoder's; none at inference).", low=0.0, high=0.9)
     label_smoothing: float = knob(0.0, "Label smoothing of the training loss: the gold label's target is 1 - x,"
@@ -84,8 +90,9 @@ class Recipe:
                 object.__setattr__(self, f.name, value)
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise RecipeError(f"{flag}: expected {kind.__name__}, got {value!r}")
-            if meta["choices"] and value not in meta["choices"]:
-                raise RecipeError(f"{flag} {value!r}: choose one of {', '.join(meta['choices'])}")
+            choices = choices_of(f)
+            if choices and value not in choices:
+                raise RecipeError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
             if meta["low"] is not None and value < meta["low"] or meta["high"] is not None and value > meta["high"]:
                 raise RecipeError(f"{flag} {value!r}: must be between {meta['low']} and {meta['high']}"
                                   if meta["high"] is not None else f"{flag} {value!r}: must be at least {meta['low']}")
@@ -111,11 +118,24 @@ class Recipe:
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
-    def prompt_spec(self):
-        """The builder.prompts.PromptSpec this recipe trains."""
-        from .prompts import PromptSpec
-
+    def prompt_spec(self) -> PromptSpec:
+        """The builder.models.prompts.PromptSpec this recipe trains."""
         return PromptSpec.of(self.method, self.virtual_tokens, self.layer, self.prefix_projection)
+
+
+def check_positions(max_length: int, spec: PromptSpec, backbone, error: type) -> None:
+    """--max-length text tokens and the prompt's positions (builder.models.prompts: prompt tuning's tokens take
+    some, a prefix shifts the text's) must have position embeddings in the backbone."""
+    cfg = backbone.config
+    room, needed = cfg.max_positions - cfg.position_offset, max_length + spec.positions()
+    if needed > room:
+        raise error(f"--max-length {max_length}" + (f" + {spec.virtual_tokens} virtual tokens" if needed > max_length
+                    else "") + f" = {needed} positions; {backbone.name} has {room}")
+
+
+def choices_of(f) -> tuple:
+    choices = f.metadata["choices"]
+    return tuple(choices()) if callable(choices) else tuple(choices or ())
 
 
 def option_flag(name: str) -> str:
@@ -128,8 +148,8 @@ def recipe_options(command):
     for f in reversed(dataclasses.fields(Recipe)):
         meta = f.metadata
         ranges = {int: click.IntRange, float: click.FloatRange}
-        if meta["choices"]:
-            kind = click.Choice(meta["choices"])
+        if choices_of(f):
+            kind = click.Choice(choices_of(f))
         elif field_type(f) in ranges:
             kind = ranges[field_type(f)](meta["low"], meta["high"])
         else:

@@ -7,26 +7,12 @@ import json
 import click
 
 from .backends import BACKENDS
-from .errors import PtbundleError
-from .format import DEVICES, MINDIR_CAPACITY, PEFT_DETAIL, PEFT_DIR
+from .errors import ErrorsAsMessages, PtbundleError
+from .format import DEVICES, MINDIR_CAPACITY, PEFT_DETAIL, PEFT_DIR, parse_bundle_spec
 from .inputs import CHUNK_LINES, FORMATS, LineReader, chunks
 from .serve import Limits
 
 DEFAULT_BUNDLE = "exports/mr-soft"
-
-
-class ErrorsAsMessages(click.Group):
-    """A click group whose commands report `PtbundleError`s as `Error: message` and exit 1.
-
-    In the group, not in `main()`: click's test runner invokes the group, so
-    the tests see exactly what a user sees.  pt-build uses it too.
-    """
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except PtbundleError as e:
-            raise click.ClickException(str(e)) from e
 
 
 @click.group(cls=ErrorsAsMessages)
@@ -169,17 +155,6 @@ def serve(bundle_specs, host, port, max_batch, group, max_wait_ms, max_texts, ma
     limits = Limits(max_batch=max_batch, group=group, max_wait=max_wait_ms / 1000, max_body=max_body_bytes, max_texts=max_texts,
                     max_chars=max_chars)
     run(endpoints_of(specs, bundles), host, port, limits, lambda m: click.echo(m, err=True))
-
-
-def parse_bundle_spec(spec: str) -> tuple:
-    """'NAME=PATH' or 'PATH' -> (name or None, path)."""
-    from pathlib import Path
-
-    if "=" in spec and not Path(spec).exists():
-        name, path = spec.split("=", 1)
-        if name.strip():
-            return name, path
-    return None, spec
 
 
 @cli.command("eval")

@@ -8,6 +8,7 @@ rooms use this module: the builder trains on it, `pt-run eval` scores on it.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 from dataclasses import dataclass, field
@@ -18,8 +19,10 @@ from .errors import DataError
 
 
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-MR_DIR = PROJECT_ROOT / "data" / "mr"
+# The shipped datasets are the package ptbundle.data (the repo's data/ folder, installed with the wheel too).
+DATA_DIR = Path(importlib.util.find_spec("ptbundle.data").origin).parent
+MR_DIR = DATA_DIR / "mr"
+INSTRUCTIONS_DIR = DATA_DIR / "instructions"
 MR_LABELS = ("negative", "positive")
 
 

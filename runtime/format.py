@@ -180,6 +180,15 @@ def bundle_files(directory: Path) -> list:
     return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
 
 
+def parse_bundle_spec(spec: str) -> tuple:
+    """'NAME=PATH' or 'PATH' (as pt-run serve and pt-build merge take bundles) -> (name or None, path)."""
+    if "=" in spec and not Path(spec).exists():
+        name, path = spec.split("=", 1)
+        if name.strip():
+            return name, path
+    return None, spec
+
+
 def is_bundle_path(name) -> bool:
     """A file name the manifest may list: relative, "/"-separated, inside the bundle (no "..", no empty parts)."""
     return (isinstance(name, str) and name != "" and not name.startswith("/") and "\\" not in name

@@ -161,7 +161,7 @@ class Batcher:
 
     def compute(self, rows) -> np.ndarray:
         """Logits of the rows, in their order.  The rows run in length order, `group` at a time: on CPU a
-        sentence alone costs about what it costs in a batch (README, "Merging, serving, streaming"), so a batch
+        sentence alone costs about what it costs in a batch (docs/measured.md, "Merging, serving, streaming"), so a batch
         of mixed lengths padded to its longest would be slower than the same rows in groups of similar length."""
         manifest = self.bundle.manifest
         tasks = np.array([t for _, t, _ in rows], np.int32) if manifest.multi_task else None

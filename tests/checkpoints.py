@@ -208,10 +208,15 @@ def llama_config(vocab_size: int, tie: bool = True) -> dict:
     }
 
 
+def head_dim(cfg: dict) -> int:
+    """head_dim from the config, else hidden_size // num_attention_heads (Qwen2's configs have no head_dim)."""
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
 def llama_weights(cfg: dict, seed: int) -> dict:
     rng = np.random.RandomState(seed)
     h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    d = cfg["head_dim"]
+    d = head_dim(cfg)
     q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
 
     def normal(*shape, scale=0.2):
@@ -234,13 +239,61 @@ def llama_weights(cfg: dict, seed: int) -> dict:
     return w
 
 
-def write_llama_checkpoint(directory, seed: int = 0, tie: bool = True) -> Path:
-    """config.json, model.safetensors (transformers' LlamaForCausalLM names) and tokenizer.json of a tiny Llama."""
+def write_decoder_checkpoint(directory, config_fn, weights_fn, seed: int = 0, tie: bool = True) -> Path:
+    """config.json (config_fn(vocab_size, tie)), model.safetensors (weights_fn(cfg, seed)) and the byte-level
+    tokenizer.json of llama_tokenizer(), for the decoder checkpoints below."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tok = llama_tokenizer()
-    cfg = llama_config(tok.get_vocab_size(), tie)
+    cfg = config_fn(tok.get_vocab_size(), tie)
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
-    save_file(llama_weights(cfg, seed), str(directory / "model.safetensors"))
+    save_file(weights_fn(cfg, seed), str(directory / "model.safetensors"))
     tok.save(str(directory / "tokenizer.json"))
     return directory
+
+
+def write_llama_checkpoint(directory, seed: int = 0, tie: bool = True) -> Path:
+    """config.json, model.safetensors (transformers' LlamaForCausalLM names) and tokenizer.json of a tiny Llama."""
+    return write_decoder_checkpoint(directory, llama_config, llama_weights, seed, tie)
+
+
+# --- a tiny Qwen2 (Qwen2.5 family) in the Hugging Face layout --------------------------------------------------
+# Llama plus biases on q_proj, k_proj and v_proj (none on o_proj or the MLP), and Qwen2.5's config conventions:
+# no head_dim key (hidden_size // num_attention_heads), rope_theta 1e6, rms_norm_eps 1e-6, use_sliding_window
+# false.  Same sizes and byte-level tokenizer as the Llama; fixtures/make_qwen2_reference.py computed its
+# reference logits with transformers' Qwen2ForCausalLM.
+
+
+def qwen2_config(vocab_size: int, tie: bool = True) -> dict:
+    cfg = llama_config(vocab_size, tie)
+    for key in ("head_dim", "attention_bias", "mlp_bias"):  # not Qwen2 config keys: its biases are fixed
+        del cfg[key]
+    cfg.update({
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "use_sliding_window": False,
+        "sliding_window": cfg["max_position_embeddings"],  # present in Qwen2.5's configs, unused while off
+        "max_window_layers": LAYERS,
+        "attention_dropout": 0.0,
+    })
+    return cfg
+
+
+def qwen2_weights(cfg: dict, seed: int) -> dict:
+    """llama_weights(cfg, seed) (so every weight matrix equals the Llama checkpoint's of the same seed) plus
+    NON-ZERO q/k/v biases, normal * 0.5 from RandomState(seed + 1), layer by layer in q, k, v order."""
+    w = llama_weights(cfg, seed)
+    rng = np.random.RandomState(seed + 1)
+    d = head_dim(cfg)
+    widths = {"q": cfg["num_attention_heads"] * d, "k": cfg["num_key_value_heads"] * d, "v": cfg["num_key_value_heads"] * d}
+    for n in range(cfg["num_hidden_layers"]):
+        for proj, width in widths.items():
+            w[f"model.layers.{n}.self_attn.{proj}_proj.bias"] = (rng.standard_normal(width) * 0.5).astype(np.float32)
+    return w
+
+
+def write_qwen2_checkpoint(directory, seed: int = 0, tie: bool = True) -> Path:
+    """config.json, model.safetensors (transformers' Qwen2ForCausalLM names) and tokenizer.json of a tiny Qwen2."""
+    return write_decoder_checkpoint(directory, qwen2_config, qwen2_weights, seed, tie)

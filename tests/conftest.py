@@ -10,7 +10,7 @@ from checkpoints import write_checkpoint  # noqa: E402
 
 @pytest.fixture(scope="session", autouse=True)
 def cpu_graph_mode():
-    from ptbundle.builder.model import use_device
+    from ptbundle.builder.models.device import use_device
 
     use_device("CPU")
 

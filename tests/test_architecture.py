@@ -16,75 +16,20 @@ from click.testing import CliRunner
 from mindspore import Tensor
 from safetensors.numpy import load_file, save_file
 
-from checkpoints import HEADS, HIDDEN, INTERMEDIATE, LAYERS, MAX_POSITIONS, bert_tokenizer, write_checkpoint
-from ptbundle.builder import architectures
-from ptbundle.builder.architectures import HF_CONFIG, Architecture, parameter_shapes
-from ptbundle.builder.backbone import load_backbone
+from checkpoints import HEADS, HIDDEN, LAYERS, write_checkpoint
+from extensions import DISTILBERT, LAYER, write_distilbert
+from ptbundle.builder.backbones import architectures
+from ptbundle.builder.backbones.architectures import Architecture
+from ptbundle.builder.backbones.backbone import load_backbone
 from ptbundle.builder.errors import BackboneError
-from ptbundle.builder.model import Encoder
-
-LAYER = "transformer.layer.{i}."
-DISTILBERT = Architecture(
-    model_type="distilbert",
-    prefix="distilbert.",
-    config={**HF_CONFIG, "hidden_size": "dim", "num_layers": "n_layers", "num_heads": "n_heads",
-            "intermediate_size": "hidden_dim", "hidden_act": "activation", "layer_norm_eps": None},
-    token_types=False,
-    special_tokens={"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]"},
-    weights={
-        "embeddings.word": "embeddings.word_embeddings.weight",
-        "embeddings.position": "embeddings.position_embeddings.weight",
-        "embeddings.norm.gamma": "embeddings.LayerNorm.weight",
-        "embeddings.norm.beta": "embeddings.LayerNorm.bias",
-        "layers.{i}.attention.qkv.weight": tuple(LAYER + f"attention.{p}_lin.weight" for p in "qkv"),
-        "layers.{i}.attention.qkv.bias": tuple(LAYER + f"attention.{p}_lin.bias" for p in "qkv"),
-        "layers.{i}.attention.out.weight": LAYER + "attention.out_lin.weight",
-        "layers.{i}.attention.out.bias": LAYER + "attention.out_lin.bias",
-        "layers.{i}.attention.norm.gamma": LAYER + "sa_layer_norm.weight",
-        "layers.{i}.attention.norm.beta": LAYER + "sa_layer_norm.bias",
-        "layers.{i}.ffn.up.weight": LAYER + "ffn.lin1.weight",
-        "layers.{i}.ffn.up.bias": LAYER + "ffn.lin1.bias",
-        "layers.{i}.ffn.down.weight": LAYER + "ffn.lin2.weight",
-        "layers.{i}.ffn.down.bias": LAYER + "ffn.lin2.bias",
-        "layers.{i}.ffn.norm.gamma": LAYER + "output_layer_norm.weight",
-        "layers.{i}.ffn.norm.beta": LAYER + "output_layer_norm.bias",
-    },
-)
-
+from ptbundle.builder.models.encoder import Encoder
+from ptbundle.builder.families.encoder import ENCODER
 
 @pytest.fixture(scope="module", autouse=True)
 def distilbert_registered():
     architectures.register(DISTILBERT)
     yield
     architectures.ARCHITECTURES.pop("distilbert", None)
-
-
-def write_distilbert(directory, seed=0):
-    """config.json, model.safetensors and tokenizer.json as transformers saves a DistilBertModel."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tok = bert_tokenizer()
-    cfg = {"architectures": ["DistilBertModel"], "model_type": "distilbert", "vocab_size": tok.get_vocab_size(),
-           "dim": HIDDEN, "n_layers": LAYERS, "n_heads": HEADS, "hidden_dim": INTERMEDIATE, "activation": "gelu",
-           "max_position_embeddings": MAX_POSITIONS, "pad_token_id": 0, "sinusoidal_pos_embds": False,
-           "dropout": 0.1, "attention_dropout": 0.1}
-    rng = np.random.RandomState(seed)
-    normal = lambda *shape: (rng.standard_normal(shape) * 0.2).astype(np.float32)  # noqa: E731
-    h, f = HIDDEN, INTERMEDIATE
-    w = {"embeddings.word_embeddings.weight": normal(cfg["vocab_size"], h),
-         "embeddings.position_embeddings.weight": normal(MAX_POSITIONS, h),
-         "embeddings.LayerNorm.weight": 1 + normal(h), "embeddings.LayerNorm.bias": normal(h)}
-    for n in range(LAYERS):
-        l = LAYER.format(i=n)
-        for proj in ("q_lin", "k_lin", "v_lin", "out_lin"):
-            w[l + f"attention.{proj}.weight"], w[l + f"attention.{proj}.bias"] = normal(h, h), normal(h)
-        w[l + "ffn.lin1.weight"], w[l + "ffn.lin1.bias"] = normal(f, h), normal(f)
-        w[l + "ffn.lin2.weight"], w[l + "ffn.lin2.bias"] = normal(h, f), normal(h)
-        for norm in ("sa_layer_norm", "output_layer_norm"):
-            w[l + norm + ".weight"], w[l + norm + ".bias"] = 1 + normal(h), normal(h)
-    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
-    save_file({"distilbert." + k: v for k, v in w.items()}, str(directory / "model.safetensors"))
-    tok.save(str(directory / "tokenizer.json"))
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +77,7 @@ def test_the_encoder_matches_a_numpy_distilbert(tiny_distilbert):
     mask = np.ones_like(ids)
     mask[1, 7:], mask[2, 4:] = 0, 0
     types = rng.randint(0, 2, ids.shape).astype(np.int32)  # ignored: the architecture has none
-    hidden = backbone.build_encoder()(Tensor(backbone.word_embeddings[ids]), Tensor(mask), Tensor(types)).asnumpy()
+    hidden = ENCODER.model(backbone)(Tensor(backbone.word_embeddings[ids]), Tensor(mask), Tensor(types)).asnumpy()
     expected = numpy_distilbert(load_file(str(tiny_distilbert / "model.safetensors")), ids, mask)
     assert np.abs(expected).max() > 0.1
     keep = mask.astype(bool)  # padded rows attend like any other in both; compare the text rows
@@ -143,7 +88,7 @@ def test_the_encoder_matches_a_numpy_distilbert(tiny_distilbert):
 def test_the_weight_map_names_exactly_the_encoders_parameters(kind, tiny_bert, tiny_roberta, tiny_distilbert):
     backbone = load_backbone({"bert": tiny_bert, "roberta": tiny_roberta, "distilbert": tiny_distilbert}[kind])
     ours = {name: tuple(p.shape) for name, p in Encoder(backbone.config).parameters_and_names()}
-    assert ours == parameter_shapes(backbone.config) == {n: w.shape for n, w in backbone.weight_map.items()}
+    assert ours == backbone.config.parameter_shapes() == {n: w.shape for n, w in backbone.weight_map.items()}
 
 
 def test_a_distilbert_bundle_builds_and_serves(tiny_distilbert, toy_files, tmp_path):

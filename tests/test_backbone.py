@@ -9,9 +9,10 @@ from mindspore import Tensor
 from safetensors.numpy import load_file, save_file
 
 from checkpoints import write_checkpoint
-from ptbundle.builder.backbone import load_backbone
+from ptbundle.builder.backbones.backbone import load_backbone
 from ptbundle.builder.errors import BackboneError
-from ptbundle.builder.model import PromptClassifier
+from ptbundle.builder.models.classifier import PromptClassifier
+from ptbundle.builder.families.encoder import ENCODER
 
 FIXTURE = np.load(Path(__file__).parent / "fixtures" / "reference_logits.npz")
 TOLERANCE = 1e-5
@@ -38,7 +39,7 @@ def test_logits_match_huggingface_peft(case, tiny_bert, tiny_roberta):
     family, pooling, fixture_pooler = CASES[case]
     backbone = load_backbone({"bert": tiny_bert, "roberta": tiny_roberta, "minilm": None}[family])
     prompt = reference(case, "prompt_embeddings")
-    net = PromptClassifier(backbone.build_encoder(), prompt.shape[0], reference(case, "logits").shape[1], pooling)
+    net = PromptClassifier(ENCODER.model(backbone), prompt.shape[0], reference(case, "logits").shape[1], pooling)
     head = {"classifier.weight": reference(case, "classifier.weight"), "classifier.bias": reference(case, "classifier.bias")}
     if prompt.shape[0]:
         head["prompt_embeddings"] = prompt

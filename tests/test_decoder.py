@@ -17,12 +17,14 @@ import pytest
 from mindspore import Tensor
 
 from checkpoints import write_llama_checkpoint
-from ptbundle.builder.backbone import load_backbone
-from ptbundle.builder.decoder import DecoderClassifier, token_activations
+from ptbundle.builder.backbones.backbone import load_backbone
+from ptbundle.builder.models.decoder import DecoderClassifier
+from ptbundle.builder.families import family_of
 from ptbundle.builder.errors import BackboneError, RecipeError
-from ptbundle.builder.onnx_export import export_onnx
-from ptbundle.builder.prompts import PromptSpec
+from ptbundle.builder.graphs.targets import export_onnx
+from ptbundle.builder.models.prompts import PromptSpec
 from ptbundle.runtime.onnx_backend import OnnxModel
+from ptbundle.builder.families.decoder import DECODER
 
 REFERENCE = Path(__file__).parent / "fixtures" / "llama_reference.npz"
 P = 5  # the reference's virtual tokens
@@ -48,7 +50,7 @@ def tiny_untied(tmp_path_factory):
 
 def vocab_classifier(backbone, spec=PromptSpec(), prompt=None) -> DecoderClassifier:
     """A classifier whose "label words" are the whole vocabulary: its logits are the LM's next-token logits."""
-    net = DecoderClassifier(backbone.build_decoder(), backbone.config.vocab_size, spec)
+    net = DecoderClassifier(DECODER.model(backbone), backbone.config.vocab_size, spec)
     table = backbone.word_embeddings if backbone.config.tie_embeddings else backbone.weights["lm_head.weight"]
     net.load_head_state({"classifier.weight": table, "classifier.bias": np.zeros(backbone.config.vocab_size),
                          **({"prompt_embeddings": prompt} if prompt is not None else {})})
@@ -66,7 +68,7 @@ def last_rows(logits, mask, offset=0):
 
 def test_decoder_matches_transformers_at_every_position(tiny_llama, ref):
     ids, mask = ref["plain/input_ids"], ref["plain/attention_mask"]
-    decoder = tiny_llama.build_decoder()
+    decoder = DECODER.model(tiny_llama)
     logits = decoder.logits(decoder(decoder.embed(Tensor(ids)), Tensor(mask))).asnumpy()
     valid = mask.astype(bool)
     assert np.abs(logits[valid] - ref["plain/logits"][valid]).max() < 1e-4
@@ -118,7 +120,8 @@ def test_layer_cache_of_a_decoder_gives_the_whole_pass(tiny_llama):
     """Training a prefix from layer 1 reads layer 0's states from LayerCache, which a decoder computes in
     onnxruntime (ScratchOnnx) with each batch padded to its longest row only: equal to the whole MindSpore pass
     for texts of many lengths, in batches that mix them."""
-    from ptbundle.builder.train import LayerCache, ScratchOnnx, Upper
+    from ptbundle.builder.training.forward import LayerCache, Upper
+    from ptbundle.builder.graphs.runners import ScratchOnnx
     from ptbundle.runtime.text import encode, load_tokenizer
 
     table = np.random.RandomState(1).standard_normal((P, 2 * tiny_llama.config.kv_width)).astype(np.float32)
@@ -178,7 +181,7 @@ def test_prefix_started_from_tokens_is_their_cache(tiny_llama, ref):
     """builder.train's `vocab`/`text` init of a decoder's prefix: the tokens' keys and values at each layer,
     so the prefix starts out as the hard prompt those tokens make."""
     ids = [72, 105, 33, 44, 50]
-    _, keys_values = token_activations(tiny_llama, ids)
+    _, keys_values = family_of(tiny_llama).token_activations(tiny_llama, ids)
     table = np.concatenate(keys_values, 1)
     assert table.shape == (5, 2 * 2 * tiny_llama.config.kv_width)
     prefix = vocab_classifier(tiny_llama, PromptSpec.of("prefix-tuning", 5), table)
@@ -190,11 +193,11 @@ def test_prefix_started_from_tokens_is_their_cache(tiny_llama, ref):
 
 def test_decoder_rejects_late_prompts(tiny_llama):
     with pytest.raises(RecipeError, match="a decoder takes prompt-tuning, prefix-tuning"):
-        DecoderClassifier(tiny_llama.build_decoder(), 2, PromptSpec.of("late-prompt", 4, layer=1))
+        DecoderClassifier(DECODER.model(tiny_llama), 2, PromptSpec.of("late-prompt", 4, layer=1))
 
 
 def test_decoder_refuses_dropout(tiny_llama):
-    from ptbundle.builder.build import check_fits
+    from ptbundle.builder.pipelines.export import check_fits
     from ptbundle.builder.recipe import Recipe
 
     check_fits(Recipe(), tiny_llama, soft=True)
@@ -291,8 +294,8 @@ def test_decoder_bundles_are_built_and_served(decoder_build):
 def test_zero_shot_head_is_the_label_words_rows_calibrated(tmp_path):
     """The zero-shot head's rows are the LM head's rows of the label words' first tokens; its bias makes the
     mean log-probability of every label equal on the unlabelled texts."""
-    from ptbundle.builder.decoder import label_rows
-    from ptbundle.builder.hard import lm_zero_shot_head
+    from ptbundle.builder.families.decoder import label_rows
+    from ptbundle.builder.training.hard import lm_zero_shot_head
     from ptbundle.runtime.text import load_tokenizer
 
     backbone = load_backbone(write_llama_checkpoint(tmp_path / "ckpt"))
@@ -309,7 +312,7 @@ def test_zero_shot_head_is_the_label_words_rows_calibrated(tmp_path):
 
 
 def test_label_word_without_tokens_is_one_line(tmp_path):
-    from ptbundle.builder.decoder import label_rows
+    from ptbundle.builder.families.decoder import label_rows
     from ptbundle.runtime.text import load_tokenizer
 
     backbone = load_backbone(write_llama_checkpoint(tmp_path / "ckpt"))
@@ -340,7 +343,7 @@ def test_pt_build_instruct_writes_a_generation_bundle(tmp_path):
     assert (none.only.prompt_method, none.only.num_virtual_tokens) == ("none", 0)
     assert soft.export["onnx"] < 1e-4  # the graph against the trained model
     assert soft.only.metrics["dev"]["loss"] <= soft.only.metrics["before"]["initial_prompt"]["loss"] + 1e-6
-    from ptbundle.builder.instruct import instruction_tokenizer, prompt_ids
+    from ptbundle.builder.training.chat import instruction_tokenizer, prompt_ids
 
     text = "Give the opposite of the word.\nhot"
     out = Bundle.load(tmp_path / "out" / "chat-soft").generate(text, max_new_tokens=5)

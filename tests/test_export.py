@@ -8,17 +8,18 @@ import pytest
 from mindspore import Tensor
 from safetensors.numpy import load_file
 
-from ptbundle.builder import export as export_module
-from ptbundle.builder.backbone import load_backbone
-from ptbundle.builder.export import write_bundle
-from ptbundle.builder.model import PromptClassifier
-from ptbundle.builder.prompts import PromptSpec
+from ptbundle.builder.errors import ExportError
+from ptbundle.builder.backbones.backbone import load_backbone
+from ptbundle.builder.bundles.classifier import write_bundle
+from ptbundle.builder.models.classifier import PromptClassifier
+from ptbundle.builder.models.prompts import PromptSpec
 from ptbundle.runtime import Bundle, BundleError
 from ptbundle.runtime.format import Manifest, sha256_file
 from ptbundle.runtime.data import read_examples
 from ptbundle.runtime.evaluate import score
 from ptbundle.runtime.mindspore_backend import MindSporeModel
 from ptbundle.runtime.text import encode, load_tokenizer, pad
+from ptbundle.builder.families.encoder import ENCODER
 from checkpoints import random_head
 
 BUNDLE_FILES = {"manifest.json", "model.mindir", "model.onnx", "model.int8.onnx", "tokenizer.json",
@@ -26,7 +27,7 @@ BUNDLE_FILES = {"manifest.json", "model.mindir", "model.onnx", "model.int8.onnx"
 
 
 def trained_like_net(backbone, pooling="mean", virtual_tokens=4):
-    net = PromptClassifier(backbone.build_encoder(), virtual_tokens, 3, pooling)
+    net = PromptClassifier(ENCODER.model(backbone), virtual_tokens, 3, pooling)
     head = random_head(32, virtual_tokens, 3, seed=2)
     if pooling == "mean":
         head.pop("pooler.weight"), head.pop("pooler.bias")
@@ -35,12 +36,12 @@ def trained_like_net(backbone, pooling="mean", virtual_tokens=4):
 
 
 def minimal_manifest(backbone):
-    from ptbundle.builder.build import base_manifest
+    from ptbundle.builder.bundles.manifest import base_manifest
     from ptbundle.builder.recipe import Recipe
     from ptbundle.runtime.data import Dataset, Example
 
     dataset = Dataset("abc", ("a", "b", "c"), [Example("x", "a")], [], [])
-    return base_manifest(dataset, backbone, Recipe(max_length=64), "CPU", kind="soft", head="linear",
+    return base_manifest(dataset, backbone, Recipe(max_length=64), "CPU", "mean", kind="soft", head="linear",
                          prompt_method="prompt-tuning", num_virtual_tokens=4)
 
 
@@ -96,7 +97,7 @@ def test_runtime_predictions_equal_the_training_graph(tiny_bundle, toy_files, ti
     texts = [line.split("\t")[0] for line in toy_files[1].read_text().splitlines()[1:]]
     logits = bundle.logits(texts, batch_size=5)
     backbone = load_backbone(tiny_bert)
-    net = PromptClassifier(backbone.build_encoder(), 4, 2, "mean", spec=PromptSpec.of("prefix-tuning", 4))  # the default
+    net = PromptClassifier(ENCODER.model(backbone), 4, 2, "mean", spec=PromptSpec.of("prefix-tuning", 4))  # the default
     net.load_head_state(load_file(str(tiny_bundle / "prompt.safetensors")))
     tokenizer = load_tokenizer(tiny_bundle / "tokenizer.json", 128)
     for i, text in enumerate(texts):  # one at a time: no batching, no sorting
@@ -162,11 +163,11 @@ def test_interrupted_build_leaves_no_bundle_and_keeps_the_old_one(tmp_path, tiny
     write_bundle(destination, net, backbone, minimal_manifest(backbone), curve=[])
     before = {p.name: sha256_file(p) for p in destination.iterdir()}
 
-    def interrupted(directory, manifest):  # Ctrl-C while the last file is written
+    def interrupted(manifest, directory):  # Ctrl-C while the last file is written (the one writer's seal)
         (directory / "manifest.json").write_text("{")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export_module, "write_manifest", interrupted)
+    monkeypatch.setattr(Manifest, "write", interrupted)
     net.load_head_state({"classifier.bias": np.ones(3, np.float32)})
     with pytest.raises(KeyboardInterrupt):
         write_bundle(destination, net, backbone, minimal_manifest(backbone), curve=[])
@@ -184,6 +185,6 @@ def test_export_refuses_a_graph_that_does_not_match(tmp_path, tiny_bert, monkeyp
     net = trained_like_net(backbone)
     real_call = MindSporeModel.__call__
     monkeypatch.setattr(MindSporeModel, "__call__", lambda self, *a: real_call(self, *a) + 1e-3)
-    with pytest.raises(export_module.ExportError, match="differs from the trained model"):
+    with pytest.raises(ExportError, match="differs from the trained model"):
         write_bundle(tmp_path / "b", net, backbone, minimal_manifest(backbone), curve=[])
     assert not (tmp_path / "b").exists() and os.listdir(tmp_path) == []

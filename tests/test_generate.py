@@ -74,10 +74,11 @@ def llama(tmp_path_factory):
     """(checkpoint dir, DecoderConfig, weights, reference npz or None, prompt cache of P positions)."""
     from safetensors.numpy import load_file
 
-    from ptbundle.builder.decoder import decoder_config
+    from ptbundle.builder.backbones.architectures.llama import LLAMA
+    from ptbundle.builder.backbones.configs import decoder_config
 
     d = write_llama_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
-    cfg = decoder_config(json.loads((d / "config.json").read_text()), d / "config.json")
+    cfg = decoder_config(LLAMA, json.loads((d / "config.json").read_text()), d / "config.json")
     weights = load_file(str(d / "model.safetensors"))
     ref = dict(np.load(FIXTURE)) if FIXTURE.is_file() else None
     if ref is not None:
@@ -97,7 +98,7 @@ def backbone_info(cfg):
 
 
 def write(llama, path, with_prompt: bool, template=None, quantize=False, cfg=None):
-    from ptbundle.builder.generation import write_generation_bundle
+    from ptbundle.builder.bundles.generation import write_generation_bundle
 
     d, base_cfg, weights, _, cache = llama
     cfg = cfg or base_cfg
@@ -348,7 +349,7 @@ def test_blockwise_weights_run_in_onnxruntime_as_their_dequantized_matmul(tmp_pa
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from ptbundle.builder.quantize import blockwise_weights
+    from ptbundle.builder.graphs.quantize import blockwise_weights
 
     rng = np.random.RandomState(0)
     k, n = 100, 48  # K not a whole number of blocks: zero-padded
@@ -430,7 +431,7 @@ def test_a_failed_build_leaves_no_bundle(llama, tmp_path):
 
     _, cfg, weights, _, cache = llama
     bad = {**cache, "key.0": cache["key.0"][:, :2]}  # layers differ in prompt length
-    from ptbundle.builder.generation import write_generation_bundle
+    from ptbundle.builder.bundles.generation import write_generation_bundle
 
     with pytest.raises(ExportError, match="prompt length"):
         write_generation_bundle(tmp_path / "b", weights, cfg, llama[0] / "tokenizer.json", bad, name="x",

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from checkpoints import LLAMA_SPECIALS, WORDS, write_llama_checkpoint
 
 gguf = pytest.importorskip("gguf")
-from ptbundle.builder import gguf as G  # noqa: E402
+from ptbundle.builder.backbones import gguf as G  # noqa: E402
 from ptbundle.builder.errors import BackboneError  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -154,9 +154,10 @@ def test_f32_roundtrip_is_exact(tmp_path, fixture, request):
             "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
             "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act")
     assert {k: cfg[k] for k in keys} == {k: orig[k] for k in keys}
-    from ptbundle.builder.decoder import decoder_config
+    from ptbundle.builder.backbones.architectures.llama import LLAMA
+    from ptbundle.builder.backbones.configs import decoder_config
 
-    assert decoder_config(cfg, out / "config.json") == decoder_config(orig, ckpt / "config.json")
+    assert decoder_config(LLAMA, cfg, out / "config.json") == decoder_config(LLAMA, orig, ckpt / "config.json")
     extra = json.loads((out / "tokenizer_config.json").read_text())
     assert (extra["bos_token"], extra["eos_token"], extra["pad_token"]) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
     assert extra["chat_template"].startswith("{% for m in messages %}")

@@ -7,16 +7,17 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TOY_LABEL_TEXTS, TOY_TEMPLATE, write_tsv
-from ptbundle.builder.backbone import load_backbone
-from ptbundle.builder.hard import CALIBRATION_TEXTS, ZERO_SHOT_SCALE, Verbalizer
-from ptbundle.builder.model import Features, PromptClassifier
-from ptbundle.builder.train import cell_logits
+from ptbundle.builder.backbones.backbone import load_backbone
+from ptbundle.builder.training.hard import CALIBRATION_TEXTS, ZERO_SHOT_SCALE, Verbalizer
+from ptbundle.builder.models.classifier import Features, PromptClassifier
+from ptbundle.builder.training.forward import cell_logits
 from ptbundle.runtime import Bundle
 from ptbundle.runtime.format import Manifest
 from ptbundle.runtime.cli import cli as run_cli
 from ptbundle.runtime.data import read_examples
 from ptbundle.runtime.template import Template
 from ptbundle.runtime.text import encode, load_tokenizer
+from ptbundle.builder.families.encoder import ENCODER
 from safetensors.numpy import load_file
 
 TEXTS = ["a great movie", "the worst film ever", "boring acting and a weak story", "the best script", "it was fine"]
@@ -24,7 +25,7 @@ TEXTS = ["a great movie", "the worst film ever", "boring acting and a weak story
 
 def mean_features(backbone, texts, template=None):
     """Mean-pooled encoder states, computed apart from any head."""
-    net = PromptClassifier(backbone.build_encoder(), 0, 2, "mean")
+    net = PromptClassifier(ENCODER.model(backbone), 0, 2, "mean")
     tokenizer = load_tokenizer(backbone.tokenizer_path, 128)
     return cell_logits(Features(net), encode(tokenizer, texts, template=template), backbone.config.pad_token_id, 32)
 

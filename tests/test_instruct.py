@@ -9,13 +9,12 @@ import pytest
 from mindspore import Tensor, ops
 
 from checkpoints import write_llama_checkpoint
-from ptbundle.builder.backbone import load_backbone
-from ptbundle.builder.decoder import DecoderClassifier
+from ptbundle.builder.backbones.backbone import load_backbone
+from ptbundle.builder.models.decoder import DecoderClassifier
 from ptbundle.builder.errors import DataError, RecipeError
-from ptbundle.builder.instruct import (CHAT_FORMAT, IGNORE, Example, TargetLogits, batch_arrays, build_model,
-                                       encode_example, greedy, greedy_ids, instruction_tokenizer, prompt_ids, read_instructions,
-                                       reference, train_prompt)
-from ptbundle.builder.prompts import PromptSpec
+from ptbundle.builder.training.chat import (CHAT_FORMAT, IGNORE, Example, batch_arrays, encode_example, instruction_tokenizer, prompt_ids, read_instructions)
+from ptbundle.builder.training.instruct import TargetLogits, build_model, greedy, greedy_ids, reference, train_prompt
+from ptbundle.builder.models.prompts import PromptSpec
 from ptbundle.builder.recipe import Recipe
 from ptbundle.runtime.generate import Generator
 from ptbundle.runtime.template import Template
@@ -195,7 +194,7 @@ def test_training_lowers_the_loss(trained):
 def test_initial_prompt_is_the_init_texts_hard_prompt(tiny, tokenizer):
     """Before training, a prompt started from text is that text: a shallow prompt its embeddings at positions
     0..P-1, a prefix its KV cache; either gives the logits of the text in front of the chat."""
-    from ptbundle.builder.train import initial_prompt
+    from ptbundle.builder.training.init import initial_prompt
 
     text = "<|im_start|>sys"
     n = len(tokenizer.encode(text, add_special_tokens=False).ids)

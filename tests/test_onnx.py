@@ -13,11 +13,12 @@ from mindspore import Tensor
 import onnx
 from onnx import TensorProto
 
-from ptbundle.builder.backbone import load_backbone
-from ptbundle.builder.model import PromptClassifier
-from ptbundle.builder.onnx_export import export_onnx
-from ptbundle.builder.prompts import PromptSpec
+from ptbundle.builder.backbones.backbone import load_backbone
+from ptbundle.builder.models.classifier import PromptClassifier
+from ptbundle.builder.graphs.targets import export_onnx
+from ptbundle.builder.models.prompts import PromptSpec
 from ptbundle.runtime.onnx_backend import OnnxModel
+from ptbundle.builder.families.encoder import ENCODER
 from checkpoints import random_head
 
 # From the shortest real input ([CLS] x [SEP]) and a single row to a long padded batch.
@@ -32,7 +33,7 @@ NUM_LABELS = 2
 
 def make_net(backbone, pooling, virtual_tokens, method="prompt-tuning", layer=0):
     spec = PromptSpec.of(method, virtual_tokens, layer)
-    net = PromptClassifier(backbone.build_encoder(), virtual_tokens, NUM_LABELS, pooling, spec=spec)
+    net = PromptClassifier(ENCODER.model(backbone), virtual_tokens, NUM_LABELS, pooling, spec=spec)
     head = random_head(backbone.config.hidden_size, max(virtual_tokens, 1), NUM_LABELS, seed=2)
     if virtual_tokens == 0:
         head.pop("prompt_embeddings")
@@ -129,7 +130,7 @@ def test_attention_layer_norm_and_gelu_are_single_kernels(exported):
 
 def quantized(exported):
     """The int8 graph of an exported net, calibrated on random ragged batches (as the exporter does on training texts)."""
-    from ptbundle.builder.quantize import quantize_int8
+    from ptbundle.builder.graphs.quantize import quantize_int8
 
     backbone, net, path, _ = exported
     int8 = path.with_name("model.int8.onnx")

@@ -45,8 +45,8 @@ def test_two_workers_train_what_one_process_trains_with_the_doubled_batch(tmp_pa
     a, b = load_file(str(tmp_path / "one" / "prompt.safetensors")), load_file(str(tmp_path / "two" / "prompt.safetensors"))
     assert set(a) == set(b) == {"prompt_embeddings", "classifier.weight", "classifier.bias"}
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
-    print(f"2 workers x 4 vs 1 process x 8: max abs difference {worst:.2e}")  # the README's figure
-    assert worst <= 1e-5, worst  # reduction order only (README, "Training on several devices")
+    print(f"2 workers x 4 vs 1 process x 8: max abs difference {worst:.2e}")  # docs/measured.md's figure
+    assert worst <= 1e-5, worst  # reduction order only (docs/training.md)
     m = json.loads((tmp_path / "two" / "manifest.json").read_text())["tasks"][0]
     assert m["metrics"]["workers"] == 2 and m["recipe"]["batch_size"] == 4
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("logs")) == ["one", "two"]  # rank 0 wrote

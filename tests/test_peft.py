@@ -23,6 +23,7 @@ from ptbundle.builder.cli import cli
 from ptbundle.runtime import Bundle
 from ptbundle.runtime.errors import BundleError
 from ptbundle.runtime.format import Manifest, Task, verify_files
+from ptbundle.builder.families.encoder import ENCODER
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ADAPTERS = FIXTURES / "peft_adapters"
@@ -198,16 +199,16 @@ def test_a_mean_adapter_on_bert_sentence_pairs_is_refused(tmp_path, tiny_bert, t
     """PEFT's FEATURE_EXTRACTION model drops token_type_ids, which BERT reads for the second text."""
     result = run_import(ADAPTERS / "bert-prefix-mean", "--backbone", tiny_bert, "--out", tmp_path, "--pair")
     assert result.exit_code == 1 and "drops token_type_ids" in result.output and os.listdir(tmp_path) == []
-    from ptbundle.builder.backbone import load_backbone
-    from ptbundle.builder.model import PromptClassifier
-    from ptbundle.builder.peft import write_adapter
-    from ptbundle.builder.prompts import PromptSpec
+    from ptbundle.builder.backbones.backbone import load_backbone
+    from ptbundle.builder.models.classifier import PromptClassifier
+    from ptbundle.builder.bundles.peft import write_adapter
+    from ptbundle.builder.models.prompts import PromptSpec
 
     pairs = task("mean", "prefix-tuning").replace(pair=True)
     refused = "not expressible: mean pooling of sentence pairs"
     for checkpoint, expected in ((tiny_bert, refused), (tiny_roberta, "peft")):
         backbone = load_backbone(checkpoint)
-        net = PromptClassifier(backbone.build_encoder(), 3, 2, "mean", spec=PromptSpec.of("prefix-tuning", 3))
+        net = PromptClassifier(ENCODER.model(backbone), 3, 2, "mean", spec=PromptSpec.of("prefix-tuning", 3))
         out = tmp_path / backbone.config.model_type / "peft"
         out.parent.mkdir()
         # the directory's name when written; RoBERTa has no token types to lose
@@ -242,14 +243,14 @@ def task(pooling="cls", method="prompt-tuning", kind="soft"):
 ])
 def test_write_adapter_writes_what_peft_expresses_and_says_why_not(method, layer, pooling, kind, expected, tmp_path,
                                                                     tiny_bert):
-    from ptbundle.builder.backbone import load_backbone
-    from ptbundle.builder.model import PromptClassifier
-    from ptbundle.builder.peft import write_adapter
-    from ptbundle.builder.prompts import PromptSpec
+    from ptbundle.builder.backbones.backbone import load_backbone
+    from ptbundle.builder.models.classifier import PromptClassifier
+    from ptbundle.builder.bundles.peft import write_adapter
+    from ptbundle.builder.models.prompts import PromptSpec
 
     backbone = load_backbone(tiny_bert)
     spec = PromptSpec.of(method, 3 if method != "none" else 0, layer=layer)
-    net = PromptClassifier(backbone.build_encoder(), spec.virtual_tokens, 2, pooling, spec=spec)
+    net = PromptClassifier(ENCODER.model(backbone), spec.virtual_tokens, 2, pooling, spec=spec)
     if pooling == "cls":
         weight, bias = backbone.pooler_weights()
         net.load_head_state({"pooler.weight": weight, "pooler.bias": bias})
@@ -266,18 +267,18 @@ def test_write_adapter_writes_what_peft_expresses_and_says_why_not(method, layer
 
 def test_a_bert_pooler_other_than_the_checkpoints_is_not_expressible(tmp_path, tiny_bert):
     """PEFT's BertForSequenceClassification reads the checkpoint's pooler, which an adapter does not carry."""
-    from ptbundle.builder.backbone import load_backbone
-    from ptbundle.builder.model import PromptClassifier
-    from ptbundle.builder.peft import write_adapter
+    from ptbundle.builder.backbones.backbone import load_backbone
+    from ptbundle.builder.models.classifier import PromptClassifier
+    from ptbundle.builder.bundles.peft import write_adapter
 
     backbone = load_backbone(tiny_bert)
-    net = PromptClassifier(backbone.build_encoder(), 3, 2, "cls")  # a pooler that is not the checkpoint's
+    net = PromptClassifier(ENCODER.model(backbone), 3, 2, "cls")  # a pooler that is not the checkpoint's
     status = write_adapter(tmp_path / "peft", net, task(), backbone)
     assert status.startswith("not expressible: a trained pooler") and not (tmp_path / "peft").exists()
 
 
 def test_merged_bundles_say_why_they_carry_no_adapter():
-    from ptbundle.builder.peft import bundle_adapter
+    from ptbundle.builder.bundles.peft import bundle_adapter
     from ptbundle.runtime.format import BackboneInfo
 
     backbone = BackboneInfo("b", "bert", 32, 2, 4, 64, 60, "0" * 64)
@@ -353,8 +354,8 @@ def test_file_names_outside_the_bundle_are_refused(tmp_path):
 
 def test_keys_with_the_adapter_name_read_the_same(tmp_path, tiny_roberta):
     """An in-memory state dict's names ("classifier.modules_to_save.<adapter>.") read as what save_pretrained writes."""
-    from ptbundle.builder.backbone import load_backbone
-    from ptbundle.builder.peft import read_adapter
+    from ptbundle.builder.backbones.backbone import load_backbone
+    from ptbundle.builder.bundles.peft import read_adapter
 
     backbone = load_backbone(tiny_roberta)
     saved = load_file(str(ADAPTERS / "roberta-prefix" / "adapter_model.safetensors"))

@@ -8,9 +8,10 @@ import pytest
 from click.testing import CliRunner
 from mindspore import Tensor
 
-from ptbundle.builder.backbone import load_backbone
-from ptbundle.builder.model import PromptClassifier
-from ptbundle.builder.prompts import PromptSpec
+from ptbundle.builder.backbones.backbone import load_backbone
+from ptbundle.builder.models.classifier import PromptClassifier
+from ptbundle.builder.models.prompts import PromptSpec
+from ptbundle.builder.families.encoder import ENCODER
 
 FIXTURE = np.load(Path(__file__).parent / "fixtures" / "prefix_reference.npz")
 TOLERANCE = 1e-5
@@ -36,7 +37,7 @@ def inputs_of(case):
 def prefix_net(backbone, case, pooling, spec=None):
     prefix = reference(case, "prefix")
     spec = spec or PromptSpec.of("prefix-tuning", prefix.shape[0])
-    net = PromptClassifier(backbone.build_encoder(), prefix.shape[0], reference(case, "logits").shape[1], pooling,
+    net = PromptClassifier(ENCODER.model(backbone), prefix.shape[0], reference(case, "logits").shape[1], pooling,
                            spec=spec)
     head = {"classifier.weight": reference(case, "classifier.weight"), "classifier.bias": reference(case, "classifier.bias")}
     if pooling == "cls":
@@ -86,7 +87,7 @@ SPECS = {
 
 
 def random_net(backbone, spec, pooling="mean", seed=0):
-    net = PromptClassifier(backbone.build_encoder(), spec.virtual_tokens, 2, pooling, spec=spec)
+    net = PromptClassifier(ENCODER.model(backbone), spec.virtual_tokens, 2, pooling, spec=spec)
     rng = np.random.RandomState(seed)
     net.load_head_state({k: rng.normal(0, 0.5, v.shape) for k, v in net.head_state().items()
                          if k not in ("pooler.weight", "pooler.bias")})
@@ -97,7 +98,7 @@ def random_net(backbone, spec, pooling="mean", seed=0):
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_cached_lower_layers_give_the_whole_pass(name, tiny_bert):
     """Training from LayerCache (the layers below the prompt run once per text) computes what the whole net does."""
-    from ptbundle.builder.train import LayerCache, Upper
+    from ptbundle.builder.training.forward import LayerCache, Upper
     from ptbundle.runtime.text import encode, load_tokenizer, pad
 
     backbone = load_backbone(tiny_bert)
@@ -115,11 +116,12 @@ def test_cached_lower_layers_give_the_whole_pass(name, tiny_bert):
 
 def test_initial_activations_are_the_encoders_own(tiny_bert):
     """The numpy pass that starts a prefix or late prompt from real tokens agrees with the MindSpore encoder."""
-    from ptbundle.builder.train import Lower, token_activations
+    from ptbundle.builder.training.forward import Lower
+    from ptbundle.builder.families import family_of
 
     backbone = load_backbone(tiny_bert)
     ids = [10, 20, 30, 11]
-    states, keys_values = token_activations(backbone, ids)
+    states, keys_values = family_of(backbone).token_activations(backbone, ids)
     net = random_net(backbone, PromptSpec.of("late-prompt", 2, layer=1))
     arrays = [np.array([ids], np.int32), np.ones((1, 4), np.int32), np.zeros((1, 4), np.int32)]
     lower = Lower(net)(*(Tensor(a) for a in arrays)).asnumpy()[0]

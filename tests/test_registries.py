@@ -1,21 +1,38 @@
 """The registries' names, as pt-build offers them, and what each entry must provide."""
 
 import numpy as np
+import pytest
 
-from ptbundle.builder import hard, pooling, prompts, recipe
-from ptbundle.builder.backbone import load_backbone
-from ptbundle.builder.export import TARGETS
-from ptbundle.builder.model import PromptClassifier
-from ptbundle.builder.train import TrainStep
+from ptbundle.builder import recipe
+from ptbundle.builder.models import pooling, prompts
+from ptbundle.builder.training import hard
+from ptbundle.builder.backbones.backbone import load_backbone
+from ptbundle.builder.graphs.targets import TARGETS
+from ptbundle.builder.models.classifier import PromptClassifier
+from ptbundle.builder.training.loop import TrainStep
 from ptbundle.runtime import backends
 from ptbundle.runtime.format import DECODER_GRAPHS, GRAPHS
+from ptbundle.builder.cli import cli as build_cli
+from ptbundle.builder.errors import RecipeError
+from ptbundle.builder.families.encoder import ENCODER
 
 
-def test_option_names_match_the_registries():
-    # recipe.py lists them so that pt-build checks options before importing MindSpore
-    assert recipe.POOLINGS == tuple(pooling.POOLING)
-    assert recipe.HARD_HEADS == tuple(hard.HEADS)
-    assert ("none",) + recipe.PROMPT_METHODS == tuple(prompts.PROMPTS)
+def test_option_choices_are_the_registries_names():
+    """pt-build offers what the registries hold (no list kept beside them), and Recipe checks against them."""
+    options = {p.name: p for p in build_cli.commands["export"].params}
+    assert tuple(options["method"].type.choices) == tuple(m for m in prompts.PROMPTS if m != "none")
+    assert tuple(options["pooling"].type.choices) == tuple(pooling.POOLING)
+    assert tuple(options["hard_head"].type.choices) == tuple(hard.HEADS)
+    with pytest.raises(RecipeError, match="--method 'shallow': choose one of prompt-tuning, prefix-tuning"):
+        recipe.Recipe(method="shallow")
+
+
+def test_capabilities_live_on_the_prompt_methods():
+    """Which methods a decoder takes, merge folds and PEFT holds: attributes of the registered kinds."""
+    assert [m for m, k in prompts.PROMPTS.items() if k.decoders] == ["none", "prompt-tuning", "prefix-tuning"]
+    assert [m for m, k in prompts.PROMPTS.items() if k.mergeable] == ["none", "prompt-tuning"]
+    assert {m: k.peft_type for m, k in prompts.PROMPTS.items()} == {
+        "none": None, "prompt-tuning": "PROMPT_TUNING", "prefix-tuning": "PREFIX_TUNING", "late-prompt": None}
 
 
 def test_every_graph_file_has_a_target_that_writes_it_and_a_backend_that_runs_it():
@@ -28,7 +45,7 @@ def test_every_graph_file_has_a_target_that_writes_it_and_a_backend_that_runs_it
 
 def test_the_prompt_trains_at_its_own_rate_without_decay(tiny_bert):
     """MindSpore renames Parameters after their cell path: the optimizer groups must not depend on names."""
-    net = PromptClassifier(load_backbone(tiny_bert).build_encoder(), 4, 2, "mean")
+    net = PromptClassifier(ENCODER.model(load_backbone(tiny_bert)), 4, 2, "mean")
     for p in net.encoder.get_parameters():
         p.requires_grad = False
     step = TrainStep(net, recipe.Recipe(prompt_lr=0.5, head_lr=0.001, weight_decay=0.1), steps=10)

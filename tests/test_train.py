@@ -4,13 +4,16 @@ import numpy as np
 import pytest
 
 from conftest import toy_rows
-from ptbundle.builder.backbone import load_backbone
+from ptbundle.builder.backbones.backbone import load_backbone
 from ptbundle.runtime.data import Dataset, Example
 from ptbundle.builder.recipe import Recipe
 from mindspore import Tensor
 
-from ptbundle.builder.train import (Lower, TrainStep, Upper, bucketed_batches, build_classifier, initial_prompt,
-                                    lr_schedule, train)
+from ptbundle.builder.training.forward import Lower, Upper
+from ptbundle.builder.training.loop import TrainStep, bucketed_batches, lr_schedule
+from ptbundle.builder.families import family_of
+from ptbundle.builder.training.init import initial_prompt
+from ptbundle.builder.training.classifier import train
 from ptbundle.runtime.bundle import softmax
 from ptbundle.runtime.text import encode, load_tokenizer, pad
 
@@ -118,7 +121,7 @@ def test_layer_norm_input_gradient_and_gelu_match_mindspores_own():
     import mindspore as ms
     from mindspore import Tensor, nn, ops
 
-    from ptbundle.builder.model import FrozenLayerNorm, gelu
+    from ptbundle.builder.models.encoder import FrozenLayerNorm, gelu
 
     rng = np.random.RandomState(0)
     x = rng.normal(0, 3, (3, 5, 16)).astype(np.float32)
@@ -164,7 +167,7 @@ def test_dropout_acts_while_training_only(tiny_bert, method):
 
     def net(dropout):
         recipe = Recipe(method=method, layer=layer, virtual_tokens=3, dropout=dropout)
-        return build_classifier(backbone, recipe, 2, initial_prompt(backbone, recipe, tokenizer, texts))
+        return family_of(backbone).classifier(backbone, recipe, 2, initial_prompt(backbone, recipe, tokenizer, texts))
 
     inputs = [Tensor(a) for a in pad(encode(tokenizer, texts), backbone.config.pad_token_id, 16)]
     plain, dropped = net(0.0), net(0.3)
@@ -189,7 +192,7 @@ def test_label_smoothing_is_the_loss_the_step_minimises(tiny_bert, smoothing):
     tokenizer = load_tokenizer(backbone.tokenizer_path, 128)
     texts = ["a great movie", "the film was dull and long", "fine", "awful"]
     recipe = Recipe(virtual_tokens=3, label_smoothing=smoothing)
-    net = build_classifier(backbone, recipe, 3, initial_prompt(backbone, recipe, tokenizer, texts))
+    net = family_of(backbone).classifier(backbone, recipe, 3, initial_prompt(backbone, recipe, tokenizer, texts))
     inputs = [Tensor(a) for a in pad(encode(tokenizer, texts), backbone.config.pad_token_id, 16)]
     gold = np.array([0, 2, 1, 2])
     loss, logits = TrainStep(net, recipe, steps=10)(*inputs, Tensor(np.eye(3, dtype=np.float32)[gold]))

@@ -111,7 +111,7 @@ def build(backbone_arg, out: Path, virtual_tokens: int) -> None:
 
     started = time.perf_counter()
     backbone = common.load_backbone(backbone_arg)
-    if not backbone.is_decoder:
+    if backbone.family != "decoder":
         raise SystemExit(f"--backbone {backbone_arg}: not a causal LM")
     cfg = backbone.config
     fmt = common.CHAT_FORMAT

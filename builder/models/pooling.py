@@ -1,0 +1,76 @@
+"""Pooling: how the head reads the encoder's states, a small registry.
+
+Each entry is one class with both halves of it: the MindSpore Cell that
+trains (and exports to MindIR), and `onnx`, which writes the same
+computation into the ONNX graph.  The export's parity check holds the two
+to the same result.  A new pooling is one class here and one line in
+`POOLING` (and its name in recipe.POOLINGS, so pt-build offers it).
+
+    mean   mean of the text tokens' states (what sentence-transformers
+           models such as all-MiniLM-L6-v2 were trained with); the virtual
+           tokens steer those states, they are not text
+    cls    position 0 through the pooler, tanh(W h[:, 0] + b); with a soft
+           prompt position 0 is the first virtual token, as in PEFT
+
+`offset` is the number of states in front of this task's prompt: zero in a
+bundle of one task; in a merged bundle (builder.merge) shorter prompts are
+right-aligned against the text, so a task's states start later.  `prefix`
+names the task's weights in a merged graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops
+from onnx import TensorProto
+
+from .onnx_ops import linear
+
+
+class MeanPooling(nn.Cell):
+    def __init__(self, hidden: int, num_virtual_tokens: int, offset: int = 0):
+        super().__init__()
+        self.text_start = offset + num_virtual_tokens
+
+    def construct(self, states, attention_mask):
+        text = states[:, self.text_start :]
+        m = attention_mask.astype(ms.float32).expand_dims(2)
+        return (text * m).sum(1) / ops.maximum(m.sum(1), 1e-9)
+
+    def params(self) -> dict:
+        return {}
+
+    @staticmethod
+    def onnx(g, weights: dict, states: str, mask: str, num_virtual_tokens: int, offset: int = 0,
+             prefix: str = "") -> str:
+        text = g.op("Slice", [states, g.const("text_start", [offset + num_virtual_tokens], np.int64),
+                              g.const("text_end", [np.iinfo(np.int64).max], np.int64), g.const("axis1", [1], np.int64)])
+        m = g.op("Unsqueeze", [g.op("Cast", [mask], to=TensorProto.FLOAT), g.const("axis2", [2], np.int64)])
+        total = g.op("ReduceSum", [g.op("Mul", [text, m]), g.const("axis1_sum", [1], np.int64)], keepdims=0)
+        count = g.op("ReduceSum", [m, g.const("axis1_count", [1], np.int64)], keepdims=0)
+        return g.op("Div", [total, g.op("Max", [count, g.const("count_floor", 1e-9, np.float32)])])
+
+
+class ClsPooling(nn.Cell):
+    """BERT's pooler (RoBERTa's classification head dense plays the same part)."""
+
+    def __init__(self, hidden: int, num_virtual_tokens: int, offset: int = 0):
+        super().__init__()
+        self.first = offset
+        self.dense = nn.Dense(hidden, hidden, activation="tanh")
+
+    def construct(self, states, attention_mask):
+        return self.dense(states[:, self.first])
+
+    def params(self) -> dict:
+        return {"pooler.weight": self.dense.weight, "pooler.bias": self.dense.bias}
+
+    @staticmethod
+    def onnx(g, weights: dict, states: str, mask: str, num_virtual_tokens: int, offset: int = 0,
+             prefix: str = "") -> str:
+        first = g.op("Gather", [states, g.const("first_state", offset, np.int64)], axis=1)
+        return g.op("Tanh", [linear(g, weights, prefix + "pooler", first)])
+
+
+POOLING = {"mean": MeanPooling, "cls": ClsPooling}
