@@ -29,6 +29,10 @@ HIDDEN, LAYERS, HEADS, INTERMEDIATE, MAX_POSITIONS = 32, 2, 4, 64, 128
 # generator so the other weights (and the tests' learnability) stay as they were.
 EXTRA_POSITIONS = 32
 
+TESTS = Path(__file__).resolve().parent
+FIXTURES = TESTS / "fixtures"  # reference outputs computed once with PyTorch + transformers + PEFT
+ROOT = TESTS.parent
+
 
 def bert_tokenizer() -> Tokenizer:
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

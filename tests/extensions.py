@@ -1,6 +1,6 @@
 """Kinds that exist only in the tests, declared as a user would declare their own: a DistilBERT-like architecture
 and a prompt method.  The tests register them, then build, export and serve bundles with them
-(tests/test_architecture.py, tests/test_extension.py); nothing in builder/ or runtime/ names them."""
+(tests/builder/backbones/test_architecture.py, tests/builder/test_extension.py); nothing in builder/ or runtime/ names them."""
 
 import json
 

@@ -71,6 +71,7 @@ class DecoderConfig:
     bos_token_id: int | None
     eos_token_ids: tuple  # generation stops at any of them
     pad_token_id: int
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2), none on the output's
 
     position_offset = 0  # rotary positions start at 0 (check_positions reads it as of encoders)
 
@@ -90,6 +91,8 @@ class DecoderConfig:
             "self_attn.o_proj.weight": (h, q),
             "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
         }
+        if self.qkv_bias:
+            layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
         for i in range(self.num_layers):
             shapes.update({f"layers.{i}.{name}": shape for name, shape in layer.items()})
         return shapes
@@ -126,6 +129,13 @@ def decoder_config(arch, raw: dict, source) -> DecoderConfig:
         raise BackboneError(f"{source}: hidden_act {act!r} is not supported (only 'silu')")
     if raw.get("rope_scaling"):
         raise BackboneError(f"{source}: rope_scaling {raw['rope_scaling']!r} is not supported (plain rotary only)")
+    # transformers 5 writes rope_theta inside rope_parameters (and no top-level key): read it there, or a
+    # Qwen2.5's 1e6 would silently become the 1e4 default
+    rope = raw.get("rope_parameters") or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
+        raise BackboneError(f"{source}: rope_parameters {rope!r} is not supported (plain rotary only)")
+    if raw.get("use_sliding_window") or any(t != "full_attention" for t in raw.get("layer_types") or ()):
+        raise BackboneError(f"{source}: sliding-window attention is not supported (use_sliding_window, layer_types)")
     for key in ("attention_bias", "mlp_bias"):
         if raw.get(key):
             raise BackboneError(f"{source}: field {key!r} is true; only Llama without biases is supported")
@@ -148,7 +158,7 @@ def decoder_config(arch, raw: dict, source) -> DecoderConfig:
         intermediate_size=get("intermediate_size", int),
         max_positions=get("max_position_embeddings", int),
         rms_norm_eps=get("rms_norm_eps", float, 1e-6),
-        rope_theta=get("rope_theta", float, 10000.0),
+        rope_theta=float(rope["rope_theta"]) if "rope_theta" in rope else get("rope_theta", float, 10000.0),
         tie_embeddings=get("tie_word_embeddings", bool, False),
         bos_token_id=bos if isinstance(bos, int) else None,
         eos_token_ids=eos,

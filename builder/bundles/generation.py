@@ -85,7 +85,7 @@ def write_generation_bundle(destination, weights: dict, cfg: DecoderConfig, toke
             int8 = tmp / DECODER_GRAPHS["onnx-int8"]
             quantize_decoder(fp32, int8)
             # int8 is not held to the fp32 tolerance: its difference is recorded, and the test suite
-            # checks greedy ids and logits stay close (tests/test_generate.py)
+            # checks greedy ids and logits stay close (tests/runtime/test_generate.py)
             export["onnx-int8"] = check_graph(int8, cfg, cache, reference, tolerance=None)
         export["mindir"] = write_mindir(tmp / DECODER_GRAPHS["mindir"], weights, cfg, capacity, cache, reference,
                                         device)

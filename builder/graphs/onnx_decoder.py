@@ -172,6 +172,8 @@ def decoder_layer(g: Graph, w: dict, i: int, x: str, cfg: DecoderConfig, kernels
     # every kernel call costs about as much as a small one does.
     qkv_weight = np.concatenate([w[f"{at}.{p}_proj.weight"] for p in "qkv"], 0).T
     qkv = g.op("MatMul", [h, g.const(f"{at}.qkv.weight", qkv_weight)], name=f"{at}.qkv")
+    if cfg.qkv_bias:  # Qwen2; a separate Add keeps the MatMul for the block quantizer
+        qkv = g.op("Add", [qkv, g.const(f"{at}.qkv.bias", np.concatenate([w[f"{at}.{p}_proj.bias"] for p in "qkv"]))])
     q, k, v = g.op("Split", [qkv, i64("qkv_split", [q_width, kv_width, kv_width])], axis=-1, outputs=3)
 
     def heads_first(t, n):  # [b, s, n * d] -> [b, n, s, d]

@@ -75,9 +75,10 @@ class DecoderAttention(nn.Cell):
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.group = cfg.num_heads // cfg.num_kv_heads
         self.scale = 1.0 / math.sqrt(d)
-        self.q_proj = nn.Dense(h, cfg.num_heads * d, has_bias=False)
-        self.k_proj = nn.Dense(h, cfg.kv_width, has_bias=False)
-        self.v_proj = nn.Dense(h, cfg.kv_width, has_bias=False)
+        # Qwen2 adds biases to q, k and v (not o); they go in before the rotation, as transformers does
+        self.q_proj = nn.Dense(h, cfg.num_heads * d, has_bias=cfg.qkv_bias)
+        self.k_proj = nn.Dense(h, cfg.kv_width, has_bias=cfg.qkv_bias)
+        self.v_proj = nn.Dense(h, cfg.kv_width, has_bias=cfg.qkv_bias)
         self.o_proj = nn.Dense(cfg.num_heads * d, h, has_bias=False)
 
     def keys_values(self, x, cos, sin):

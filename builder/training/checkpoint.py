@@ -8,7 +8,7 @@ its metadata.  Written to a temporary file and renamed over the old one, so
 a kill at any moment leaves either the previous checkpoint or the new one.
 Resuming redraws the epoch's batches from that RNG state and skips those
 already done, so a resumed run computes exactly what the uninterrupted run
-would (tests/test_checkpoint.py: identical bundles after a SIGKILL).
+would (tests/builder/training/test_checkpoint.py: identical bundles after a SIGKILL).
 A checkpoint records a fingerprint of its run (recipe, data, backbone);
 another run's is refused.
 """

@@ -17,7 +17,7 @@ anywhere, e.g. a test, before the backbone is loaded).
 
 from __future__ import annotations
 
-from ptbundle.builder.backbones.architectures import bert, llama, roberta
+from . import bert, llama, qwen2, roberta
 from .base import Architecture, Weight, config_from, weight_map  # noqa: F401  (the package's API)
 from ...errors import BackboneError
 
@@ -41,3 +41,4 @@ def get(model_type) -> Architecture:
 register(bert.BERT)
 register(roberta.ROBERTA)
 register(llama.LLAMA)
+register(qwen2.QWEN2)

@@ -18,14 +18,14 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
 
-from checkpoints import SENTENCES
+from checkpoints import FIXTURES, SENTENCES
 from ptbundle.builder.cli import cli
 from ptbundle.runtime import Bundle
 from ptbundle.runtime.errors import BundleError
 from ptbundle.runtime.format import Manifest, Task, verify_files
 from ptbundle.builder.families.encoder import ENCODER
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = FIXTURES
 ADAPTERS = FIXTURES / "peft_adapters"
 REFERENCES = {"prefix": np.load(FIXTURES / "prefix_reference.npz"),
               "p-tuning": np.load(FIXTURES / "p_tuning_reference.npz")}

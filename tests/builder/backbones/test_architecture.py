@@ -128,7 +128,7 @@ def wrong_kind(tmp_path, edit):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda c: c.update(model_type="gpt2"), r"model_type 'gpt2' is not supported \(supported: bert, distilbert, llama, roberta\)"),
+    (lambda c: c.update(model_type="gpt2"), r"model_type 'gpt2' is not supported \(supported: bert, distilbert, llama, qwen2, roberta\)"),
     (lambda c: c.pop("model_type"), "model_type None is not supported"),
     (lambda c: c.pop("hidden_size"), "missing field 'hidden_size'"),
     (lambda c: c.update(num_hidden_layers="two"), "field 'num_hidden_layers' is 'two', not int"),

@@ -1,6 +1,7 @@
 """Generation bundles: the decoder graph against a reference, the KV cache, generate, pt-run generate, errors.
 
-The reference is tests/fixtures/llama_reference.npz (transformers + PEFT, see make_llama_reference.py) when
+Every test runs on each family (Llama, and Qwen2 with its q/k/v biases).  The reference is
+tests/fixtures/{llama,qwen2}_reference.npz (transformers + PEFT, see make_*_reference.py) when
 it is there, else `llama_forward` below: a plain numpy Llama (RMSNorm, rotate_half rotary, grouped-query
 attention by repeating kv heads, SwiGLU) in float64.
 """
@@ -14,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from checkpoints import write_llama_checkpoint
+from checkpoints import FIXTURES, write_llama_checkpoint, write_qwen2_checkpoint
 
-FIXTURE = Path(__file__).parent / "fixtures" / "llama_reference.npz"
 BIN = Path(sys.executable).parent
 P = 5
 CAPACITY = 64  # decoder.mindir's static cache in the test bundles: a quarter of the tiny model's 256 positions
@@ -41,8 +41,9 @@ def llama_forward(w, cfg, ids, mask, prompt_cache=None):
     for i in range(cfg.num_layers):
         a, m = f"layers.{i}.self_attn.", f"layers.{i}.mlp."
         h = rms(x, w[f"layers.{i}.input_layernorm.weight"])
-        split = lambda name, n: (h @ w[a + name].T).reshape(b, s, n, d).transpose(0, 2, 1, 3)  # noqa: E731
-        q, k, v = split("q_proj.weight", heads), split("k_proj.weight", kv), split("v_proj.weight", kv)
+        split = lambda name, n: (h @ w[a + name + ".weight"].T + w.get(a + name + ".bias", 0)  # noqa: E731  (Qwen2's)
+                                 ).reshape(b, s, n, d).transpose(0, 2, 1, 3)
+        q, k, v = split("q_proj", heads), split("k_proj", kv), split("v_proj", kv)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if p:
             k = np.concatenate([np.broadcast_to(prompt_cache[f"key.{i}"], (b, kv, p, d)), k], 2)
@@ -69,18 +70,25 @@ def prefix_cache(table: np.ndarray, cfg) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    """(checkpoint dir, DecoderConfig, weights, reference npz or None, prompt cache of P positions)."""
+# Each family's tiny checkpoint and the reference transformers computed for it (tests/fixtures/make_*_reference.py)
+MODELS = {"llama": (write_llama_checkpoint, FIXTURES / "llama_reference.npz"),
+          "qwen2": (write_qwen2_checkpoint, FIXTURES / "qwen2_reference.npz")}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def lm(tmp_path_factory, request):
+    """A tiny causal LM of each family: (checkpoint dir, DecoderConfig, weights, reference npz or None, prompt
+    cache of P positions)."""
     from safetensors.numpy import load_file
 
-    from ptbundle.builder.backbones.architectures.llama import LLAMA
-    from ptbundle.builder.backbones.configs import decoder_config
+    from ptbundle.builder.backbones.architectures import config_from, get
 
-    d = write_llama_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
-    cfg = decoder_config(LLAMA, json.loads((d / "config.json").read_text()), d / "config.json")
+    writer, fixture = MODELS[request.param]
+    d = writer(tmp_path_factory.mktemp(f"tiny-{request.param}"))
+    raw = json.loads((d / "config.json").read_text())
+    cfg = config_from(get(raw["model_type"]), raw, d / "config.json")
     weights = load_file(str(d / "model.safetensors"))
-    ref = dict(np.load(FIXTURE)) if FIXTURE.is_file() else None
+    ref = dict(np.load(fixture)) if fixture.is_file() else None
     if ref is not None:
         cache = prefix_cache(ref["prefix/prefix"], cfg)
     else:
@@ -93,14 +101,14 @@ def llama(tmp_path_factory):
 def backbone_info(cfg):
     from ptbundle.runtime.format import BackboneInfo
 
-    return BackboneInfo("tiny-llama", "llama", cfg.hidden_size, cfg.num_layers, cfg.num_heads,
+    return BackboneInfo(f"tiny-{cfg.model_type}", cfg.model_type, cfg.hidden_size, cfg.num_layers, cfg.num_heads,
                         cfg.intermediate_size, cfg.vocab_size, "0" * 64)
 
 
-def write(llama, path, with_prompt: bool, template=None, quantize=False, cfg=None):
+def write(lm, path, with_prompt: bool, template=None, quantize=False, cfg=None):
     from ptbundle.builder.bundles.generation import write_generation_bundle
 
-    d, base_cfg, weights, _, cache = llama
+    d, base_cfg, weights, _, cache = lm
     cfg = cfg or base_cfg
     cache = cache if with_prompt else None
     reference = lambda ids, mask: llama_forward(weights, cfg, ids, mask, cache)  # noqa: E731
@@ -111,12 +119,12 @@ def write(llama, path, with_prompt: bool, template=None, quantize=False, cfg=Non
 
 
 @pytest.fixture(scope="module")
-def bundles(llama, tmp_path_factory):
+def bundles(lm, tmp_path_factory):
     """{"plain": no prompt, int8 too; "prefix": the P-position prompt cache; "chat": no prompt, chat template}."""
     out = tmp_path_factory.mktemp("generation")
-    write(llama, out / "plain", False, quantize=True)
-    write(llama, out / "prefix", True)
-    write(llama, out / "chat", False, template=CHAT)
+    write(lm, out / "plain", False, quantize=True)
+    write(lm, out / "prefix", True)
+    write(lm, out / "chat", False, template=CHAT)
     return out
 
 
@@ -126,9 +134,9 @@ def session_of(bundle_dir):
     return DecoderSession(bundle_dir / "decoder.onnx", read_prompt_cache(bundle_dir / "prompt_cache.safetensors"))
 
 
-def reference_batch(llama, case):
+def reference_batch(lm, case):
     """(ids, mask, logits [b, s, vocab]) of a right-padded batch, from the fixture or the numpy model."""
-    _, cfg, weights, ref, cache = llama
+    _, cfg, weights, ref, cache = lm
     if ref is not None:
         ids, mask = ref["plain/input_ids"].astype(np.int64), ref["plain/attention_mask"].astype(np.int64)
         return ids, mask, ref[f"{case}/logits"]
@@ -142,8 +150,8 @@ def reference_batch(llama, case):
 
 
 @pytest.mark.parametrize("case", ["plain", "prefix"])
-def test_graph_logits_equal_the_reference_at_every_position(llama, bundles, case):
-    ids, mask, expected = reference_batch(llama, case)
+def test_graph_logits_equal_the_reference_at_every_position(lm, bundles, case):
+    ids, mask, expected = reference_batch(lm, case)
     session = session_of(bundles / case)
     assert session.prompt_length == (P if case == "prefix" else 0)
     worst = 0.0
@@ -156,8 +164,8 @@ def test_graph_logits_equal_the_reference_at_every_position(llama, bundles, case
 
 
 @pytest.mark.parametrize("case", ["plain", "prefix"])
-def test_prefill_then_decode_equals_one_pass(llama, bundles, case):
-    _, cfg, *_ = llama
+def test_prefill_then_decode_equals_one_pass(lm, bundles, case):
+    _, cfg, *_ = lm
     session = session_of(bundles / case)
     p = session.prompt_length
     rng = np.random.RandomState(5)
@@ -172,16 +180,16 @@ def test_prefill_then_decode_equals_one_pass(llama, bundles, case):
         assert np.abs(a - b).max() <= 1e-4
 
 
-def reference_greedy(llama, case):
+def reference_greedy(lm, case):
     """(prompts, [new token ids per prompt]) greedy, stopping at eos; from the fixture or the numpy model."""
-    _, cfg, weights, ref, cache = llama
+    _, cfg, weights, ref, cache = lm
     if ref is not None:
         prompts = json.loads(str(ref["greedy/prompts"]))
         tokens, lengths = ref[f"greedy/{case}_tokens"], ref[f"greedy/{case}_lengths"]
         return prompts, [list(map(int, t[:n])) for t, n in zip(tokens, lengths)], tokens.shape[1]
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(llama[0] / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(lm[0] / "tokenizer.json"))
     prompts = ["hello there", "The film was", "a", "über café ☕", "<|im_start|>user"]
     out = []
     for prompt in prompts:
@@ -199,11 +207,11 @@ def reference_greedy(llama, case):
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "mindspore"])
 @pytest.mark.parametrize("case", ["plain", "prefix"])
-def test_greedy_generate_equals_the_reference(llama, bundles, case, backend):
+def test_greedy_generate_equals_the_reference(lm, bundles, case, backend):
     from ptbundle.runtime import Bundle
 
     bundle = Bundle.load(bundles / case, backend=backend)
-    prompts, expected, steps = reference_greedy(llama, case)
+    prompts, expected, steps = reference_greedy(lm, case)
     got = [bundle.generate(p, max_new_tokens=steps).token_ids for p in prompts]
     assert got == expected
 
@@ -234,13 +242,13 @@ def test_streamed_pieces_concatenate_to_the_text(bundles):
         assert seen == pieces and all(pieces)
 
 
-def test_pieces_never_split_a_character(llama):
+def test_pieces_never_split_a_character(lm):
     """Byte-level BPE here is one token per byte: each multi-byte character comes in several tokens."""
     from tokenizers import Tokenizer
 
     from ptbundle.runtime.generate import TextStream
 
-    tok = Tokenizer.from_file(str(llama[0] / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(lm[0] / "tokenizer.json"))
     text = "über café ☕ 日本"
     stream = TextStream(tok)
     pieces = [stream.push(t) for t in tok.encode(text, add_special_tokens=False).ids]
@@ -249,7 +257,7 @@ def test_pieces_never_split_a_character(llama):
     assert sum(1 for p in pieces if p) == len(text)  # one piece per character, none split
 
 
-def test_stop_strings_and_eos_stop_generation(llama, bundles, tmp_path):
+def test_stop_strings_and_eos_stop_generation(lm, bundles, tmp_path):
     from ptbundle.runtime import Bundle
 
     bundle = Bundle.load(bundles / "prefix")
@@ -266,13 +274,13 @@ def test_stop_strings_and_eos_stop_generation(llama, bundles, tmp_path):
     first = bundle.generate("hello there", max_new_tokens=3).token_ids[0]
     import dataclasses
 
-    eos_cfg = dataclasses.replace(llama[1], eos_token_ids=(first,))
-    write(llama, tmp_path / "eos", True, cfg=eos_cfg)
+    eos_cfg = dataclasses.replace(lm[1], eos_token_ids=(first,))
+    write(lm, tmp_path / "eos", True, cfg=eos_cfg)
     stopped = Bundle.load(tmp_path / "eos").generate("hello there", max_new_tokens=3)
     assert stopped.finish_reason == "eos" and stopped.token_ids == [] and stopped.text == ""
 
 
-def test_chat_template_joins_markup_and_prompt_as_tokens(llama, bundles):
+def test_chat_template_joins_markup_and_prompt_as_tokens(lm, bundles):
     from ptbundle.runtime import Bundle
 
     bundle = Bundle.load(bundles / "chat")
@@ -309,7 +317,7 @@ def test_pt_run_generate_prints_the_text(bundles):
     assert code == 0 and out == expected + "\n", err
 
 
-def test_pt_run_generate_int8(llama, bundles):
+def test_pt_run_generate_int8(lm, bundles):
     """The int8 graph: every projection and the LM head as block-quantized MatMulNBits (the embedding table
     fp32 for its Gather), greedy ids mostly those of fp32, logits close, and a row's logits the same alone or
     in a padded batch (each row's activation scales are its own)."""
@@ -317,7 +325,7 @@ def test_pt_run_generate_int8(llama, bundles):
 
     from ptbundle.runtime import Bundle
 
-    cfg = llama[1]
+    cfg = lm[1]
     graph = onnx.load(str(bundles / "plain" / "decoder.int8.onnx"))
     ops = [n.op_type for n in graph.graph.node]
     assert ops.count("MatMulNBits") == 4 * cfg.num_layers + 1  # qkv, o, gate_up, down per layer; the head
@@ -327,7 +335,7 @@ def test_pt_run_generate_int8(llama, bundles):
     same = sum(a == b for p in prompts
                for a, b in zip(fp32.generate(p, max_new_tokens=8).token_ids, int8.generate(p, max_new_tokens=8).token_ids))
     assert same >= 0.6 * 8 * len(prompts)
-    ids, mask, _ = reference_batch(llama, "plain")
+    ids, mask, _ = reference_batch(lm, "plain")
     a, _ = fp32.generator.session.prefill(ids, mask)
     b, _ = int8.generator.session.prefill(ids, mask)
     assert np.abs(a - b).max() <= 0.15 * np.abs(a).max()
@@ -426,22 +434,22 @@ def test_info_shows_a_generation_bundle(bundles):
     assert f"static KV cache of {CAPACITY} positions" in out
 
 
-def test_a_failed_build_leaves_no_bundle(llama, tmp_path):
+def test_a_failed_build_leaves_no_bundle(lm, tmp_path):
     from ptbundle.builder.errors import ExportError
 
-    _, cfg, weights, _, cache = llama
+    _, cfg, weights, _, cache = lm
     bad = {**cache, "key.0": cache["key.0"][:, :2]}  # layers differ in prompt length
     from ptbundle.builder.bundles.generation import write_generation_bundle
 
     with pytest.raises(ExportError, match="prompt length"):
-        write_generation_bundle(tmp_path / "b", weights, cfg, llama[0] / "tokenizer.json", bad, name="x",
+        write_generation_bundle(tmp_path / "b", weights, cfg, lm[0] / "tokenizer.json", bad, name="x",
                                 template=None, details={}, backbone=backbone_info(cfg))
     with pytest.raises(ExportError, match="MindIR capacity"):  # no room after the prompt cache
-        write_generation_bundle(tmp_path / "b", weights, cfg, llama[0] / "tokenizer.json", cache, name="x",
+        write_generation_bundle(tmp_path / "b", weights, cfg, lm[0] / "tokenizer.json", cache, name="x",
                                 template=None, details={}, backbone=backbone_info(cfg), mindir_capacity=P + 4)
     wrong = lambda ids, mask: llama_forward(weights, cfg, ids, mask) + 1.0  # noqa: E731
     with pytest.raises(ExportError, match="differ from the reference"):
-        write_generation_bundle(tmp_path / "b", weights, cfg, llama[0] / "tokenizer.json", None, name="x",
+        write_generation_bundle(tmp_path / "b", weights, cfg, lm[0] / "tokenizer.json", None, name="x",
                                 template=None, details={}, backbone=backbone_info(cfg), reference=wrong)
     assert list(tmp_path.iterdir()) == []
 
@@ -462,13 +470,13 @@ def test_the_bundle_has_a_hashed_mindir_graph_and_its_parity(bundles, case):
 
 
 @pytest.mark.parametrize("case", ["plain", "prefix"])
-def test_mindir_logits_equal_the_reference_and_onnx_in_prefill_and_decode(llama, bundles, case):
+def test_mindir_logits_equal_the_reference_and_onnx_in_prefill_and_decode(lm, bundles, case):
     from ptbundle.runtime import Bundle
 
-    _, cfg, *_ = llama
+    _, cfg, *_ = lm
     onnx = session_of(bundles / case)
     mindir = Bundle.load(bundles / case, backend="mindspore").generator.session
-    ids, mask, expected = reference_batch(llama, case)  # right-padded rows of different lengths
+    ids, mask, expected = reference_batch(lm, case)  # right-padded rows of different lengths
     rows, last = np.arange(len(ids)), mask.sum(1) - 1
     logits, _ = mindir.prefill(ids, mask)
     assert np.abs(logits - expected[rows, last]).max() <= MINDIR_TOLERANCE
@@ -500,11 +508,11 @@ def test_mindspore_greedy_generation_equals_onnxruntime_token_for_token(bundles,
                                                                 expected.finish_reason), prompt
 
 
-def test_mindir_decode_steps_keep_one_shape(llama, bundles):
+def test_mindir_decode_steps_keep_one_shape(lm, bundles):
     """GraphCell prepares a graph per input shape: every decode step must bring the same ones."""
     from ptbundle.runtime import Bundle
 
-    _, cfg, *_ = llama
+    _, cfg, *_ = lm
     bundle = Bundle.load(bundles / "prefix", backend="mindspore")
     session = bundle.generator.session
     start = [c.asnumpy().copy() for c in session.start_caches(1)]

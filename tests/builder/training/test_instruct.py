@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor, ops
 
-from checkpoints import write_llama_checkpoint
+from checkpoints import ROOT, write_llama_checkpoint
 from ptbundle.builder.backbones.backbone import load_backbone
 from ptbundle.builder.models.decoder import DecoderClassifier
 from ptbundle.builder.errors import DataError, RecipeError
@@ -19,7 +19,7 @@ from ptbundle.builder.recipe import Recipe
 from ptbundle.runtime.generate import Generator
 from ptbundle.runtime.template import Template
 
-SHIPPED = Path(__file__).resolve().parent.parent / "data" / "instructions"
+SHIPPED = ROOT / "data" / "instructions"
 P = 4
 
 

@@ -8,13 +8,13 @@ import pytest
 from mindspore import Tensor
 from safetensors.numpy import load_file, save_file
 
-from checkpoints import write_checkpoint
+from checkpoints import FIXTURES, write_checkpoint
 from ptbundle.builder.backbones.backbone import load_backbone
 from ptbundle.builder.errors import BackboneError
 from ptbundle.builder.models.classifier import PromptClassifier
 from ptbundle.builder.families.encoder import ENCODER
 
-FIXTURE = np.load(Path(__file__).parent / "fixtures" / "reference_logits.npz")
+FIXTURE = np.load(FIXTURES / "reference_logits.npz")
 TOLERANCE = 1e-5
 
 # case -> (checkpoint, pooling, head dense from the fixture instead of the checkpoint)

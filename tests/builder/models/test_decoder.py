@@ -10,13 +10,12 @@ token, so it can be held to the reference.
 """
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 from mindspore import Tensor
 
-from checkpoints import write_llama_checkpoint
+from checkpoints import FIXTURES, write_llama_checkpoint, write_qwen2_checkpoint
 from ptbundle.builder.backbones.backbone import load_backbone
 from ptbundle.builder.models.decoder import DecoderClassifier
 from ptbundle.builder.families import family_of
@@ -26,7 +25,7 @@ from ptbundle.builder.models.prompts import PromptSpec
 from ptbundle.runtime.onnx_backend import OnnxModel
 from ptbundle.builder.families.decoder import DECODER
 
-REFERENCE = Path(__file__).parent / "fixtures" / "llama_reference.npz"
+REFERENCE = FIXTURES / "llama_reference.npz"
 P = 5  # the reference's virtual tokens
 
 
@@ -43,9 +42,18 @@ def tiny_llama(tmp_path_factory, ref):
     return load_backbone(d)
 
 
-@pytest.fixture(scope="module")
-def tiny_untied(tmp_path_factory):
-    return load_backbone(write_llama_checkpoint(tmp_path_factory.mktemp("tiny-llama-untied"), tie=False))
+WRITERS = {"llama": write_llama_checkpoint, "qwen2": write_qwen2_checkpoint}
+
+
+@pytest.fixture(scope="module", params=list(WRITERS))
+def family_case(request, tmp_path_factory):
+    """(tied backbone, untied backbone, reference) of each decoder architecture: Llama, and Qwen2 (q/k/v biases)."""
+    ref = np.load(FIXTURES / f"{request.param}_reference.npz")
+    tied = WRITERS[request.param](tmp_path_factory.mktemp(request.param))
+    digest = hashlib.sha256((tied / "model.safetensors").read_bytes()).hexdigest()
+    assert digest == str(ref["plain/checkpoint_sha256"]), "checkpoints.py changed: remake the fixture"
+    untied = WRITERS[request.param](tmp_path_factory.mktemp(request.param + "-untied"), tie=False)
+    return load_backbone(tied), load_backbone(untied), ref
 
 
 def vocab_classifier(backbone, spec=PromptSpec(), prompt=None) -> DecoderClassifier:
@@ -66,9 +74,10 @@ def last_rows(logits, mask, offset=0):
     return logits[np.arange(len(mask)), offset + mask.sum(1) - 1]
 
 
-def test_decoder_matches_transformers_at_every_position(tiny_llama, ref):
+def test_decoder_matches_transformers_at_every_position(family_case):
+    backbone, _, ref = family_case
     ids, mask = ref["plain/input_ids"], ref["plain/attention_mask"]
-    decoder = DECODER.model(tiny_llama)
+    decoder = DECODER.model(backbone)
     logits = decoder.logits(decoder(decoder.embed(Tensor(ids)), Tensor(mask))).asnumpy()
     valid = mask.astype(bool)
     assert np.abs(logits[valid] - ref["plain/logits"][valid]).max() < 1e-4
@@ -78,15 +87,17 @@ def test_decoder_matches_transformers_at_every_position(tiny_llama, ref):
         assert np.abs(alone.asnumpy() - ref[f"plain/row{i}/logits"]).max() < 1e-4
 
 
-def test_untied_head_matches_transformers(tiny_untied, ref):
+def test_untied_head_matches_transformers(family_case):
+    _, untied, ref = family_case
     ids, mask = ref["plain/input_ids"], ref["plain/attention_mask"]
     expected = last_rows(ref["untied/logits"], mask)
-    assert np.abs(run(vocab_classifier(tiny_untied), ids, mask) - expected).max() < 1e-4
+    assert np.abs(run(vocab_classifier(untied), ids, mask) - expected).max() < 1e-4
 
 
 @pytest.mark.parametrize("method", ["none", "prefix-tuning", "prompt-tuning"])
-def test_classifier_reads_the_lm_head_as_peft_does(tiny_llama, ref, method, tmp_path):
+def test_classifier_reads_the_lm_head_as_peft_does(family_case, method, tmp_path):
     """PEFT CAUSAL_LM prefix and prompt tuning: same logits at each row's last token, in MindSpore and ONNX."""
+    tiny_llama, _, ref = family_case
     ids, mask = ref["plain/input_ids"], ref["plain/attention_mask"]
     if method == "none":
         net, expected = vocab_classifier(tiny_llama), last_rows(ref["plain/logits"], mask)
@@ -241,7 +252,7 @@ def decoder_build(tmp_path_factory, toy_files, monkeypatch_module):
     """Soft (a prefix), zero-shot and probe bundles of the toy task on the tiny Llama, given as a GGUF file (so
     the conversion is on the path), with int8 graphs."""
     from conftest import build
-    from test_gguf import write_gguf
+    from gguf_files import write_gguf
 
     root = tmp_path_factory.mktemp("decoder-build")
     monkeypatch_module.setenv("PTBUNDLE_CACHE", str(root / "cache"))
@@ -381,3 +392,71 @@ def test_pt_build_instruct_refuses_before_training(tmp_path, options, message):
     assert result.exit_code != 0 and message in result.output
     assert "epoch" not in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out" / "chat-soft").exists()
+
+
+def qwen2_with(tmp_path, edit_config=None, drop=()):
+    """A tiny Qwen2 checkpoint with config.json edited and the tensors in `drop` left out."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    d = write_qwen2_checkpoint(tmp_path / "qwen2")
+    if edit_config:
+        raw = json.loads((d / "config.json").read_text())
+        edit_config(raw)
+        (d / "config.json").write_text(json.dumps(raw))
+    if drop:
+        weights = load_file(str(d / "model.safetensors"))
+        save_file({k: v for k, v in weights.items() if k not in drop}, str(d / "model.safetensors"))
+    return d
+
+
+def test_qwen2_reads_rope_theta_where_transformers_5_writes_it(tmp_path):
+    """transformers 5 saves rope_theta inside rope_parameters: read there, Qwen2.5's 1e6 is not the 1e4 default."""
+    def v5(raw):
+        raw["rope_parameters"] = {"rope_theta": raw.pop("rope_theta"), "rope_type": "default"}
+        raw["layer_types"] = ["full_attention"] * raw["num_hidden_layers"]
+
+    backbone = load_backbone(qwen2_with(tmp_path, v5))
+    assert (backbone.config.rope_theta, backbone.config.qkv_bias) == (1e6, True)
+
+
+@pytest.mark.parametrize("edit, drop, message", [
+    (None, ("model.layers.1.self_attn.k_proj.bias",), "missing tensor layers.1.self_attn.k_proj.bias"),
+    (lambda raw: raw.update(use_sliding_window=True), (), "sliding-window attention is not supported"),
+    (lambda raw: raw.update(rope_parameters={"rope_type": "yarn", "factor": 4.0}), (), "rope_parameters"),
+], ids=["missing-bias", "sliding-window", "yarn"])
+def test_a_qwen2_checkpoint_we_cannot_run_exactly_is_one_line(tmp_path, edit, drop, message):
+    with pytest.raises(BackboneError, match=message):
+        load_backbone(qwen2_with(tmp_path, edit, drop))
+
+
+def test_qwen2_classifier_bundles_build_and_serve(tmp_path, toy_files):
+    """Zero-shot and prefix classifier bundles on a Qwen2 checkpoint, by the real pt-build, served by pt-run serve."""
+    from conftest import build
+    from ptbundle.runtime import Bundle
+    from serving import Server
+
+    ckpt = write_qwen2_checkpoint(tmp_path / "qwen2")
+    train, dev = toy_files
+    out = tmp_path / "exports"
+    common = ["--train", str(train), "--dev", str(dev), "--backbone", str(ckpt), "--max-length", "64",
+              "--template", DECODER_TEMPLATE, *[x for w in WORDS for x in ("--label-text", w)], "--out", str(out)]
+    build(["export", "--prompt", "hard", "--head", "zero-shot", *common, "--name", "q-zero"])
+    build(["export", "--prompt", "soft", "--virtual-tokens", "4", "--epochs", "1", "--batch-size", "8", *common,
+           "--name", "q-prefix"])
+    texts = ["a great movie", "the worst film ever"]
+    server = Server(out / "q-zero", out / "q-prefix")
+    try:
+        for name in ("q-zero", "q-prefix"):
+            bundle = Bundle.load(out / name)
+            assert bundle.manifest.backbone.model_type == "qwen2"
+            assert bundle.manifest.export["onnx"] < 1e-4 and bundle.manifest.export["mindir"] < 1e-5
+            status, body = server.predict(name, texts)
+            assert status == 200
+            for got, want in zip(body["predictions"], bundle.predict(texts)):
+                assert got["label"] == want.label
+                assert got["probabilities"] == pytest.approx(want.probabilities, abs=1e-5)
+        assert Bundle.load(out / "q-prefix").manifest.only.prompt_method == "prefix-tuning"
+    finally:
+        server.stop()

@@ -9,7 +9,7 @@ from ptbundle import builder
 from ptbundle.builder.backbones import architectures
 from ptbundle.builder.models import prompts
 from ptbundle.runtime import Bundle
-from test_serve import Server
+from serving import Server
 
 
 @pytest.fixture(scope="module")

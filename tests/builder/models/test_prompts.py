@@ -8,12 +8,13 @@ import pytest
 from click.testing import CliRunner
 from mindspore import Tensor
 
+from checkpoints import FIXTURES
 from ptbundle.builder.backbones.backbone import load_backbone
 from ptbundle.builder.models.classifier import PromptClassifier
 from ptbundle.builder.models.prompts import PromptSpec
 from ptbundle.builder.families.encoder import ENCODER
 
-FIXTURE = np.load(Path(__file__).parent / "fixtures" / "prefix_reference.npz")
+FIXTURE = np.load(FIXTURES / "prefix_reference.npz")
 TOLERANCE = 1e-5
 
 # case -> (checkpoint, pooling); made by fixtures/make_prefix_reference.py with PEFT's PrefixTuningConfig
