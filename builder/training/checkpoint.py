@@ -44,7 +44,7 @@ class Checkpoints:
 
 @dataclass
 class LoopState:
-    """train.fit's loop between two steps."""
+    """builder.training.loop.fit between two steps."""
 
     epoch: int = 1  # the epoch being run, 1-based
     batch: int = 0  # batches of it already done
@@ -54,7 +54,7 @@ class LoopState:
     correct: int = 0
     curve: list = field(default_factory=list)
     best_epoch: int = 0
-    best_dev: float = -1.0
+    best_dev: float | None = None  # the best epoch's Objective.score (None: no epoch yet)
     step_seconds: list = field(default_factory=list)
     seconds: float = 0.0  # training time before this process
 

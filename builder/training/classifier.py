@@ -23,7 +23,7 @@ from ptbundle.builder.training import checkpoint, parallel
 from .checkpoint import Checkpoints
 from .forward import LayerCache, Upper, encode_split, evaluate
 from .init import initial_prompt
-from .loop import TrainStep, fit
+from .loop import TrainStep, classification, fit
 
 
 @dataclass
@@ -98,8 +98,9 @@ def train(backbone: Backbone, dataset, recipe: Recipe, log=print, checkpoints: C
         batch_inputs = lambda index: [Tensor(a) for a in pad([train_enc[i] for i in index], pad_id,  # noqa: E731
                                                              TRAIN_PAD_MULTIPLE)]
         dev_metrics = lambda: evaluate(net, *run.splits["dev"], pad_id, run.num_labels)  # noqa: E731
-    result = fit(step, batch_inputs, [len(e.ids) for e in train_enc], train_y, run.num_labels, recipe, dev_metrics,
-                 net.head_state, log, checkpoints=checkpoints, world=world)
+    objective = classification(step, batch_inputs, train_y, run.num_labels, dev_metrics)
+    result = fit(step, objective, [len(e.ids) for e in train_enc], recipe, net.head_state, log,
+                 checkpoints=checkpoints, world=world)
     # The compiled train graphs hold GBs of buffers (see TRAIN_PAD_MULTIPLE);
     # drop them before evaluation and export compile graphs of their own.
     del step

@@ -39,7 +39,7 @@ from ..graphs.targets import export_onnx
 from ..models.classifier import Features, HeadOnly, PromptClassifier
 from ..recipe import Recipe
 from .forward import cell_logits, encode_split
-from .loop import TrainStep, fit
+from .loop import TrainStep, classification, fit
 
 # Cosine similarities of sentence embeddings differ by a few hundredths
 # between labels; this scale turns them into usable probabilities.  It does
@@ -231,9 +231,9 @@ def build_probe(cache: FeatureCache, backbone: Backbone, recipe: Recipe, log) ->
         raise BuildError(f"{len(gold)} training examples, fewer than one batch of {recipe.batch_size}")
     net = hard_classifier(backbone, recipe, num_labels, normalize=False)
     step = TrainStep(HeadOnly(net), recipe, len(gold) // recipe.batch_size * recipe.epochs)
-    result = fit(step, lambda index: [Tensor(features[index])], lengths, gold, num_labels, recipe,
-                 lambda: split_metrics(cache, "dev", net.head_state(), normalize=False), net.head_state, log,
-                 name="probe epoch")
+    objective = classification(step, lambda index: [Tensor(features[index])], gold, num_labels,
+                               lambda: split_metrics(cache, "dev", net.head_state(), normalize=False))
+    result = fit(step, objective, lengths, recipe, net.head_state, log, name="probe epoch")
     head = result.weights
     net.load_head_state(head)
     curve = result.curve

@@ -20,7 +20,7 @@ from ..models.prompts import PromptSpec
 from .chat import (CHAT_FORMAT, DEFAULT_INIT_TEXT, DEFAULT_SYSTEM, ChatFormat, batch_arrays,
                                             encode_examples, instruction_tokenizer, prompt_ids)
 from .init import initial_prompt
-from .loop import bucketed_batches, lr_schedule, progress
+from .loop import Objective, fit, lr_schedule
 
 
 
@@ -227,50 +227,31 @@ def train_prompt(backbone, examples_train, examples_dev, recipe, log=print, fmt:
         f" {before['default_system']['loss']:.4f} with SmolLM2's default one,"
         f" {before['initial_prompt']['loss']:.4f} with the initial prompt ({time.time() - started:.0f} s)")
 
-    steps_per_epoch = len(train) // recipe.batch_size
-    step = LMTrainStep(model, recipe, steps_per_epoch * recipe.epochs)
-    rng = np.random.RandomState(recipe.seed)
-    lengths = [len(e.ids) for e in train]
-    curve, best, step_seconds = [], None, []
-    for epoch in range(1, recipe.epochs + 1):
-        step.set_train(True)
-        t0 = time.time()
-        seen = {"loss": 0.0, "tokens": 0, "correct": 0}
-
-        def status():
-            return f"loss {seen['loss'] / max(seen['tokens'], 1):.3f}" if seen["tokens"] else ""
-
-        for index in progress(bucketed_batches(lengths, recipe.batch_size, rng), f"epoch {epoch}/{recipe.epochs}",
-                              status):
-            arrays = batch_arrays([train[i] for i in index], pad_id)
-            s0 = time.perf_counter()
-            _, losses, predicted = step(*(Tensor(a) for a in arrays))
-            step_seconds.append(time.perf_counter() - s0)
-            weight = arrays[4]
-            seen["loss"] += float(losses.asnumpy().sum())
-            seen["tokens"] += int(weight.sum())
-            seen["correct"] += int(((predicted.asnumpy() == arrays[3]) & (weight > 0)).sum())
-        train_seconds = time.time() - t0
-        dev_metrics = lm_metrics(model, dev, pad_id)
-        point = {"epoch": epoch, "step": epoch * steps_per_epoch,
-                 "train_loss": round(seen["loss"] / max(seen["tokens"], 1), 5),
-                 "train_token_accuracy": round(seen["correct"] / max(seen["tokens"], 1), 5),
-                 "dev": dev_metrics, "epoch_seconds": round(train_seconds, 1),
-                 "seconds": round(time.time() - started, 1)}
-        curve.append(point)
-        log(f"epoch {epoch}: train loss {point['train_loss']:.4f}, dev loss {dev_metrics['loss']:.4f}"
-            f" (perplexity {dev_metrics['perplexity']:.3f}, token accuracy {dev_metrics['token_accuracy']:.4f})"
-            f" [{train_seconds:.0f} s training]")
-        if best is None or dev_metrics["loss"] < best[1]["loss"]:
-            best = (epoch, dev_metrics, model.prompt_state())
+    step = LMTrainStep(model, recipe, len(train) // recipe.batch_size * recipe.epochs)
+    result = fit(step, language_modelling(step, model, train, dev, pad_id), [len(e.ids) for e in train], recipe,
+                 model.prompt_state, log)
     del step
-    model.load_prompt_state(best[2])
+    model.load_prompt_state(result.weights)
     model.set_train(False)
-    metrics = {"best_epoch": best[0], "dev": best[1], "before": before,
+    metrics = {"best_epoch": result.best_epoch, "dev": result.curve[result.best_epoch - 1]["dev"], "before": before,
                "train_seconds": round(time.time() - started, 1),
-               "seconds_per_step_median": round(float(np.median(step_seconds)), 3), "steps": len(step_seconds),
-               "chat_template": fmt.template, "init_text": recipe.init_text}
-    return model, curve, metrics
+               "seconds_per_step_median": round(float(np.median(result.step_seconds)), 3),
+               "steps": len(result.step_seconds), "chat_template": fmt.template, "init_text": recipe.init_text}
+    return model, result.curve, metrics
+
+
+def language_modelling(step: LMTrainStep, model: LMPromptModel, train: list, dev: list, pad_id: int) -> Objective:
+    """The LM loss on the answers' tokens; the lowest dev loss picks the epoch."""
+    def run(index):
+        arrays = batch_arrays([train[i] for i in index], pad_id)
+        _, losses, predicted = step(*(Tensor(a) for a in arrays))
+        targets, weight = arrays[3], arrays[4]
+        return (float(losses.asnumpy().sum()), int(weight.sum()),
+                int(((predicted.asnumpy() == targets) & (weight > 0)).sum()))
+
+    return Objective(run, lambda: lm_metrics(model, dev, pad_id), lambda d: -d["loss"],
+                     lambda d: f"dev loss {d['loss']:.4f} (perplexity {d['perplexity']:.3f}, token accuracy"
+                               f" {d['token_accuracy']:.4f})", accuracy="train_token_accuracy")
 
 
 # --- a check, not the product: greedy decoding with a full pass per token (runtime.generate is the real one) ------

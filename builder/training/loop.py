@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import click
 import numpy as np
@@ -103,6 +104,38 @@ def progress(items, label: str, status):
                   file=sys.stderr, flush=True)
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What `fit` trains for and how it keeps score: one batch through the step, and dev after each epoch.
+
+    `run(index)` takes a batch (example indices), steps, and returns (summed loss, units, correct units): examples
+    for a classifier, target tokens for a language model.  `dev()` scores the current weights; `score(dev)` is
+    what the best epoch maximises; `describe(dev)` is its part of the epoch's log line; `accuracy` names the
+    curve's training-accuracy field."""
+
+    run: Callable
+    dev: Callable
+    score: Callable
+    describe: Callable
+    accuracy: str = "train_accuracy"
+
+
+def classification(step: TrainStep, batch_inputs: Callable, labels, num_labels: int, dev_metrics: Callable) -> Objective:
+    """A classifier's objective: cross-entropy on one-hot labels; dev accuracy picks the epoch.
+    `batch_inputs(index)` gives the Tensors the step's net takes for those examples (token arrays for a prompt,
+    features for a head alone)."""
+    onehot = np.eye(num_labels, dtype=np.float32)
+    labels = np.asarray(labels)
+
+    def run(index):
+        y = labels[index]
+        loss, logits = step(*batch_inputs(index), Tensor(onehot[y]))
+        return float(loss.asnumpy()) * len(index), len(index), int((logits.asnumpy().argmax(-1) == y).sum())
+
+    return Objective(run, dev_metrics, lambda dev: dev["accuracy"],
+                     lambda dev: f"dev acc {dev['accuracy']:.4f} macro-F1 {dev['macro_f1']:.4f}")
+
+
 @dataclass
 class Fit:
     """What `fit` returns: the best epoch (on dev), its weights, the curve, and the time per step."""
@@ -114,24 +147,20 @@ class Fit:
     seconds: float
 
 
-def fit(step: TrainStep, batch_inputs, lengths, labels, num_labels: int, recipe: Recipe, dev_metrics, weights,
-        log, name: str = "epoch", checkpoints: Checkpoints | None = None, world: World = World()) -> Fit:
+def fit(step, objective: Objective, lengths, recipe: Recipe, weights: Callable, log, name: str = "epoch",
+        checkpoints: Checkpoints | None = None, world: World = World()) -> Fit:
     """The one training loop: epochs of length-bucketed batches, dev after each, the best epoch kept.
 
-    `batch_inputs(index)` gives the Tensors the step's net takes for those
-    examples (token arrays for a prompt, features for a head alone);
-    `dev_metrics()` scores the current weights on dev; `weights()` snapshots
-    them.  The batch order is drawn from `recipe.seed` alone, so every kind
-    of model trained on the same data sees the same batches.  With
-    `checkpoints`, the whole state is saved every `every` steps and after
-    each epoch, and `resume` goes on from the last save (builder.training.checkpoint).
-    In a `world` of several workers (builder.training.parallel) the batches are global,
-    workers x batch_size examples, each worker training on its shard; only
-    the leader logs and saves.
+    Every prompt and head trains here: a classifier's (builder.training.classifier), a head alone
+    (builder.training.hard), an instruction prompt with the LM loss (builder.training.instruct); `objective`
+    says what a batch and a dev score are.  `weights()` snapshots what is trained.  The batch order is drawn
+    from `recipe.seed` alone, so every kind of model trained on the same data sees the same batches.  With
+    `checkpoints`, the whole state is saved every `every` steps and after each epoch, and `resume` goes on from
+    the last save (builder.training.checkpoint).  In a `world` of several workers (builder.training.parallel)
+    the batches are global, workers x batch_size examples, each worker training on its shard; only the leader
+    logs and saves.
     """
     rng = np.random.RandomState(recipe.seed)
-    onehot = np.eye(num_labels, dtype=np.float32)
-    labels = np.asarray(labels)
     global_batch = recipe.batch_size * world.size
     steps_per_epoch = len(lengths) // global_batch
     if not world.leader:
@@ -151,14 +180,12 @@ def fit(step: TrainStep, batch_inputs, lengths, labels, num_labels: int, recipe:
             state.epoch, state.loss_sum, state.seen, state.correct = epoch, 0.0, 0, 0
         stats = {}
         for index in progress(batches[state.batch :], f"{name} {epoch}/{recipe.epochs}", lambda: stats.get("text", "")):
-            index = world.shard(index)
-            inputs, y = batch_inputs(index), labels[index]
             t0 = time.perf_counter()
-            loss, logits = step(*inputs, Tensor(onehot[y]))
-            state.loss_sum += float(loss.asnumpy()) * len(index)
+            loss_sum, units, correct = objective.run(world.shard(index))
             state.step_seconds.append(time.perf_counter() - t0)
-            state.correct += int((logits.asnumpy().argmax(-1) == y).sum())
-            state.seen += len(index)
+            state.loss_sum += loss_sum
+            state.correct += correct
+            state.seen += units
             state.batch += 1
             state.steps += 1
             stats["text"] = f"loss {state.loss_sum / state.seen:.3f} acc {state.correct / state.seen:.3f}"
@@ -167,14 +194,16 @@ def fit(step: TrainStep, batch_inputs, lengths, labels, num_labels: int, recipe:
                 state.seconds = time.time() - started
                 checkpoint.save(checkpoints, step.optimizer, state, epoch_rng, best[1] if best else None)
             checkpoint.maybe_die(state.steps, world.rank)
-        dev = dev_metrics()
-        point = {"epoch": epoch, "step": epoch * steps_per_epoch, "train_loss": state.loss_sum / state.seen,
-                 "train_accuracy": state.correct / state.seen, "dev": dev, "seconds": round(time.time() - started, 1)}
+        dev = objective.dev()
+        point = {"epoch": epoch, "step": epoch * steps_per_epoch, "train_loss": state.loss_sum / max(state.seen, 1),
+                 objective.accuracy: state.correct / max(state.seen, 1), "dev": dev,
+                 "seconds": round(time.time() - started, 1)}
         state.curve.append(point)
-        log(f"{name} {epoch}: train loss {point['train_loss']:.4f} acc {point['train_accuracy']:.4f}, "
-            f"dev acc {dev['accuracy']:.4f} macro-F1 {dev['macro_f1']:.4f} ({point['seconds']:.0f} s)")
-        if dev["accuracy"] > state.best_dev:
-            state.best_dev, best = dev["accuracy"], (epoch, weights())
+        log(f"{name} {epoch}: train loss {point['train_loss']:.4f} acc {point[objective.accuracy]:.4f}, "
+            f"{objective.describe(dev)} ({point['seconds']:.0f} s)")
+        score = objective.score(dev)
+        if state.best_dev is None or score > state.best_dev:
+            state.best_dev, best = score, (epoch, weights())
             state.best_epoch = epoch
         state.epoch, state.batch = epoch + 1, 0
         if checkpoints is not None and checkpoints.every >= 0 and epoch < recipe.epochs:
