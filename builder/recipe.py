@@ -24,6 +24,11 @@ def prompt_methods() -> tuple:
     return tuple(name for name in PROMPTS if name != "none")
 
 
+def takers(capability: str) -> list:
+    """The prompt methods that have `capability` (builder.models.prompts)."""
+    return [name for name, kind in PROMPTS.items() if getattr(kind, capability)]
+
+
 def poolings() -> tuple:
     return tuple(POOLING)
 
@@ -100,10 +105,13 @@ class Recipe:
             raise RecipeError("--init text needs --init-text TEXT (the words whose embeddings start the prompt)")
         if self.method == "late-prompt" and self.layer == 0:
             raise RecipeError("--method late-prompt enters at --layer 1 or above (at layer 0 it is prompt-tuning)")
-        if self.method != "prefix-tuning" and self.prefix_projection:
-            raise RecipeError(f"--prefix-projection is for --method prefix-tuning, not {self.method}")
-        if self.method == "prompt-tuning" and self.layer:
-            raise RecipeError("--layer is for prefix-tuning and late-prompt; prompt-tuning enters at the embeddings")
+        kind = PROMPTS[self.method]
+        if self.prefix_projection and not kind.takes_projection:
+            raise RecipeError(f"--prefix-projection is for --method {' or '.join(takers('takes_projection'))},"
+                              f" not {self.method}")
+        if self.layer and not kind.takes_layer:
+            raise RecipeError(f"--layer is for {' and '.join(takers('takes_layer'))}; {self.method} enters at the"
+                              f" embeddings")
         if self.init_text is not None and self.init != "text":
             raise RecipeError(f"--init-text starts the prompt from text, --init {self.init} from elsewhere:"
                               f" give one of them")

@@ -14,10 +14,13 @@ from ..models.decoder import Decoder, DecoderClassifier, sequence_cache
 # A causal LM reads the task as an instruction in its chat format (ChatML: SmolLM2-Instruct's) and is read
 # at the answer slot, the template's end; its labels are single words.  Chosen on MR dev by
 # bench/experiments/decoder_zero_shot.py (docs/decoders.md).
-MR_TEMPLATE = ("<|im_start|>user\nWhat is the sentiment of this movie review?\n{text}<|im_end|>\n"
-               "<|im_start|>assistant\nThe sentiment of this review is")
-TEMPLATE = "<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\nThe answer is"
-PAIR_TEMPLATE = "<|im_start|>user\n{text}\n{text_b}<|im_end|>\n<|im_start|>assistant\nThe answer is"
+# ChatML, the chat format of the instruct checkpoints this family serves (SmolLM2, Qwen2.5): a user turn and the
+# start of the assistant's, with "{}" for the turn's text; the assistant's turn ends at CHATML_END.
+CHATML_USER = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+CHATML_END = "<|im_end|>"
+MR_TEMPLATE = CHATML_USER.format("What is the sentiment of this movie review?\n{text}") + "The sentiment of this review is"
+TEMPLATE = CHATML_USER.format("{text}") + "The answer is"
+PAIR_TEMPLATE = CHATML_USER.format("{text}\n{text_b}") + "The answer is"
 MR_LABEL_WORDS = ("positive=positive", "negative=negative")
 
 

@@ -68,8 +68,8 @@ class PromptSpec:
             method = "prompt-tuning" if virtual_tokens > 0 else "none"
         if method == "none" or virtual_tokens == 0:
             return cls()
-        return cls(method, virtual_tokens, layer if method in ("prefix-tuning", "late-prompt") else 0,
-                   projection if method == "prefix-tuning" else 0)
+        kind = PROMPTS[method]
+        return cls(method, virtual_tokens, layer if kind.takes_layer else 0, projection if kind.takes_projection else 0)
 
     def folded(self) -> "PromptSpec":
         """The spec of the inference graph: the reparameterization folded away."""
@@ -96,6 +96,8 @@ class PromptMethod(nn.Cell):
     decoders = True  # a causal decoder takes it (builder.models.decoder.DecoderClassifier)
     mergeable = False  # builder.models.classifier.MultiTaskClassifier can hold it (pt-build merge)
     peft_type = None  # the PEFT method that holds it exactly (a bundle's peft/ adapter, builder.bundles.peft)
+    takes_layer = False  # --layer means something to it
+    takes_projection = False  # --prefix-projection means something to it
 
     @staticmethod
     def peft_refusal(spec: PromptSpec) -> str | None:
@@ -231,6 +233,7 @@ class PromptTuning(PromptMethod):
 class PrefixTuning(PromptMethod):
     has_keys_values = True
     peft_type = "PREFIX_TUNING"
+    takes_layer = takes_projection = True
 
     @staticmethod
     def peft_refusal(spec: PromptSpec) -> str | None:
@@ -310,6 +313,7 @@ class PrefixTuning(PromptMethod):
 
 class LatePrompt(PromptMethod):
     decoders = False  # it would need positions of its own in a causal decoder
+    takes_layer = True
 
     @staticmethod
     def peft_refusal(spec: PromptSpec) -> str | None:

@@ -39,6 +39,7 @@ from ptbundle.runtime.template import Template
 from ptbundle.runtime.text import encode, load_tokenizer
 
 from ..errors import DataError
+from ..families.decoder import CHATML_END, CHATML_USER
 
 # --- data ----------------------------------------------------------------------------------------------------------
 
@@ -116,7 +117,7 @@ class ChatFormat:
 
 
 # SmolLM2-Instruct's ChatML without its system message (the soft prompt is the system message).
-CHAT_FORMAT = ChatFormat("<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>")
+CHAT_FORMAT = ChatFormat(CHATML_USER.format("{text}"), CHATML_END)
 # What SmolLM2's chat template puts first when no system message is given (its GGUF's tokenizer.chat_template):
 # the hard baseline a learned system prompt replaces.
 DEFAULT_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
