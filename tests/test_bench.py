@@ -434,3 +434,13 @@ def test_generate_speed_times_our_generation_bundles(smoke):
         assert result["parity"]["fp32"]["match"] == result["parity"]["prompts"]
     else:
         assert result["peer_skipped"]
+
+
+def test_bench_reaches_the_builder_through_its_public_modules_only():
+    """bench/ names builder code through ptbundle.builder (building) and ptbundle.builder.lab (the building blocks
+    measured), never a module inside a layer: a move inside builder/ then breaks no benchmark."""
+    import re
+
+    public = {"ptbundle.builder", "ptbundle.builder.lab", "ptbundle.builder.api"}
+    used = {m for f in BENCH.rglob("*.py") for m in re.findall(r"ptbundle\.builder[\w.]*", f.read_text())}
+    assert used and used <= public, sorted(used - public)

@@ -4,6 +4,7 @@ models all read them."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from ..errors import BackboneError
@@ -102,43 +103,17 @@ def decoder_config(arch, raw: dict, source) -> DecoderConfig:
     """The DecoderConfig of a parsed Llama-family config.json; a missing, malformed or unsupported field is a
     BackboneError naming the file and the field."""
 
-    def get(key, kind, default=None):
-        value = raw.get(key, default)
-        if value is None:
-            raise BackboneError(f"{source}: missing field {key!r}")
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise BackboneError(f"{source}: field {key!r} is {value!r}, not true or false")
-            return value
-        try:
-            out = kind(value)
-        except (TypeError, ValueError):
-            raise BackboneError(f"{source}: field {key!r} is {value!r}, not {kind.__name__}") from None
-        if kind is int and out != value:
-            raise BackboneError(f"{source}: field {key!r} is {value!r}, not an integer")
-        return out
-
+    get = functools.partial(config_field, raw, source)
     hidden, heads = get("hidden_size", int), get("num_attention_heads", int)
     if heads < 1 or (raw.get("head_dim") is None and hidden % heads):
         raise BackboneError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
     kv_heads = get("num_key_value_heads", int, heads)
     if kv_heads < 1 or heads % kv_heads:
         raise BackboneError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-    act = raw.get("hidden_act", "silu")
-    if act != "silu":
-        raise BackboneError(f"{source}: hidden_act {act!r} is not supported (only 'silu')")
-    if raw.get("rope_scaling"):
-        raise BackboneError(f"{source}: rope_scaling {raw['rope_scaling']!r} is not supported (plain rotary only)")
+    refuse_unsupported(raw, source)
     # transformers 5 writes rope_theta inside rope_parameters (and no top-level key): read it there, or a
     # Qwen2.5's 1e6 would silently become the 1e4 default
     rope = raw.get("rope_parameters") or {}
-    if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
-        raise BackboneError(f"{source}: rope_parameters {rope!r} is not supported (plain rotary only)")
-    if raw.get("use_sliding_window") or any(t != "full_attention" for t in raw.get("layer_types") or ()):
-        raise BackboneError(f"{source}: sliding-window attention is not supported (use_sliding_window, layer_types)")
-    for key in ("attention_bias", "mlp_bias"):
-        if raw.get(key):
-            raise BackboneError(f"{source}: field {key!r} is true; only Llama without biases is supported")
     eos = raw.get("eos_token_id")
     eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     if not all(isinstance(e, int) for e in eos):
@@ -165,3 +140,38 @@ def decoder_config(arch, raw: dict, source) -> DecoderConfig:
         pad_token_id=int(pad),
     )
 
+
+
+def config_field(raw: dict, source, key: str, kind, default=None):
+    """config.json's `key` as `kind` (or `default` if absent); missing or malformed is a BackboneError naming it."""
+    value = raw.get(key, default)
+    if value is None:
+        raise BackboneError(f"{source}: missing field {key!r}")
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise BackboneError(f"{source}: field {key!r} is {value!r}, not true or false")
+        return value
+    try:
+        out = kind(value)
+    except (TypeError, ValueError):
+        raise BackboneError(f"{source}: field {key!r} is {value!r}, not {kind.__name__}") from None
+    if kind is int and out != value:
+        raise BackboneError(f"{source}: field {key!r} is {value!r}, not an integer")
+    return out
+
+
+def refuse_unsupported(raw: dict, source) -> None:
+    """What a Llama-family config.json may ask for that the decoder does not compute exactly: one line each."""
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise BackboneError(f"{source}: hidden_act {act!r} is not supported (only 'silu')")
+    if raw.get("rope_scaling"):
+        raise BackboneError(f"{source}: rope_scaling {raw['rope_scaling']!r} is not supported (plain rotary only)")
+    rope = raw.get("rope_parameters") or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
+        raise BackboneError(f"{source}: rope_parameters {rope!r} is not supported (plain rotary only)")
+    if raw.get("use_sliding_window") or any(t != "full_attention" for t in raw.get("layer_types") or ()):
+        raise BackboneError(f"{source}: sliding-window attention is not supported (use_sliding_window, layer_types)")
+    for key in ("attention_bias", "mlp_bias"):
+        if raw.get(key):
+            raise BackboneError(f"{source}: field {key!r} is true; only Llama without biases is supported")
