@@ -23,6 +23,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import mindspore as ms
+from mindspore.communication import get_group_size, get_rank, init
+
 
 @dataclass(frozen=True)
 class World:
@@ -49,9 +52,6 @@ def world() -> World:
         # msrun starts this program as the scheduler too (MS_ROLE=MS_SCHED): its init() serves the
         # group and ends the process when the workers are done.
         if os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED"):
-            import mindspore as ms
-            from mindspore.communication import get_group_size, get_rank, init
-
             init()
             ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
             _WORLD = World(get_rank(), get_group_size())
