@@ -60,9 +60,11 @@ def library_versions() -> dict:
             "tokenizers": tokenizers.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def check_replaceable(destination: Path) -> None:
+def check_replaceable(destination: Path, backbone_sha256: str | None = None) -> None:
     """A bundle is written where nothing is, or over a bundle (a directory with a manifest) or an empty directory;
-    anything else is refused before any work: `--out exports` must never wipe a folder of bundles or notes."""
+    anything else is refused before any work: `--out exports` must never wipe a folder of bundles or notes.  With
+    `backbone_sha256`, a bundle of another backbone is not replaced either (a decoder build under the default
+    names would otherwise overwrite the MiniLM bundles)."""
     if not destination.exists():
         return
     if not destination.is_dir():
@@ -74,9 +76,13 @@ def check_replaceable(destination: Path) -> None:
         raise BuildError(f"{destination} is a directory that is not a bundle (no {MANIFEST}); a bundle written there"
                          f" would replace everything in it: choose another destination, or remove it first")
     try:
-        listed = set(json.loads((destination / MANIFEST).read_text()).get("files", {}))
+        old = json.loads((destination / MANIFEST).read_text())
+        listed, old_backbone = set(old.get("files", {})), old.get("backbone", {})
     except (OSError, ValueError, AttributeError):
-        listed = set()
+        listed, old_backbone = set(), {}
+    if backbone_sha256 and isinstance(old_backbone, dict) and old_backbone.get("sha256") not in (None, backbone_sha256):
+        raise BuildError(f"{destination} holds a bundle of another backbone ({old_backbone.get('name')}); choose"
+                         f" another name (--name) or remove it first")
     strays = sorted(name for name in present - listed - {MANIFEST} if name.split("/")[0] not in listed_dirs(listed))
     if strays:
         raise BuildError(f"{destination} holds files its bundle does not list ({', '.join(strays[:3])}); writing"

@@ -82,7 +82,6 @@ def decoder_graph(weights: dict, cfg: DecoderConfig, kernels: Kernels = KERNELS)
     w = llama_weights(weights)
     g = Graph()
     ids, positions, mask = DECODER_INPUTS
-    d, heads, kv_heads = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     i64 = lambda name, v: g.const(name, np.asarray(v, np.int64))  # noqa: E731
 
     shape = g.op("Shape", [ids])

@@ -204,7 +204,7 @@ def export(dataset, recipe: Recipe = Recipe(), *, backbone=None, out="exports", 
     out = writable_directory(Path(out))  # before training: a build must not end where it cannot write
     destinations = {kind: out / bundle for kind, bundle in names.items()}
     for destination in destinations.values():
-        check_replaceable(destination)  # before training, not after it: nothing of the user's is overwritten
+        check_replaceable(destination, bb.sha256)  # before training, not after it: nothing of the user's is lost
     saved = out / f".{names['soft']}.checkpoint.safetensors" if prompt != "hard" else None
     if resume and not (saved and saved.is_file()):
         raise BuildError(f"--resume: no checkpoint at {saved} (the run finished, or never reached one)")

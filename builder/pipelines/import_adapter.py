@@ -27,6 +27,7 @@ def import_adapter(adapter_dir, destination, backbone_path, dataset, labels, pai
     check_replaceable(Path(destination))
     use_device(device)
     backbone = load_backbone(backbone_path)
+    check_replaceable(Path(destination), backbone.sha256)
     adapter = read_adapter(adapter_dir, backbone)
     weights = Path(adapter_dir) / (PEFT_HEAD if adapter.pooling == "mean" else PEFT_WEIGHTS)  # the classifier's file
     labels = label_names(labels, dataset, adapter.num_labels, weights)

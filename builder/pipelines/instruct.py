@@ -26,8 +26,9 @@ def instruct(destination, recipe: Recipe | None = Recipe(), *, backbone="smollm2
     dev_file = Path(dev_file or INSTRUCTIONS_DIR / "dev.jsonl")
     check_replaceable(Path(destination))
     use_device(device)
-    return build_generation(destination, load_backbone(backbone), recipe, train_file, dev_file, device, quantize, log,
-                            mindir_capacity)
+    bb = load_backbone(backbone)
+    check_replaceable(Path(destination), bb.sha256)
+    return build_generation(destination, bb, recipe, train_file, dev_file, device, quantize, log, mindir_capacity)
 
 
 def build_generation(destination: Path, backbone: Backbone, recipe: Recipe | None, train_file, dev_file, device: str,

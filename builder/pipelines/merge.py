@@ -115,6 +115,7 @@ def merge(specs: list, destination: Path, backbone_path, device: str, log) -> Ma
 
     use_device(device)
     backbone = load_backbone(backbone_path)
+    check_replaceable(Path(destination), backbone.sha256)
     if backbone.sha256 != first.backbone.sha256:
         raise BuildError(f"--backbone {backbone.path}: sha256 {backbone.sha256[:12]} is not the bundles' backbone"
                          f" ({first.backbone.name}, {first.backbone.sha256[:12]})")
