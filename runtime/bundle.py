@@ -25,6 +25,7 @@ import numpy as np
 from . import backends
 from .errors import BundleError, InputError, TemplateError
 from .format import DECODER_GRAPHS, MANIFEST, PROMPT_CACHE, TOKENIZER, Manifest, Task, verify_files
+from .inputs import check_text
 from .template import Template
 from .text import batch_indices, encode, load_tokenizer, pad
 
@@ -87,6 +88,7 @@ class Bundle:
             check = pool.submit(verify_files, directory, manifest, [TOKENIZER, graph]) if verify else None
             try:
                 model = runner.open(directory / graph, device)
+                check_width(directory, manifest, model, graph)
                 bundle = cls(directory, manifest, model, directory / TOKENIZER)
             except Exception:
                 if check is not None:
@@ -173,13 +175,14 @@ class Bundle:
             return [self.tasks[self.manifest.task(task).name]] * n
         names = list(task)
         if len(names) != n:
-            raise ValueError(f"{n} texts but {len(names)} tasks")
+            raise InputError(f"{n} texts but {len(names)} tasks")
         return [self.tasks[self.manifest.task(name).name] for name in names]
 
     def logits(self, texts, texts_b=None, batch_size: int = 64, sort_by_length: bool = True,
                task=None) -> np.ndarray:
         """Logits [len(texts), labels] in input order.
 
+        `texts` and `texts_b` as for `predict` (a bare string is one text: one row).
         `task`: a task name for every row, or one name per row (a multi-task
         bundle runs rows of different tasks in the same batches); None for a
         single-task bundle.  The array is as wide as the widest of the rows'
@@ -190,6 +193,15 @@ class Bundle:
         return self._run(texts, texts_b, batch_size, sort_by_length, task)[1]
 
     def predict(self, texts, texts_b=None, batch_size: int = 64, sort_by_length: bool = True, task=None) -> list:
+        """One Prediction per text, in input order.
+
+        `texts`: a list (or any iterable) of strings.  A bare string is one text, and the answer is still a
+        list (of one), as for a list, so a caller never branches on it.  `texts_b`: the second texts of pair
+        tasks, alike (None at rows of one-text tasks).  Every text must be a non-empty string and
+        `batch_size` a positive integer: anything else is an InputError naming the argument (and the
+        item's index and type), as pt-run names the line and the server the instance.  `task` and
+        `sort_by_length` as for `logits`.
+        """
         rows, logits = self._run(texts, texts_b, batch_size, sort_by_length, task)
         shown = self.manifest.multi_task
         return [prediction(r.task.labels, row, r.task.name if shown else None) for r, row in zip(rows, logits)]
@@ -197,7 +209,8 @@ class Bundle:
     def _run(self, texts, texts_b, batch_size: int, sort_by_length: bool, task) -> tuple:
         """(each row's TaskInput, logits)."""
         self.no_labels()
-        texts = list(texts)
+        check_batch_size(batch_size)
+        texts, texts_b = as_texts(texts, texts_b)
         rows = self.row_tasks(task, len(texts))
         encodings = self._encode(texts, texts_b, rows)
         width = max(len(r.task.labels) for r in rows) if rows else len(self.manifest.tasks[0].labels)
@@ -210,17 +223,14 @@ class Bundle:
     def encode(self, texts, texts_b=None, task=None) -> list:
         """Token encodings as the graph receives them, in input order (each row's template applied, if any).
 
-        For rows of pair tasks `texts_b` holds the second texts (None at rows of single-text tasks).
+        For rows of pair tasks `texts_b` holds the second texts (None at rows of single-text tasks); both
+        are checked as `predict` checks them.
         """
         self.no_labels()
-        texts = list(texts)
+        texts, texts_b = as_texts(texts, texts_b)
         return self._encode(texts, texts_b, self.row_tasks(task, len(texts)))
 
-    def _encode(self, texts: list, texts_b, rows: list) -> list:
-        if texts_b is not None:
-            texts_b = list(texts_b)
-            if len(texts_b) != len(texts):
-                raise ValueError(f"{len(texts)} texts but {len(texts_b)} second texts")
+    def _encode(self, texts: list, texts_b: list | None, rows: list) -> list:
         out = [None] * len(texts)
         for name, spec in self.tasks.items():
             index = [i for i, r in enumerate(rows) if r is spec]
@@ -237,6 +247,53 @@ class Bundle:
             for i, e in zip(index, encode(spec.tokenizer, [texts[i] for i in index], seconds, spec.template)):
                 out[i] = e
         return out
+
+
+def as_texts(texts, texts_b) -> tuple:
+    """(texts, texts_b) as lists of checked texts; a bare string is one text (iterating it would give its
+    characters, one prediction each)."""
+    if isinstance(texts, str):
+        texts, texts_b = [texts], [texts_b] if isinstance(texts_b, str) else texts_b
+    texts = listed(texts, "texts", "a string or a list of strings")
+    for i, text in enumerate(texts):
+        refuse(check_text(text, f"texts[{i}]"))
+    if texts_b is None:
+        return texts, None
+    texts_b = listed(texts_b, "texts_b", "a list of strings (None at rows of one-text tasks)")
+    if len(texts_b) != len(texts):
+        raise InputError(f"{len(texts)} texts but {len(texts_b)} second texts")
+    for i, text in enumerate(texts_b):
+        refuse(None if text is None else check_text(text, f"texts_b[{i}]"))
+    return texts, texts_b
+
+
+def check_batch_size(batch_size) -> None:
+    # 0 failed deep in the batching, and -1 made no batches at all: every row answered from all-zero logits.
+    if not (isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool) and batch_size >= 1):
+        raise InputError(f"batch_size must be a positive integer, not {batch_size!r}")
+
+
+def listed(values, name: str, what: str) -> list:
+    # A string or bytes iterates as characters or byte values: never a list of texts.
+    if isinstance(values, (str, bytes, bytearray, dict)) or not hasattr(values, "__iter__"):
+        raise InputError(f"{name} must be {what}, not {type(values).__name__}")
+    return list(values)
+
+
+def refuse(problem: str | None) -> None:
+    if problem:
+        raise InputError(problem)
+
+
+def check_width(directory: Path, manifest: Manifest, model, graph: str) -> None:
+    """The graph's logits are as wide as the manifest's widest task says: a hand-edited label list would
+    otherwise fail in numpy (a label too many) or renormalise silently (one too few)."""
+    width = getattr(model, "logits_width", None)  # None: the backend knows it only once run (batched_logits)
+    index = max(range(len(manifest.tasks)), key=lambda i: len(manifest.tasks[i].labels))
+    labels = len(manifest.tasks[index].labels)
+    if width is not None and width != labels:
+        raise BundleError(f"{directory / MANIFEST}: field 'tasks[{index}].labels' lists {labels} labels, but"
+                          f" {graph} gives {width} logits per row")
 
 
 def read_template(task: Task, directory: Path, index: int):
@@ -260,7 +317,11 @@ def batched_logits(model, encodings, pad_id: int, num_labels: int, batch_size: i
         arrays = pad([encodings[i] for i in index], pad_id, model.pad_multiple)
         if task_ids is not None:
             arrays = (*arrays, task_ids[index])
-        out[index] = model(*arrays)[:, :num_labels]
+        logits = model(*arrays)
+        if logits.shape[-1] < num_labels:  # a backend that does not know its graph's width before running it
+            raise BundleError(f"{getattr(model, 'path', 'the graph')}: {logits.shape[-1]} logits per row, fewer"
+                              f" than the {num_labels} labels its {MANIFEST} lists")
+        out[index] = logits[:, :num_labels]
     return out
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from pathlib import Path
 
 import click
 
@@ -175,17 +177,25 @@ def serve(bundle_specs, host, port, max_batch, group, max_wait_ms, max_texts, ma
 def evaluate(bundle_paths, data, split, text_column, text_b_column, label_column, batch_size, backend, int8, task,
              as_json, plot):
     """Accuracy, macro-F1 and throughput of bundles side by side, on the same labelled data."""
-    from pathlib import Path
-
     from .data import Columns
-    from .evaluate import load_eval_examples, plot as plot_png, score, table
+    from .evaluate import check_examples, check_plot, load_eval_examples, plot as plot_png, score, table
 
+    # Everything that can fail is checked before the first bundle is scored (scoring is the long part):
+    # the plot's needs, the data, and every bundle loaded and its labels against the data.
+    if plot:
+        check_plot(Path(plot))
     examples, described = load_eval_examples(data, split, Columns(text_column, label_column, text_b_column))
-    rows = []
+    loaded = []
     for path in bundle_paths:
-        bundle = load(path, "CPU", backend, int8)
-        spec = bundle.manifest.task(task if bundle.manifest.multi_task else None)
-        metrics = score(bundle, examples, batch_size, spec.name)
+        with naming_bundle(path):
+            bundle = load(path, "CPU", backend, int8)
+            spec = bundle.manifest.task(task if bundle.manifest.multi_task else None)
+            check_examples(bundle, examples, spec.name, described)
+        loaded.append((path, bundle, spec))
+    rows = []
+    for path, bundle, spec in loaded:
+        with naming_bundle(path):
+            metrics = score(bundle, examples, batch_size, spec.name)
         shown = f"{path} [{spec.name}]" if bundle.manifest.multi_task else path
         rows.append({"bundle": shown, "kind": spec.kind_label, **metrics})
     if plot:
@@ -197,13 +207,27 @@ def evaluate(bundle_paths, data, split, text_column, text_b_column, label_column
         click.echo(table(rows))
 
 
+@contextmanager
+def naming_bundle(path):
+    """A per-bundle error of a command over several bundles says which bundle (unless it names it already)."""
+    try:
+        yield
+    except PtbundleError as e:
+        if str(e).startswith(str(Path(path))):
+            raise
+        raise type(e)(f"--bundle {path}: {e}") from e
+
+
 @cli.command()
 @click.argument("bundle_path", metavar="BUNDLE", default=DEFAULT_BUNDLE)
 def info(bundle_path):
-    """Show what a bundle holds: task, labels, backbone, recipe, metrics, files."""
-    from pathlib import Path
+    """Show what a bundle holds: task, labels, backbone, recipe, metrics, files.
 
-    from .format import Manifest
+    Every file is checked against its sha256 in the manifest: one that
+    differs or is missing is marked, and the command exits 1 naming it.
+    """
+    from .errors import BundleError
+    from .format import Manifest, file_problem
 
     m = Manifest.read(Path(bundle_path))
     bb = m.backbone
@@ -218,8 +242,15 @@ def info(bundle_path):
     click.echo("  versions    " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
     click.echo("  files")
     width = max([22] + [len(name) for name in m.files])
+    problems = []
     for name, digest in m.files.items():
-        click.echo(f"    {name:<{width}} sha256 {digest[:16]}")
+        problem = file_problem(Path(bundle_path), name, digest)
+        status = "ok" if problem is None else "MISSING" if not (Path(bundle_path) / name).is_file() else "DIFFERS"
+        click.echo(f"    {name:<{width}} sha256 {digest[:16]}  {status}")
+        problems += [problem] if problem else []
+    if problems:
+        more = f" (and {len(problems) - 1} more file(s), marked above)" if len(problems) > 1 else ""
+        raise BundleError(problems[0] + more)
 
 
 def show_task(bundle_path, t, several: bool) -> None:

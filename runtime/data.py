@@ -93,6 +93,16 @@ class Columns:
     label: str = "label"
     text_b: str | None = None
 
+    def __post_init__(self):
+        # A model shown its label as its text scores 100.00 and has learnt nothing: refuse it before any work.
+        for role, name in (("text", self.text), ("second text", self.text_b)):
+            if name is not None and name == self.label:
+                raise DataError(f"the {role} column and the label column are both {name!r}: the model would read"
+                                f" its answer; name the column holding the {role}")
+        if self.text_b is not None and self.text_b == self.text:
+            raise DataError(f"the text column and the second text column are both {self.text!r}: a pair needs"
+                            f" two columns")
+
 
 def read_text(path: Path) -> str:
     """A data file's text (UTF-8, a BOM dropped); unreadable or not UTF-8 is a DataError naming file and line."""
@@ -161,7 +171,13 @@ def row_to_example(row: dict, columns: Columns, path: Path, line: int) -> Exampl
             raise DataError(f"{path}:{line}: empty {name!r}")
         if isinstance(cell, (dict, list)):
             raise DataError(f"{path}:{line}: {name!r} must be a string or number")
-        return str(cell).strip()
+        text = str(cell)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone JSON "\ud83d" escape: no tokenizer takes it
+            raise DataError(f"{path}:{line}: {name!r} holds a lone surrogate (U+{ord(text[e.start]):04X} at"
+                            f" character {e.start + 1}): not valid Unicode text") from None
+        return text.strip()
 
     text_b = value(columns.text_b) if columns.text_b else None
     return Example(value(columns.text), value(columns.label), text_b, f"{path}:{line}")

@@ -8,6 +8,7 @@ Every bundle sees the same examples through its own `Bundle.predict` path
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -25,19 +26,29 @@ def load_eval_examples(data: str, split: str, columns: Columns) -> tuple:
     return read_examples(data, columns), str(data)
 
 
-def score(bundle, examples, batch_size: int = 64, task: str | None = None) -> dict:
-    """Metrics of one bundle (of its `task`, for a multi-task bundle) on labelled examples, and its throughput
-    (tokenization included)."""
+def check_examples(bundle, examples, task: str | None = None, data: str = "data") -> None:
+    """The examples fit the bundle's `task`: its labels, one text or two; a DataError naming the example (or
+    `data`, for examples without a file line, e.g. MR's) if not."""
+    bundle.no_labels()  # a generation bundle has none to score
     spec = bundle.manifest.task(task)
     labels, pair = list(spec.labels), spec.pair
-    index = {label: i for i, label in enumerate(labels)}
+    known = set(labels)
     for e in examples:
-        if e.label not in index:
-            raise DataError(f"{e.where or 'data'}: label {e.label!r} is not one of the bundle's labels"
+        if e.label not in known:
+            raise DataError(f"{e.where or data}: label {e.label!r} is not one of the bundle's labels"
                             f" ({', '.join(labels)})")
         if (e.text_b is not None) != pair:
             need = "two texts (a sentence-pair bundle)" if pair else "one text"
-            raise DataError(f"{e.where or 'data'}: {bundle.directory} takes {need} per example")
+            raise DataError(f"{e.where or data}: {bundle.directory} takes {need} per example")
+
+
+def score(bundle, examples, batch_size: int = 64, task: str | None = None) -> dict:
+    """Metrics of one bundle (of its `task`, for a multi-task bundle) on labelled examples, and its throughput
+    (tokenization included)."""
+    check_examples(bundle, examples, task)
+    spec = bundle.manifest.task(task)
+    labels, pair = list(spec.labels), spec.pair
+    index = {label: i for i, label in enumerate(labels)}
     texts = [e.text for e in examples]
     texts_b = [e.text_b for e in examples] if pair else None
     started = time.perf_counter()
@@ -58,8 +69,8 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list, title: str, path: Path) -> None:
-    """Bar chart PNG: accuracy and macro-F1 per bundle, and throughput beside them."""
+def pyplot():
+    """matplotlib's pyplot, drawing into files; without it (the plot extra), one line naming the extra."""
     try:
         import matplotlib
 
@@ -67,6 +78,22 @@ def plot(rows: list, title: str, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise InputError("--plot needs matplotlib: pip install 'ptbundle[plot]'") from e
+    return plt
+
+
+def check_plot(path: Path) -> None:
+    """What `plot` needs, checked before any bundle is scored: matplotlib, and a directory to write into."""
+    pyplot()
+    folder = path.parent
+    if not folder.is_dir():
+        raise InputError(f"--plot {path}: no directory {folder} to write it into")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"--plot {path}: cannot write into {folder} (permission denied)")
+
+
+def plot(rows: list, title: str, path: Path) -> None:
+    """Bar chart PNG: accuracy and macro-F1 per bundle, and throughput beside them."""
+    plt = pyplot()
     names = [Path(r["bundle"]).name for r in rows]
     x = np.arange(len(rows))
     fig, (left, right) = plt.subplots(1, 2, figsize=(4 + 2.2 * len(rows), 4.2), gridspec_kw={"width_ratios": [2, 1]})

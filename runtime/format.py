@@ -149,6 +149,12 @@ GENERATION_DETAIL = "generation"  # Task.details key of a generation bundle: GEN
 GENERATION_FIELDS = ("eos_token_ids", "max_positions", "num_layers", "num_kv_heads", "head_dim", "vocab_size")
 MINDIR_CAPACITY = "mindir_capacity"  # details[GENERATION_DETAIL] key when the bundle has decoder.mindir: its cache slots
 KINDS = ("soft", "hard", GENERATE)
+# Task.head: the heads pt-build writes (a soft prompt's linear head, or a decoder's label words; the hard
+# prompts' zero-shot and probe; a generation bundle's LM head).  The runtime reads each graph alike, so an
+# unknown one is a hand edit or another tool's bundle, not a head to guess at.
+HEADS = ("linear", "label-words", "zero-shot", "probe", "lm")
+# Task.max_length's bound: pt-build's own (builder.recipe's --max-length); a generation task's is its context.
+MAX_LENGTH = 8192
 
 DEVICES = ("CPU", "GPU", "Ascend")
 REBUILD = "rebuild it with this version's pt-build export (or pt-build import for a PEFT adapter)"
@@ -219,7 +225,7 @@ class Task:
     pair: bool  # two texts per input
     max_length: int  # text tokens per input, special tokens included, before any prompt
     pooling: str  # registry name: "mean", "cls"
-    head: str  # registry name: "linear", "zero-shot", "probe"
+    head: str  # one of HEADS
     prompt_method: str  # registry name: "prompt-tuning" (shallow soft prompt) or "none"
     num_virtual_tokens: int
     template: str | None = None  # hard prompts: applied in token space before the graph
@@ -260,16 +266,20 @@ class Task:
         need(isinstance(self.labels, (list, tuple)) and len(self.labels) >= fewest
              and all(isinstance(l, str) for l in self.labels), "labels", "must list at least two label strings")
         need(len(set(self.labels)) == len(self.labels), "labels", "has duplicates")
-        for name in ("max_length", "num_virtual_tokens"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
-                 f"must be a non-negative integer, not {value!r}")
+        value = self.num_virtual_tokens
+        need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, "num_virtual_tokens",
+             f"must be a non-negative integer, not {value!r}")
+        need(self.head in HEADS, "head", f"is {self.head!r}, not one of {', '.join(map(repr, HEADS))}")
         need(isinstance(self.pair, bool), "pair", "must be true or false")
         need(self.template is None or isinstance(self.template, str), "template", "must be a string or null")
         for name in ("recipe", "details", "metrics"):
             need(isinstance(getattr(self, name), dict), name, "must be a JSON object")
         if self.kind == GENERATE:
             self.check_generation(need)
+        longest = self.generation["max_positions"] if self.kind == GENERATE else MAX_LENGTH
+        value = self.max_length
+        need(isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= longest, "max_length",
+             f"must be an integer from 1 to {longest} (text tokens per input), not {value!r}")
 
     def check_generation(self, need) -> None:
         where = f"details.{GENERATION_DETAIL}"
@@ -464,10 +474,17 @@ def verify_files(directory: Path, manifest: Manifest, names=None) -> None:
     for name in names or manifest.files:
         if name not in manifest.files:
             raise BundleError(f"{directory}: this bundle has no {name}")
-        expected = manifest.files[name]
-        path = Path(directory) / name
-        if not path.is_file():
-            raise BundleError(f"{path}: missing (listed in {MANIFEST})")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise BundleError(f"{path}: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}...")
+        problem = file_problem(directory, name, manifest.files[name])
+        if problem:
+            raise BundleError(problem)
+
+
+def file_problem(directory: Path, name: str, expected: str) -> str | None:
+    """What is wrong with one file the manifest lists (missing, or another sha256), as one line; None if nothing."""
+    path = Path(directory) / name
+    if not path.is_file():
+        return f"{path}: missing (listed in {MANIFEST})"
+    actual = sha256_file(path)
+    if actual != expected:
+        return f"{path}: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}..."
+    return None

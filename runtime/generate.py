@@ -32,6 +32,7 @@ import numpy as np
 
 from .errors import BundleError, InputError
 from .format import (DECODER_INPUTS, PROMPT_CACHE, Task, past_names, present_names, prompt_cache_names)
+from .inputs import lone_surrogate
 from .template import Template
 from .text import encode
 
@@ -171,6 +172,9 @@ class Generator:
     def check(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float) -> list:
         if not isinstance(prompt, str):
             raise InputError(f"the prompt must be a string, not {type(prompt).__name__}")
+        bad = lone_surrogate(prompt)  # e.g. a command line's undecodable bytes: the tokenizer would raise
+        if bad:
+            raise InputError(f"the prompt holds a lone surrogate ({bad}): not valid Unicode text")
         if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
             raise InputError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
         if not temperature >= 0:

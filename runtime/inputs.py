@@ -13,12 +13,16 @@ fields of a request with the same `check_text`.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from .errors import InputError
 
 FORMATS = ("text", "jsonl")
 CHUNK_LINES = 4096  # lines validated, sorted by length and predicted together
+# A UTF-16 surrogate alone: JSON's "\ud83d" escape decodes to one, and so do the undecodable bytes of a command
+# line; no tokenizer takes it and no UTF-8 output can hold it.
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,16 @@ def check_text(value, field: str) -> str | None:
         return f"{field} must be a string, not {type(value).__name__}"
     if not value.strip():
         return f"{field} is empty"
+    bad = lone_surrogate(value)
+    if bad:
+        return f"{field} holds a lone surrogate ({bad}): not valid Unicode text"
     return None
+
+
+def lone_surrogate(text: str) -> str | None:
+    """Where `text` holds a lone surrogate ('U+D83D at character 4'), or None."""
+    found = SURROGATE.search(text)
+    return None if found is None else f"U+{ord(found.group()):04X} at character {found.start() + 1}"
 
 
 class LineReader:

@@ -14,6 +14,16 @@ import numpy as np
 from .errors import BundleError, DeviceError
 
 
+def import_mindspore():
+    """The mindspore module; without it (the runtime-only install) the backend says which extra it needs."""
+    try:
+        import mindspore
+    except ImportError as e:
+        raise BundleError(f"the mindspore backend needs MindSpore ({e}): pip install 'ptbundle[mindspore]', or use"
+                          f" backend='onnxruntime' on CPU") from e
+    return mindspore
+
+
 def select_device(device: str) -> None:
     """Run MindSpore on `device`, unless this process already chose one.
 
@@ -21,7 +31,7 @@ def select_device(device: str) -> None:
     backend never changes it: it makes the first choice if nobody has, and
     refuses a bundle for another device.
     """
-    import mindspore as ms
+    ms = import_mindspore()
 
     try:
         from mindspore._c_expression import DeviceManagerConf
@@ -48,7 +58,7 @@ def first_sentence(error: Exception) -> str:
 
 def load_graph(path: Path, device: str):
     """A MindIR file as a GraphCell on `device` (select_device); an unreadable file is a one-line BundleError."""
-    import mindspore as ms
+    ms = import_mindspore()
 
     select_device(device)
     try:
@@ -65,10 +75,11 @@ class MindSporeModel:
     pad_multiple = 8
 
     def __init__(self, path: Path, device: str = "CPU"):
-        import mindspore as ms
+        ms = import_mindspore()
 
         self.cell = load_graph(path, device)
         self.tensor = ms.Tensor
+        self.path = path  # its logits' width is known once run (runtime.bundle.batched_logits checks it then)
 
     def __call__(self, ids, mask, types, task_ids=None) -> np.ndarray:
         """`task_ids` [batch]: a multi-task graph's row tasks (format.TASK_INPUT)."""

@@ -24,7 +24,7 @@ import numpy as np
 from .errors import BundleError, InputError
 from .format import MINDIR_CAPACITY
 from .generate import prompt_arrays
-from .mindspore_backend import load_graph
+from .mindspore_backend import import_mindspore, load_graph
 
 
 class StaticDecoderSession:
@@ -35,7 +35,7 @@ class StaticDecoderSession:
     pad_multiple = 8
 
     def __init__(self, path: Path, prompt_cache: dict, capacity: int, device: str = "CPU"):
-        import mindspore as ms
+        ms = import_mindspore()
 
         self.cell = load_graph(path, device)
         self.tensor = ms.Tensor

@@ -63,6 +63,9 @@ class OnnxModel:
             raise BundleError(f"{path}: unexpected graph inputs {sorted(unknown)} (expected {', '.join(INPUT_NAMES)}"
                               f" and, for several tasks, {TASK_INPUT})")
         self.input_names = names  # a graph may not use all three (e.g. token types)
+        self.path = path
+        width = self.session.get_outputs()[0].shape[-1]
+        self.logits_width = width if isinstance(width, int) else None  # pt-build's graphs declare it
 
     def __call__(self, ids, mask, types, task_ids=None) -> np.ndarray:
         """`task_ids` [batch]: a multi-task graph's row tasks (format.TASK_INPUT)."""

@@ -39,7 +39,7 @@ import numpy as np
 
 from .bundle import batched_logits, prediction
 from .errors import InputError
-from .inputs import check_text
+from .inputs import check_text, lone_surrogate
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ class App:
         if isinstance(body, str):
             payload, kind = body.encode(), b"text/plain; version=0.0.4"
         else:
-            payload, kind = json.dumps(body, ensure_ascii=False).encode(), b"application/json"
+            payload, kind = json_bytes(body), b"application/json"
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", kind), (b"content-length", str(len(payload)).encode())]})
         await send({"type": "http.response.body", "body": payload})
@@ -273,6 +273,11 @@ class App:
             request = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise RequestError(400, f"request body is not valid JSON ({e})") from None
+        except RecursionError:  # json's parser recurses once per level: thousands of [[[... exhaust the stack
+            raise RequestError(400, "request body is nested too deeply (arrays or objects inside each other)"
+                               ) from None
+        bad = surrogate_in(request)
+        need(bad is None, 400, f"request body is not valid Unicode: {bad}")
         spec = endpoint.bundle.manifest.task(endpoint.task)
         texts, texts_b = parse_instances(request, spec.pair, self.limits)
         try:
@@ -282,6 +287,34 @@ class App:
         runner = endpoint.bundle.tasks[endpoint.task]
         rows = await endpoint.batcher.logits(encodings, runner.index)
         return [prediction(spec.labels, row).to_dict() for row in rows]
+
+
+def json_bytes(body) -> bytes:
+    try:
+        return json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a message quoting a lone surrogate: escaped, it is still valid JSON
+        return json.dumps(body).encode()
+
+
+def surrogate_in(value) -> str | None:
+    """Where a parsed JSON value holds a lone surrogate (JSON lets "\\ud83d" stand alone; text cannot), as
+    'instances[0].text holds ...', or None.  Iterative: the value nests as deep as the parser allowed."""
+    todo = deque([(value, "")])
+    while todo:
+        value, where = todo.popleft()
+        if isinstance(value, str):
+            bad = lone_surrogate(value)
+            if bad:
+                return f"{where or 'the body'} holds a lone surrogate ({bad})"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                bad = lone_surrogate(key)
+                if bad:
+                    return f"a key of {where or 'the body'} holds a lone surrogate ({bad})"
+                todo.append((item, f"{where}.{key}" if where else key))
+        elif isinstance(value, list):
+            todo.extend((item, f"{where}[{i}]") for i, item in enumerate(value))
+    return None
 
 
 def need(ok: bool, status: int, message: str) -> None:
@@ -341,6 +374,9 @@ def endpoints_of(specs: list, bundles: list) -> dict:
     merged bundle under its own name."""
     out = {}
     for (name, path), bundle in zip(specs, bundles):
+        if bundle.manifest.generative:  # refused at start: its every :predict would fail
+            raise InputError(f"{path}: a generation bundle: pt-run serve serves classifiers (:predict answers"
+                             f" labels); generate with it by pt-run generate or Bundle.generate")
         if bundle.manifest.multi_task:
             if name:
                 raise InputError(f"{name}={path}: NAME= names a one-task bundle; {path} serves its tasks by their"

@@ -86,7 +86,8 @@ def test_a_device_mindspore_cannot_use_here_is_one_line(tmp_path, files, tiny_be
 def test_eval_names_a_plot_path_it_cannot_write(tiny_bundle, files, tmp_path):
     code, stderr, stdout = run("pt-run", "eval", "--bundle", tiny_bundle, "--data", files["dev"],
                                "--plot", tmp_path / "missing" / "cmp.png")
-    assert_one_error_line(code, stderr, "--plot", "cannot write it")
+    assert_one_error_line(code, stderr, "--plot", "no directory", "to write it into")
+    assert stdout == ""  # refused before scoring: no table printed then thrown away
 
 
 def test_build_names_the_bad_row(tmp_path, files, tiny_bert):
