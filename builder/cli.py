@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shlex
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -73,7 +75,8 @@ def cli():
 @click.option("--name", default=None,
               help="Bundle name when one bundle is built, else the prefix of the names [default: the data's name].")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="Also write model.int8.onnx (dynamic quantization) and its accuracy.")
+              help="Also write model.int8.onnx (int8 weights per column, activation scales fixed on training"
+                   " texts) and its accuracy.")
 @click.option("--checkpoint-every", default=500, show_default=True, type=click.IntRange(0),
               help="Soft prompt training: save the whole training state every N steps (0: after each epoch only)"
                    " to OUT/.NAME.checkpoint.safetensors; removed once the bundle is written.")
@@ -94,13 +97,25 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
         raise click.UsageError("--head chooses a hard-prompt head: it needs --prompt hard or all, not soft")
     if resume and prompt_kind == "hard":
         raise click.UsageError("--resume continues a soft prompt's training: not with --prompt hard")
+    if prompt_kind == "hard" and hard_head == "probe" and label_texts:
+        raise click.UsageError("--label-text describes labels for the zero-shot head; --head probe reads none")
     dataset = load_dataset(data, train_file, dev_file, test_file, text_column, text_b_column, label_column)
     heads = [] if prompt_kind == "soft" else [hard_head] if hard_head else list(HEADS)
     names = bundle_names(name, dataset.name, prompt_kind != "hard", heads)
-    built = build(dataset, recipe, backbone=backbone, out=out_dir, prompt=prompt_kind, heads=heads, name=name,
-                  template=template, label_texts=label_texts, device=device, quantize=quantize == "int8",
-                  checkpoint_every=checkpoint_every, resume=resume, log=lambda message: click.echo(message, err=True),
-                  commands=rebuild_commands(ctx, names))
+    # MindSpore's own Ctrl-C handler ends the process with SIGTERM, past Python: turn that into the
+    # KeyboardInterrupt below, so an interrupted build says how to go on (a `kill` too).
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        built = build(dataset, recipe, backbone=backbone, out=out_dir, prompt=prompt_kind, heads=heads, name=name,
+                      template=template, label_texts=label_texts, device=device, quantize=quantize == "int8",
+                      checkpoint_every=checkpoint_every, resume=resume,
+                      log=lambda message: click.echo(message, err=True), commands=rebuild_commands(ctx, names))
+    except KeyboardInterrupt:
+        saved = Path(out_dir) / f".{names['soft']}.checkpoint.safetensors" if "soft" in names else None
+        click.echo("pt-build: interrupted; no bundle was written" + (
+            f"; the training state at {saved} goes on with the same command and --resume"
+            if saved is not None and saved.is_file() else ""), err=True)
+        sys.exit(130)  # as a shell reports a command ended by Ctrl-C
     if not built:  # a worker under msrun other than the leader (builder.training.parallel)
         return
     click.echo(f"built {len(built)} bundle(s) in {time.time() - started:.0f} s")
@@ -211,6 +226,10 @@ def import_(adapter_dir, backbone, out_dir, name, labels, pair, max_length, data
     for split in ("dev", "test"):
         if task.metrics.get(split):
             click.echo(f"  {split:<11} accuracy {task.metrics[split]['accuracy']:.4f}")
+
+
+def interrupted(signum, frame):
+    raise KeyboardInterrupt
 
 
 def rebuild_commands(ctx, names: dict):

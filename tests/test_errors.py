@@ -184,3 +184,29 @@ def test_run_mistakes(tmp_path, tiny_bundle, args, expected):
     args = [a.format(tmp=tmp_path, bundle=tiny_bundle, unknown_labels=unknown) for a in args]
     code, stderr, _ = run("pt-run", *args, stdin=b"a great movie\n")
     assert_one_error_line(code, stderr, *expected)
+
+
+def test_pt_build_without_the_build_extra_is_one_line_naming_it():
+    """The runtime-only install has pt-build too: without MindSpore it names the extra instead of a traceback."""
+    code = ("import sys; sys.modules['mindspore'] = None; sys.argv = ['pt-build', 'export']\n"
+            "from ptbundle.builder.main import main; main()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert_one_error_line(done.returncode, done.stderr, "mindspore not installed", "pip install 'ptbundle[build]'")
+
+
+def test_label_texts_with_the_probe_head_are_refused_not_dropped(tmp_path, files, tiny_bert):
+    code, stderr, _ = run("pt-build", "export", "--prompt", "hard", "--head", "probe", "--label-text", "pos=great",
+                          "--train", files["train"], "--dev", files["dev"], "--backbone", tiny_bert,
+                          "--out", tmp_path / "exports")
+    assert_one_error_line(code, stderr, "--label-text", "--head probe", status=2)
+    assert not (tmp_path / "exports").exists()
+
+
+def test_an_int8_build_prints_no_line_of_another_library(tmp_path, files, tiny_bert):
+    """onnxruntime's quantizer advises pre-processing for image models on every call: not shown."""
+    code, stderr, stdout = run("pt-build", "export", "--prompt", "hard", "--head", "probe", "--quantize", "int8",
+                               "--train", files["train"], "--dev", files["dev"], "--backbone", tiny_bert,
+                               "--epochs", "1", "--out", tmp_path / "exports")
+    assert code == 0, stderr
+    assert "WARNING" not in stderr and "pre-processing" not in stderr, stderr
+    assert "int8 test" in stdout  # the int8 graph was written and scored

@@ -26,6 +26,8 @@ candidates (accuracy, speed, batch independence).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,9 +76,28 @@ def quantize_weights(onnx_path: Path, out_path: Path, reduce_range: bool = True,
     # One scale per weight column: columns of different range each keep their
     # precision, at the same speed.  Shape inference cannot type the outputs
     # of onnxruntime's contrib ops; all are float.
-    quantize_dynamic(str(onnx_path), str(out_path), weight_type=weight_type or QuantType.QInt8,
-                     per_channel=per_channel, reduce_range=reduce_range, op_types_to_quantize=list(ops),
-                     nodes_to_exclude=list(exclude), extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    with quiet_preprocessing_advice():
+        quantize_dynamic(str(onnx_path), str(out_path), weight_type=weight_type or QuantType.QInt8,
+                         per_channel=per_channel, reduce_range=reduce_range, op_types_to_quantize=list(ops),
+                         nodes_to_exclude=list(exclude), extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
+class PreprocessingAdvice(logging.Filter):
+    """onnxruntime's quantizer logs, on the root logger, advice to run its pre-processing script (an example
+    for image models) on every call: nothing a pt-build user can act on, so it is not shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_preprocessing_advice():
+    root, advice = logging.getLogger(), PreprocessingAdvice()
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
 
 
 def activation_ranges(onnx_path: Path, names, calibration) -> dict:

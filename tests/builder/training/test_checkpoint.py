@@ -58,3 +58,29 @@ def test_resume_refuses_another_runs_checkpoint_and_a_missing_one(tmp_path, toy_
     assert build(tmp_path, toy_files, tiny_bert, "b", kill_after=5).returncode == -signal.SIGKILL
     other = build(tmp_path, toy_files, tiny_bert, "b", "--resume", "--seed", "1")
     assert other.returncode == 1 and "written by another run" in other.stderr and "Traceback" not in other.stderr
+
+
+def test_ctrl_c_says_how_to_go_on_and_resume_gives_the_same_bundle(tmp_path, toy_files, tiny_bert, uninterrupted):
+    """A real SIGINT (Ctrl-C) mid-epoch: one line naming the saved state and --resume, exit 130, no bundle; the
+    resumed run ends in the bundle an uninterrupted run writes."""
+    train, dev = toy_files
+    process = subprocess.Popen([PT_BUILD, "export", "--prompt", "soft", "--train", str(train), "--dev", str(dev),
+                                "--backbone", str(tiny_bert), "--virtual-tokens", "4", "--epochs", "3",
+                                "--batch-size", "8", "--prompt-lr", "0.05", "--head-lr", "0.05",
+                                "--checkpoint-every", "3", "--out", str(tmp_path), "--name", "b"],
+                               stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in process.stderr:  # progress lines, one per step here (8 steps an epoch): the checkpoint at 3 is saved
+        lines.append(line)
+        if line.startswith("epoch 1/3: 5/8"):
+            process.send_signal(signal.SIGINT)
+            break
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == 130, "".join(lines) + rest
+    assert "Traceback" not in rest and not (tmp_path / "b").exists()
+    assert f"training state at {tmp_path / '.b.checkpoint.safetensors'} goes on with the same command and --resume" \
+        in rest
+    resumed = build(tmp_path, toy_files, tiny_bert, "b", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    np.testing.assert_array_equal(Bundle.load(uninterrupted).logits(MIXED_TEXTS),
+                                  Bundle.load(tmp_path / "b").logits(MIXED_TEXTS))
