@@ -9,9 +9,9 @@ from pathlib import Path
 import click
 
 from .backends import BACKENDS
-from .errors import ErrorsAsMessages, PtbundleError
-from .format import DEVICES, MINDIR_CAPACITY, PEFT_DETAIL, PEFT_DIR, parse_bundle_spec
-from .inputs import CHUNK_LINES, FORMATS, LineReader, chunks
+from .errors import ErrorsAsMessages, InputError, PtbundleError
+from .format import DEVICES, GRAPHS, MINDIR_CAPACITY, PEFT_DETAIL, PEFT_DIR, parse_bundle_spec
+from .inputs import BOM, CHUNK_LINES, FORMATS, LineReader, chunks, format_of
 from .serve import Limits
 
 DEFAULT_BUNDLE = "exports/mr-soft"
@@ -27,10 +27,12 @@ def cli():
 @click.argument("file", type=click.File("rb"))
 @click.option("--bundle", "bundle_path", default=DEFAULT_BUNDLE, show_default=True, type=click.Path(),
               help="Bundle directory.")
-@click.option("--task", default=None, help="The task of each line (a multi-task bundle) [default: the only one].")
+@click.option("--task", default=None,
+              help="The task of every line (a multi-task bundle); a JSONL line's \"task\" may only repeat it"
+                   " [default: the only one, or each JSONL line's \"task\"].")
 @click.option("--input-format", "input_format", default=None, type=click.Choice(FORMATS),
               help="text: a text per line (pairs: two texts split by a tab); jsonl: {\"text\", \"text_b\", \"task\"}"
-                   " per line  [default: jsonl for a .jsonl file, else text]")
+                   " per line  [default: jsonl for a .jsonl file (any case), else text]")
 @click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "jsonl"]),
               help="Output format.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
@@ -57,7 +59,7 @@ def predict(file, bundle_path, task, input_format, fmt, batch_size, chunk_lines,
     bundle = load(bundle_path, device, backend, int8)
     name = getattr(file, "name", "<stdin>")
     name = "<stdin>" if name in ("<stdin>", "-") else name
-    input_format = input_format or ("jsonl" if name.endswith(".jsonl") else "text")
+    input_format = input_format or format_of(name)
     reader = LineReader({n: t.task.pair for n, t in bundle.tasks.items()}, input_format, task)
     show_task = bundle.manifest.multi_task
     progress = sys.stderr.isatty() if progress is None else progress
@@ -111,7 +113,8 @@ def generate(bundle_path, prompt, max_new_tokens, temperature, top_p, seed, stop
     if prompt == "-":
         raw = sys.stdin.buffer.read()
         try:
-            prompt = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")  # the newline that ends a file
+            # The newline that ends a file, and a BOM some editors start one with, are no part of the prompt.
+            prompt = raw.removeprefix(BOM).decode("utf-8").removesuffix("\n").removesuffix("\r")
         except UnicodeDecodeError as e:
             raise click.ClickException(f"<stdin>: not valid UTF-8 (byte {e.start + 1})") from None
     bundle = load(bundle_path, device, backend, int8)
@@ -171,7 +174,8 @@ def serve(bundle_specs, host, port, max_batch, group, max_wait_ms, max_texts, ma
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--backend", type=click.Choice(list(BACKENDS)), default=None, help="[default: onnxruntime on CPU]")
 @click.option("--int8", is_flag=True, help="Use each bundle's int8 ONNX graph.")
-@click.option("--task", default=None, help="The task to score, in multi-task bundles.")
+@click.option("--task", default=None,
+              help="The task to score; every bundle must have it [default: a one-task bundle's only task].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also write a bar chart PNG here.")
 def evaluate(bundle_paths, data, split, text_column, text_b_column, label_column, batch_size, backend, int8, task,
@@ -189,7 +193,7 @@ def evaluate(bundle_paths, data, split, text_column, text_b_column, label_column
     for path in bundle_paths:
         with naming_bundle(path):
             bundle = load(path, "CPU", backend, int8)
-            spec = bundle.manifest.task(task if bundle.manifest.multi_task else None)
+            spec = task_to_score(bundle, task)
             check_examples(bundle, examples, spec.name, described)
         loaded.append((path, bundle, spec))
     rows = []
@@ -205,6 +209,15 @@ def evaluate(bundle_paths, data, split, text_column, text_b_column, label_column
     else:
         click.echo(f"{described}: {len(examples)} examples")
         click.echo(table(rows))
+
+
+def task_to_score(bundle, task):
+    """--task, which the bundle must have (a one-task bundle too: another name is a mistake, not to be ignored),
+    or a one-task bundle's only task."""
+    names = bundle.manifest.task_names
+    if task is not None and task not in names:
+        raise InputError(f"--task {task!r}: the bundle has no such task (it has {', '.join(names)})")
+    return bundle.manifest.task(task)
 
 
 @contextmanager
@@ -227,15 +240,31 @@ def info(bundle_path):
     differs or is missing is marked, and the command exits 1 naming it.
     """
     from .errors import BundleError
-    from .format import Manifest, file_problem
+    from .format import Manifest
 
     m = Manifest.read(Path(bundle_path))
     bb = m.backbone
-    if m.multi_task:
-        click.echo(f"{bundle_path}: multi-task bundle, {len(m.tasks)} tasks in one graph: {', '.join(m.task_names)}")
+    # Every block starts with its heading and holds only its own lines: the bundle's block (its one task's lines
+    # too, for a one-task bundle), then a merged bundle's tasks, each under its own heading.
+    click.echo(bundle_heading(bundle_path, m))
     click.echo(f"  backbone    {bb.name} ({bb.model_type}, {bb.layers}x{bb.hidden_size}), sha256 {bb.sha256[:12]}")
-    for t in m.tasks:
-        show_task(bundle_path, t, m.multi_task)
+    # int8 figures are model.int8.onnx's: a bundle without it has none (a merged one keeps its sources' figures).
+    int8 = GRAPHS["onnx-int8"] in m.files
+    if not m.multi_task:
+        show_task(m.only, int8)
+    problems = show_files(bundle_path, m)
+    for t in m.tasks if m.multi_task else ():
+        click.echo(task_heading(t))
+        show_task(t, int8)
+    if problems:  # after every task is shown: the marks above say which files
+        more = f" (and {len(problems) - 1} more file(s), marked above)" if len(problems) > 1 else ""
+        raise BundleError(problems[0] + more)
+
+
+def show_files(bundle_path, m) -> list:
+    """The bundle's own lines (parity, versions, files with their check); the problems of the files that fail it."""
+    from .format import file_problem
+
     if m.export:
         click.echo("  parity      " + ", ".join(f"{k} {v:.1e}" for k, v in m.export.items()))
     click.echo(f"  created     {m.created}")
@@ -248,15 +277,30 @@ def info(bundle_path):
         status = "ok" if problem is None else "MISSING" if not (Path(bundle_path) / name).is_file() else "DIFFERS"
         click.echo(f"    {name:<{width}} sha256 {digest[:16]}  {status}")
         problems += [problem] if problem else []
-    if problems:
-        more = f" (and {len(problems) - 1} more file(s), marked above)" if len(problems) > 1 else ""
-        raise BundleError(problems[0] + more)
+    return problems
 
 
-def show_task(bundle_path, t, several: bool) -> None:
+def bundle_heading(bundle_path, m) -> str:
+    """The first line: what the bundle is (its one task, or its tasks)."""
+    if m.multi_task:
+        return f"{bundle_path}: multi-task bundle, {len(m.tasks)} tasks in one graph: {', '.join(m.task_names)}"
+    t = m.only
+    if t.generation:
+        return f"{bundle_path}: generation bundle {t.name} (pt-run generate)"
+    head = f" ({t.head} head)" if t.kind == "hard" else ""
+    return f"{bundle_path}: {t.kind} prompt bundle{head} for {t.name}"
+
+
+def task_heading(t) -> str:
+    """A merged bundle's task, heading its block."""
+    head = f" ({t.head} head)" if t.kind == "hard" else ""
+    return f"task {t.name}: {t.kind} prompt{head}"
+
+
+def show_task(t, int8: bool) -> None:
+    """The lines of one task under its heading; `int8`: the bundle holds the int8 graph its int8 figures are of."""
     if t.generation:
         gen = t.generation
-        click.echo(f"{bundle_path}: generation bundle {t.name} (pt-run generate)")
         click.echo(f"  prompt      {t.prompt_method}, {t.num_virtual_tokens} positions in the prompt cache;"
                    f" context {gen['max_positions']} positions, eos ids {gen['eos_token_ids']}")
         if MINDIR_CAPACITY in gen:
@@ -264,11 +308,6 @@ def show_task(bundle_path, t, several: bool) -> None:
         if t.template:
             click.echo(f"  template    {t.template!r}")
         return
-    head = f" ({t.head} head)" if t.kind == "hard" else ""
-    if several:
-        click.echo(f"task {t.name}: {t.kind} prompt{head}")
-    else:
-        click.echo(f"{bundle_path}: {t.kind} prompt bundle{head} for {t.name}")
     click.echo(f"  labels      {', '.join(t.labels)}")
     if t.template:
         click.echo(f"  template    {t.template}")
@@ -280,7 +319,7 @@ def show_task(bundle_path, t, several: bool) -> None:
         peft = t.details[PEFT_DETAIL]
         click.echo(f"  peft        {peft}" + ("/ (PeftModel.from_pretrained)" if peft == PEFT_DIR else ""))
     if t.recipe:
-        click.echo("  recipe      " + ", ".join(f"{k}={v}" for k, v in t.recipe.items() if v is not None))
+        click.echo("  recipe      " + ", ".join(recipe_items(t)))
     metrics = t.metrics
     for split in ("dev", "test"):
         s = metrics.get(split)
@@ -289,8 +328,20 @@ def show_task(bundle_path, t, several: bool) -> None:
     if "seconds_per_step_median" in metrics:
         click.echo(f"  training    {metrics.get('steps')} steps, {metrics['seconds_per_step_median']} s/step (median),"
                    f" {metrics.get('train_seconds')} s")
-    for split, s in (metrics.get("int8") or {}).items():
+    for split, s in (metrics.get("int8") or {}).items() if int8 else ():
         click.echo(f"  int8 {split:<6} accuracy {s['accuracy']:.4f} (fp32 {metrics[split]['accuracy']:.4f})")
+
+
+def recipe_items(t) -> list:
+    """The recipe as given, 'k=v'; its pooling is the task's own: the recipe records --pooling as given, which a
+    family that pools its own way (a decoder reads the last token) did not use."""
+    items = []
+    for k, v in t.recipe.items():
+        if k == "pooling" and v != t.pooling:
+            items.append(f"pooling={t.pooling} (--pooling {v} not used)")
+        elif v is not None:
+            items.append(f"{k}={v}")
+    return items
 
 
 def load(path, device, backend, int8):

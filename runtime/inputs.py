@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import InputError
 
@@ -23,6 +24,7 @@ CHUNK_LINES = 4096  # lines validated, sorted by length and predicted together
 # A UTF-16 surrogate alone: JSON's "\ud83d" escape decodes to one, and so do the undecodable bytes of a command
 # line; no tokenizer takes it and no UTF-8 output can hold it.
 SURROGATE = re.compile("[\ud800-\udfff]")
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark: some editors start a file with it
 
 
 @dataclass(frozen=True)
@@ -51,12 +53,18 @@ def lone_surrogate(text: str) -> str | None:
     return None if found is None else f"U+{ord(found.group()):04X} at character {found.start() + 1}"
 
 
+def format_of(name: str) -> str:
+    """The input format a file's name implies: jsonl for a .jsonl file (in any case: REQ.JSONL too), else text."""
+    return "jsonl" if Path(name).suffix.lower() == ".jsonl" else "text"
+
+
 class LineReader:
-    """Turns raw lines into Rows for one bundle; `task` is the default for lines that name none."""
+    """Turns raw lines into Rows for one bundle; `task` (--task) is every line's task: a line may repeat it, not
+    name another (a silent override would predict with a task the user did not ask for)."""
 
     def __init__(self, tasks: dict, fmt: str, task: str | None):
         # tasks: name -> pair (bool)
-        self.tasks, self.fmt, self.default = tasks, fmt, task
+        self.tasks, self.fmt, self.default, self.given = tasks, fmt, task, task
         if task is not None and task not in tasks:
             raise InputError(f"--task {task!r}: the bundle has no such task (it has {', '.join(tasks)})")
         if task is None and len(tasks) == 1:
@@ -80,6 +88,9 @@ class LineReader:
             return self.default
         if not isinstance(name, str) or name not in self.tasks:
             raise ValueError(f"unknown task {name!r} (the bundle has {', '.join(self.tasks)})")
+        if self.given is not None and name != self.given:
+            raise ValueError(f"field 'task' is {name!r} but --task is {self.given!r} (a line may only repeat --task;"
+                             f" leave --task out to take each line's)")
         return name
 
     def text_row(self, number: int, line: str) -> Row:
@@ -123,11 +134,13 @@ def chunks(stream, name: str, reader: LineReader, chunk_lines: int = CHUNK_LINES
 
     Lines end with \\n only (a \\r before it is dropped), so a text may hold any
     other character.  A final newline ends the last line; it does not start an
-    empty one.
+    empty one.  A UTF-8 BOM before the first line is dropped.
     """
     rows, problems, number, seen = [], [], 0, 0
     for number, raw in enumerate(stream, start=1):
         raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+        if number == 1:
+            raw = raw.removeprefix(BOM)  # an editor's mark of UTF-8 (Notepad writes one), not the text's
         try:
             rows.append(reader.row(number, raw))
         except ValueError as e:

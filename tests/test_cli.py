@@ -53,7 +53,7 @@ def test_a_bad_line_stops_the_run_after_the_chunks_before_it(tiny_bundle, tmp_pa
     ('{"text": "a", "task": "nope"}', "unknown task 'nope'"),
     ('{"txt": "a"}', "unknown field(s) txt"),
     ('{"text": 3}', "field 'text' must be a string"),
-    ('{"text": "a", "text_b": "b"}', "field 'text_b': task 'train' takes one text"),
+    ('{"text": "a", "text_b": "b"}', "field 'text_b': task 'toy-soft' takes one text"),  # named after its bundle
     ('["a"]', "not a JSON object"),
     ('{"text": "a"', "not valid JSON"),
 ], ids=["task", "field", "type", "pair", "array", "json"])

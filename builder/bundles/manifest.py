@@ -14,8 +14,9 @@ def backbone_info(backbone) -> BackboneInfo:
 
 
 def base_manifest(dataset, backbone, recipe, device: str, pooling: str, /, **fields) -> Manifest:
-    """A one-task manifest for this build; `fields` add or override what the task's kind knows (kind, head,
-    metrics, the recipe fields it records...)."""
+    """A one-task manifest for this build; `fields` add or override what the task's kind knows (name, kind, head,
+    metrics, the recipe fields it records...).  Builds name the task after its bundle: one name wherever it is
+    served, predicted or merged."""
     task = dict(name=dataset.name, labels=tuple(dataset.labels), pair=dataset.is_pair, max_length=recipe.max_length,
                 pooling=pooling, recipe=recipe.to_json())
     return Manifest(tasks=(Task(**{**task, **fields}),), pad_id=backbone.config.pad_token_id, device=device,

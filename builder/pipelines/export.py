@@ -82,7 +82,8 @@ def build_soft(destination: Path, backbone: Backbone, dataset, recipe: Recipe, d
         return None
     net = net.folded()  # a prefix's reparameterization becomes its table
     details = net.spec.details() if words is None else {**net.spec.details(), "label_words": words}
-    manifest = base_manifest(dataset, backbone, recipe, device, family.pooling(recipe), kind="soft",
+    manifest = base_manifest(dataset, backbone, recipe, device, family.pooling(recipe), name=destination.name,
+                             kind="soft",
                              head=family.soft_head,
                              prompt_method=recipe.method, num_virtual_tokens=recipe.virtual_tokens,
                              template=template.source if template is not None else None,
@@ -107,8 +108,8 @@ def build_hard(destinations: dict, backbone: Backbone, dataset, recipe: Recipe, 
     built = []
     for head, destination in destinations.items():
         result = HEADS[head](cache, backbone, recipe, verbalizer, log)
-        manifest = base_manifest(dataset, backbone, recipe, device, family_of(backbone).pooling(recipe), kind="hard",
-                                 head=head, prompt_method="none",
+        manifest = base_manifest(dataset, backbone, recipe, device, family_of(backbone).pooling(recipe),
+                                 name=Path(destination).name, kind="hard", head=head, prompt_method="none",
                                  num_virtual_tokens=0, template=template.source, recipe=result.recipe,
                                  details=result.details, metrics=result.metrics)
         written = write_bundle(destination, result.net, backbone, manifest, result.curve,

@@ -53,7 +53,7 @@ def import_adapter(adapter_dir, destination, backbone_path, dataset, labels, pai
     recipe = {"source": "peft", "adapter": str(adapter_dir), "peft_type": config["peft_type"],
               "task_type": config["task_type"], "base_model_name_or_path": config.get("base_model_name_or_path"),
               "peft_version": config.get("peft_version")}
-    task = Task(name=dataset.name if dataset is not None else Path(destination).name, kind="soft", labels=labels,
+    task = Task(name=Path(destination).name, kind="soft", labels=labels,
                 pair=pair, max_length=max_length, pooling=adapter.pooling, head="linear", prompt_method=spec.method,
                 num_virtual_tokens=spec.virtual_tokens, recipe=recipe, details=spec.details(), metrics=metrics)
     manifest = Manifest(tasks=(task,), pad_id=cfg.pad_token_id, backbone=backbone_info(backbone), device=device)

@@ -59,13 +59,13 @@ def test_predict_and_eval_by_task(merged_bundle, toy_files):
     out = merged_bundle[0]
     runner = CliRunner()
     lines = [{"task": "pairs", "text": "a great movie", "text_b": "the best film"},
-             {"task": "sentiment", "text": "a great movie"}, {"text": "the worst film ever"}]
+             {"task": "sentiment", "text": "a great movie"}, {"task": "probe", "text": "the worst film ever"}]
     result = runner.invoke(run_cli, ["predict", "-", "--bundle", str(out), "--input-format", "jsonl",
-                                     "--format", "jsonl", "--task", "probe"],
+                                     "--format", "jsonl"],
                            input="".join(json.dumps(line) + "\n" for line in lines))
     assert result.exit_code == 0, result.output
     got = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [g["task"] for g in got] == ["pairs", "sentiment", "probe"]  # --task is the default for the third
+    assert [g["task"] for g in got] == ["pairs", "sentiment", "probe"]  # each line's own (--task may not differ)
     assert set(got[0]["probabilities"]) == {"same", "opposite", "other"}
     no_task = runner.invoke(run_cli, ["predict", "-", "--bundle", str(out)], input="a great movie\n")
     assert no_task.exit_code == 1 and "<stdin>:1: no task" in no_task.output
@@ -95,7 +95,8 @@ def test_merge_refuses_what_it_cannot_merge(merged_bundle, tiny_build, tiny_robe
            "--text-b-column", "s2", "--label-column", "q", "--backbone", str(tiny_roberta), "--virtual-tokens", "2",
            "--method", "prompt-tuning", "--epochs", "1", "--batch-size", "8", "--prompt", "soft", "--out", str(tmp_path), "--name", "other"])
     assert "backbone sha256 differs" in merge_error([soft, other, "--out", tmp_path / "m", "--backbone", tiny_bert])
-    assert "appears twice" in merge_error([soft, probe, "--out", tmp_path / "m", "--backbone", tiny_bert])
+    assert "appears twice" in merge_error([f"same={soft}", f"same={probe}", "--out", tmp_path / "m",
+                                           "--backbone", tiny_bert])
     assert "one of the bundles being merged" in merge_error([f"a={soft}", f"b={probe}", "--out", soft,
                                                              "--backbone", tiny_bert])
     assert "no such bundle directory" in merge_error([soft, tmp_path / "nope", "--out", tmp_path / "m"])
@@ -116,3 +117,22 @@ def test_merged_bundles_merge_again(merged_bundle, tiny_build, tiny_bert, tmp_pa
     merged = Bundle.load(again)
     assert merged.task_names == ["sentiment", "zeroshot", "probe", "pairs", "extra"]
     np.testing.assert_allclose(merged.logits(TEXTS, task="extra"), merged.logits(TEXTS, task="sentiment"), atol=1e-5)
+
+
+def test_one_builds_bundles_merge_without_renaming_and_keep_their_names(tmp_path, tiny_build, tiny_bert):
+    """A task is named after its bundle: served, predicted and merged under one name, so the bundles of one
+    pt-build export merge with no NAME= (they were all named after the data before, and clashed)."""
+    out = tiny_build[0]
+    sources = [out / "toy-hard-zeroshot", out / "toy-hard-probe"]
+    assert [Bundle.load(s).manifest.only.name for s in sources] == ["toy-hard-zeroshot", "toy-hard-probe"]
+    build(["merge", *map(str, sources), "--backbone", str(tiny_bert), "--out", str(tmp_path / "both")])
+    merged = Bundle.load(tmp_path / "both")
+    assert merged.manifest.task_names == ["toy-hard-zeroshot", "toy-hard-probe"]
+    result = CliRunner().invoke(run_cli, ["predict", "--bundle", str(tmp_path / "both"), "--task", "toy-hard-probe",
+                                          "--format", "jsonl", "-"], input="\n".join(TEXTS) + "\n")
+    assert result.exit_code == 0, result.output
+    got = [json.loads(line) for line in result.stdout.splitlines()]
+    own = Bundle.load(sources[1]).predict(TEXTS)
+    assert [(g["task"], g["label"]) for g in got] == [("toy-hard-probe", p.label) for p in own]
+    for g, p in zip(got, own):
+        assert g["probabilities"] == pytest.approx(p.probabilities, abs=1e-4)
