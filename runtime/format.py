@@ -21,7 +21,7 @@ learned prompt, run token by token by runtime.generate) is a directory too:
                               (`GENERATION_DETAIL`) holds the eos ids, the context length and the cache shape
     decoder.onnx              the decoder with a KV cache (`decoder_signature`, below)
     decoder.int8.onnx         optional: its int8 copy (com.microsoft.MatMulNBits: 8-bit weights and activations per
-                              block of 32, the LM head included; builder.generation.quantize_decoder)
+                              block of 32, the LM head included; builder.bundles.generation.quantize_decoder)
     decoder.mindir            optional (bundles since MindSpore generation): the decoder for MindSpore over a
                               static KV cache of details["generation"]["mindir_capacity"] slots (`MINDIR_CAPACITY`;
                               signature below)
@@ -37,7 +37,7 @@ included), float32 `past_key.{i}` / `past_value.{i}` [batch, kv_heads, past,
 head_dim] per layer i in; float32 `logits` [batch, vocab] at each row's last
 attended new position, and `present_key.{i}` / `present_value.{i}` [batch,
 kv_heads, past + seq, head_dim] (the past with the new tokens appended) out.
-decoder.mindir (builder.decoder_mindir) keeps each cache at a fixed capacity
+decoder.mindir (builder.graphs.mindir_decoder) keeps each cache at a fixed capacity
 C, so MindSpore's GraphCell, which prepares a graph per input shape, sees
 one shape for every decode step.  Its inputs, in this order (GraphCell's are
 positional): int32 `input_ids` and `position_ids` [batch, seq], int32
@@ -86,7 +86,7 @@ TOKENIZER = "tokenizer.json"
 PROMPT = "prompt.safetensors"
 TRAINING_LOG = "training_log.json"
 GRAPHS = {"mindir": "model.mindir", "onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}  # graph kind -> file
-# The bundle's prompt and head as PEFT writes an adapter (builder.peft); task.details[PEFT_DETAIL] is PEFT_DIR
+# The bundle's prompt and head as PEFT writes an adapter (builder.bundles.peft); task.details[PEFT_DETAIL] is PEFT_DIR
 # when the bundle holds it, else "not expressible: <why>" (e.g. mean pooling: PEFT's classifier heads read one token).
 PEFT_DIR = "peft"
 PEFT_CONFIG = "adapter_config.json"

@@ -1,7 +1,7 @@
 """decoder.mindir run by MindSpore's GraphCell: generation on Ascend and GPU (and CPU), over a static KV cache.
 
 GraphCell prepares a graph for each input shape it meets.  The graph
-(builder.decoder_mindir; its signature in runtime.format's docstring) keeps
+(builder.graphs.mindir_decoder; its signature in runtime.format's docstring) keeps
 every layer's cache at a fixed capacity, so every decode step has one shape
 ([batch, 1] tokens over [batch, kv_heads, capacity, head_dim] caches), and
 prefill pads the prompt to a multiple of `pad_multiple` tokens, as the

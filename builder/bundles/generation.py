@@ -1,7 +1,7 @@
 """Write a generation bundle: a Llama-family decoder, its prompt cache and tokenizer, atomically.
 
 The files and the graph's signature are runtime.format's (module docstring
-there).  As builder.export.write_bundle does for classifiers, the bundle is
+there).  As builder.bundles.classifier.write_bundle does for classifiers, the bundle is
 assembled in a hidden temporary directory beside its destination, every
 written graph is run back (the ONNX ones with onnxruntime, decoder.mindir
 with MindSpore) and compared with the reference the caller passes, and only

@@ -12,11 +12,11 @@ tests/fixtures/make_prefix_reference.py):
 
 What folds, exactly (the bundle's predictions equal PEFT's on the same inputs):
 
-    PROMPT_TUNING   prompt_embeddings [P, hidden]: builder.prompts' prompt-tuning
+    PROMPT_TUNING   prompt_embeddings [P, hidden]: builder.models.prompts' prompt-tuning
     P_TUNING        the same: PEFT saves its prompt encoder's output (get_prompt_embedding_to_save
                     runs the MLP or LSTM), and an adapter loaded for inference (inference_mode)
                     puts that table in front of the text as it is, with no encoder
-    PREFIX_TUNING   prompt_embeddings [P, layers * 2 * hidden]: builder.prompts' prefix-tuning from
+    PREFIX_TUNING   prompt_embeddings [P, layers * 2 * hidden]: builder.models.prompts' prefix-tuning from
                     layer 0; with prefix_projection the saved table is already the MLP's output
 
 task_type FEATURE_EXTRACTION with PREFIX_TUNING, when the directory also holds PEFT_HEAD (the Linear over

@@ -1,4 +1,4 @@
-"""The MindIR graph of a generation bundle: the training Decoder (builder.decoder) over a static KV cache.
+"""The MindIR graph of a generation bundle: the training Decoder (builder.models.decoder) over a static KV cache.
 
 MindSpore's GraphCell prepares a graph for each input shape it meets
 (runtime.mindspore_backend pads classifier batches to multiples of 8 for

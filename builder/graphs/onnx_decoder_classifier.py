@@ -31,7 +31,7 @@ LOWER_OUTPUT = "states"  # lower_graph's output: [batch, seq, hidden]
 
 def classifier_graph(weights: dict, cfg, cache: dict, start: int, first_layer: int, head: dict | None,
                      kernels=KERNELS, layers: int | None = None) -> onnx.ModelProto:
-    """`weights`: the decoder's (builder.decoder names); `cache`: "key.{i}"/"value.{i}" [kv_heads, P, head_dim]
+    """`weights`: the decoder's (builder.models.decoder names); `cache`: "key.{i}"/"value.{i}" [kv_heads, P, head_dim]
     for the layers from `first_layer` on (empty: no prompt); `start`: the text's first position; `head`:
     classifier.weight [labels, hidden] and classifier.bias.  With `layers` (and no head): only layers
     0..layers-1, their output states [batch, seq, hidden] out (the part a prefix from that layer never sees)."""

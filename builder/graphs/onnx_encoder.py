@@ -43,7 +43,7 @@ HEAD_NODES = ("pooler", "classifier")  # names of the head's MatMul nodes (int8 
 
 def weights_of(net) -> dict:
     """The arrays the graph needs, read off a PromptClassifier, under the Encoder's parameter names
-    (those the architectures' weight maps fill) and head_params' names, the prompt folded (builder.prompts):
+    (those the architectures' weight maps fill) and head_params' names, the prompt folded (builder.models.prompts):
     they are also the graph's initializer names."""
     encoder = {k: v.asnumpy() for k, v in net.encoder.parameters_and_names()}
     return {k: f32(v) for k, v in {**encoder, **net.folded_state()}.items()}
@@ -52,7 +52,7 @@ def weights_of(net) -> dict:
 def build_graph(weights: dict, config, spec: PromptSpec, pooling: str, normalize: bool) -> onnx.ModelProto:
     """The classifier as an onnx.ModelProto: int32 [batch, seq] x3 in, float32 [batch, labels] out."""
     g = Graph()
-    method = PROMPTS[spec.method]  # builder.prompts: its onnx_* hooks mirror the Cell's
+    method = PROMPTS[spec.method]  # builder.models.prompts: its onnx_* hooks mirror the Cell's
     ids, mask, types = INPUT_NAMES
     batch, seq = batch_and_seq(g)
     token_types = "embeddings.token_type" in weights  # an architecture may have none: the input is then unused
@@ -65,7 +65,7 @@ def build_graph(weights: dict, config, spec: PromptSpec, pooling: str, normalize
     positions = g.op("Slice", [g.const("embeddings.position", weights["embeddings.position"]),
                                g.const("position_start", [start], np.int64), end, g.const("axis0", [0], np.int64)])
     x = encoder_body(g, weights, config, g.op("Add", [embeds, positions]), types, full_mask, spec, batch)
-    pooled = POOLING[pooling].onnx(g, weights, x, mask, top)  # builder.pooling
+    pooled = POOLING[pooling].onnx(g, weights, x, mask, top)  # builder.models.pooling
     linear(g, weights, "classifier", unit_length(g, pooled) if normalize else pooled, output=OUTPUT_NAME)
     return classifier_proto(g, list(INPUT_NAMES), weights["classifier.bias"].shape[0])
 
@@ -137,7 +137,7 @@ def batch_and_seq(g: Graph) -> tuple:
 def encoder_body(g: Graph, weights: dict, config, x: str, types: str | None, mask: str,
                  spec: PromptSpec = PromptSpec(), batch: str | None = None) -> str:
     """Token types, the embedding LayerNorm and every layer, over embeddings that have their positions;
-    the prompt's layer hooks (builder.prompts) on the way."""
+    the prompt's layer hooks (builder.models.prompts) on the way."""
     method = PROMPTS[spec.method]
     if types is not None:
         x = g.op("Add", [x, g.op("Gather", [g.const("embeddings.token_type", weights["embeddings.token_type"]), types],

@@ -55,12 +55,12 @@ class PromptClassifier(HeadState, nn.Cell):
     inputs:  input_ids, attention_mask, token_type_ids  (int32, [batch, seq])
     output:  logits [batch, num_labels]
 
-    The prompt is one of builder.prompts (`spec.method`; by default a
+    The prompt is one of builder.models.prompts (`spec.method`; by default a
     shallow prompt of `num_virtual_tokens`, none with 0: a plain classifier
     over the text as tokenized, used for hard prompts).  The forward pass is
     `lower` (embeddings and the layers below the prompt's first layer, which
     never see the prompt) then `upper_features`; training with a prompt that
-    starts above layer 0 caches `lower` once per text (builder.train).  With
+    starts above layer 0 caches `lower` once per text (builder.training).  With
     `normalize`, the pooled vector is scaled to unit length before the head:
     a head whose rows are unit label embeddings then computes cosine
     similarities (the zero-shot verbalizer head).
@@ -80,7 +80,7 @@ class PromptClassifier(HeadState, nn.Cell):
         self.pooling = pooling
         self.normalize = normalize
         self.prompt_method = self.spec.method
-        self.prompt = PROMPTS[self.spec.method](encoder.config, self.spec)  # builder.prompts
+        self.prompt = PROMPTS[self.spec.method](encoder.config, self.spec)  # builder.models.prompts
         self.split = self.prompt.first_layer
         self.layer_count = encoder.config.num_layers
         self.hidden_size = h
@@ -155,7 +155,7 @@ class PromptClassifier(HeadState, nn.Cell):
         return net
 
     def pool(self, hidden, attention_mask):
-        return self.pooler(hidden, attention_mask)  # builder.pooling
+        return self.pooler(hidden, attention_mask)  # builder.models.pooling
 
 
 def unit_length(x):

@@ -54,7 +54,7 @@ class RMSNorm(nn.Cell):
 def rotary_tables(cfg: DecoderConfig) -> tuple:
     """cos and sin of position x inverse frequency, [max_positions, head_dim / 2], as transformers' default
     rotary embedding computes them (float32 inverse frequencies; the angles in float64, a hair closer).  The
-    MindSpore Decoder repeats them to head_dim; the ONNX graphs (builder.decoder_onnx) take them as they are."""
+    MindSpore Decoder repeats them to head_dim; the ONNX graphs (builder.graphs.onnx_decoder) take them as they are."""
     d = cfg.head_dim
     inv_freq = (1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))).astype(np.float32)
     angles = np.arange(cfg.max_positions, dtype=np.float64)[:, None] * inv_freq.astype(np.float64)[None]
@@ -105,7 +105,7 @@ class DecoderAttention(nn.Cell):
 
     def attend(self, q, k, v, mask_bias):
         """Queries [b, heads, s, d] over keys and values [b, kv_heads, t, d] (`mask_bias` [b, 1, s, t]), through
-        o_proj: [b, s, hidden].  Also the static-cache graph's (builder.decoder_mindir), whose t is its capacity."""
+        o_proj: [b, s, hidden].  Also the static-cache graph's (builder.graphs.mindir_decoder), whose t is its capacity."""
         b, _, s, _ = q.shape
         if self.group > 1:  # grouped-query attention: query head i reads kv head i // group, as repeat_kv does
             t = k.shape[2]
@@ -143,7 +143,7 @@ class DecoderLayer(nn.Cell):
         return self.feed_forward(x)
 
     def feed_forward(self, x):
-        """The layer's second residual block (after attention): what builder.decoder_mindir shares with construct."""
+        """The layer's second residual block (after attention): what builder.graphs.mindir_decoder shares with construct."""
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def keys_values(self, x, cos, sin):
@@ -275,8 +275,8 @@ class DecoderClassifier(HeadState, nn.Cell):
         self.pooling, self.normalize = "last", False
         # The verbalizer: label i's score is the LM head's logit of its words at the answer position.  Only the
         # label words' rows of the output matrix are in the graph (the mean of a label's words' rows when it has
-        # several, builder.decoder.label_rows), plus a bias: zero-shot, minus the label's mean log-probability
-        # (builder.hard.lm_zero_shot_head); with a soft prompt, learned.  PromptClassifier's head names, so
+        # several, builder.families.decoder.label_rows), plus a bias: zero-shot, minus the label's mean log-probability
+        # (builder.training.hard.lm_zero_shot_head); with a soft prompt, learned.  PromptClassifier's head names, so
         # training, prompt.safetensors and the runtime need nothing new.
         self.classifier = nn.Dense(cfg.hidden_size, num_labels)
 
@@ -323,7 +323,7 @@ class DecoderClassifier(HeadState, nn.Cell):
                 x = self.decoder.layers[i](x, bias, cos, sin, *past)
             else:  # the last layer for the answer slot alone
                 x = self.decoder.layers[i].last_row(x, pick, bias, cos, sin, *past)
-        return self.decoder.norm(x[:, 0])  # a prompt starts below the last layer (builder.prompts checks --layer)
+        return self.decoder.norm(x[:, 0])  # a prompt starts below the last layer (builder.models.prompts checks --layer)
 
     def head_params(self) -> dict:
         return {"classifier.weight": self.classifier.weight, "classifier.bias": self.classifier.bias,

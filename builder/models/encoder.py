@@ -187,7 +187,7 @@ class Encoder(nn.Cell):
         """Dropout at BERT's places (embeddings, attention probabilities, both residual branches) while
         training: the frozen encoder as transformers and PEFT train it.  Set before the first compile (graph
         mode reads `p` as a constant); at inference (set_train(False)) every one is the identity, and so in the
-        layers below a late prompt or a higher prefix, which training computes once (builder.train.LayerCache)."""
+        layers below a late prompt or a higher prefix, which training computes once (builder.training.forward.LayerCache)."""
         for _, cell in self.cells_and_names():
             if isinstance(cell, TrainDropout):
                 cell.set_rate(p)

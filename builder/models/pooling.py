@@ -13,7 +13,7 @@ to the same result.  A new pooling is one class here and one line in
            prompt position 0 is the first virtual token, as in PEFT
 
 `offset` is the number of states in front of this task's prompt: zero in a
-bundle of one task; in a merged bundle (builder.merge) shorter prompts are
+bundle of one task; in a merged bundle (builder.pipelines.merge) shorter prompts are
 right-aligned against the text, so a task's states start later.  `prefix`
 names the task's weights in a merged graph.
 """

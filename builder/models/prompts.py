@@ -139,7 +139,7 @@ class PromptMethod(nn.Cell):
 
     @staticmethod
     def initial(spec: PromptSpec, start) -> dict:
-        """Starting values of params(), by name.  `start` (builder.train.TokenStart or RandomStart) gives the
+        """Starting values of params(), by name.  `start` (builder.training.init.TokenStart or RandomStart) gives the
         starting tokens' `embeddings()` [P, hidden], their `states(layer)` entering a layer [P, hidden], and
         their `keys_values(first)` in every layer from `first` on [P, layers x 2 x hidden] (a prefix's layout)."""
         return {}

@@ -1,11 +1,8 @@
-"""Prompt tuning a causal LM for instruction following: a soft prompt trained with the LM loss on the answers.
+"""Instruction data for prompt-tuning a causal LM (builder.training.instruct trains on it): the Alpaca-style JSONL,
+the chat format (ChatML, shared with the generation bundle's template), tokenization as the runtime's generator
+feeds the model, and the batches of answer positions the LM loss reads.
 
-Read it top to bottom: the data (Alpaca-style JSONL), the chat format (one
-place, shared with the generation bundle's template), tokenization as the
-runtime's generator feeds the model, the model (a DecoderClassifier's prompt
-on the frozen Decoder, read at every answer position), the training loop.
-
-PEFT CAUSAL_LM semantics, as builder.decoder: `prompt-tuning` puts P vectors
+PEFT CAUSAL_LM semantics, as builder.models.decoder: `prompt-tuning` puts P vectors
 in front of the token embeddings (positions 0..P-1, the text from P on);
 `prefix-tuning` puts P keys and values in front of every layer's own (the
 text's positions from P on).  The loss is the mean cross-entropy over the

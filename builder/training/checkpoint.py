@@ -1,4 +1,4 @@
-"""Training checkpoints: everything `train.fit` needs to go on where a stopped run stopped.
+"""Training checkpoints: everything `builder.training.loop.fit` needs to go on where a stopped run stopped.
 
 One safetensors file: the trainable parameters, AdamW's two moments and
 step count (which also indexes the learning-rate schedule), the best
