@@ -10,7 +10,8 @@ stage files beside it (roofline.json, inference.json, ...) are not. Its "table" 
 formatted by run.py (median [min-max], ratios, targets); this script lays them out and adds what the
 rows leave implicit: the machine, the library versions, the run's mode and the targets' verdicts.
 
-all.json records no date, so the page gives the file's modification time (UTC) as the run's date.
+all.json records its run's date (UTC); for a summary written before it did, the page gives the file's
+modification time.
 
 Standard library and click only: it must run where the benchmarks' own dependencies are not installed.
 """
@@ -127,15 +128,19 @@ def shown(path: Path) -> str:
 
 def render_summary(path: Path, summary: dict) -> list:
     machine, limit = summary["machine"], summary["limit"]
-    written = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
+    recorded = "date" in summary  # bench/run.py records it; older summaries have only their file's time
+    written = datetime.datetime.fromisoformat(summary["date"]) if recorded else \
+        datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
     stages = summary["stage_seconds"]
     lines = [f"## {written:%Y-%m-%d %H:%M} UTC: {Path(summary['bundle']).name} ({summary['mode']})", "",
-             f"- File: `{shown(path)}` (its modification time is the date above: all.json records none)",
+             f"- File: `{shown(path)}`" + ("" if recorded else " (its modification time is the date above)"),
              f"- Machine: {machine_line(machine)}"]
     load = (machine.get("load_average_1_5_15") or [None])[0]
     if load is not None:
         note = " (high: other work shared the CPU, the figures are low and noisy)" if load > HIGH_LOAD else ""
         lines.append(f"- Load average before the run: {load}{note}")
+    if summary.get("commit"):
+        lines.append(f"- Commit: {summary['commit']}")
     lines += [f"- Versions: {versions_line(summary['versions'])}",
               f"- Bundle: `{summary['bundle']}`",
               f"- GEMM limit: {limit['limit_gflops']:.1f} GFLOP/s ({limit['limit_library']}, {limit['tokens']} tokens); "

@@ -45,6 +45,7 @@ its own length, the prompt's work included) over that limit.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -414,6 +415,9 @@ def main(backbone, data, smoke, results, bundle_path, quick, no_peer, peer_venv,
     stages["total"] = round(time.perf_counter() - started, 1)
     summary = summarize(results, bundle_path, settings, stages, mode, machine)
     summary["peer_skipped"] = peer is None
+    summary["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")  # for bench/report.py
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=common.ROOT, capture_output=True, text=True)
+    summary["commit"] = head.stdout.strip() if head.returncode == 0 else None  # the code the figures are of
     out = results / "all.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")
     m = summary["machine"]
