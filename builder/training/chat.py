@@ -25,13 +25,12 @@ training turns it into a learned system prompt.  The trained net's
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ptbundle.runtime.data import read_text
+from ptbundle.runtime.data import jsonl_rows, read_text
 from ptbundle.runtime.template import Template
 from ptbundle.runtime.text import encode, load_tokenizer
 
@@ -61,16 +60,8 @@ def read_instructions(path) -> list:
     path = Path(path)
     content = read_text(path)
     examples = []
-    for n, line in enumerate(content.split("\n"), start=1):
-        if not line.strip():
-            continue
+    for n, row in jsonl_rows(content, path):  # the runtime's JSONL reader: the same errors as every data file
         where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
         values = {}
         for name in FIELDS:
             if name not in row:
