@@ -26,6 +26,7 @@ from . import backends
 from .errors import BundleError, InputError, TemplateError
 from .format import DECODER_GRAPHS, MANIFEST, PROMPT_CACHE, TOKENIZER, Manifest, Task, verify_files
 from .inputs import check_text
+from .generate import Generator, read_prompt_cache
 from .template import Template
 from .text import batch_indices, encode, load_tokenizer, pad
 
@@ -101,9 +102,6 @@ class Bundle:
     @classmethod
     def load_generation(cls, directory: Path, manifest: Manifest, device: str, runner, int8: bool,
                         verify: bool) -> "Bundle":
-        from .generate import Generator, read_prompt_cache
-        from .text import load_tokenizer
-
         task = manifest.only
         graph = runner.graph_file("int8" if int8 else "fp32", generative=True)
         for name in (graph, PROMPT_CACHE):

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from .backends import BACKENDS
-from .errors import ErrorsAsMessages, InputError, PtbundleError
-from .format import DEVICES, GRAPHS, MINDIR_CAPACITY, PEFT_DETAIL, PEFT_DIR, parse_bundle_spec
+from .bundle import Bundle
+from .data import Columns
+from .errors import BundleError, ErrorsAsMessages, InputError, PtbundleError
+from .evaluate import check_examples, check_plot, load_eval_examples, plot as plot_png, score, table
+from .format import (DEVICES, GRAPHS, MINDIR_CAPACITY, PEFT_DETAIL, PEFT_DIR, Manifest, file_problem,
+                     parse_bundle_spec)
 from .inputs import BOM, CHUNK_LINES, FORMATS, LineReader, chunks, format_of
-from .serve import Limits
+from .serve import Limits, endpoints_of, run
 
 DEFAULT_BUNDLE = "exports/mr-soft"
 
@@ -53,9 +59,6 @@ def predict(file, bundle_path, task, input_format, fmt, batch_size, chunk_lines,
     exactly the predictions of the chunks before its chunk (the message
     says which lines).  A file of at most --chunk-lines lines is all or nothing.
     """
-    import sys
-    import time
-
     bundle = load(bundle_path, device, backend, int8)
     name = getattr(file, "name", "<stdin>")
     name = "<stdin>" if name in ("<stdin>", "-") else name
@@ -108,8 +111,6 @@ def generate(bundle_path, prompt, max_new_tokens, temperature, top_p, seed, stop
     backend runs decoder.mindir, whose KV cache has a fixed size (pt-run
     info shows it): prompt and new tokens must fit in it.
     """
-    import sys
-
     if prompt == "-":
         raw = sys.stdin.buffer.read()
         try:
@@ -153,8 +154,6 @@ def serve(bundle_specs, host, port, max_batch, group, max_wait_ms, max_texts, ma
     concurrent requests are batched together.  Needs the serve extra
     (pip install 'ptbundle[serve]').  SIGTERM answers the requests in flight, then exits.
     """
-    from .serve import endpoints_of, run
-
     specs = [parse_bundle_spec(s) for s in (bundle_specs or (DEFAULT_BUNDLE,))]
     bundles = [load(path, device, backend, int8) for _, path in specs]
     limits = Limits(max_batch=max_batch, group=group, max_wait=max_wait_ms / 1000, max_body=max_body_bytes, max_texts=max_texts,
@@ -181,9 +180,6 @@ def serve(bundle_specs, host, port, max_batch, group, max_wait_ms, max_texts, ma
 def evaluate(bundle_paths, data, split, text_column, text_b_column, label_column, batch_size, backend, int8, task,
              as_json, plot):
     """Accuracy, macro-F1 and throughput of bundles side by side, on the same labelled data."""
-    from .data import Columns
-    from .evaluate import check_examples, check_plot, load_eval_examples, plot as plot_png, score, table
-
     # Everything that can fail is checked before the first bundle is scored (scoring is the long part):
     # the plot's needs, the data, and every bundle loaded and its labels against the data.
     if plot:
@@ -239,9 +235,6 @@ def info(bundle_path):
     Every file is checked against its sha256 in the manifest: one that
     differs or is missing is marked, and the command exits 1 naming it.
     """
-    from .errors import BundleError
-    from .format import Manifest
-
     m = Manifest.read(Path(bundle_path))
     bb = m.backbone
     # Every block starts with its heading and holds only its own lines: the bundle's block (its one task's lines
@@ -263,8 +256,6 @@ def info(bundle_path):
 
 def show_files(bundle_path, m) -> list:
     """The bundle's own lines (parity, versions, files with their check); the problems of the files that fail it."""
-    from .format import file_problem
-
     if m.export:
         click.echo("  parity      " + ", ".join(f"{k} {v:.1e}" for k, v in m.export.items()))
     click.echo(f"  created     {m.created}")
@@ -345,8 +336,6 @@ def recipe_items(t) -> list:
 
 
 def load(path, device, backend, int8):
-    from .bundle import Bundle
-
     return Bundle.load(path, device=device, backend=backend, int8=int8)
 
 

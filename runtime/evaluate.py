@@ -71,7 +71,7 @@ def table(rows: list) -> str:
 
 def pyplot():
     """matplotlib's pyplot, drawing into files; without it (the plot extra), one line naming the extra."""
-    try:
+    try:  # the plot extra: imported only for --plot
         import matplotlib
 
         matplotlib.use("Agg")  # files only, no screen

@@ -29,10 +29,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import onnxruntime as ort
+from safetensors.numpy import load_file
 
 from .errors import BundleError, InputError
 from .format import (DECODER_INPUTS, PROMPT_CACHE, Task, past_names, present_names, prompt_cache_names)
 from .inputs import lone_surrogate
+from .onnx_backend import session_options
 from .template import Template
 from .text import encode
 
@@ -45,10 +48,6 @@ class DecoderSession:
     capacity = None  # the cache grows with each call, up to the model's positions (StaticDecoderSession has one)
 
     def __init__(self, path: Path, prompt_cache: dict, threads: int | None = None):
-        import onnxruntime as ort
-
-        from .onnx_backend import session_options
-
         try:
             self.session = ort.InferenceSession(str(path), session_options(threads),
                                                 providers=["CPUExecutionProvider"])
@@ -275,8 +274,6 @@ def prompt_arrays(prompt_cache: dict, layers: int) -> tuple:
 
 
 def read_prompt_cache(path: Path) -> dict:
-    from safetensors.numpy import load_file
-
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own types for a damaged file

@@ -8,7 +8,6 @@ KServe mode and Seldon's servers speak), with one "model" per task:
     POST /v1/models/TASK:predict         {"instances": ["text", ...]} or, for pair tasks,
                                          {"instances": [{"text": ..., "text_b": ...}, ...]}
                                       -> {"predictions": [{"label": ..., "probabilities": {...}}, ...]}
-    GET  /v2/health/live, /v2/health/ready   (KServe V2 health)
     GET  /metrics                        Prometheus text: requests, texts, batch sizes, latency, queue
 
 Each bundle has one `Batcher`: texts of concurrent requests (of any of the
@@ -16,8 +15,24 @@ bundle's tasks: a merged bundle runs them in one graph) wait at most
 `max_wait` for a batch of `max_batch`, then run together on one worker
 thread while the event loop keeps reading requests.  A row's result does not
 depend on the batch it ran in (the graph is row-independent; tests hold it
-to 1e-5).  Errors are JSON {"error": "..."} with a 4xx status naming the
-problem; the server keeps serving.  SIGTERM: uvicorn stops accepting, the
+to 1e-5).
+
+Beside it, the Open Inference Protocol (KServe V2, what Triton, MLServer and
+their clients speak), on the same tasks, batchers and limits:
+
+    GET  /v2                             {"name", "version", "extensions"}
+    GET  /v2/health/live, /v2/health/ready
+    GET  /v2/models/TASK                 {"name", "platform", "inputs", "outputs"}
+    GET  /v2/models/TASK/ready
+    POST /v2/models/TASK/infer           {"id"?, "inputs": [{"name": "text", "datatype": "BYTES", "shape": [n],
+                                         "data": [...]}, (pair tasks: "text_b" too)], "outputs"?: [{"name"}]}
+                                      -> {"model_name", "id"?, "outputs": [label BYTES [n],
+                                         probabilities FP32 [n, labels]]}
+
+with Triton's binary tensor data extension (tritonclient's default).
+
+Errors are JSON {"error": "..."} with a 4xx status naming the problem; the
+server keeps serving.  SIGTERM: uvicorn stops accepting, the
 requests in flight are answered, then the process exits.
 
 This module imports uvicorn (the `serve` extra) only in `run`; the app is
@@ -29,11 +44,14 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import socket
+import struct
 import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 
@@ -50,6 +68,15 @@ class Limits:
     max_body: int = 1 << 20  # request bytes
     max_texts: int = 256  # instances per request
     max_chars: int = 20000  # characters per text (tokens past the bundle's max_length are cut anyway)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An answer that is not plain JSON: a V2 JSON header followed by binary tensors."""
+
+    payload: bytes
+    kind: bytes
+    headers: tuple = ()
 
 
 class RequestError(Exception):
@@ -229,12 +256,15 @@ class App:
         except Exception as e:  # a bug must not take the server down: answer 500 and say what
             print(f"pt-run serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
             status, body = 500, {"error": f"internal error ({type(e).__name__})"}
-        if isinstance(body, str):
+        extra = ()
+        if isinstance(body, Reply):
+            payload, kind, extra = body.payload, body.kind, body.headers
+        elif isinstance(body, str):
             payload, kind = body.encode(), b"text/plain; version=0.0.4"
         else:
             payload, kind = json_bytes(body), b"application/json"
         await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", kind), (b"content-length", str(len(payload)).encode())]})
+                    "headers": [(b"content-type", kind), (b"content-length", str(len(payload)).encode()), *extra]})
         await send({"type": "http.response.body", "body": payload})
         if task != "-" or status != 200:
             self.metrics.request(task, status, time.perf_counter() - started, texts)
@@ -246,6 +276,8 @@ class App:
             key = path.rsplit("/", 1)[1]
             ok = self.ready if key == "ready" else True
             return (200 if ok else 503), {key: ok}, "-", 0
+        if path == "/v2" or path.startswith("/v2/models/"):
+            return await self.route_v2(scope, receive)
         if path == "/metrics":
             need(method == "GET", 405, "/metrics takes GET")
             return 200, self.metrics.text(), "-", 0
@@ -266,18 +298,46 @@ class App:
             body = await read_body(receive, self.limits.max_body)
             predictions = await self.predict(endpoint, body)
             return 200, {"predictions": predictions}, name, len(predictions)
-        raise RequestError(404, f"no route {path} (see /v1/models)")
+        raise RequestError(404, f"no route {path} (see /v1/models or /v2)")
+
+    async def route_v2(self, scope, receive) -> tuple:
+        """The Open Inference Protocol's server and model endpoints (health is shared with V1 above)."""
+        method, path = scope["method"], scope["path"]
+        if path == "/v2":
+            need(method == "GET", 405, "/v2 takes GET")
+            return 200, {"name": "ptbundle", "version": VERSION, "extensions": list(V2_EXTENSIONS)}, "-", 0
+        name, _, verb = path[len("/v2/models/"):].partition("/")
+        endpoint = self.endpoints.get(name)
+        need(endpoint is not None, 404, f"no model {name!r} (models: {', '.join(self.endpoints)})")
+        need(not verb.startswith("versions"), 404, f"model {name!r} has no versions (use /v2/models/{name}/...)")
+        need(verb in ("", "ready", "infer"), 404, f"no route {path} (use /v2/models/{name}, /ready or /infer)")
+        if verb != "infer":
+            need(method == "GET", 405, f"{path} takes GET")
+            if verb == "ready":
+                return (200 if self.ready else 503), {"name": name, "ready": self.ready}, "-", 0
+            return 200, v2_metadata(name, endpoint), "-", 0
+        need(method == "POST", 405, f"{path} takes POST")
+        body = await read_body(receive, self.limits.max_body)
+        reply, texts = await self.infer(name, endpoint, body, header_length(scope))
+        return 200, reply, name, texts
+
+    async def infer(self, name: str, endpoint: Endpoint, body: bytes, json_size: int | None) -> tuple:
+        """A V2 infer request -> (its answer, how many texts)."""
+        head, tail = (body, b"") if json_size is None else (body[:json_size], body[json_size:])
+        request = parse_json(head)
+        spec = endpoint.bundle.manifest.task(endpoint.task)
+        texts, texts_b = parse_v2_inputs(request, tail, spec.pair, self.limits)
+        outputs = parse_v2_outputs(request)
+        try:
+            encodings = endpoint.bundle.encode(texts, texts_b if spec.pair else None, endpoint.task)
+        except InputError as e:
+            raise RequestError(400, str(e)) from None
+        rows = await endpoint.batcher.logits(encodings, endpoint.bundle.tasks[endpoint.task].index)
+        predictions = [prediction(spec.labels, row) for row in rows]
+        return v2_answer(name, request.get("id"), outputs, spec.labels, predictions), len(texts)
 
     async def predict(self, endpoint: Endpoint, body: bytes) -> list:
-        try:
-            request = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RequestError(400, f"request body is not valid JSON ({e})") from None
-        except RecursionError:  # json's parser recurses once per level: thousands of [[[... exhaust the stack
-            raise RequestError(400, "request body is nested too deeply (arrays or objects inside each other)"
-                               ) from None
-        bad = surrogate_in(request)
-        need(bad is None, 400, f"request body is not valid Unicode: {bad}")
+        request = parse_json(body)
         spec = endpoint.bundle.manifest.task(endpoint.task)
         texts, texts_b = parse_instances(request, spec.pair, self.limits)
         try:
@@ -287,6 +347,19 @@ class App:
         runner = endpoint.bundle.tasks[endpoint.task]
         rows = await endpoint.batcher.logits(encodings, runner.index)
         return [prediction(spec.labels, row).to_dict() for row in rows]
+
+
+def parse_json(body: bytes):
+    """The parsed request body; 400 if it is not JSON or holds a lone surrogate."""
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(400, f"request body is not valid JSON ({e})") from None
+    except RecursionError:  # json's parser recurses once per level: thousands of [[[... exhaust the stack
+        raise RequestError(400, "request body is nested too deeply (arrays or objects inside each other)") from None
+    bad = surrogate_in(request)
+    need(bad is None, 400, f"request body is not valid Unicode: {bad}")
+    return request
 
 
 def json_bytes(body) -> bytes:
@@ -369,6 +442,159 @@ def parse_instances(request, pair: bool, limits: Limits) -> tuple:
     return texts, texts_b
 
 
+def package_version() -> str:
+    try:
+        return version("ptbundle")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+VERSION = package_version()
+# Triton's binary tensor data: tritonclient sends and asks for tensors as raw bytes after the JSON unless told not to.
+V2_EXTENSIONS = ("binary_tensor_data",)
+V2_OUTPUTS = ("label", "probabilities")
+
+
+def v2_metadata(name: str, endpoint: Endpoint) -> dict:
+    """Model metadata: BYTES texts in (text_b too for a pair task), labels and probabilities out (columns in the
+    order of /v1/models/NAME's "labels")."""
+    spec = endpoint.bundle.manifest.task(endpoint.task)
+    inputs = ["text", "text_b"] if spec.pair else ["text"]
+    platform = "onnxruntime_onnx" if "onnx" in type(endpoint.bundle.model).__module__ else "mindspore_mindir"
+    return {"name": name, "platform": platform,  # no "versions": a task has one
+            "inputs": [{"name": i, "datatype": "BYTES", "shape": [-1]} for i in inputs],
+            "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
+                        {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(spec.labels)]}]}
+
+
+def header_length(scope) -> int | None:
+    """The binary extension's Inference-Header-Content-Length: how many leading body bytes are JSON."""
+    value = dict(scope["headers"]).get(b"inference-header-content-length")
+    if value is None:
+        return None
+    need(value.isdigit(), 400, f"Inference-Header-Content-Length {value.decode('latin-1')!r} is not a byte count")
+    return int(value)
+
+
+def parse_v2_inputs(request, tail: bytes, pair: bool, limits: Limits) -> tuple:
+    """A V2 request's inputs -> (texts, texts_b); 400 naming the input and field of anything wrong."""
+    need(isinstance(request, dict), 400, "request must be a JSON object with \"inputs\"")
+    unknown = set(request) - {"id", "parameters", "inputs", "outputs"}
+    need(not unknown, 400, f"unknown field(s) {', '.join(sorted(unknown))} (the request has \"inputs\")")
+    need(isinstance(request.get("id", ""), str), 400, "\"id\" must be a string")
+    need(isinstance(request.get("parameters", {}), dict), 400, "\"parameters\" must be an object")
+    inputs = request.get("inputs")
+    need(isinstance(inputs, list) and inputs, 400, "\"inputs\" must be a non-empty list of tensors")
+    wanted = ("text", "text_b") if pair else ("text",)
+    tensors = {}
+    for i, tensor in enumerate(inputs):
+        need(isinstance(tensor, dict), 400, f"inputs[{i}] must be an object with name, datatype, shape and data")
+        name = tensor.get("name")
+        need(name in wanted, 400, f"inputs[{i}]: unknown input {name!r} (this model takes {', '.join(wanted)})")
+        need(name not in tensors, 400, f"inputs[{i}]: input {name!r} given twice")
+        tensors[name], tail = tensor_texts(tensor, name, tail, limits)
+    need(not tail, 400, f"{len(tail)} bytes of binary data after the tensors' (binary_data_size too small?)")
+    for name in wanted:
+        need(name in tensors, 400, f"input {name!r} is missing" + (" (a sentence-pair task)" if pair else ""))
+    texts = tensors["text"]
+    if pair:
+        need(len(tensors["text_b"]) == len(texts), 400,
+             f"text has {len(texts)} elements and text_b {len(tensors['text_b'])}: one text_b a text")
+    return texts, tensors.get("text_b", [None] * len(texts))
+
+
+def tensor_texts(tensor: dict, name: str, tail: bytes, limits: Limits) -> tuple:
+    """One BYTES input -> (its texts, the binary data after its own)."""
+    extra = set(tensor) - {"name", "datatype", "shape", "parameters", "data"}
+    need(not extra, 400, f"input {name}: unknown field(s) {', '.join(sorted(extra))}")
+    need(tensor.get("datatype") == "BYTES", 400, f"input {name}: datatype {tensor.get('datatype')!r}; texts are BYTES")
+    shape = tensor.get("shape")
+    need(isinstance(shape, list) and len(shape) == 1 and type(shape[0]) is int and shape[0] >= 1, 400,
+         f"input {name}: shape {shape!r}; a list of texts has shape [n], n >= 1")
+    need(shape[0] <= limits.max_texts, 413, f"input {name}: {shape[0]} texts; at most {limits.max_texts} a request")
+    parameters = tensor.get("parameters", {})
+    need(isinstance(parameters, dict), 400, f"input {name}: \"parameters\" must be an object")
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        need(type(size) is int and 0 <= size <= len(tail), 400,
+             f"input {name}: binary_data_size {size!r}; {len(tail)} bytes follow the JSON")
+        need("data" not in tensor, 400, f"input {name}: both \"data\" and binary_data_size")
+        data, tail = unpack_bytes(tail[:size], name), tail[size:]
+    else:
+        data = tensor.get("data")
+        need(isinstance(data, list), 400, f"input {name}: \"data\" must be a list of strings")
+    need(len(data) == shape[0], 400, f"input {name}: shape [{shape[0]}] but {len(data)} elements")
+    for i, text in enumerate(data):
+        problem = check_text(text, f"input {name}[{i}]")
+        need(problem is None, 400, problem or "")
+        need(len(text) <= limits.max_chars, 413,
+             f"input {name}[{i}]: {len(text)} characters; at most {limits.max_chars}")
+    return data, tail
+
+
+def unpack_bytes(raw: bytes, name: str) -> list:
+    """Triton's binary BYTES tensor: each element a 4-byte little-endian length and that many UTF-8 bytes."""
+    out, at = [], 0
+    while at < len(raw):
+        need(at + 4 <= len(raw), 400, f"input {name}: binary data ends inside an element's length")
+        (size,) = struct.unpack_from("<I", raw, at)
+        need(at + 4 + size <= len(raw), 400, f"input {name}: binary element {len(out)} runs past its data")
+        try:
+            out.append(raw[at + 4:at + 4 + size].decode())
+        except UnicodeDecodeError as e:
+            raise RequestError(400, f"input {name}[{len(out)}]: not UTF-8 text ({e.reason} at byte {e.start})"
+                               ) from None
+        at += 4 + size
+    return out
+
+
+def parse_v2_outputs(request: dict) -> list:
+    """[(output name, binary?)] the request asks for: all outputs when it names none (binary if its
+    "binary_data_output" parameter says so)."""
+    binary = request.get("parameters", {}).get("binary_data_output", False) is True
+    outputs = request.get("outputs")
+    if outputs is None:
+        return [(name, binary) for name in V2_OUTPUTS]
+    need(isinstance(outputs, list) and outputs, 400, "\"outputs\" must be a non-empty list of {\"name\": ...}")
+    out = []
+    for i, o in enumerate(outputs):
+        need(isinstance(o, dict) and o.get("name") in V2_OUTPUTS, 400,
+             f"outputs[{i}]: unknown output {o.get('name') if isinstance(o, dict) else o!r}"
+             f" (outputs: {', '.join(V2_OUTPUTS)})")
+        parameters = o.get("parameters", {})
+        need(isinstance(parameters, dict), 400, f"outputs[{i}]: \"parameters\" must be an object")
+        out.append((o["name"], parameters.get("binary_data", False) is True))
+    return out
+
+
+def v2_answer(name: str, request_id, outputs: list, labels, predictions: list):
+    """The infer response: JSON, or a Reply with the binary outputs after the JSON when any were asked for so."""
+    n = len(predictions)
+    values = {"label": ("BYTES", [n], [p.label for p in predictions]),
+              "probabilities": ("FP32", [n, len(labels)],
+                                np.array([[p.probabilities[l] for l in labels] for p in predictions], np.float32))}
+    tensors, blobs = [], []
+    for output, binary in outputs:
+        datatype, shape, data = values[output]
+        tensor = {"name": output, "datatype": datatype, "shape": shape}
+        if binary:
+            blobs.append(pack_bytes(data) if datatype == "BYTES" else data.astype("<f4").tobytes())
+            tensor["parameters"] = {"binary_data_size": len(blobs[-1])}
+        else:
+            tensor["data"] = data if datatype == "BYTES" else data.ravel().tolist()
+        tensors.append(tensor)
+    body = {"model_name": name, **({"id": request_id} if request_id is not None else {}), "outputs": tensors}
+    if not blobs:
+        return body
+    head = json_bytes(body)
+    return Reply(head + b"".join(blobs), b"application/octet-stream",
+                 ((b"inference-header-content-length", str(len(head)).encode()),))
+
+
+def pack_bytes(texts: list) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in (t.encode() for t in texts))
+
+
 def endpoints_of(specs: list, bundles: list) -> dict:
     """Served name -> (Bundle, path, task): a one-task bundle under its directory's name (or NAME=), each task of a
     merged bundle under its own name."""
@@ -394,9 +620,7 @@ def endpoints_of(specs: list, bundles: list) -> dict:
 
 def run(bundles: dict, host: str, port: int, limits: Limits, log) -> None:
     """Serve until SIGTERM or Ctrl-C (uvicorn answers the requests in flight first)."""
-    import socket
-
-    try:
+    try:  # the serve extra: imported only when a server starts
         import uvicorn
     except ImportError:
         raise InputError("pt-run serve needs the serve extra: pip install 'ptbundle[serve]'") from None

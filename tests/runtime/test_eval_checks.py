@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from conftest import write_tsv
 from helpers import assert_one_error_line, copy_bundle, edit_manifest, pt_run, write_chat_bundle
-from ptbundle.runtime import evaluate
+from ptbundle.runtime import cli as runtime_cli, evaluate
 from ptbundle.runtime.cli import cli
 
 
@@ -26,7 +26,7 @@ def scored(monkeypatch):
         calls.append(bundle.directory)
         return real(bundle, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "score", counting)
+    monkeypatch.setattr(runtime_cli, "score", counting)  # the name pt-run eval calls
     return calls
 
 
