@@ -18,7 +18,7 @@ from .evaluate import check_examples, check_plot, load_eval_examples, plot as pl
 from .format import (DEVICES, GRAPHS, MINDIR_CAPACITY, PEFT_DETAIL, PEFT_DIR, Manifest, file_problem,
                      parse_bundle_spec)
 from .inputs import BOM, CHUNK_LINES, FORMATS, LineReader, chunks, format_of
-from .serve import Limits, endpoints_of, run
+from .serve import Limits, TaskStore, endpoints_of, run
 
 DEFAULT_BUNDLE = "exports/mr-soft"
 
@@ -145,8 +145,13 @@ def generate(bundle_path, prompt, max_new_tokens, temperature, top_p, seed, stop
 @click.option("--backend", type=click.Choice(list(BACKENDS)), default=None,
               help="[default: onnxruntime on CPU, mindspore on GPU/Ascend]")
 @click.option("--int8", is_flag=True, help="Serve the bundles' int8 ONNX graphs.")
+@click.option("--task-store", type=click.Path(file_okay=False), default=None,
+              help="A directory of bundles, all loaded at start, loaded and unloaded at run time through"
+                   " /v2/repository/... (the V2 model repository extension).")
+@click.option("--repository-token", default=None, envvar="PTBUNDLE_REPOSITORY_TOKEN",
+              help="Bearer token the /v2/repository/... endpoints need (env PTBUNDLE_REPOSITORY_TOKEN).")
 def serve(bundle_specs, host, port, max_batch, group, max_wait_ms, max_texts, max_chars, max_body_bytes, device, backend,
-          int8):
+          int8, task_store, repository_token):
     """Serve bundles over HTTP (KServe V1 protocol): POST /v1/models/TASK:predict {"instances": [...]}.
 
     A one-task bundle is served under its directory's name (NAME=BUNDLE
@@ -154,11 +159,15 @@ def serve(bundle_specs, host, port, max_batch, group, max_wait_ms, max_texts, ma
     concurrent requests are batched together.  Needs the serve extra
     (pip install 'ptbundle[serve]').  SIGTERM answers the requests in flight, then exits.
     """
-    specs = [parse_bundle_spec(s) for s in (bundle_specs or (DEFAULT_BUNDLE,))]
+    if repository_token is not None and task_store is None:
+        raise InputError("--repository-token guards the task store's endpoints: give --task-store DIR too")
+    store = None if task_store is None else TaskStore(task_store, lambda p: load(p, device, backend, int8),
+                                                      repository_token)
+    specs = [parse_bundle_spec(s) for s in (bundle_specs or (() if store else (DEFAULT_BUNDLE,)))]
     bundles = [load(path, device, backend, int8) for _, path in specs]
     limits = Limits(max_batch=max_batch, group=group, max_wait=max_wait_ms / 1000, max_body=max_body_bytes, max_texts=max_texts,
                     max_chars=max_chars)
-    run(endpoints_of(specs, bundles), host, port, limits, lambda m: click.echo(m, err=True))
+    run(endpoints_of(specs, bundles), host, port, limits, lambda m: click.echo(m, err=True), store)
 
 
 @cli.command("eval")

@@ -31,6 +31,21 @@ their clients speak), on the same tasks, batchers and limits:
 
 with Triton's binary tensor data extension (tritonclient's default).
 
+With `--task-store DIR`, the V2 model repository extension over DIR: every
+subdirectory of DIR holding a manifest.json is an entry (a one-task bundle
+served under the entry's name, a merged one under its tasks' names), all
+loaded at start, and loaded or unloaded at run time:
+
+    POST /v2/repository/index            [{"name": ENTRY, "state": "READY" | "UNAVAILABLE", "reason"?}, ...]
+    POST /v2/repository/models/ENTRY/load     every file checked against its sha256, then Bundle.load;
+                                         a failure is a 400 naming the file and changes nothing
+    POST /v2/repository/models/ENTRY/unload   requests in flight are answered; new ones get a 404 naming the task
+
+These answer 404 without a store, and 401 without `Authorization: Bearer TOKEN`
+when `--repository-token` is set.  ENTRY is a plain name of DIR's (no "/",
+no "..", no link leading out of DIR): anything else is a 400.  Bundles given
+as arguments are not in the store and cannot be unloaded.
+
 Errors are JSON {"error": "..."} with a 4xx status naming the problem; the
 server keeps serving.  SIGTERM: uvicorn stops accepting, the
 requests in flight are answered, then the process exits.
@@ -42,6 +57,7 @@ plain ASGI.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import math
 import socket
@@ -52,11 +68,13 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import numpy as np
 
 from .bundle import batched_logits, prediction
-from .errors import InputError
+from .errors import InputError, PtbundleError
+from .format import MANIFEST, Manifest, verify_files
 from .inputs import check_text, lone_surrogate
 
 
@@ -147,6 +165,8 @@ class Batcher:
         # the event loop stays free to read and answer requests meanwhile.
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="ptbundle-batch")
         self.task = None
+        self.active = 0  # requests holding one of this bundle's endpoints
+        self.closing = False  # unloaded: stops once `active` is 0
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.run())
@@ -207,15 +227,57 @@ class Endpoint:
     batcher: Batcher
 
 
+class TaskStore:
+    """A directory of bundles loaded and unloaded at run time (the V2 repository extension's "models")."""
+
+    def __init__(self, directory, load, token: str | None = None):
+        self.directory = Path(directory).resolve()
+        if not self.directory.is_dir():
+            raise InputError(f"--task-store {directory}: no such directory")
+        self.open, self.token = load, token  # load: path -> Bundle (pt-run serve's device, backend, int8)
+
+    def entries(self) -> list:
+        """The store's bundles: its subdirectories holding a manifest.json, except links leading out of it."""
+        return sorted(p.name for p in self.directory.iterdir() if self.inside(p) and (p / MANIFEST).is_file())
+
+    def inside(self, path: Path) -> bool:
+        resolved = path.resolve()
+        return resolved != self.directory and resolved.is_relative_to(self.directory)
+
+    def entry(self, name: str) -> str:
+        """`name` if it is a plain entry of the store: 400 for "/", "..", or a link out of it; 404 if absent."""
+        need(name not in ("", ".", "..") and not any(c in name for c in "/\\\0"), 400,
+             f"{name!r} is not a plain name of an entry of the task store")
+        need(self.inside(self.directory / name), 400, f"{name!r} leads out of the task store")
+        need((self.directory / name / MANIFEST).is_file(), 404,
+             f"no bundle {name!r} in the task store (entries: {', '.join(self.entries())})")
+        return name
+
+    def load(self, entry: str):
+        """Every file checked against the manifest's sha256 first, then the bundle loaded (its own checks too)."""
+        directory = self.directory / entry
+        verify_files(directory, Manifest.read(directory))
+        return self.open(directory)
+
+    def quiet(self, message: str) -> str:
+        """A message naming files by their place in the store, not the server's paths."""
+        return message.replace(f"{self.directory}/", "")
+
+
 class App:
     """The ASGI application."""
 
-    def __init__(self, bundles: dict, limits: Limits = Limits(), announce=None):
+    def __init__(self, bundles: dict, limits: Limits = Limits(), announce=None, store: TaskStore | None = None):
         # bundles: served name -> (Bundle, path, task name in the bundle)
         self.limits, self.metrics, self.announce = limits, Metrics(), announce
         self.bundles = bundles
         self.endpoints = {}
         self.ready = False
+        self.store = store
+        self.entries = {}  # store entry -> its served names, while loaded
+        self.failed = {}  # store entry -> why its last load failed
+        self.unloaded = {}  # served name -> the store entry it was unloaded with
+        self.repository_lock = None
 
     async def startup(self) -> None:
         batchers = {}
@@ -225,6 +287,13 @@ class App:
                 batchers[id(bundle)].start()
             self.endpoints[name] = Endpoint(bundle, path, task, batchers[id(bundle)])
         self.batchers = list(batchers.values())
+        if self.store is not None:  # the store's entries, all loaded at start (one that fails is UNAVAILABLE)
+            self.repository_lock = asyncio.Lock()
+            for entry in self.store.entries():
+                try:
+                    self.install(entry, self.store.load(entry))
+                except (PtbundleError, RequestError) as e:
+                    self.failed[entry] = self.store.quiet(str(e))
         self.ready = True
         if self.announce:
             self.announce()
@@ -276,6 +345,8 @@ class App:
             key = path.rsplit("/", 1)[1]
             ok = self.ready if key == "ready" else True
             return (200 if ok else 503), {key: ok}, "-", 0
+        if path.startswith("/v2/repository/"):
+            return await self.route_repository(scope, receive)
         if path == "/v2" or path.startswith("/v2/models/"):
             return await self.route_v2(scope, receive)
         if path == "/metrics":
@@ -286,8 +357,7 @@ class App:
             return 200, {"models": list(self.endpoints)}, "-", 0
         if path.startswith("/v1/models/"):
             name, _, verb = path[len("/v1/models/"):].partition(":")
-            endpoint = self.endpoints.get(name)
-            need(endpoint is not None, 404, f"no task {name!r} (tasks: {', '.join(self.endpoints)})")
+            endpoint = self.endpoint(name, "task")
             if verb == "":
                 need(method == "GET", 405, f"{path} takes GET")
                 spec = endpoint.bundle.manifest.task(endpoint.task)
@@ -295,8 +365,7 @@ class App:
                              "bundle": endpoint.path}, "-", 0
             need(verb == "predict", 404, f"unknown verb {verb!r} (use {name}:predict)")
             need(method == "POST", 405, f"{path} takes POST")
-            body = await read_body(receive, self.limits.max_body)
-            predictions = await self.predict(endpoint, body)
+            predictions = await self.hold(endpoint, self.predict(endpoint, receive))
             return 200, {"predictions": predictions}, name, len(predictions)
         raise RequestError(404, f"no route {path} (see /v1/models or /v2)")
 
@@ -305,10 +374,10 @@ class App:
         method, path = scope["method"], scope["path"]
         if path == "/v2":
             need(method == "GET", 405, "/v2 takes GET")
-            return 200, {"name": "ptbundle", "version": VERSION, "extensions": list(V2_EXTENSIONS)}, "-", 0
+            extensions = list(V2_EXTENSIONS) + (["model_repository"] if self.store is not None else [])
+            return 200, {"name": "ptbundle", "version": VERSION, "extensions": extensions}, "-", 0
         name, _, verb = path[len("/v2/models/"):].partition("/")
-        endpoint = self.endpoints.get(name)
-        need(endpoint is not None, 404, f"no model {name!r} (models: {', '.join(self.endpoints)})")
+        endpoint = self.endpoint(name, "model")
         need(not verb.startswith("versions"), 404, f"model {name!r} has no versions (use /v2/models/{name}/...)")
         need(verb in ("", "ready", "infer"), 404, f"no route {path} (use /v2/models/{name}, /ready or /infer)")
         if verb != "infer":
@@ -317,12 +386,112 @@ class App:
                 return (200 if self.ready else 503), {"name": name, "ready": self.ready}, "-", 0
             return 200, v2_metadata(name, endpoint), "-", 0
         need(method == "POST", 405, f"{path} takes POST")
-        body = await read_body(receive, self.limits.max_body)
-        reply, texts = await self.infer(name, endpoint, body, header_length(scope))
+        reply, texts = await self.hold(endpoint, self.infer(name, endpoint, receive, header_length(scope)))
         return 200, reply, name, texts
 
-    async def infer(self, name: str, endpoint: Endpoint, body: bytes, json_size: int | None) -> tuple:
+    def endpoint(self, name: str, kind: str) -> Endpoint:
+        """The endpoint serving `name`; 404 naming it (and how to load it again, if it was unloaded)."""
+        endpoint = self.endpoints.get(name)
+        if endpoint is None and name in self.unloaded:
+            raise RequestError(404, f"{kind} {name!r} is unloaded (POST /v2/repository/models/{self.unloaded[name]}"
+                                    f"/load loads it again)")
+        need(endpoint is not None, 404, f"no {kind} {name!r} ({kind}s: {', '.join(self.endpoints)})")
+        return endpoint
+
+    async def hold(self, endpoint: Endpoint, work):
+        """Run a request's work on an endpoint; an unloaded bundle's batcher stops when its last request is done."""
+        batcher = endpoint.batcher
+        batcher.active += 1
+        try:
+            return await work
+        finally:
+            batcher.active -= 1
+            if batcher.closing and batcher.active == 0:
+                await batcher.stop()
+
+    async def route_repository(self, scope, receive) -> tuple:
+        """The V2 model repository extension over the task store."""
+        method, path = scope["method"], scope["path"]
+        need(self.store is not None, 404, f"no route {path} (the repository endpoints need pt-run serve --task-store)")
+        if self.store.token is not None:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            need(hmac.compare_digest(given, b"Bearer " + self.store.token.encode()), 401,
+                 f"{path} needs the header Authorization: Bearer <the server's --repository-token>")
+        need(method == "POST", 405, f"{path} takes POST")
+        body = await read_body(receive, self.limits.max_body)
+        request = parse_json(body) if body.strip() else {}
+        need(isinstance(request, dict), 400, "request must be a JSON object")
+        if path == "/v2/repository/index":
+            ready = request.get("ready", False)
+            need(isinstance(ready, bool), 400, "\"ready\" must be true or false")
+            return 200, [row for row in self.index() if row["state"] == "READY" or not ready], "-", 0
+        name, _, verb = path[len("/v2/repository/models/"):].rpartition("/")
+        need(path.startswith("/v2/repository/models/") and verb in ("load", "unload"), 404,
+             f"no route {path} (use /v2/repository/index or /v2/repository/models/NAME/load or /unload)")
+        entry = self.store.entry(name)
+        async with self.repository_lock:
+            if verb == "unload":
+                need(entry in self.entries, 400, f"{entry!r} is not loaded")
+                await self.uninstall(entry)
+                return 200, {}, "-", 0
+            try:  # on a thread: the hashes and the graph take a while, and the other tasks keep serving
+                bundle = await asyncio.get_running_loop().run_in_executor(None, self.store.load, entry)
+                self.install(entry, bundle)
+            except PtbundleError as e:
+                self.failed[entry] = self.store.quiet(str(e))
+                raise RequestError(400, f"{entry}: not loaded: {self.failed[entry]}") from None
+            return 200, {}, "-", 0
+
+    def index(self) -> list:
+        rows = []
+        for entry in self.store.entries():
+            if entry in self.entries:
+                rows.append({"name": entry, "state": "READY"})
+            else:
+                rows.append({"name": entry, "state": "UNAVAILABLE", "reason": self.failed.get(entry, "unloaded")})
+        return rows
+
+    def install(self, entry: str, bundle) -> None:
+        """Serve a store entry's tasks (replacing what it served before); nothing changes if a name clashes."""
+        served = endpoints_of([(None, str(self.store.directory / entry))], [bundle])
+        for name in served:
+            owner = self.endpoints.get(name)
+            need(owner is None or self.owner(name) == entry, 409,
+                 f"{entry}: task {name!r} is already served by {owner.path if owner else ''}")
+        old = [self.endpoints[n].batcher for n in self.entries.get(entry, ()) if n in self.endpoints]
+        for name in self.entries.get(entry, ()):
+            self.endpoints.pop(name, None)
+        batcher = Batcher(bundle, self.limits, self.metrics)
+        batcher.start()
+        self.batchers.append(batcher)
+        for name, (_, path, task) in served.items():
+            self.endpoints[name] = Endpoint(bundle, path, task, batcher)
+            self.unloaded.pop(name, None)
+        self.entries[entry] = list(served)
+        self.failed.pop(entry, None)
+        for b in set(old):
+            self.close(b)
+
+    def owner(self, name: str) -> str | None:
+        return next((e for e, names in self.entries.items() if name in names), None)
+
+    async def uninstall(self, entry: str) -> None:
+        names = self.entries.pop(entry)
+        batchers = {self.endpoints.pop(n).batcher for n in names}
+        self.unloaded.update((n, entry) for n in names)
+        for b in batchers:
+            self.close(b)
+
+    def close(self, batcher: Batcher) -> None:
+        """Stop a batcher no endpoint leads to any more, once the requests holding it are answered."""
+        batcher.closing = True
+        self.batchers.remove(batcher)
+        if batcher.active == 0:
+            asyncio.get_running_loop().create_task(batcher.stop())
+
+    async def infer(self, name: str, endpoint: Endpoint, receive, json_size: int | None) -> tuple:
         """A V2 infer request -> (its answer, how many texts)."""
+        body = await read_body(receive, self.limits.max_body)
         head, tail = (body, b"") if json_size is None else (body[:json_size], body[json_size:])
         request = parse_json(head)
         spec = endpoint.bundle.manifest.task(endpoint.task)
@@ -336,8 +505,8 @@ class App:
         predictions = [prediction(spec.labels, row) for row in rows]
         return v2_answer(name, request.get("id"), outputs, spec.labels, predictions), len(texts)
 
-    async def predict(self, endpoint: Endpoint, body: bytes) -> list:
-        request = parse_json(body)
+    async def predict(self, endpoint: Endpoint, receive) -> list:
+        request = parse_json(await read_body(receive, self.limits.max_body))
         spec = endpoint.bundle.manifest.task(endpoint.task)
         texts, texts_b = parse_instances(request, spec.pair, self.limits)
         try:
@@ -618,7 +787,7 @@ def endpoints_of(specs: list, bundles: list) -> dict:
     return out
 
 
-def run(bundles: dict, host: str, port: int, limits: Limits, log) -> None:
+def run(bundles: dict, host: str, port: int, limits: Limits, log, store: TaskStore | None = None) -> None:
     """Serve until SIGTERM or Ctrl-C (uvicorn answers the requests in flight first)."""
     try:  # the serve extra: imported only when a server starts
         import uvicorn
@@ -639,9 +808,11 @@ def run(bundles: dict, host: str, port: int, limits: Limits, log) -> None:
     where = f"[{host}]" if family == socket.AF_INET6 else host
 
     def announce():
-        log(f"pt-run serve: listening on http://{where}:{bound} (tasks: {', '.join(bundles)}; max batch"
+        log(f"pt-run serve: listening on http://{where}:{bound} (tasks: {', '.join(app.endpoints)}; max batch"
             f" {limits.max_batch}, max wait {limits.max_wait * 1000:g} ms)")
+        for entry, reason in app.failed.items():
+            log(f"pt-run serve: task store entry {entry} not loaded: {reason}")
 
-    app = App(bundles, limits, announce)
+    app = App(bundles, limits, announce, store)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=30)
     uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,145 @@
+"""pt-run serve --task-store: the V2 model repository extension (index, load, unload), driven by tritonclient's HTTP
+client against a real server process."""
+
+import os
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+tritonhttp = pytest.importorskip("tritonclient.http")  # the test extra
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from serving import Server  # noqa: E402
+from ptbundle.runtime import Bundle  # noqa: E402
+
+TEXTS = ["a great movie", "the worst film ever", "boring acting and a weak story but the best script"]
+TOKEN = "s3cret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture()
+def store(tmp_path, tiny_build):
+    d = tmp_path / "store"
+    d.mkdir()
+    for name in ("toy-soft", "toy-hard-probe"):
+        shutil.copytree(tiny_build[0] / name, d / name)
+    return d
+
+
+def serve(*args, wait_ms=5):
+    server = Server(*args, "--max-wait-ms", str(wait_ms))
+    client = tritonhttp.InferenceServerClient(f"127.0.0.1:{server.port}", network_timeout=60)
+    return server, client
+
+
+def texts_input(texts):
+    tensor = tritonhttp.InferInput("text", [len(texts)], "BYTES")
+    tensor.set_data_from_numpy(np.array(texts, dtype=object))
+    return tensor
+
+
+def refused(call, status, match):
+    with pytest.raises(InferenceServerException, match=match) as e:
+        call()
+    assert e.value.status() == str(status), e.value
+
+
+def test_load_unload_round_trip(store):
+    server, client = serve("--task-store", store, "--repository-token", TOKEN)
+    try:
+        index = client.get_model_repository_index(headers=AUTH)
+        assert index == [{"name": "toy-hard-probe", "state": "READY"}, {"name": "toy-soft", "state": "READY"}]
+        client.unload_model("toy-soft", headers=AUTH)
+        refused(lambda: client.infer("toy-soft", [texts_input(TEXTS)]), 404, "'toy-soft' is unloaded")
+        assert server.predict("toy-soft", TEXTS)[0] == 404
+        assert not client.is_model_ready("toy-soft") and client.is_model_ready("toy-hard-probe")
+        assert {"name": "toy-soft", "state": "UNAVAILABLE", "reason": "unloaded"} in \
+            client.get_model_repository_index(headers=AUTH)
+        client.load_model("toy-soft", headers=AUTH)
+        assert client.is_model_ready("toy-soft")
+        for model in ("toy-soft", "toy-hard-probe"):
+            result = client.infer(model, [texts_input(TEXTS)])
+            want = Bundle.load(store / model).predict(TEXTS)
+            labels = list(want[0].probabilities)
+            assert result.as_numpy("probabilities") == pytest.approx(
+                np.array([[w.probabilities[l] for l in labels] for w in want]), abs=1e-5)
+            assert [x.decode() for x in result.as_numpy("label")] == [w.label for w in want]
+        assert "model_repository" in client.get_server_metadata()["extensions"]
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_unload_answers_the_requests_in_flight(store):
+    # a batch waits 600 ms for more texts: requests sent just before the unload are still queued when it comes
+    server, client = serve("--task-store", store, wait_ms=600)
+    answers = []
+
+    def send():
+        c = tritonhttp.InferenceServerClient(f"127.0.0.1:{server.port}", network_timeout=60)
+        answers.append(c.infer("toy-soft", [texts_input(TEXTS)]).as_numpy("label").shape)
+        c.close()
+
+    try:
+        threads = [threading.Thread(target=send) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        client.unload_model("toy-soft")  # no token configured: none needed
+        assert not answers  # still queued
+        refused(lambda: client.infer("toy-soft", [texts_input(TEXTS)]), 404, "'toy-soft' is unloaded")
+        for t in threads:
+            t.join(30)
+        assert answers == [(3,)] * 4
+        assert client.infer("toy-hard-probe", [texts_input(TEXTS)]).as_numpy("label").shape == (3,)
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_token_names_and_changed_files_refused(store, tiny_bundle, tmp_path):
+    os.symlink(tiny_bundle, store / "outside")  # a bundle, but outside the store
+    shutil.copytree(tiny_bundle, store / "toy-soft-copy")
+    server, client = serve("--task-store", store, "--repository-token", TOKEN)
+    try:
+        assert [r["name"] for r in client.get_model_repository_index(headers=AUTH)] == \
+            ["toy-hard-probe", "toy-soft", "toy-soft-copy"]
+        refused(lambda: client.get_model_repository_index(), 401, "Bearer")
+        refused(lambda: client.unload_model("toy-soft", headers={"Authorization": "Bearer wrong"}), 401, "Bearer")
+        refused(lambda: client.load_model("toy-soft"), 401, "Bearer")
+        refused(lambda: client.load_model("..", headers=AUTH), 400, r"'\.\.' is not a plain name")
+        refused(lambda: client.load_model("outside", headers=AUTH), 400, "'outside' leads out of the task store")
+        refused(lambda: client.load_model("toy-soft/../toy-soft", headers=AUTH), 400, "not a plain name")
+        refused(lambda: client.load_model("nope", headers=AUTH), 404, "no bundle 'nope'")
+        # a changed file: the reload is refused naming it, the loaded copy and the others keep serving
+        graph = store / "toy-soft-copy" / "model.onnx"
+        graph.write_bytes(graph.read_bytes()[:-1] + b"\0")
+        refused(lambda: client.load_model("toy-soft-copy", headers=AUTH), 400, "toy-soft-copy/model.onnx: sha256")
+        for model in ("toy-soft", "toy-soft-copy", "toy-hard-probe"):
+            assert client.infer(model, [texts_input(TEXTS)]).as_numpy("label").shape == (3,)
+        row = [r for r in client.get_model_repository_index(headers=AUTH) if r["name"] == "toy-soft-copy"][0]
+        assert row["state"] == "READY"
+        client.unload_model("toy-soft-copy", headers=AUTH)
+        refused(lambda: client.load_model("toy-soft-copy", headers=AUTH), 400, "model.onnx: sha256")
+        row = [r for r in client.get_model_repository_index(headers=AUTH) if r["name"] == "toy-soft-copy"][0]
+        assert row["state"] == "UNAVAILABLE" and "model.onnx: sha256" in row["reason"]
+        assert client.is_model_ready("toy-soft") and client.is_model_ready("toy-hard-probe")
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_repository_absent_without_a_store(tiny_bundle):
+    server, client = serve(tiny_bundle)
+    try:
+        refused(lambda: client.get_model_repository_index(), 404, "--task-store")
+        refused(lambda: client.load_model("toy-soft"), 404, "--task-store")
+        refused(lambda: client.unload_model("toy-soft"), 404, "--task-store")
+        assert "model_repository" not in client.get_server_metadata()["extensions"]
+        assert client.is_model_ready("toy-soft")
+    finally:
+        client.close()
+        server.stop()
