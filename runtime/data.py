@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DataError
+from .inputs import lone_surrogate
 
 
 
@@ -172,11 +173,9 @@ def row_to_example(row: dict, columns: Columns, path: Path, line: int) -> Exampl
         if isinstance(cell, (dict, list)):
             raise DataError(f"{path}:{line}: {name!r} must be a string or number")
         text = str(cell)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:  # a lone JSON "\ud83d" escape: no tokenizer takes it
-            raise DataError(f"{path}:{line}: {name!r} holds a lone surrogate (U+{ord(text[e.start]):04X} at"
-                            f" character {e.start + 1}): not valid Unicode text") from None
+        bad = lone_surrogate(text)  # a lone JSON "\ud83d" escape: no tokenizer takes it
+        if bad:
+            raise DataError(f"{path}:{line}: {name!r} holds a lone surrogate ({bad}): not valid Unicode text")
         return text.strip()
 
     text_b = value(columns.text_b) if columns.text_b else None

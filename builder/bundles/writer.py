@@ -6,7 +6,6 @@ a destination that holds anything but a bundle is never replaced."""
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -19,6 +18,7 @@ import onnx
 import onnxruntime
 import tokenizers
 
+from ptbundle.runtime.errors import PtbundleError
 from ptbundle.runtime.format import MANIFEST, Manifest, bundle_files, sha256_file
 
 from ..errors import BuildError
@@ -61,36 +61,27 @@ def library_versions() -> dict:
 
 
 def check_replaceable(destination: Path, backbone_sha256: str | None = None) -> None:
-    """A bundle is written where nothing is, or over a bundle (a directory with a manifest) or an empty directory;
-    anything else is refused before any work: `--out exports` must never wipe a folder of bundles or notes.  With
-    `backbone_sha256`, a bundle of another backbone is not replaced either (a decoder build under the default
-    names would otherwise overwrite the MiniLM bundles)."""
+    """A bundle is written where nothing is, over an empty directory, or over a bundle of the same backbone with no
+    file its manifest does not list; anything else is refused before any work: `--out exports` must never wipe a
+    folder of bundles or notes, nor a decoder build under the default names the MiniLM bundles."""
     if not destination.exists():
         return
     if not destination.is_dir():
         raise BuildError(f"{destination} is a file, not a bundle directory: choose another destination")
-    present = set(bundle_files(destination)) | {p.name for p in destination.iterdir() if p.is_dir()}
-    if not present:
+    if not any(destination.iterdir()):
         return
-    if not (destination / MANIFEST).is_file():
-        raise BuildError(f"{destination} is a directory that is not a bundle (no {MANIFEST}); a bundle written there"
-                         f" would replace everything in it: choose another destination, or remove it first")
     try:
-        old = json.loads((destination / MANIFEST).read_text())
-        listed, old_backbone = set(old.get("files", {})), old.get("backbone", {})
-    except (OSError, ValueError, AttributeError):
-        listed, old_backbone = set(), {}
-    if backbone_sha256 and isinstance(old_backbone, dict) and old_backbone.get("sha256") not in (None, backbone_sha256):
-        raise BuildError(f"{destination} holds a bundle of another backbone ({old_backbone.get('name')}); choose"
-                         f" another name (--name) or remove it first")
-    strays = sorted(name for name in present - listed - {MANIFEST} if name.split("/")[0] not in listed_dirs(listed))
+        old = Manifest.read(destination)  # the format's own reader: any version a bundle may be in
+    except PtbundleError as e:
+        raise BuildError(f"{destination} is a directory that is not a bundle ({e}); a bundle written there would"
+                         f" replace everything in it: choose another destination, or remove it first") from None
+    strays = sorted(set(bundle_files(destination)) - set(old.files) - {MANIFEST})
     if strays:
         raise BuildError(f"{destination} holds files its bundle does not list ({', '.join(strays[:3])}); writing"
                          f" the new bundle there would delete them: choose another destination, or move them")
-
-
-def listed_dirs(files) -> set:
-    return {name.split("/")[0] for name in files if "/" in name}
+    if backbone_sha256 and old.backbone.sha256 != backbone_sha256:
+        raise BuildError(f"{destination} holds a bundle of another backbone ({old.backbone.name}); choose another"
+                         f" name (--name) or remove it first")
 
 
 def replace_directory(new: Path, destination: Path) -> None:

@@ -75,7 +75,7 @@ def test_bad_second_texts_are_input_errors(bundle, texts, texts_b, expected):
 
 def test_tasks_per_row_must_match_the_texts(bundle):
     with pytest.raises(InputError, match=r"^1 texts but 2 tasks$"):
-        bundle.predict(["a great movie"], task=["train", "train"])
+        bundle.predict(["a great movie"], task=["toy-soft", "toy-soft"])
 
 
 def test_empty_text_is_refused_in_the_cli_words_too(tiny_bundle, tmp_path):
