@@ -94,14 +94,21 @@ def build(args):
 
 @pytest.fixture(scope="session")
 def merged_bundle(tmp_path_factory, tiny_build, tiny_bert, toy_files):
-    """The toy task as a shallow prompt (merge folds prompt tuning, not the default prefix), the two hard
-    bundles, and a second task on the same checkpoint unlike the toy one in every way the merge must handle:
-    sentence pairs, three labels, cls pooling, a shorter prompt."""
+    """Every kind a merge folds, on one checkpoint: the toy task as the default prefix (from layer 0, with its
+    int8 graph), a shallow prompt, a prefix from layer 1 and a late prompt entering at layer 1 with cls pooling;
+    the two hard bundles (no prompt; the zero-shot head normalizes); and a task unlike the toy one in every way
+    the merge must handle: sentence pairs, three labels, cls pooling, a shorter prompt."""
     d = tmp_path_factory.mktemp("pairs3")
     train, dev = toy_files
     build(["export", "--train", str(train), "--dev", str(dev), "--backbone", str(tiny_bert), "--method",
            "prompt-tuning", "--virtual-tokens", "4", "--epochs", "2", "--batch-size", "8", "--prompt-lr", "0.05",
            "--head-lr", "0.05", "--prompt", "soft", "--out", str(d), "--name", "toy-shallow"])
+    for name, options in (("toy-prefix1", ["--method", "prefix-tuning", "--layer", "1", "--virtual-tokens", "2"]),
+                          ("toy-late", ["--method", "late-prompt", "--layer", "1", "--virtual-tokens", "3",
+                                        "--pooling", "cls"])):
+        build(["export", "--train", str(train), "--dev", str(dev), "--backbone", str(tiny_bert), *options,
+               "--epochs", "1", "--batch-size", "8", "--prompt-lr", "0.05", "--head-lr", "0.05", "--prompt", "soft",
+               "--out", str(d), "--name", name])
     rows = [("a great movie", "the best film", "same"), ("a great movie", "the worst film", "opposite"),
             ("a dull movie", "the best script", "other")] * 8
     write_tsv(d / "train.tsv", rows, ("s1", "s2", "q"))
@@ -111,11 +118,12 @@ def merged_bundle(tmp_path_factory, tiny_build, tiny_bert, toy_files):
            "--name", "pairs"])
     exports = tiny_build[0]
     sources = {"sentiment": d / "toy-shallow", "zeroshot": exports / "toy-hard-zeroshot",
-               "probe": exports / "toy-hard-probe", "pairs": d / "pairs"}
+               "probe": exports / "toy-hard-probe", "pairs": d / "pairs", "prefix": exports / "toy-soft",
+               "prefix1": d / "toy-prefix1", "late": d / "toy-late"}
     out = d / "merged"
     result = build(["merge", *(f"{k}={v}" for k, v in sources.items()), "--out", str(out),
                     "--backbone", str(tiny_bert)])
-    assert "4 tasks" in result.stdout
+    assert "7 tasks" in result.stdout
     return out, sources
 
 
@@ -130,6 +138,6 @@ def mixed_rows(n, seed=0):
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        task = rng.choice(["sentiment", "zeroshot", "probe", "pairs"])
+        task = rng.choice(["sentiment", "zeroshot", "probe", "pairs", "prefix", "prefix1", "late"])
         rows.append((task, rng.choice(MIXED_TEXTS), rng.choice(MIXED_TEXTS) if task == "pairs" else None))
     return rows

@@ -394,7 +394,7 @@ def test_serve_load_checks_every_answer_in_every_phase(smoke):
     assert set(phases) == {"sequential", "concurrent", "faults", "sigterm"} and result["ok"]
     assert phases["sequential"]["ok"] == 40 and phases["concurrent"]["ok"] == 120  # --smoke sizes, all answered
     assert all(p["wrong"] == 0 for p in phases.values())
-    assert set(result["tasks"]) == {"sentiment", "zeroshot", "probe", "pairs", "single"}
+    assert set(result["tasks"]) == {"sentiment", "zeroshot", "probe", "pairs", "prefix", "prefix1", "late", "single"}
     assert sum(phases["concurrent"]["batch_sizes"].values()) > 0 and phases["faults"]["disconnected"] == 20
     assert sum(phases["faults"]["bad"].values()) == 20 and all(400 <= int(k) < 500 for k in phases["faults"]["bad"])
 

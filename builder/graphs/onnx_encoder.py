@@ -73,58 +73,86 @@ def build_graph(weights: dict, config, spec: PromptSpec, pooling: str, normalize
 def build_multitask_graph(weights: dict, config, tasks: list) -> onnx.ModelProto:
     """model.MultiTaskClassifier as ONNX: also int32 task_ids [batch] in, float32 [batch, widest labels] out.
 
-    `weights`: the encoder's, plus per task "<task>/classifier.*" ("<task>/pooler.*"), and "prompts"
-    [tasks, P, hidden], each task's prompt right-aligned in its row (MultiTaskClassifier explains the layout).
+    `weights`: the encoder's, plus the task tables (builder.models.classifier.task_tables, which explains the
+    layout); every per-task array is gathered by the rows' task ids, so no op's cost grows with the task count.
     """
     g = Graph()
     ids, mask, types = INPUT_NAMES
     batch, seq = batch_and_seq(g)
     token_types = "embeddings.token_type" in weights
-    p = max(t.num_virtual_tokens for t in tasks)
-    shifts = [p - t.num_virtual_tokens for t in tasks]
+    table = lambda name: g.op("Gather", [g.const(name, weights[name]), TASK_INPUT], axis=0)  # noqa: E731
+    layers = config.num_layers
+    past_from = min([i for i in range(layers) if f"task.past.{i}" in weights], default=layers)
+    q = weights[f"task.past.{past_from}"].shape[3] if past_from < layers else 0
+    slots = weights["task.visible"].shape[2] - q
     x = g.op("Gather", [g.const("embeddings.word", weights["embeddings.word"]), ids], axis=0)
-    full_mask, full_types = mask, types if token_types else None
-    if p > 0:
-        x = g.op("Concat", [g.op("Gather", [g.const("prompts", weights["prompts"]), TASK_INPUT], axis=0), x], axis=1)
-        prefix = np.array([[0] * s + [1] * (p - s) for s in shifts], np.int32)
-        full_mask = g.op("Concat", [g.op("Gather", [g.const("prefix_mask", prefix), TASK_INPUT], axis=0), mask], axis=1)
+    full_types = types if token_types else None
+    if slots:
+        x = g.op("Concat", [table("task.slot_embeds"), x], axis=1)
         if token_types:
             zeros = g.op("Expand", [g.const("prefix_zeros", [[0]], np.int32),
-                                    g.op("Concat", [batch, g.const("prompt_len", [p], np.int64)], axis=0)])
+                                    g.op("Concat", [batch, g.const("prompt_len", [slots], np.int64)], axis=0)])
             full_types = g.op("Concat", [zeros, types], axis=1)
-    # Per-row positions: slot j of a row of task t is position max(j - shift_t, 0), at most room - 1.
+    # Slot m of a row is position m + text_start, clamped to [0, room - 1] (MultiTaskClassifier.construct).
     room = config.max_positions - config.position_offset
-    slots = g.op("Slice", [g.const("slot_index", np.arange(p + room, dtype=np.int64)), g.const("zero_start", [0], np.int64),
-                           g.op("Add", [seq, g.const("slot_count", [p], np.int64)]), g.const("axis0", [0], np.int64)])
-    shift = g.op("Unsqueeze", [g.op("Gather", [g.const("shifts", np.array(shifts, np.int64)),
-                                               g.op("Cast", [TASK_INPUT], to=TensorProto.INT64)], axis=0),
+    index = g.op("Slice", [g.const("slot_index", np.arange(slots + room, dtype=np.int64)),
+                           g.const("zero_start", [0], np.int64), g.op("Add", [seq, g.const("slot_count", [slots], np.int64)]),
+                           g.const("axis0", [0], np.int64)])
+    start = g.op("Unsqueeze", [g.op("Cast", [table("task.text_start")], to=TensorProto.INT64),
                                g.const("axis1", [1], np.int64)])
-    positions = g.op("Min", [g.op("Max", [g.op("Sub", [g.op("Unsqueeze", [slots, g.const("axis0", [0], np.int64)]),
-                                                        shift]), g.const("position_floor", 0, np.int64)]),
+    positions = g.op("Min", [g.op("Max", [g.op("Add", [g.op("Unsqueeze", [index, g.const("axis0", [0], np.int64)]),
+                                                        start]), g.const("position_floor", 0, np.int64)]),
                              g.const("position_ceiling", room - 1, np.int64)])
     positions = g.op("Add", [positions, g.const("position_offset", config.position_offset, np.int64)])
     x = g.op("Add", [x, g.op("Gather", [g.const("embeddings.position", weights["embeddings.position"]), positions],
                              axis=0)])
-    x = encoder_body(g, weights, config, x, full_types, full_mask)
-    width = max(t.num_labels for t in tasks)
-    rows = []
-    for t, s in zip(tasks, shifts):
-        pooled = POOLING[t.pooling].onnx(g, weights, x, mask, t.num_virtual_tokens, s, f"{t.name}/")
-        logits = linear(g, weights, f"{t.name}/classifier", unit_length(g, pooled) if t.normalize else pooled)
-        if t.num_labels < width:
-            pad = g.op("Expand", [g.const("logit_pad", [[0.0]], np.float32),
-                                  g.op("Concat", [batch, g.const("pad_width", [width - t.num_labels], np.int64)],
-                                       axis=0)])
-            logits = g.op("Concat", [logits, pad], axis=1)
-        rows.append(g.op("Unsqueeze", [logits, g.const("axis1", [1], np.int64)]))  # [b, 1, width]
-    stacked = g.op("Concat", rows, axis=1)  # [b, tasks, width]
-    chosen = g.op("Cast", [g.op("Equal", [g.op("Unsqueeze", [TASK_INPUT, g.const("axis1", [1], np.int64)]),
-                                          g.const("task_index", np.arange(len(tasks), dtype=np.int32)[None])])],
-                  to=TensorProto.FLOAT)
-    chosen = g.op("Unsqueeze", [chosen, g.const("axis2", [2], np.int64)])
-    g.op("ReduceSum", [g.op("Mul", [stacked, chosen]), g.const("axis1", [1], np.int64)], keepdims=0,
+    if full_types is not None:
+        x = g.op("Add", [x, g.op("Gather", [g.const("embeddings.token_type", weights["embeddings.token_type"]),
+                                            full_types], axis=0)])
+    x = layer_norm(g, weights, x, "embeddings.norm", config.layer_norm_eps)
+    visible = table("task.visible")  # [b, layers, Q + S]
+    entering = np.flatnonzero(weights["task.enters"].any(0))
+    if len(entering):
+        enters = g.op("Cast", [table("task.enters")], to=TensorProto.BOOL)
+        late = table("task.late")
+    for i in range(layers):
+        if i in entering:  # an entered prompt replaces its rows' slot states here
+            now = g.op("Unsqueeze", [g.op("Gather", [enters, g.const(f"layer_{i}", i, np.int64)], axis=1),
+                                     g.const("axes12", [1, 2], np.int64)])
+            head = g.op("Slice", [x, g.const("zero_start", [0], np.int64), g.const("slot_end", [slots], np.int64),
+                                  g.const("axis1", [1], np.int64)])
+            rest = g.op("Slice", [x, g.const("slot_end", [slots], np.int64),
+                                  g.const("text_end", [np.iinfo(np.int64).max], np.int64), g.const("axis1", [1], np.int64)])
+            x = g.op("Concat", [g.op("Where", [now, late, head]), rest], axis=1)
+        seen = g.op("Gather", [visible, g.const(f"layer_{i}", i, np.int64)], axis=1)  # [b, Q + S]
+        past = None
+        if i >= past_from:
+            past = g.op("Gather", [g.const(f"task.past.{i}", weights[f"task.past.{i}"]), TASK_INPUT], axis=1)
+        elif q:
+            seen = g.op("Slice", [seen, g.const("past_len", [q], np.int64),
+                                  g.const("text_end", [np.iinfo(np.int64).max], np.int64), g.const("axis1", [1], np.int64)])
+        layer_mask = g.op("Concat", [seen, mask], axis=1) if q + slots else mask
+        x = encoder_layer(g, weights, i, x, layer_mask, config.num_heads, config.layer_norm_eps, past)
+    kinds = sorted({t.pooling for t in tasks}, key=list(POOLING).index)
+    first = g.op("Cast", [g.op("Equal", [g.op("Unsqueeze", [g.const("first_index", np.arange(slots + 1, dtype=np.int32)),
+                                                             g.const("axis0", [0], np.int64)]),
+                                         g.op("Unsqueeze", [table("task.first"), g.const("axis1", [1], np.int64)])])],
+                 to=TensorProto.FLOAT)  # [b, S + 1]: the state a first-token pooling reads
+    kind = g.op("Unsqueeze", [table("task.pooling"), g.const("axis1", [1], np.int64)])
+    pooled = None
+    for k, name in enumerate(kinds):
+        pooling = POOLING[name]
+        rows = pooling.onnx_rows(g, x, mask, first, tuple(table(f"task.{p}") for p in pooling.table_params))
+        pooled = rows if pooled is None else g.op(
+            "Where", [g.op("Equal", [kind, g.const(f"pooling_{k}", [[k]], np.int32)]), rows, pooled])
+    normalize = g.op("Cast", [g.op("Unsqueeze", [table("task.normalize"), g.const("axis1", [1], np.int64)])],
+                     to=TensorProto.BOOL)
+    pooled = g.op("Where", [normalize, unit_length(g, pooled), pooled])
+    logits = g.op("MatMul", [g.op("Unsqueeze", [pooled, g.const("axis1", [1], np.int64)]),
+                             table("task.classifier.weight")], name="classifier")
+    g.op("Add", [g.op("Squeeze", [logits, g.const("axis1", [1], np.int64)]), table("task.classifier.bias")],
          output=OUTPUT_NAME)
-    return classifier_proto(g, list(INPUT_NAMES) + [TASK_INPUT], width)
+    return classifier_proto(g, list(INPUT_NAMES) + [TASK_INPUT], weights["task.classifier.bias"].shape[1])
 
 
 def batch_and_seq(g: Graph) -> tuple:
@@ -202,10 +230,5 @@ def save(model: onnx.ModelProto, path) -> Path:
 
 
 def multitask_weights(net) -> dict:
-    """A MultiTaskClassifier's arrays under the names build_multitask_graph reads."""
-    w = {k: f32(v.asnumpy()) for k, v in net.encoder.parameters_and_names()}
-    if net.virtual_tokens > 0:
-        w["prompts"] = f32(net.prompts.asnumpy())
-    for i, spec in enumerate(net.specs):
-        w.update({f"{spec.name}/{k}": f32(v.asnumpy()) for k, v in net.task_params(i).items()})
-    return w
+    """A MultiTaskClassifier's arrays under the names build_multitask_graph reads: the encoder's and its tables."""
+    return {**{k: f32(v.asnumpy()) for k, v in net.encoder.parameters_and_names()}, **net.tables}

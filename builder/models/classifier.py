@@ -165,33 +165,95 @@ def unit_length(x):
 
 @dataclass(frozen=True)
 class TaskHead:
-    """What MultiTaskClassifier needs to know of one task: its prompt length and its head."""
+    """What MultiTaskClassifier needs to know of one task: its prompt (folded spec), pooling and head."""
 
     name: str
-    num_virtual_tokens: int
+    spec: PromptSpec
     num_labels: int
     pooling: str
     normalize: bool
 
 
-class TaskHeadCell(nn.Cell):
-    """One task's pooling and linear head, its logits padded with zeros to the widest task's."""
+def task_tables(config, tasks: list, values: list) -> dict:
+    """Every task's prompt and head as stacked arrays, one row per task (`tasks`: TaskHead; `values`: each task's
+    folded prompt and head as a one-task bundle's prompt.safetensors holds them).  Names are the graphs' own.
 
-    def __init__(self, hidden: int, spec: TaskHead, offset: int, width: int):
-        super().__init__()
-        self.pooler = POOLING[spec.pooling](hidden, spec.num_virtual_tokens, offset)
-        self.classifier = nn.Dense(hidden, spec.num_labels)
-        self.normalize = spec.normalize
-        self.padding = width - spec.num_labels
-
-    def construct(self, states, attention_mask):
-        pooled = self.pooler(states, attention_mask)
-        if self.normalize:
-            pooled = unit_length(pooled)
-        logits = self.classifier(pooled)
-        if self.padding > 0:
-            logits = ops.concat((logits, ops.zeros((logits.shape[0], self.padding), logits.dtype)), 1)
-        return logits
+    A row's sequence is S slots then its text; S is the longest prompt that has states (embedded or entered).
+    A prompt's P vectors fill the last P slots, right-aligned against the text; the slots before it are masked.
+    A prefix's keys and values are `past` in front of each layer's own: Q of them, Q the longest prefix, each
+    right-aligned too.  `visible` [T, layers, Q + S] says which of them a row's keys include at each layer;
+    `text_start` the position of each row's first state in slot 0's place (positions count from a task's first
+    prompt slot; a prefix shifts the text by its length, as PEFT's does); `first` the state a first-token
+    pooling reads; `enters` [T, layers] where an entered prompt replaces the slots' states.
+    """
+    layers, h, heads = config.num_layers, config.hidden_size, config.num_heads
+    d, n = h // heads, len(tasks)
+    roles = [PROMPTS[t.spec.method].table_role for t in tasks]
+    lengths = [t.spec.virtual_tokens for t in tasks]
+    s = max([p for p, r in zip(lengths, roles) if r in ("embedded", "entered")], default=0)
+    q = max([p for p, r in zip(lengths, roles) if r == "past"], default=0)
+    width = max(t.num_labels for t in tasks)
+    kinds = sorted({t.pooling for t in tasks}, key=list(POOLING).index)
+    out = {"task.visible": np.zeros((n, layers, q + s), np.int32), "task.text_start": np.zeros(n, np.int32),
+           "task.first": np.zeros(n, np.int32), "task.enters": np.zeros((n, layers), np.int32),
+           "task.pooling": np.array([kinds.index(t.pooling) for t in tasks], np.int32),
+           "task.normalize": np.array([t.normalize for t in tasks], np.int32),
+           "task.classifier.weight": np.zeros((n, h, width), np.float32),
+           "task.classifier.bias": np.zeros((n, width), np.float32)}
+    if s:
+        out["task.slot_embeds"] = np.zeros((n, s, h), np.float32)
+    if "entered" in roles:
+        out["task.late"] = np.zeros((n, s, h), np.float32)
+    past_from = min([t.spec.layer for t, r in zip(tasks, roles) if r == "past"], default=layers)
+    for i in range(past_from, layers):
+        out[f"task.past.{i}"] = np.zeros((2, n, heads, q, d), np.float32)
+    for kind in kinds:
+        for name in POOLING[kind].table_params:
+            out[f"task.{name}"] = None  # filled from the first task that has it
+    for t, (task, role, p, own) in enumerate(zip(tasks, roles, lengths, values)):
+        own = dict(own)
+        prompt = own.pop("prompt_embeddings", None)
+        if role is None:
+            raise ValueError(f"task {task.name}: prompt method {task.spec.method!r} has no place in a task table")
+        if (prompt is None) != (p == 0 or role == ""):
+            raise ValueError(f"task {task.name}: prompt_embeddings do not match its {p} virtual tokens")
+        if role in ("embedded", "entered"):
+            if prompt.shape != (p, h):
+                raise ValueError(f"task {task.name}: prompt_embeddings {prompt.shape}, expected {(p, h)}")
+            out["task.slot_embeds" if role == "embedded" else "task.late"][t, s - p :] = prompt
+            seen_from = 0 if role == "embedded" else task.spec.layer
+            out["task.visible"][t, seen_from:, q + s - p :] = 1
+            out["task.first"][t] = s - p
+            out["task.text_start"][t] = (p if role == "embedded" else 0) - s
+            if role == "entered":
+                out["task.enters"][t, task.spec.layer] = 1
+        else:
+            out["task.first"][t] = s
+            out["task.text_start"][t] = (p if role == "past" else 0) - s
+        if role == "past":
+            first, rows = task.spec.layer, (layers - task.spec.layer) * 2 * h
+            if prompt.shape != (p, rows):
+                raise ValueError(f"task {task.name}: prompt_embeddings {prompt.shape}, expected {(p, rows)}")
+            for i in range(first, layers):
+                j = i - first
+                block = prompt[:, 2 * j * h : (2 * j + 2) * h].reshape(p, 2, heads, d)
+                out[f"task.past.{i}"][:, t, :, q - p :] = block.transpose(1, 2, 0, 3)
+            out["task.visible"][t, first:, q - p : q] = 1
+        wanted = {"classifier.weight", "classifier.bias", *POOLING[task.pooling].table_params}
+        if set(own) != wanted:
+            raise ValueError(f"task {task.name}: head has {sorted(own)}, expected {sorted(wanted)}")
+        weight, bias = np.asarray(own.pop("classifier.weight"), np.float32), own.pop("classifier.bias")
+        if weight.shape != (task.num_labels, h):
+            raise ValueError(f"task {task.name}: classifier.weight {weight.shape}, expected {(task.num_labels, h)}")
+        out["task.classifier.weight"][t, :, : task.num_labels] = weight.T
+        out["task.classifier.bias"][t, : task.num_labels] = bias
+        for name, value in own.items():  # the pooling's own: a [out, in] weight stored transposed
+            value = np.asarray(value, np.float32)
+            value = value.T if value.ndim == 2 else value
+            if out[f"task.{name}"] is None:
+                out[f"task.{name}"] = np.zeros((n,) + value.shape, np.float32)
+            out[f"task.{name}"][t] = value
+    return out
 
 
 class MultiTaskClassifier(nn.Cell):
@@ -200,95 +262,99 @@ class MultiTaskClassifier(nn.Cell):
     inputs:  input_ids, attention_mask, token_type_ids  (int32, [batch, seq]), task_ids (int32, [batch])
     output:  logits [batch, widest task's labels]; a row's own labels first, zeros after
 
-    Every row gets `P` prompt slots, P the longest prompt: a task's prompt
-    fills the last of them (right-aligned against the text) and the slots
-    before it are masked out.  Positions are per row and start at the first
-    slot the row uses, so each row sees exactly what its own bundle's graph
-    sees (PEFT's positions: the prompt counts, masked slots do not): the
-    masked keys get exp(-1e9) = 0 weight, and the merge checks each task's
-    rows against its source bundle's graph (builder.pipelines.merge).  Every head runs
-    on every row (a head is one small GEMM); the row's task picks its logits.
+    Every prompt method with a `table_role` (builder.models.prompts) and every
+    pooling merge: each row gathers its prompt (embedded vectors, a prefix's
+    keys and values at each layer, or vectors entering at a layer), its
+    pooling's parameters and its head from the task tables (task_tables) by
+    its task id, so the work per row does not depend on how many tasks the
+    graph holds.  Masked slots get exp(-1e9) = 0 attention weight, so each
+    row sees exactly what its own bundle's graph sees; the merge checks each
+    task's rows against its source bundle's graph (builder.pipelines.merge).
     """
 
     family = "encoder"  # builder.families
     spec = None  # one prompt per task (specs), not one for the graph
 
-    def __init__(self, encoder: Encoder, tasks: list):
+    def __init__(self, encoder: Encoder, tasks: list, values: list):
         super().__init__()
         cfg = encoder.config
-        h = cfg.hidden_size
         self.encoder = encoder
         self.specs = tuple(tasks)
+        self.values = [{k: np.asarray(v, np.float32).copy() for k, v in own.items()} for own in values]
         self.task_count = len(self.specs)
-        p = max(t.num_virtual_tokens for t in tasks)
-        self.virtual_tokens = p
-        shifts = [p - t.num_virtual_tokens for t in tasks]  # masked slots in front of each task's prompt
-        if p > 0:
-            self.prompts = Parameter(np.zeros((len(tasks), p, h), np.float32), name="prompts")
-            self.prefix_mask = Tensor(np.array([[0] * s + [1] * (p - s) for s in shifts], np.int32))
-        self.shift = Tensor(np.array(shifts, np.int32))
-        room = cfg.max_positions - cfg.position_offset
-        self.room = room
+        tables = task_tables(cfg, self.specs, self.values)
+        self.kinds = tuple(sorted({t.pooling for t in tasks}, key=list(POOLING).index))
+        self.layer_count = cfg.num_layers
+        self.past_from = min([i for i in range(cfg.num_layers) if f"task.past.{i}" in tables], default=cfg.num_layers)
+        self.past_len = tables[f"task.past.{self.past_from}"].shape[3] if self.past_from < cfg.num_layers else 0
+        self.slots = tables["task.visible"].shape[2] - self.past_len
+        self.enter_at = tuple(bool(e) for e in tables["task.enters"].any(0))  # layers where some prompt enters
+        self.room = cfg.max_positions - cfg.position_offset
         self.position_offset = cfg.position_offset
-        self.slot_index = Tensor(np.arange(p + room, dtype=np.int32))
-        self.task_index = Tensor(np.arange(len(tasks), dtype=np.int32))
-        width = max(t.num_labels for t in tasks)
-        self.heads = nn.CellList([TaskHeadCell(h, t, s, width) for t, s in zip(tasks, shifts)])
+        self.slot_index = Tensor(np.arange(self.slots + self.room, dtype=np.int32))
+        self.tables = tables
+        # Constants, not Parameters: nothing here trains, and MindIR then folds them like the encoder's weights.
+        const = lambda name: Tensor(tables[name])  # noqa: E731
+        self.visible, self.text_start, self.first = const("task.visible"), const("task.text_start"), const("task.first")
+        self.enters, self.pooling_kind = const("task.enters"), const("task.pooling")
+        self.normalize = const("task.normalize")
+        self.classifier_weight, self.classifier_bias = const("task.classifier.weight"), const("task.classifier.bias")
+        self.slot_embeds = const("task.slot_embeds") if self.slots else None
+        self.late = const("task.late") if "task.late" in tables else None
+        # A prefix's keys as model.Attention holds them: [T, heads, head_dim, Q]; values [T, heads, Q, head_dim].
+        self.past_keys = tuple(Tensor(np.ascontiguousarray(tables[f"task.past.{i}"][0].transpose(0, 1, 3, 2)))
+                               for i in range(self.past_from, cfg.num_layers))
+        self.past_values = tuple(Tensor(tables[f"task.past.{i}"][1]) for i in range(self.past_from, cfg.num_layers))
+        self.pooling_tables = tuple(tuple(const(f"task.{name}") for name in POOLING[kind].table_params)
+                                    for kind in self.kinds)
 
     def construct(self, input_ids, attention_mask, token_type_ids, task_ids):
         b, s = input_ids.shape
+        slots = self.slots
         emb = self.encoder.embeddings
         x = ops.gather(emb.word, input_ids, 0)
-        mask, types = attention_mask, token_type_ids
-        if self.virtual_tokens > 0:
-            p = self.virtual_tokens
-            x = ops.concat((ops.gather(self.prompts, task_ids, 0), x), 1)
-            mask = ops.concat((ops.gather(self.prefix_mask, task_ids, 0), mask), 1)
-            types = ops.concat((ops.zeros((b, p), types.dtype), types), 1)
-        slots = self.slot_index[: self.virtual_tokens + s].expand_dims(0)
-        # Masked slots (and padding past a short task's room) get any valid row: their states are never read.
-        positions = ops.minimum(ops.maximum(slots - ops.gather(self.shift, task_ids, 0).expand_dims(1), 0),
-                                self.room - 1) + self.position_offset
+        types = token_type_ids
+        if slots > 0:
+            x = ops.concat((ops.gather(self.slot_embeds, task_ids, 0), x), 1)
+            types = ops.concat((ops.zeros((b, slots), types.dtype), types), 1)
+        # Slot m of a row is position m + text_start (text_start <= 0: slots before the task's prompt clamp to 0).
+        positions = self.slot_index[: slots + s].expand_dims(0) + ops.gather(self.text_start, task_ids, 0).expand_dims(1)
+        positions = ops.minimum(ops.maximum(positions, 0), self.room - 1) + self.position_offset
         x = emb.finish(x + ops.gather(emb.position, positions, 0), types)
-        states = self.encoder.run_layers(x, mask)
-        logits = ()
-        for head in self.heads:
-            logits = logits + (head(states, attention_mask),)
-        chosen = (task_ids.expand_dims(1) == self.task_index.expand_dims(0)).astype(ms.float32)  # [b, tasks]
-        return (ops.stack(logits, 1) * chosen.expand_dims(2)).sum(1)
-
-    def task_params(self, i: int) -> dict:
-        """Task i's head Parameters under the names of a one-task bundle's prompt.safetensors."""
-        head = self.heads[i]
-        return {"classifier.weight": head.classifier.weight, "classifier.bias": head.classifier.bias,
-                **head.pooler.params()}
-
-    def load_task(self, i: int, values: dict) -> None:
-        """Task i's prompt and head from a one-task bundle's prompt.safetensors."""
-        values = dict(values)
-        n = self.specs[i].num_virtual_tokens
-        prompt = values.pop("prompt_embeddings", None)
-        if (prompt is None) != (n == 0) or (prompt is not None and prompt.shape[0] != n):
-            raise ValueError(f"task {self.specs[i].name}: prompt_embeddings do not match {n} virtual tokens")
-        if prompt is not None:
-            table = self.prompts.asnumpy()
-            table[i, self.virtual_tokens - n :] = prompt
-            self.prompts.set_data(Tensor(table))
-        targets = self.task_params(i)
-        if set(values) != set(targets):
-            raise ValueError(f"task {self.specs[i].name}: head has {sorted(values)}, expected {sorted(targets)}")
-        for name, value in values.items():
-            targets[name].set_data(Tensor(np.asarray(value, np.float32)))
+        visible = ops.gather(self.visible, task_ids, 0)  # [b, layers, Q + S]
+        enters = ops.gather(self.enters, task_ids, 0) > 0
+        late = ops.gather(self.late, task_ids, 0) if self.late is not None else None
+        q = self.past_len
+        for i in range(self.layer_count):
+            if self.enter_at[i]:  # an entered prompt replaces its rows' slot states here
+                x = ops.concat((ops.select(enters[:, i].reshape(b, 1, 1).broadcast_to((b, slots, x.shape[2])),
+                                           late, x[:, :slots]), x[:, slots:]), 1)
+            if i >= self.past_from:
+                bias = attention_bias(ops.concat((visible[:, i], attention_mask), 1))
+                keys = ops.gather(self.past_keys[i - self.past_from], task_ids, 0)
+                values = ops.gather(self.past_values[i - self.past_from], task_ids, 0)
+                x = self.encoder.layers[i](x, bias, keys, values)
+            else:
+                bias = attention_bias(ops.concat((visible[:, i, q:], attention_mask), 1))
+                x = self.encoder.layers[i](x, bias)
+        first = (self.slot_index[: slots + 1].expand_dims(0)
+                 == ops.gather(self.first, task_ids, 0).expand_dims(1)).astype(ms.float32)  # [b, S + 1]
+        kind = ops.gather(self.pooling_kind, task_ids, 0).reshape(b, 1)
+        pooled = None
+        for k in range(len(self.kinds)):
+            params = ()
+            for table in self.pooling_tables[k]:
+                params = params + (ops.gather(table, task_ids, 0),)
+            rows = POOLING[self.kinds[k]].rows(x, attention_mask, first, params)
+            pooled = rows if pooled is None else ops.select((kind == k).broadcast_to(rows.shape), rows, pooled)
+        normalize = (ops.gather(self.normalize, task_ids, 0) > 0).reshape(b, 1).broadcast_to(pooled.shape)
+        pooled = ops.select(normalize, unit_length(pooled), pooled)
+        weight = ops.gather(self.classifier_weight, task_ids, 0)  # [b, hidden, width]
+        return ops.matmul(pooled.expand_dims(1), weight).squeeze(1) + ops.gather(self.classifier_bias, task_ids, 0)
 
     def head_state(self) -> dict:
         """Every task's prompt and head, keyed "<task>/<name>" (names as in a one-task bundle), as numpy."""
-        out = {}
-        table = self.prompts.asnumpy() if self.virtual_tokens > 0 else None
-        for i, spec in enumerate(self.specs):
-            if spec.num_virtual_tokens:
-                out[f"{spec.name}/prompt_embeddings"] = table[i, self.virtual_tokens - spec.num_virtual_tokens :].copy()
-            out.update({f"{spec.name}/{k}": v.asnumpy().copy() for k, v in self.task_params(i).items()})
-        return out
+        return {f"{spec.name}/{k}": v.copy() for spec, own in zip(self.specs, self.values) for k, v in own.items()}
 
 
 class Features(nn.Cell):

@@ -84,6 +84,13 @@ class PromptSpec:
         """What a task's manifest records of its prompt beyond method and length."""
         return PROMPTS[self.method].details(self)
 
+    @classmethod
+    def recorded(cls, method: str, virtual_tokens: int, details: dict) -> "PromptSpec":
+        """The (folded) spec a task's manifest records: method, length and the layer its details name."""
+        if method not in PROMPTS:
+            raise RecipeError(f"prompt method {method!r} is not one of {', '.join(PROMPTS)}")
+        return cls.of(method, virtual_tokens, PROMPTS[method].recorded_layer(details))
+
 
 class PromptMethod(nn.Cell):
     """The hooks' defaults: the text goes through untouched."""
@@ -94,7 +101,10 @@ class PromptMethod(nn.Cell):
     has_keys_values = False
     # Capabilities, read where a kind is chosen (never a list of names kept elsewhere):
     decoders = True  # a causal decoder takes it (builder.models.decoder.DecoderClassifier)
-    mergeable = False  # builder.models.classifier.MultiTaskClassifier can hold it (pt-build merge)
+    # Where builder.models.classifier.MultiTaskClassifier's task table holds it (pt-build merge): "embedded"
+    # (vectors at the embeddings), "past" (keys and values in front of layers), "entered" (vectors joining the
+    # states at a layer), "" (nothing: no prompt); None: a merge cannot hold it.
+    table_role = None
     peft_type = None  # the PEFT method that holds it exactly (a bundle's peft/ adapter, builder.bundles.peft)
     takes_layer = False  # --layer means something to it
     takes_projection = False  # --prefix-projection means something to it
@@ -103,6 +113,11 @@ class PromptMethod(nn.Cell):
     def peft_refusal(spec: PromptSpec) -> str | None:
         """Why PEFT cannot hold this prompt, or None if it can."""
         return f"prompt method {spec.method!r}"
+
+    @staticmethod
+    def recorded_layer(details: dict) -> int:
+        """The layer a task's manifest details record (details() writes it)."""
+        return 0
 
     def __init__(self, config, spec: PromptSpec):
         super().__init__(auto_prefix=False)
@@ -164,7 +179,7 @@ class PromptMethod(nn.Cell):
 
 
 class NoPrompt(PromptMethod):
-    mergeable = True
+    table_role = ""
 
     @staticmethod
     def peft_refusal(spec: PromptSpec) -> str | None:
@@ -194,7 +209,7 @@ def onnx_prepend(g, vectors: np.ndarray, x: str, mask: str, batch: str) -> tuple
 
 
 class PromptTuning(PromptMethod):
-    mergeable = True
+    table_role = "embedded"
     peft_type = "PROMPT_TUNING"
 
     @staticmethod
@@ -232,6 +247,7 @@ class PromptTuning(PromptMethod):
 
 class PrefixTuning(PromptMethod):
     has_keys_values = True
+    table_role = "past"
     peft_type = "PREFIX_TUNING"
     takes_layer = takes_projection = True
 
@@ -294,6 +310,10 @@ class PrefixTuning(PromptMethod):
         return {"prompt_embeddings": start.keys_values(spec.layer)}
 
     @staticmethod
+    def recorded_layer(details: dict) -> int:
+        return int(details.get("first_layer", 0))
+
+    @staticmethod
     def details(spec: PromptSpec) -> dict:
         return {"first_layer": spec.layer, "layout": "prompt_embeddings [P, layers * 2 * hidden]: layer i's keys"
                 " in block 2i, values in 2i + 1 (PEFT's); text positions start at P"}
@@ -313,6 +333,7 @@ class PrefixTuning(PromptMethod):
 
 class LatePrompt(PromptMethod):
     decoders = False  # it would need positions of its own in a causal decoder
+    table_role = "entered"
     takes_layer = True
 
     @staticmethod
@@ -342,6 +363,10 @@ class LatePrompt(PromptMethod):
     @staticmethod
     def initial(spec: PromptSpec, start) -> dict:
         return {"prompt_embeddings": start.states(spec.layer)}
+
+    @staticmethod
+    def recorded_layer(details: dict) -> int:
+        return int(details.get("layer", 0))
 
     @staticmethod
     def details(spec: PromptSpec) -> dict:

@@ -28,9 +28,9 @@ from ..bundles.writer import check_replaceable
 from ..errors import BuildError
 from ..families.encoder import ENCODER
 from ..graphs.targets import probe_inputs
-from ..models.classifier import MultiTaskClassifier, TaskHead
+from ..models.classifier import MultiTaskClassifier, TaskHead, task_tables
 from ..models.device import use_device
-from ..models.prompts import PROMPTS
+from ..models.prompts import PROMPTS, PromptSpec
 from ..training.hard import NORMALIZED_HEADS
 SOURCE_TOLERANCE = 1e-4  # max |logit difference| of a task's rows from its own bundle's ONNX graph
 
@@ -65,10 +65,10 @@ def read_source(spec: str) -> tuple:
     curves = json.loads(log.read_text()) if log.is_file() else None
     tasks = []
     for i, task in enumerate(manifest.tasks):
-        if task.prompt_method not in PROMPTS or not PROMPTS[task.prompt_method].mergeable:
-            mergeable = ", ".join(name for name, method in PROMPTS.items() if method.mergeable)
+        if task.prompt_method not in PROMPTS or PROMPTS[task.prompt_method].table_role is None:
+            mergeable = ", ".join(name for name, method in PROMPTS.items() if method.table_role is not None)
             raise BuildError(f"{path}: task {task.name!r} uses prompt method {task.prompt_method!r}; merge can fold"
-                             f" {mergeable} (build it with --method prompt-tuning to merge it)")
+                             f" {mergeable}")
         if manifest.multi_task:
             own = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(task.name + "/")}
             curve = (curves or {}).get(task.name)
@@ -119,15 +119,16 @@ def merge(specs: list, destination: Path, backbone_path, device: str, log) -> Ma
     if backbone.sha256 != first.backbone.sha256:
         raise BuildError(f"--backbone {backbone.path}: sha256 {backbone.sha256[:12]} is not the bundles' backbone"
                          f" ({first.backbone.name}, {first.backbone.sha256[:12]})")
-    heads = [TaskHead(t.task.name, t.task.num_virtual_tokens, len(t.task.labels), t.task.pooling,
-                      t.task.head in NORMALIZED_HEADS) for t in tasks]
-    net = MultiTaskClassifier(ENCODER.model(backbone), heads)  # tasks on an encoder (builder.families)
-    for i, t in enumerate(tasks):
+    heads = [TaskHead(t.task.name, PromptSpec.recorded(t.task.prompt_method, t.task.num_virtual_tokens, t.task.details),
+                      len(t.task.labels), t.task.pooling, t.task.head in NORMALIZED_HEADS) for t in tasks]
+    for head, t in zip(heads, tasks):
         try:
-            net.load_task(i, t.state)
+            task_tables(backbone.config, [head], [t.state])  # one task alone: an error names its bundle
         except ValueError as e:
             raise BuildError(f"{t.bundle}: {PROMPT}: {e}") from e
-    log(f"merging {len(tasks)} tasks ({', '.join(names)}) on {backbone.name}; {net.virtual_tokens} prompt slots")
+    net = MultiTaskClassifier(ENCODER.model(backbone), heads, [t.state for t in tasks])  # an encoder's tasks
+    log(f"merging {len(tasks)} tasks ({', '.join(names)}) on {backbone.name}; {net.slots} prompt slots,"
+        f" prefixes of {net.past_len}")
     manifest = Manifest(tasks=tuple(t.task for t in tasks), pad_id=first.pad_id, backbone=first.backbone,
                         device=device)
 

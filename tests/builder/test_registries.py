@@ -30,7 +30,9 @@ def test_option_choices_are_the_registries_names():
 def test_capabilities_live_on_the_prompt_methods():
     """Which methods a decoder takes, merge folds and PEFT holds: attributes of the registered kinds."""
     assert [m for m, k in prompts.PROMPTS.items() if k.decoders] == ["none", "prompt-tuning", "prefix-tuning"]
-    assert [m for m, k in prompts.PROMPTS.items() if k.mergeable] == ["none", "prompt-tuning"]
+    assert {m: k.table_role for m, k in prompts.PROMPTS.items()} == {
+        "none": "", "prompt-tuning": "embedded", "prefix-tuning": "past", "late-prompt": "entered"}
+    assert prompts.PromptMethod.table_role is None  # a method registered later merges once it says where it sits
     assert {m: k.peft_type for m, k in prompts.PROMPTS.items()} == {
         "none": None, "prompt-tuning": "PROMPT_TUNING", "prefix-tuning": "PREFIX_TUNING", "late-prompt": None}
 

@@ -75,11 +75,12 @@ def test_merged_info_has_a_bundle_block_then_a_block_per_task(merged_bundle):
     result = run("info", out)
     assert result.exit_code == 0, result.output
     (heading, lines), *tasks = blocks(result.stdout)
-    assert heading == f"{out}: multi-task bundle, 4 tasks in one graph: sentiment, zeroshot, probe, pairs"
+    names = ["sentiment", "zeroshot", "probe", "pairs", "prefix", "prefix1", "late"]
+    assert heading == f"{out}: multi-task bundle, 7 tasks in one graph: {', '.join(names)}"
     assert lines[0].startswith("  backbone    ")
     for shared in ("  parity ", "  created ", "  versions ", "  files"):  # the bundle's lines, under its heading
         assert any(line.startswith(shared) for line in lines), shared
-    assert [h.split(":")[0] for h, _ in tasks] == ["task sentiment", "task zeroshot", "task probe", "task pairs"]
+    assert [h.split(":")[0] for h, _ in tasks] == [f"task {name}" for name in names]
     for heading, lines in tasks:
         assert lines[0].startswith("  labels      "), heading
         assert not any(line.startswith(("  backbone", "  files", "  created")) for line in lines), heading

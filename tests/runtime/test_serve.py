@@ -33,8 +33,8 @@ def expected(merged_bundle, rows):
 def test_endpoints(server, merged_bundle, tiny_bundle):
     assert server.request("GET", "/v2/health/live") == (200, {"live": True})
     assert server.request("GET", "/v2/health/ready") == (200, {"ready": True})
-    assert server.request("GET", "/v1/models") == (200, {"models": ["sentiment", "zeroshot", "probe", "pairs",
-                                                                    "single"]})
+    assert server.request("GET", "/v1/models") == (200, {"models": [
+        "sentiment", "zeroshot", "probe", "pairs", "prefix", "prefix1", "late", "single"]})
     status, meta = server.request("GET", "/v1/models/pairs")
     assert status == 200 and meta["pair"] is True and meta["labels"] == ["opposite", "other", "same"]
     rows = mixed_rows(12)

@@ -178,4 +178,4 @@ def test_v1_still_answers_and_shares_batches_with_v2(server, merged_bundle):
     assert not errors and answers == [w.label for w in want]
     total, count = (a - b for a, b in zip(batch_sizes(server), before))
     assert total == len(rows) and count < len(rows)  # some batches held V1 and V2 requests (of several tasks)
-    assert server.request("GET", "/v1/models")[1]["models"] == ["sentiment", "zeroshot", "probe", "pairs", "single"]
+    assert server.request("GET", "/v1/models")[1]["models"] == ["sentiment", "zeroshot", "probe", "pairs", "prefix", "prefix1", "late", "single"]

@@ -75,7 +75,7 @@ def test_predict_and_eval_by_task(merged_bundle, toy_files):
     recorded = json.loads((merged_bundle[1]["sentiment"] / "manifest.json").read_text())["tasks"][0]["metrics"]
     assert json.loads(scored.stdout)["results"][0]["accuracy"] == pytest.approx(recorded["dev"]["accuracy"])
     info = runner.invoke(run_cli, ["info", str(out)])
-    assert "4 tasks in one graph: sentiment, zeroshot, probe, pairs" in info.stdout
+    assert "7 tasks in one graph: sentiment, zeroshot, probe, pairs, prefix, prefix1, late" in info.stdout
 
 
 def merge_error(args):
@@ -87,8 +87,6 @@ def merge_error(args):
 def test_merge_refuses_what_it_cannot_merge(merged_bundle, tiny_build, tiny_roberta, tiny_bert, tmp_path):
     exports = tiny_build[0]
     soft, probe = merged_bundle[1]["sentiment"], exports / "toy-hard-probe"
-    assert "prompt method 'prefix-tuning'" in merge_error([exports / "toy-soft", probe, "--out", tmp_path / "m",
-                                                            "--backbone", tiny_bert])
     other = tmp_path / "other"
     pairs_data = str(merged_bundle[1]["pairs"].parent / "train.tsv")
     build(["export", "--train", pairs_data, "--dev", pairs_data, "--text-column", "s1",
@@ -115,7 +113,7 @@ def test_merged_bundles_merge_again(merged_bundle, tiny_build, tiny_bert, tmp_pa
     again = tmp_path / "again"
     build(["merge", str(out), f"extra={sources['sentiment']}", "--out", str(again), "--backbone", str(tiny_bert)])
     merged = Bundle.load(again)
-    assert merged.task_names == ["sentiment", "zeroshot", "probe", "pairs", "extra"]
+    assert merged.task_names == ["sentiment", "zeroshot", "probe", "pairs", "prefix", "prefix1", "late", "extra"]
     np.testing.assert_allclose(merged.logits(TEXTS, task="extra"), merged.logits(TEXTS, task="sentiment"), atol=1e-5)
 
 
