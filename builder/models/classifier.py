@@ -174,7 +174,7 @@ class TaskHead:
     normalize: bool
 
 
-def task_tables(config, tasks: list, values: list) -> dict:
+def task_tables(config, tasks: list, values: list, at_least: tuple | None = None) -> dict:
     """Every task's prompt and head as stacked arrays, one row per task (`tasks`: TaskHead; `values`: each task's
     folded prompt and head as a one-task bundle's prompt.safetensors holds them).  Names are the graphs' own.
 
@@ -184,7 +184,8 @@ def task_tables(config, tasks: list, values: list) -> dict:
     right-aligned too.  `visible` [T, layers, Q + S] says which of them a row's keys include at each layer;
     `text_start` the position of each row's first state in slot 0's place (positions count from a task's first
     prompt slot; a prefix shifts the text by its length, as PEFT's does); `first` the state a first-token
-    pooling reads; `enters` [T, layers] where an entered prompt replaces the slots' states.
+    pooling reads; `enters` [T, layers] where an entered prompt replaces the slots' states.  `at_least`:
+    (S, Q, label width) the tables keep if their tasks need no more (`pt-build merge --add`).
     """
     layers, h, heads = config.num_layers, config.hidden_size, config.num_heads
     d, n = h // heads, len(tasks)
@@ -193,6 +194,8 @@ def task_tables(config, tasks: list, values: list) -> dict:
     s = max([p for p, r in zip(lengths, roles) if r in ("embedded", "entered")], default=0)
     q = max([p for p, r in zip(lengths, roles) if r == "past"], default=0)
     width = max(t.num_labels for t in tasks)
+    if at_least is not None:
+        s, q, width = max(s, at_least[0]), max(q, at_least[1]), max(width, at_least[2])
     kinds = sorted({t.pooling for t in tasks}, key=list(POOLING).index)
     out = {"task.visible": np.zeros((n, layers, q + s), np.int32), "task.text_start": np.zeros(n, np.int32),
            "task.first": np.zeros(n, np.int32), "task.enters": np.zeros((n, layers), np.int32),
@@ -205,6 +208,8 @@ def task_tables(config, tasks: list, values: list) -> dict:
     if "entered" in roles:
         out["task.late"] = np.zeros((n, s, h), np.float32)
     past_from = min([t.spec.layer for t, r in zip(tasks, roles) if r == "past"], default=layers)
+    if at_least is not None:
+        past_from = min(past_from, at_least[3])
     for i in range(past_from, layers):
         out[f"task.past.{i}"] = np.zeros((2, n, heads, q, d), np.float32)
     for kind in kinds:
@@ -275,19 +280,20 @@ class MultiTaskClassifier(nn.Cell):
     family = "encoder"  # builder.families
     spec = None  # one prompt per task (specs), not one for the graph
 
-    def __init__(self, encoder: Encoder, tasks: list, values: list):
+    def __init__(self, encoder: Encoder, tasks: list, values: list, at_least: tuple | None = None):
         super().__init__()
         cfg = encoder.config
         self.encoder = encoder
         self.specs = tuple(tasks)
         self.values = [{k: np.asarray(v, np.float32).copy() for k, v in own.items()} for own in values]
         self.task_count = len(self.specs)
-        tables = task_tables(cfg, self.specs, self.values)
+        tables = task_tables(cfg, self.specs, self.values, at_least)
         self.kinds = tuple(sorted({t.pooling for t in tasks}, key=list(POOLING).index))
         self.layer_count = cfg.num_layers
         self.past_from = min([i for i in range(cfg.num_layers) if f"task.past.{i}" in tables], default=cfg.num_layers)
         self.past_len = tables[f"task.past.{self.past_from}"].shape[3] if self.past_from < cfg.num_layers else 0
         self.slots = tables["task.visible"].shape[2] - self.past_len
+        self.shapes = (self.slots, self.past_len, tables["task.classifier.bias"].shape[1], self.past_from)
         self.enter_at = tuple(bool(e) for e in tables["task.enters"].any(0))  # layers where some prompt enters
         self.room = cfg.max_positions - cfg.position_offset
         self.position_offset = cfg.position_offset

@@ -50,14 +50,20 @@ def import_adapter(adapter_dir, destination, backbone_path, dataset, labels, pai
     log(f"{adapter_dir}: {config['peft_type']} ({spec.virtual_tokens} virtual tokens), {adapter.num_labels} labels,"
         f" trained on {config.get('base_model_name_or_path')!r}; backbone {backbone.name}")
     metrics = score(net, backbone, dataset, max_length) if dataset is not None else {}
+    task = adapter_task(adapter, adapter_dir, Path(destination).name, labels, pair, max_length, metrics)
+    manifest = Manifest(tasks=(task,), pad_id=cfg.pad_token_id, backbone=backbone_info(backbone), device=device)
+    return write_bundle(destination, net, backbone, manifest, [])
+
+
+def adapter_task(adapter, adapter_dir, name: str, labels: tuple, pair: bool, max_length: int, metrics: dict) -> Task:
+    """The manifest's task of a folded adapter: what it was made from, under `recipe`."""
+    config, spec = adapter.config, adapter.spec
     recipe = {"source": "peft", "adapter": str(adapter_dir), "peft_type": config["peft_type"],
               "task_type": config["task_type"], "base_model_name_or_path": config.get("base_model_name_or_path"),
               "peft_version": config.get("peft_version")}
-    task = Task(name=Path(destination).name, kind="soft", labels=labels,
-                pair=pair, max_length=max_length, pooling=adapter.pooling, head="linear", prompt_method=spec.method,
-                num_virtual_tokens=spec.virtual_tokens, recipe=recipe, details=spec.details(), metrics=metrics)
-    manifest = Manifest(tasks=(task,), pad_id=cfg.pad_token_id, backbone=backbone_info(backbone), device=device)
-    return write_bundle(destination, net, backbone, manifest, [])
+    return Task(name=name, kind="soft", labels=labels, pair=pair, max_length=max_length, pooling=adapter.pooling,
+                head="linear", prompt_method=spec.method, num_virtual_tokens=spec.virtual_tokens, recipe=recipe,
+                details=spec.details(), metrics=metrics)
 
 
 def label_names(given, dataset, n: int, weights: Path) -> tuple:

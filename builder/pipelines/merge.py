@@ -16,22 +16,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import mindspore  # noqa: F401  (before onnx: see builder.models.onnx_ops)
+import onnx
+from mindspore import Tensor
 from safetensors.numpy import load_file
 
-from ptbundle.runtime.format import (GRAPHS, PROMPT, TOKENIZER, TRAINING_LOG, Manifest, Task, parse_bundle_spec,
-                                     verify_files)
+from ptbundle.runtime.format import (GRAPHS, PEFT_CONFIG, PROMPT, TOKENIZER, TRAINING_LOG, Manifest, Task,
+                                     parse_bundle_spec, verify_files)
 from ptbundle.runtime.onnx_backend import OnnxModel
 
 from ..backbones.backbone import load_backbone
 from ..bundles.classifier import write_bundle
+from ..bundles.manifest import backbone_info
+from ..bundles.peft import read_adapter
 from ..bundles.writer import check_replaceable
 from ..errors import BuildError
 from ..families.encoder import ENCODER
 from ..graphs.targets import probe_inputs
-from ..models.classifier import MultiTaskClassifier, TaskHead, task_tables
-from ..models.device import use_device
+from ..models.classifier import MultiTaskClassifier, PromptClassifier, TaskHead, task_tables
+from ..models.device import eager, use_device
 from ..models.prompts import PROMPTS, PromptSpec
 from ..training.hard import NORMALIZED_HEADS
+from .import_adapter import adapter_task, label_names
 SOURCE_TOLERANCE = 1e-4  # max |logit difference| of a task's rows from its own bundle's ONNX graph
 
 
@@ -92,33 +98,61 @@ def check_compatible(manifests: dict) -> None:
                                  f" merged bundles share one backbone")
 
 
-def merge(specs: list, destination: Path, backbone_path, device: str, log) -> Manifest:
-    """Read the bundles, build the merged classifier on the backbone, and write the bundle; its manifest back."""
+def is_adapter(path: Path) -> bool:
+    """A PEFT adapter directory (adapter_config.json, no manifest): merged as `pt-build import` would fold it."""
+    return (path / PEFT_CONFIG).is_file() and not (path / "manifest.json").is_file()
+
+
+def read_adapter_source(spec: str, backbone, max_length: int) -> SourceTask:
+    """One PEFT adapter given on the command line as a task: named NAME= or after its directory, labels
+    LABEL_0.. (transformers' default; `pt-build import --labels` then merge the bundle to name them)."""
+    name, path = parse_spec(spec)
+    adapter = read_adapter(path, backbone)
+    task = adapter_task(adapter, path, name or path.name, label_names(None, None, adapter.num_labels, path),
+                        False, max_length, {})
+    return SourceTask(task, adapter.values, None, path, 0)
+
+
+def merge(specs: list, destination: Path, backbone_path, device: str, log, add: bool = False,
+          max_length: int = 128) -> Manifest:
+    """Read the bundles and PEFT adapters, build the merged classifier on the backbone, and write the bundle; its
+    manifest back.  With `add`, the first spec is a merged bundle the others join: its task tables keep their
+    shapes where the new tasks fit, so its tasks' outputs stay the same to the bit (checked)."""
     check_replaceable(Path(destination))
-    manifests, tasks = {}, []
-    for spec in specs:
-        manifest, own = read_source(spec)
+    manifests, per_spec = {}, []  # the tasks of each spec, in command-line order (adapters' once the backbone is read)
+    for k, spec in enumerate(specs):
         path = parse_spec(spec)[1]
-        if path.resolve() == Path(destination).resolve():
+        if path.resolve() == Path(destination).resolve() and not (add and k == 0):
             raise BuildError(f"--out {destination}: one of the bundles being merged; write the merge elsewhere")
+        if path.is_dir() and is_adapter(path):
+            per_spec.append(spec)
+            continue
+        manifest, own = read_source(spec)
         manifests[path] = manifest
-        tasks += own
-    check_compatible(manifests)
-    names = [t.task.name for t in tasks]
-    for name in names:
-        if names.count(name) > 1:
-            where = ", ".join(str(t.bundle) for t in tasks if t.task.name == name)
-            raise BuildError(f"task name {name!r} appears twice ({where}): name them with NAME=BUNDLE")
-    if len(tasks) < 2:
-        raise BuildError("merge needs at least two tasks")
-    first = next(iter(manifests.values()))
+        per_spec.append(own)
+    if add and (not manifests or next(iter(manifests)) != parse_spec(specs[0])[1]):
+        raise BuildError(f"--add {specs[0]}: not a bundle")
+    if manifests:
+        check_compatible(manifests)
 
     use_device(device)
     backbone = load_backbone(backbone_path)
     check_replaceable(Path(destination), backbone.sha256)
-    if backbone.sha256 != first.backbone.sha256:
+    first = next(iter(manifests.values()), None)
+    if first is not None and backbone.sha256 != first.backbone.sha256:
         raise BuildError(f"--backbone {backbone.path}: sha256 {backbone.sha256[:12]} is not the bundles' backbone"
                          f" ({first.backbone.name}, {first.backbone.sha256[:12]})")
+    tasks = [t for own in per_spec for t in ([read_adapter_source(own, backbone, max_length)]
+                                             if isinstance(own, str) else own)]
+    names = [t.task.name for t in tasks]
+    seen = set()
+    for name in names:
+        if name in seen:
+            where = ", ".join(str(t.bundle) for t in tasks if t.task.name == name)
+            raise BuildError(f"task name {name!r} appears twice ({where}): name them with NAME=BUNDLE")
+        seen.add(name)
+    if len(tasks) < 2:
+        raise BuildError("merge needs at least two tasks")
     heads = [TaskHead(t.task.name, PromptSpec.recorded(t.task.prompt_method, t.task.num_virtual_tokens, t.task.details),
                       len(t.task.labels), t.task.pooling, t.task.head in NORMALIZED_HEADS) for t in tasks]
     for head, t in zip(heads, tasks):
@@ -126,36 +160,111 @@ def merge(specs: list, destination: Path, backbone_path, device: str, log) -> Ma
             task_tables(backbone.config, [head], [t.state])  # one task alone: an error names its bundle
         except ValueError as e:
             raise BuildError(f"{t.bundle}: {PROMPT}: {e}") from e
-    net = MultiTaskClassifier(ENCODER.model(backbone), heads, [t.state for t in tasks])  # an encoder's tasks
-    log(f"merging {len(tasks)} tasks ({', '.join(names)}) on {backbone.name}; {net.slots} prompt slots,"
-        f" prefixes of {net.past_len}")
-    manifest = Manifest(tasks=tuple(t.task for t in tasks), pad_id=first.pad_id, backbone=first.backbone,
-                        device=device)
+    base = parse_spec(specs[0])[1] if add else None
+    kept = table_shapes(base / GRAPHS["onnx"]) if add else None
+    net = MultiTaskClassifier(ENCODER.model(backbone), heads, [t.state for t in tasks], at_least=kept)
+    grown = add and net.shapes != kept
+    log(f"merging {len(tasks)} tasks on {backbone.name}: {net.slots} prompt slots, prefixes of {net.past_len}"
+        + (f"; {len(tasks) - sum(t.bundle == base for t in tasks)} added to {base}" if add else "")
+        + ("; its tables grow for them, so its tasks' outputs may move in the last bits" if grown else ""))
+    pad_id = first.pad_id if first is not None else backbone.config.pad_token_id
+    manifest = Manifest(tasks=tuple(t.task for t in tasks), pad_id=pad_id,
+                        backbone=first.backbone if first is not None else backbone_info(backbone), device=device)
 
     def against_sources(directory: Path) -> dict:
-        return {"sources": check_sources(directory / GRAPHS["onnx"], tasks, backbone.config.vocab_size, first.pad_id)}
+        worst, checked = check_sources(directory / GRAPHS["onnx"], tasks, backbone, pad_id,
+                                       exact=base if add and not grown else None)
+        return {"sources": worst, "sources_checked": checked}
 
     return write_bundle(destination, net, backbone, manifest, {t.task.name: t.curve for t in tasks},
                         verify=against_sources)
 
 
-def check_sources(merged_graph: Path, tasks: list, vocab_size: int, pad_id: int) -> float:
-    """Max |logit difference| of each task's rows, in batches that mix every task, from its own bundle's graph."""
+SOURCE_SAMPLE = 16  # sources whose own graphs a merge runs its tasks against (every kind among them)
+
+
+def source_sample(tasks: list, base) -> list:
+    """Indices of the tasks checked against their sources: every task of `base` (one graph runs them all, the
+    bundle --add joins), the first task of each kind (method, layer, length, pooling, head), then evenly spaced others, up to
+    SOURCE_SAMPLE sources."""
+    chosen = [i for i, t in enumerate(tasks) if base is not None and t.bundle == base]
+    kinds, sources = set(), set()
+    for i, t in enumerate(tasks):
+        kind = (t.task.prompt_method, t.task.num_virtual_tokens, json.dumps(t.task.details, sort_keys=True,
+                default=str), t.task.pooling, t.task.head)
+        if kind not in kinds and t.bundle != base and len(sources) < SOURCE_SAMPLE:
+            kinds.add(kind)
+            sources.add(t.bundle)
+            chosen.append(i)
+    step = max(1, len(tasks) // SOURCE_SAMPLE)
+    for i in range(0, len(tasks), step):
+        if len(sources) >= SOURCE_SAMPLE:
+            break
+        if i not in chosen and tasks[i].bundle != base:
+            sources.add(tasks[i].bundle)
+            chosen.append(i)
+    return sorted(chosen)
+
+
+def source_model(t: SourceTask, backbone):
+    """What a task's rows must equal: its own bundle's ONNX graph, or for an adapter the net `pt-build import`
+    would build of it (an adapter has no graph of its own)."""
+    if not is_adapter(t.bundle):
+        return OnnxModel(t.bundle / GRAPHS["onnx"])
+    spec = PromptSpec.recorded(t.task.prompt_method, t.task.num_virtual_tokens, t.task.details)
+    net = PromptClassifier(ENCODER.model(backbone), spec.virtual_tokens, len(t.task.labels), t.task.pooling, spec=spec)
+    net.load_head_state(t.state)
+    net.set_train(False)
+
+    def run(ids, mask, types, task_ids=None):
+        with eager():
+            return net(Tensor(ids), Tensor(mask), Tensor(types)).asnumpy()
+    return run
+
+
+def check_sources(merged_graph: Path, tasks: list, backbone, pad_id: int, exact=None) -> tuple:
+    """(max |logit difference|, tasks checked): a sample of the tasks (source_sample), their rows in batches
+    that mix them, against their own bundle's graph (or adapter's net).  With `exact` (the bundle --add joins,
+    its tables unchanged), its tasks' rows must equal its graph's to the bit."""
     merged = OnnxModel(merged_graph)
-    sources = {t.bundle: OnnxModel(t.bundle / GRAPHS["onnx"]) for t in tasks}
-    multi = {t.bundle: "task_ids" in sources[t.bundle].input_names for t in tasks}
+    sample = source_sample(tasks, exact)
+    models = {}
     worst = 0.0
     for seed in range(2):
-        for ids, mask, types, task_ids in probe_inputs(vocab_size, pad_id, seed, tasks=len(tasks)):
+        for ids, mask, types, picks in probe_inputs(backbone.config.vocab_size, pad_id, seed, tasks=len(sample)):
+            task_ids = np.array(sample, np.int32)[picks]
             got = merged(ids, mask, types, task_ids)
-            for i, t in enumerate(tasks):
-                rows = np.flatnonzero(task_ids == i)
-                if not len(rows):
+            if exact is not None:  # the same batch through the bundle as it was: its tasks come first, as numbered
+                before = sum(t.bundle == exact for t in tasks)
+                rows = np.flatnonzero(task_ids < before)
+                base = models.setdefault(exact, source_model(tasks[0], backbone))
+                was = base(ids, mask, types, np.where(task_ids < before, task_ids, 0))
+                if not np.array_equal(got[rows, : was.shape[1]], was[rows]):
+                    moved = float(np.abs(got[rows, : was.shape[1]] - was[rows]).max())
+                    raise BuildError(f"--add: the tasks of {exact} would change (by {moved:.2e})")
+            for i in sorted(set(task_ids.tolist())):
+                t, rows = tasks[i], np.flatnonzero(task_ids == i)
+                if t.bundle == exact:
                     continue
-                own = np.full(len(rows), t.source_index, np.int32) if multi[t.bundle] else None
-                want = sources[t.bundle](ids[rows], mask[rows], types[rows], own)[:, : len(t.task.labels)]
+                if t.bundle not in models:
+                    models[t.bundle] = source_model(t, backbone)
+                model = models[t.bundle]
+                multi = isinstance(model, OnnxModel) and "task_ids" in model.input_names
+                own = np.full(len(rows), t.source_index, np.int32) if multi else None
+                want = model(ids[rows], mask[rows], types[rows], own)[:, : len(t.task.labels)]
                 worst = max(worst, float(np.abs(got[rows, : len(t.task.labels)] - want).max()))
     if not worst <= SOURCE_TOLERANCE:
         raise BuildError(f"the merged graph differs from the source bundles' graphs by {worst:.2e}"
                          f" (> {SOURCE_TOLERANCE})")
-    return worst
+    return worst, len(sample)
+
+
+def table_shapes(graph: Path) -> tuple:
+    """(slots, prefix length, label width, first layer with a prefix) of a merged graph's task tables
+    (MultiTaskClassifier.shapes)."""
+    model = onnx.load(str(graph), load_external_data=False)
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer if t.name.startswith("task.")}
+    past = {int(k.rsplit(".", 1)[1]): v for k, v in dims.items() if k.startswith("task.past.")}
+    q = next(iter(past.values()))[3] if past else 0
+    layers = dims["task.visible"][1]
+    return dims["task.visible"][2] - q, q, dims["task.classifier.bias"][1], min(past, default=layers)

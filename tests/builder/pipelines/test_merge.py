@@ -24,7 +24,8 @@ def test_merged_manifest_keeps_every_task(merged_bundle):
         assert task["details"].pop("peft") == several and own["details"].pop("peft").startswith(("peft", "not"))
         assert {k: v for k, v in task.items() if k != "name"} == {k: v for k, v in own.items() if k != "name"}
     assert json.loads((sources["pairs"] / "manifest.json").read_text())["tasks"][0]["details"]["peft"] == "peft"
-    assert set(m["export"]) == {"mindir", "onnx", "sources"} and m["export"]["sources"] <= 1e-4
+    assert set(m["export"]) == {"mindir", "onnx", "sources", "sources_checked"} and m["export"]["sources"] <= 1e-4
+    assert m["export"]["sources_checked"] == 7  # every task: fewer than SOURCE_SAMPLE sources
     assert "model.int8.onnx" not in m["files"]
 
 
@@ -134,3 +135,53 @@ def test_one_builds_bundles_merge_without_renaming_and_keep_their_names(tmp_path
     assert [(g["task"], g["label"]) for g in got] == [("toy-hard-probe", p.label) for p in own]
     for g, p in zip(got, own):
         assert g["probabilities"] == pytest.approx(p.probabilities, abs=1e-4)
+
+
+def test_peft_adapters_merge_beside_bundles(merged_bundle, tiny_bert, tmp_path):
+    """A PEFT adapter directory is a merge source as `pt-build import` would fold it: here the prefix bundle's own
+    adapter (FEATURE_EXTRACTION, its mean head beside it) and the pairs bundle's (SEQ_CLS, cls pooling)."""
+    sources = merged_bundle[1]
+    out = tmp_path / "with-adapters"
+    build(["merge", f"own={sources['prefix'] / 'peft'}", f"cls={sources['pairs'] / 'peft'}",
+           f"late={sources['late']}", "--out", str(out), "--backbone", str(tiny_bert)])
+    merged = Bundle.load(out)
+    assert merged.task_names == ["own", "cls", "late"]
+    own = merged.manifest.tasks[0]
+    assert own.labels == ("LABEL_0", "LABEL_1") and own.recipe["source"] == "peft" and own.prompt_method == "prefix-tuning"
+    rows = [("own", t) for t in TEXTS] + [("late", t) for t in TEXTS] + [("cls", t) for t in TEXTS]
+    got = merged.logits([t for _, t in rows], task=[n for n, _ in rows], batch_size=7)
+    want = np.concatenate([Bundle.load(sources["prefix"]).logits(TEXTS), Bundle.load(sources["late"]).logits(TEXTS)])
+    np.testing.assert_allclose(got[: 2 * len(TEXTS), :2], want, atol=1e-4)
+    # The cls adapter against the bundle `pt-build import` folds of it (one-text inputs, as merged).
+    build(["import", str(sources["pairs"] / "peft"), "--backbone", str(tiny_bert), "--out", str(tmp_path),
+           "--name", "imported"])
+    np.testing.assert_allclose(got[2 * len(TEXTS):], Bundle.load(tmp_path / "imported").logits(TEXTS), atol=1e-4)
+    assert json.loads((out / "manifest.json").read_text())["export"]["sources"] <= 1e-4
+
+
+def test_add_joins_a_merged_bundle_and_leaves_its_tasks_unchanged_to_the_bit(merged_bundle, tiny_bert, tmp_path):
+    sources = merged_bundle[1]
+    base = tmp_path / "base"
+    build(["merge", f"zeroshot={sources['zeroshot']}", f"prefix={sources['prefix']}", f"late={sources['late']}",
+           "--out", str(base), "--backbone", str(tiny_bert)])
+    before = {name: Bundle.load(base).logits(TEXTS, task=name) for name in ("zeroshot", "prefix", "late")}
+    files = json.loads((base / "manifest.json").read_text())["files"]
+    result = build(["merge", "--add", str(base), f"prefix1={sources['prefix1']}", f"probe={sources['probe']}",
+                    "--backbone", str(tiny_bert)])
+    assert "2 added to" in result.output and "grow" not in result.output
+    grown = Bundle.load(base)
+    assert grown.task_names == ["zeroshot", "prefix", "late", "prefix1", "probe"]
+    for name, logits in before.items():
+        assert np.array_equal(grown.logits(TEXTS, task=name), logits), name  # to the bit
+    for name in ("prefix1", "probe"):
+        np.testing.assert_allclose(grown.logits(TEXTS, task=name), Bundle.load(sources[name]).logits(TEXTS),
+                                   atol=1e-4)
+    assert json.loads((base / "manifest.json").read_text())["files"]["prompt.safetensors"] != files["prompt.safetensors"]
+    # A task that needs longer tables than the bundle has: added, and the log says the others may move.
+    result = build(["merge", "--add", str(base), f"shallow={sources['sentiment']}", "--backbone", str(tiny_bert)])
+    assert "grow" in result.output
+    again = Bundle.load(base)
+    np.testing.assert_allclose(again.logits(TEXTS, task="prefix"), before["prefix"], atol=1e-5)
+    # --add takes a bundle; a task already there is refused, and the bundle stays as it was.
+    assert "appears twice" in merge_error(["--add", base, f"late={sources['late']}", "--backbone", tiny_bert])
+    assert Bundle.load(base).task_names == ["zeroshot", "prefix", "late", "prefix1", "probe", "shallow"]
