@@ -295,6 +295,8 @@ PRODUCT = {
     "packaged_gguf": "ptbundle.builder.lab:packaged_gguf", "hf_directory": "ptbundle.builder.lab:hf_directory",
     "DecoderConfig": "ptbundle.builder.lab:DecoderConfig", "Kernels": "ptbundle.builder.lab:Kernels",
     "decoder_graph": "ptbundle.builder.lab:decoder_graph",
+    # merged multi-task bundles (bench/perf/multitask_scale.py): pt-build merge and pt-build import, in-process
+    "merge": "ptbundle.builder:merge", "import_adapter": "ptbundle.builder:import_adapter",
 }
 
 

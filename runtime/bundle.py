@@ -79,7 +79,7 @@ class Bundle:
             return cls.load_generation(directory, manifest, device, runner, int8, verify)
         graph = runner.graph_file("int8" if int8 else "fp32")
         if graph not in manifest.files:
-            hint = ("" if not int8 else " (merged bundles carry fp32 graphs only)" if manifest.multi_task
+            hint = ("" if not int8 else " (merge it with pt-build merge --quantize int8)" if manifest.multi_task
                     else " (build it with pt-build export --quantize int8)")
             raise BundleError(f"{directory}: this bundle has no {graph}{hint}")
         with ThreadPoolExecutor(1) as pool:

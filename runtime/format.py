@@ -95,6 +95,11 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 # head beside it: the Linear over the mean of the text rows, tensors "weight" [labels, hidden] and "bias".
 PEFT_HEAD = "head.safetensors"
 PEFT_DETAIL = "peft"
+# The activation ranges an int8 graph's fixed scales were made from, {quantized GEMM node(s): [min, max]} over the
+# task's calibration texts: task.details[CALIBRATION_DETAIL], and beside a bundle's PEFT adapter as
+# PEFT_CALIBRATION, so that pt-build merge can make a merged int8 graph without the training data.
+CALIBRATION_DETAIL = "int8_ranges"
+PEFT_CALIBRATION = "ptbundle_calibration.json"
 PEFT_NOT_EXPRESSIBLE = "not expressible: "
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")

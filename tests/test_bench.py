@@ -444,3 +444,31 @@ def test_bench_reaches_the_builder_through_its_public_modules_only():
     public = {"ptbundle.builder", "ptbundle.builder.lab", "ptbundle.builder.api"}
     used = {m for f in BENCH.rglob("*.py") for m in re.findall(r"ptbundle\.builder[\w.]*", f.read_text())}
     assert used and used <= public, sorted(used - public)
+
+
+def test_multitask_scale_times_merged_bundles_against_their_one_task_source(tiny_build, tiny_bert, toy_files,
+                                                                           tmp_path):
+    done = run("perf/multitask_scale.py", "--bundle", tiny_build[0] / "toy-soft", "--backbone", tiny_bert,
+               "--data", toy_files[0].parent, "--results", tmp_path)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    result = read(tmp_path, "multitask_scale")
+    rows = {r["tasks"]: r for r in result["rows"]}
+    assert sorted(rows) == [1, 2, 5]  # --smoke's counts; 1 is the bundle itself
+    for n, row in rows.items():
+        int8 = row["int8"]
+        assert int8["measured"] != bool(int8["skipped"]), int8  # int8 measured, or skipped saying why
+        precisions = ["fp32", "int8"] if int8["measured"] else ["fp32"]
+        assert [(t["precision"], t["batch_size"]) for t in row["throughput"]] == [(p, b) for p in precisions
+                                                                                  for b in (1, 4)]
+        for t in row["throughput"]:
+            assert t["sentences_per_second"]["median"] > 0 and t["sentences"] == 16
+            assert isinstance(t["ratio"], float) and t["ratio"] > 0, (n, t)  # merged / one-task, same run
+        assert set(row["load"]) == set(precisions) and all(p["peak_rss_mb"] > 0 for p in row["load"].values())
+        if n > 1:
+            c = row["correctness"]
+            assert c["ok"] and c["max_abs_diff"] <= 1e-4 and c["checked_against_reference"] >= 2, c
+            assert c["tasks"][0]["task"] == "t0000" and c["tasks"][0]["reference"] == "source bundle"
+            assert row["merge"]["seconds"] > 0 and row["size"]["total_mb"] > rows[1]["size"]["total_mb"]
+    assert all(r["ratio"] == 1.0 for r in rows[1]["throughput"])
+    add = result["add"]
+    assert add["tasks_before"] == 5 and add["tasks_after"] == 6 and add["bit_identical"] and add["ok"]

@@ -9,12 +9,12 @@ from typing import Callable
 
 from safetensors.numpy import save_file
 
-from ptbundle.runtime.format import GRAPHS, PROMPT, TOKENIZER, TRAINING_LOG, Manifest
+from ptbundle.runtime.format import CALIBRATION_DETAIL, GRAPHS, PROMPT, TOKENIZER, TRAINING_LOG, Manifest
 from ptbundle.runtime.text import load_tokenizer
 
 from .peft import bundle_adapter
 from .writer import write_atomically
-from ..graphs.quantize import Int8Inputs, quantize_int8
+from ..graphs.quantize import Int8Inputs, calibration_ranges, quantize_int8
 from ..graphs.targets import TARGETS, check_parity, reference_outputs
 
 
@@ -42,9 +42,17 @@ def write_bundle(destination, net, backbone, manifest: Manifest, curve,
         if verify is not None:
             parity.update(verify(tmp))
         if int8 is not None:
-            task = manifest.only
-            written = written.replace_task(task.name, metrics={**task.metrics, "int8": quantize_int8(
-                tmp / GRAPHS["onnx"], tmp / GRAPHS["onnx-int8"], manifest.pad_id, int8.eval_sets, int8.calibration)})
+            ranges = int8.ranges if int8.ranges is not None else calibration_ranges(tmp / GRAPHS["onnx"],
+                                                                                    int8.calibration)
+            report = quantize_int8(tmp / GRAPHS["onnx"], tmp / GRAPHS["onnx-int8"], manifest.pad_id, int8.eval_sets,
+                                   ranges=ranges)
+            for task in manifest.tasks:
+                if manifest.multi_task:  # a merge has no data to score on (pt-run eval --int8 does); its tasks'
+                    metrics = {k: v for k, v in task.metrics.items() if k != "int8"}  # own int8 figures are not its
+                    written = written.replace_task(task.name, metrics=metrics)
+                else:
+                    written = written.replace_task(task.name, metrics={**task.metrics, "int8": report},
+                                                   details={**task.details, CALIBRATION_DETAIL: ranges})
         # The tokenizer truncates per task at run time (runtime.text.load_tokenizer); the file is the backbone's.
         load_tokenizer(backbone.tokenizer_path, max(t.max_length for t in manifest.tasks)).save(str(tmp / TOKENIZER))
         save_file(net.head_state(), str(tmp / PROMPT))

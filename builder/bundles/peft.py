@@ -43,7 +43,7 @@ from typing import NamedTuple
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from ptbundle.runtime.format import (PEFT_CONFIG, PEFT_DETAIL, PEFT_DIR, PEFT_HEAD, PEFT_NOT_EXPRESSIBLE,
+from ptbundle.runtime.format import (CALIBRATION_DETAIL, PEFT_CALIBRATION, PEFT_CONFIG, PEFT_DETAIL, PEFT_DIR, PEFT_HEAD, PEFT_NOT_EXPRESSIBLE,
                                      PEFT_WEIGHTS, Manifest, Task, read_json_object)
 
 from ..errors import BuildError
@@ -283,6 +283,8 @@ def write_adapter(directory, net, task: Task, backbone) -> str:
         save(MEAN_HEAD, PEFT_HEAD)
     config = adapter_config(net.spec, backbone, "FEATURE_EXTRACTION" if mean else "SEQ_CLS")
     (directory / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+    if CALIBRATION_DETAIL in task.details:  # PEFT ignores files it does not know; pt-build merge reads it
+        (directory / PEFT_CALIBRATION).write_text(json.dumps(task.details[CALIBRATION_DETAIL], indent=1))
     return directory.name
 
 

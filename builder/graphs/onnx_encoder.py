@@ -203,7 +203,7 @@ def encoder_layer(g: Graph, w: dict, i: int, x: str, mask: str, heads: int, eps:
     inputs = [x, qkv_weight, g.const(f"{at}.qkv.bias", w[f"{at}.qkv.bias"]), mask] + ([past] if past else [])
     # With a past, onnxruntime's Attention insists on writing `present` (past + own keys), unused here.
     ctx = g.op("Attention", inputs, domain=CONTRIB, num_heads=heads, mask_filter_value=MASK_FILL,
-               outputs=2 if past else 1)
+               outputs=2 if past else 1, name=at)  # named: int8 calibration ranges are kept by node (quantize)
     ctx = ctx[0] if past else ctx
     x = layer_norm(g, w, g.op("Add", [linear(g, w, f"{at}.out", ctx), x]), f"{at}.norm", eps)
     up = g.op("Gelu", [linear(g, w, f"{ffn}.up", x)])

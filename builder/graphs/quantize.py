@@ -44,6 +44,7 @@ from ptbundle.runtime.metrics import classification_metrics
 from ptbundle.runtime.onnx_backend import OnnxModel
 from ptbundle.runtime.text import batch_indices, pad
 
+from ..errors import ExportError
 from .onnx_encoder import HEAD_NODES
 
 QUANTIZED_OPS = ("MatMul", "Attention")  # the encoder's GEMMs; Gather (embedding tables) and the head stay fp32
@@ -131,23 +132,63 @@ def activation_ranges(onnx_path: Path, names, calibration) -> dict:
     return ranges
 
 
-def fix_activation_scales(dynamic_path: Path, fp32_path: Path, out_path: Path, calibration) -> int:
+def activation_roles(model: onnx.ModelProto, exclude=HEAD_NODES) -> dict:
+    """{activation tensor: role} of every tensor a quantized GEMM reads, its role the names of the GEMM nodes
+    that read it ("layers.3.ffn.up"): the same in a one-task graph and in a merged one, so ranges measured on
+    one task's graph carry over to a merge of it (builder.pipelines.merge)."""
+    constants = {t.name for t in model.graph.initializer}
+    readers = {}
+    for node in model.graph.node:
+        quantized = node.op_type == "MatMul" or (node.op_type == "Attention" and node.domain == "com.microsoft")
+        if quantized and node.name not in exclude and node.input[0] not in constants:
+            readers.setdefault(node.input[0], []).append(node.name)
+    return {tensor: "+".join(sorted(names)) for tensor, names in readers.items()}
+
+
+def calibration_ranges(onnx_path: Path, calibration) -> dict:
+    """{role: [min, max]} of every quantized activation over the calibration batches (activation_ranges), by
+    role: what a bundle records (its task's details[CALIBRATION_DETAIL]) so that a merge can fix its scales
+    without the training data."""
+    roles = activation_roles(onnx.load(str(onnx_path), load_external_data=False))
+    ranges = activation_ranges(onnx_path, list(roles), calibration)
+    return {roles[t]: [float(lo), float(hi)] for t, (lo, hi) in ranges.items()}
+
+
+def union_ranges(ranges: list) -> dict:
+    """Each role's range covering all of `ranges` (one per task of a merge): every task's activations keep
+    within the scale, at the cost of coarser steps for the tasks with the smaller ranges."""
+    out = {}
+    for one in ranges:
+        for role, (lo, hi) in one.items():
+            was = out.get(role, (lo, hi))
+            out[role] = [min(was[0], lo), max(was[1], hi)]
+    return out
+
+
+def fix_activation_scales(dynamic_path: Path, fp32_path: Path, out_path: Path, calibration=None,
+                          ranges: dict | None = None) -> int:
     """Replace every DynamicQuantizeLinear of `dynamic_path` by a QuantizeLinear of constant scale.
 
     Scale and zero point are DynamicQuantizeLinear's own formula (uint8, range
-    stretched to include 0) applied to the calibration range; values outside
-    it saturate at 0 or 255.  Returns the number of nodes replaced.
+    stretched to include 0) applied to the calibration range: measured on
+    `calibration` batches, or `ranges` by role (calibration_ranges) as
+    recorded; values outside it saturate at 0 or 255.  Returns the number of
+    nodes replaced.
     """
 
     model = onnx.load(str(dynamic_path))
-    dynamic = [n for n in model.graph.node if n.op_type == "DynamicQuantizeLinear"]
-    ranges = activation_ranges(fp32_path, [n.input[0] for n in dynamic], calibration)
-    nodes = []
+    roles = activation_roles(onnx.load(str(fp32_path), load_external_data=False))
+    ranges = ranges if ranges is not None else calibration_ranges(fp32_path, calibration)
+    nodes, replaced = [], 0
     for node in model.graph.node:
         if node.op_type != "DynamicQuantizeLinear":
             nodes.append(node)
             continue
-        lo, hi = ranges[node.input[0]]
+        replaced += 1
+        role = roles.get(node.input[0])
+        if role not in ranges:
+            raise ExportError(f"no calibration range for the activation {role or node.input[0]} that int8 quantizes")
+        lo, hi = ranges[role]
         lo, hi = min(lo, 0.0), max(hi, 0.0)
         scale = np.float32((hi - lo) / 255.0 if hi > lo else 1.0)
         zero_point = np.uint8(np.clip(np.round(-lo / scale), 0, 255))
@@ -159,7 +200,7 @@ def fix_activation_scales(dynamic_path: Path, fp32_path: Path, out_path: Path, c
     del model.graph.node[:]
     model.graph.node.extend(fuse_integer_matmuls(nodes))
     onnx.save(model, str(out_path))
-    return len(dynamic)
+    return replaced
 
 
 def fuse_integer_matmuls(nodes: list) -> list:
@@ -203,13 +244,16 @@ class Int8Inputs:
 
     calibration: list  # padded (ids, mask, types) int32 batches of training texts (calibration_batches)
     eval_sets: dict  # split -> (encodings, gold label ids, num_labels)
+    ranges: dict | None = None  # or the activation ranges by role, recorded (a merge: union_ranges of its tasks')
 
 
-def quantize_int8(onnx_path: Path, int8_path: Path, pad_id: int, eval_sets: dict, calibration: list) -> dict:
+def quantize_int8(onnx_path: Path, int8_path: Path, pad_id: int, eval_sets: dict, calibration: list | None = None,
+                  ranges: dict | None = None) -> dict:
     """int8 copy of the ONNX graph (7-bit weights, fixed activation scales), and its accuracy per split.
 
-    The scales are fixed on `calibration`, batches of training texts: never
-    on the splits the graph is then judged on.  fp32 needs no second
+    The scales are fixed on `calibration`, batches of training texts (or on
+    `ranges` measured on them, calibration_ranges): never on the splits the
+    graph is then judged on.  fp32 needs no second
     evaluation: the parity check has shown model.onnx equal to the trained
     net, whose metrics the manifest already holds.
     """
@@ -217,7 +261,7 @@ def quantize_int8(onnx_path: Path, int8_path: Path, pad_id: int, eval_sets: dict
     dynamic = int8_path.with_name(f".{int8_path.name}.dynamic")
     try:
         quantize_weights(onnx_path, dynamic)
-        fix_activation_scales(dynamic, onnx_path, int8_path, calibration)
+        fix_activation_scales(dynamic, onnx_path, int8_path, calibration, ranges)
     finally:
         dynamic.unlink(missing_ok=True)
     model = OnnxModel(int8_path)

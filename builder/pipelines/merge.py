@@ -21,8 +21,8 @@ import onnx
 from mindspore import Tensor
 from safetensors.numpy import load_file
 
-from ptbundle.runtime.format import (GRAPHS, PEFT_CONFIG, PROMPT, TOKENIZER, TRAINING_LOG, Manifest, Task,
-                                     parse_bundle_spec, verify_files)
+from ptbundle.runtime.format import (CALIBRATION_DETAIL, GRAPHS, PEFT_CALIBRATION, PEFT_CONFIG, PROMPT, TOKENIZER,
+                                     TRAINING_LOG, Manifest, Task, parse_bundle_spec, read_json_object, verify_files)
 from ptbundle.runtime.onnx_backend import OnnxModel
 
 from ..backbones.backbone import load_backbone
@@ -32,6 +32,7 @@ from ..bundles.peft import read_adapter
 from ..bundles.writer import check_replaceable
 from ..errors import BuildError
 from ..families.encoder import ENCODER
+from ..graphs.quantize import Int8Inputs, union_ranges
 from ..graphs.targets import probe_inputs
 from ..models.classifier import MultiTaskClassifier, PromptClassifier, TaskHead, task_tables
 from ..models.device import eager, use_device
@@ -110,14 +111,28 @@ def read_adapter_source(spec: str, backbone, max_length: int) -> SourceTask:
     adapter = read_adapter(path, backbone)
     task = adapter_task(adapter, path, name or path.name, label_names(None, None, adapter.num_labels, path),
                         False, max_length, {})
+    calibration = path / PEFT_CALIBRATION  # written beside a bundle's own adapter (builder.bundles.peft)
+    if calibration.is_file():
+        task = task.replace(details={**task.details, CALIBRATION_DETAIL: read_json_object(calibration, BuildError)})
     return SourceTask(task, adapter.values, None, path, 0)
 
 
+def int8_ranges(tasks: list) -> Int8Inputs:
+    """What the merged int8 graph is made from: every task's recorded activation ranges, joined (union_ranges)."""
+    for t in tasks:
+        if CALIBRATION_DETAIL not in t.task.details:
+            raise BuildError(f"{t.bundle}: task {t.task.name!r} records no int8 calibration ranges (its bundle has no"
+                             f" int8 graph, or was built before they were recorded): rebuild it with --quantize int8,"
+                             f" or merge without --quantize int8")
+    return Int8Inputs([], {}, union_ranges([t.task.details[CALIBRATION_DETAIL] for t in tasks]))
+
+
 def merge(specs: list, destination: Path, backbone_path, device: str, log, add: bool = False,
-          max_length: int = 128) -> Manifest:
+          max_length: int = 128, quantize: bool = False) -> Manifest:
     """Read the bundles and PEFT adapters, build the merged classifier on the backbone, and write the bundle; its
     manifest back.  With `add`, the first spec is a merged bundle the others join: its task tables keep their
-    shapes where the new tasks fit, so its tasks' outputs stay the same to the bit (checked)."""
+    shapes where the new tasks fit, so its tasks' outputs stay the same to the bit (checked).  With `quantize`,
+    an int8 graph too, its scales from the ranges each task records (no training data needed)."""
     check_replaceable(Path(destination))
     manifests, per_spec = {}, []  # the tasks of each spec, in command-line order (adapters' once the backbone is read)
     for k, spec in enumerate(specs):
@@ -153,6 +168,7 @@ def merge(specs: list, destination: Path, backbone_path, device: str, log, add: 
         seen.add(name)
     if len(tasks) < 2:
         raise BuildError("merge needs at least two tasks")
+    int8 = int8_ranges(tasks) if quantize else None
     heads = [TaskHead(t.task.name, PromptSpec.recorded(t.task.prompt_method, t.task.num_virtual_tokens, t.task.details),
                       len(t.task.labels), t.task.pooling, t.task.head in NORMALIZED_HEADS) for t in tasks]
     for head, t in zip(heads, tasks):
@@ -176,7 +192,7 @@ def merge(specs: list, destination: Path, backbone_path, device: str, log, add: 
                                        exact=base if add and not grown else None)
         return {"sources": worst, "sources_checked": checked}
 
-    return write_bundle(destination, net, backbone, manifest, {t.task.name: t.curve for t in tasks},
+    return write_bundle(destination, net, backbone, manifest, {t.task.name: t.curve for t in tasks}, int8=int8,
                         verify=against_sources)
 
 

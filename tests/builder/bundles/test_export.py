@@ -62,8 +62,10 @@ def test_reloaded_mindir_matches_in_memory_model(tmp_path, tiny_bert, tiny_rober
 
 
 def test_bundle_files_manifest_and_prompt(tiny_bundle, toy_files):
-    # the default recipe (a prefix, mean pooling) carries its PEFT adapter: a FEATURE_EXTRACTION prefix + its head
-    peft = {"peft/adapter_config.json", "peft/adapter_model.safetensors", "peft/head.safetensors"}
+    # the default recipe (a prefix, mean pooling) carries its PEFT adapter: a FEATURE_EXTRACTION prefix + its head,
+    # and (built with --quantize int8) the calibration ranges a merge's int8 graph needs
+    peft = {"peft/adapter_config.json", "peft/adapter_model.safetensors", "peft/head.safetensors",
+            "peft/ptbundle_calibration.json"}
     assert {p.name for p in tiny_bundle.iterdir()} == BUNDLE_FILES | {"peft"}
     m = json.loads((tiny_bundle / "manifest.json").read_text())
     assert set(m["files"]) == BUNDLE_FILES - {"manifest.json"} | peft

@@ -185,3 +185,26 @@ def test_add_joins_a_merged_bundle_and_leaves_its_tasks_unchanged_to_the_bit(mer
     # --add takes a bundle; a task already there is refused, and the bundle stays as it was.
     assert "appears twice" in merge_error(["--add", base, f"late={sources['late']}", "--backbone", tiny_bert])
     assert Bundle.load(base).task_names == ["zeroshot", "prefix", "late", "prefix1", "probe", "shallow"]
+
+
+def test_int8_merge_from_the_ranges_each_source_records(merged_bundle, tiny_bert, tmp_path):
+    """Sources built with --quantize int8 record their calibration ranges (task details, and beside their PEFT
+    adapter); a merge makes an int8 graph from them with no training data, and each task's int8 rows stay close
+    to its own int8 bundle's (the scales are joined over the tasks, so only close, not equal)."""
+    sources = merged_bundle[1]
+    recorded = Bundle.load(sources["prefix"]).manifest.only.details["int8_ranges"]
+    assert "layers.0.attention" in recorded and all(lo <= hi for lo, hi in recorded.values())
+    assert json.loads((sources["prefix"] / "peft" / "ptbundle_calibration.json").read_text()) == recorded
+    out = tmp_path / "int8"
+    build(["merge", f"prefix={sources['prefix']}", f"adapter={sources['prefix'] / 'peft'}", "--quantize", "int8",
+           "--out", str(out), "--backbone", str(tiny_bert)])
+    merged = Bundle.load(out, int8=True)
+    own = Bundle.load(sources["prefix"], int8=True)
+    for name in ("prefix", "adapter"):
+        np.testing.assert_allclose(merged.logits(TEXTS, task=name), own.logits(TEXTS), atol=1e-6)  # same ranges
+    assert all("int8" not in t.metrics for t in merged.manifest.tasks)  # its sources' int8 figures are not its own
+    # A source without ranges is refused by name, and nothing is written.
+    assert "records no int8 calibration ranges" in merge_error([f"prefix={sources['prefix']}", sources["late"],
+                                                               "--quantize", "int8", "--out", tmp_path / "no",
+                                                               "--backbone", tiny_bert])
+    assert not (tmp_path / "no").exists()
