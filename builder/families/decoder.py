@@ -9,7 +9,7 @@ from ..errors import RecipeError
 from .base import Family
 from ..models.device import frozen
 from ..graphs.runners import ScratchOnnx
-from ..models.decoder import Decoder, DecoderClassifier, sequence_cache
+from ..models.decoder import Decoder, DecoderClassifier, DecoderMultiTask, sequence_cache
 
 # A causal LM reads the task as an instruction in its chat format (ChatML: SmolLM2-Instruct's) and is read
 # at the answer slot, the template's end; its labels are single words.  Chosen on MR dev by
@@ -65,6 +65,9 @@ class DecoderFamily(Family):
 
     def lower_model(self, net):
         return ScratchOnnx(net, lower=True)
+
+    def multitask(self, backbone, tasks: list, values: list, at_least: tuple | None = None):
+        return DecoderMultiTask(self.model(backbone), tasks, values, at_least)
 
     def pooling(self, recipe) -> str:
         return "last"

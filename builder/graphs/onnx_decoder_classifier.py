@@ -20,10 +20,10 @@ import mindspore  # noqa: F401  (before onnx: see builder.models.onnx_ops)
 import onnx
 from onnx import TensorProto
 
-from ptbundle.runtime.format import INPUT_NAMES, OUTPUT_NAME, past_names
+from ptbundle.runtime.format import INPUT_NAMES, OUTPUT_NAME, TASK_INPUT, past_names
 
 from .onnx_decoder import KERNELS, MASK_FILL, Rope, decoder_layer, rms_norm
-from ..models.decoder import DecoderClassifier, rotary_tables
+from ..models.decoder import DecoderClassifier, DecoderMultiTask, rotary_tables
 from ..models.onnx_ops import DECODER_OPSET, Graph, f32, linear, model_proto
 
 LOWER_OUTPUT = "states"  # lower_graph's output: [batch, seq, hidden]
@@ -95,6 +95,77 @@ def export_decoder_classifier(net: DecoderClassifier, path, lower: bool = False)
     head = None if lower else {k: state[k] for k in ("classifier.weight", "classifier.bias")}
     model = classifier_graph(weights, net.decoder.config, {} if lower else net.prompt_cache(), net.spec.positions(),
                              net.split, head, layers=net.split if lower else None)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return Path(path)
+
+
+def multitask_graph(weights: dict, cfg, tables: dict, kernels=KERNELS) -> onnx.ModelProto:
+    """builder.models.decoder.DecoderMultiTask as ONNX: classifier_graph with every per-task constant gathered by
+    the rows' task_ids [batch] from the task tables (decoder_task_tables): each layer's past, the rows' positions,
+    which prompt keys a row sees, and the head."""
+    w = {k: f32(v) for k, v in weights.items()}
+    g = Graph()
+    ids, mask, _ = INPUT_NAMES
+    i64 = lambda name, v: g.const(name, np.asarray(v, np.int64))  # noqa: E731
+    table = lambda name: g.op("Gather", [g.const(name, tables[name]), TASK_INPUT], axis=0)  # noqa: E731
+    q = tables["task.visible"].shape[2]
+    past_from = min([i for i in range(cfg.num_layers) if f"task.past.{i}" in tables], default=cfg.num_layers)
+
+    shape = g.op("Shape", [ids])
+    batch = g.op("Gather", [shape, i64("zero", [0])], axis=0)
+    seq = g.op("Gather", [shape, i64("one", [1])], axis=0)
+    scalar = lambda t: g.op("Squeeze", [t, i64("axis0", [0])])  # noqa: E731
+    text_index = g.op("Range", [i64("zero_scalar", 0), scalar(seq), i64("one_scalar", 1)])  # [s]
+    start = g.op("Unsqueeze", [g.op("Cast", [table("task.text_start")], to=TensorProto.INT64), i64("axis1", [1])])
+    positions = g.op("Add", [g.op("Unsqueeze", [text_index, i64("axis0", [0])]), start])  # [b, s]: a row's own
+    rope = Rope(g, kernels.rotary, *rotary_tables(cfg), positions)
+
+    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [text_index, i64("axis0", [0])]),
+                                  g.op("Unsqueeze", [text_index, i64("axis1", [1])])])  # [s, s]
+    text_mask = g.op("Cast", [g.op("Unsqueeze", [mask, i64("axes12", [1, 2])])], to=TensorProto.BOOL)
+    zero, fill = g.const("zero_f", 0.0, np.float32), g.const("mask_fill", MASK_FILL, np.float32)
+    text_bias = g.op("Where", [g.op("And", [causal, text_mask]), zero, fill])  # [b, 1, s, s]
+    visible = g.op("Cast", [table("task.visible")], to=TensorProto.BOOL)  # [b, layers, Q]
+    prompt_rows = g.op("Concat", [batch, i64("prompt_bias_dims", [1]), seq, i64("prompt_len", [q])], axis=0)
+
+    x = g.op("Gather", [g.const("embed_tokens.weight", w["embed_tokens.weight"]), ids], axis=0)
+    for i in range(cfg.num_layers):
+        key, value = past_names(i)
+        if i >= past_from:
+            past = g.op("Gather", [g.const(f"task.past.{i}", tables[f"task.past.{i}"]), TASK_INPUT], axis=1)
+            g.op("Squeeze", [g.op("Slice", [past, i64("first", [0]), i64("second", [1]), i64("axis0", [0])]),
+                             i64("axis0", [0])], output=key)
+            g.op("Squeeze", [g.op("Slice", [past, i64("second", [1]), i64("third", [2]), i64("axis0", [0])]),
+                             i64("axis0", [0])], output=value)
+            seen = g.op("Unsqueeze", [g.op("Gather", [visible, i64(f"layer_{i}", i)], axis=1), i64("axes12", [1, 2])])
+            bias = g.op("Concat", [g.op("Expand", [g.op("Where", [seen, zero, fill]), prompt_rows]), text_bias], axis=-1)
+        else:
+            empty = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+            dims = g.op("Concat", [batch, i64("cache_dims_0", [cfg.num_kv_heads, 0, cfg.head_dim])], axis=0)
+            for name in (key, value):
+                g.op("Expand", [g.const("prompt.empty", empty), dims], output=name)
+            bias = text_bias
+        x = decoder_layer(g, w, i, x, cfg, kernels, rope, bias, batch, seq)
+
+    last = g.op("ReduceMax", [g.op("Mul", [g.op("Cast", [mask], to=TensorProto.INT64), text_index]),
+                              i64("axis1", [1])], keepdims=1)  # [b, 1]: each row's last text token
+    x = g.op("GatherND", [x, last], batch_dims=1)  # [b, h]
+    x = rms_norm(g, x, g.const("norm.weight", w["norm.weight"]), cfg.rms_norm_eps, kernels.norm)
+    logits = g.op("MatMul", [g.op("Unsqueeze", [x, i64("axis1", [1])]), table("task.classifier.weight")],
+                  name="classifier")
+    g.op("Add", [g.op("Squeeze", [logits, i64("axis1", [1])]), table("task.classifier.bias")], output=OUTPUT_NAME)
+    width = tables["task.classifier.bias"].shape[1]
+    return model_proto(g, "ptbundle_decoder_classifier",
+                       [(n, TensorProto.INT32, ["batch", "seq"]) for n in INPUT_NAMES]
+                       + [(TASK_INPUT, TensorProto.INT32, ["batch"])],
+                       [(OUTPUT_NAME, TensorProto.FLOAT, ["batch", width])], DECODER_OPSET)
+
+
+def export_decoder_multitask(net: DecoderMultiTask, path) -> Path:
+    """builder.graphs.targets.export_onnx's part for a DecoderMultiTask: writes `path`."""
+    weights = {k: v.asnumpy() for k, v in net.decoder.parameters_and_names()}
+    model = multitask_graph(weights, net.decoder.config, net.tables)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return Path(path)

@@ -17,10 +17,10 @@ from ptbundle.runtime.mindspore_backend import MindSporeModel
 from ptbundle.runtime.onnx_backend import OnnxModel
 
 from ..errors import ExportError
-from .onnx_decoder_classifier import export_decoder_classifier
+from .onnx_decoder_classifier import export_decoder_classifier, export_decoder_multitask
 from .onnx_encoder import export_classifier, export_multitask
 from ..models.classifier import MultiTaskClassifier, PromptClassifier
-from ..models.decoder import DecoderClassifier
+from ..models.decoder import DecoderClassifier, DecoderMultiTask
 from ..models.device import eager
 
 
@@ -36,6 +36,7 @@ def export_onnx(net, path) -> Path:
 export_onnx.register(PromptClassifier, export_classifier)
 export_onnx.register(MultiTaskClassifier, export_multitask)
 export_onnx.register(DecoderClassifier, export_decoder_classifier)
+export_onnx.register(DecoderMultiTask, export_decoder_multitask)
 
 
 def export_mindir(net, path: Path) -> Path:

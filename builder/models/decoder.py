@@ -26,7 +26,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from ..backbones.configs import DecoderConfig
 from ..errors import RecipeError
-from .classifier import HeadState
+from .classifier import HeadState, TaskHead
 from .device import eager
 from .onnx_ops import MASK_FILL
 from .prompts import PROMPTS, PromptSpec
@@ -165,8 +165,10 @@ class DecoderLayer(nn.Cell):
             k = ops.concat((past_keys, k), 2)
             v = ops.concat((past_values, v), 2)
         b = x.shape[0]
-        row_cos = (cos.expand_dims(0) * pick).sum(1).reshape(b, 1, 1, -1)  # [b, 1, 1, head_dim]: its position's
-        row_sin = (sin.expand_dims(0) * pick).sum(1).reshape(b, 1, 1, -1)
+        # cos/sin: [s, head_dim], or [b, 1, s, head_dim] when each row has positions of its own (DecoderMultiTask)
+        cos_rows, sin_rows = (cos.expand_dims(0), sin.expand_dims(0)) if cos.ndim == 2 else (cos[:, 0], sin[:, 0])
+        row_cos = (cos_rows * pick).sum(1).reshape(b, 1, 1, -1)  # [b, 1, 1, head_dim]: its position's
+        row_sin = (sin_rows * pick).sum(1).reshape(b, 1, 1, -1)
         q = rotate(attn.q_proj((h * pick).sum(1, keepdims=True)).reshape(b, 1, attn.heads, attn.head_dim)
                    .transpose(0, 2, 1, 3), row_cos, row_sin)
         row_bias = (mask_bias * pick.expand_dims(1)).sum(2, keepdims=True)  # [b, 1, 1, keys]
@@ -371,3 +373,114 @@ def sequence_cache(decoder: Decoder, embeds) -> tuple:
             x = layer(x, bias, cos, sin)
     return states, cache
 
+
+
+def decoder_task_tables(decoder: Decoder, tasks: list, values: list, at_least: tuple | None = None) -> dict:
+    """Every task's prompt cache and head as stacked arrays (builder.models.classifier.task_tables' names and
+    layout, with no slots: on a decoder every prompt is keys and values in front of the text's own).
+
+    A task's cache is what its own classifier graph holds (DecoderClassifier.prompt_cache: a prefix's table,
+    or a shallow prompt run once through the layers), Q keys at each layer from the first one any task's prompt
+    reaches, right-aligned; `visible` [T, layers, Q] says which a row sees; `text_start` the position of its
+    text's first token (the prompt's length: PEFT's positions).  `at_least`: as task_tables'.
+    """
+    cfg = decoder.config
+    layers, width = cfg.num_layers, max(t.num_labels for t in tasks)
+    caches, starts, firsts = [], [], []
+    for task, own in zip(tasks, values):
+        if not PROMPTS[task.spec.method].decoders:
+            raise ValueError(f"task {task.name}: prompt method {task.spec.method!r} does not run on a decoder")
+        net = DecoderClassifier(decoder, task.num_labels, task.spec)
+        try:
+            net.load_head_state(own)
+        except KeyError as e:
+            raise ValueError(f"task {task.name}: {e.args[0]}") from e
+        except ValueError as e:
+            raise ValueError(f"task {task.name}: {e}") from e
+        caches.append(net.prompt_cache())
+        starts.append(task.spec.positions())
+        firsts.append(net.split if caches[-1] else layers)
+    q = max([c[f"key.{f}"].shape[1] for c, f in zip(caches, firsts) if c], default=0)
+    past_from = min(firsts)
+    if at_least is not None:
+        q, width, past_from = max(q, at_least[1]), max(width, at_least[2]), min(past_from, at_least[3])
+    n = len(tasks)
+    out = {"task.visible": np.zeros((n, layers, q), np.int32), "task.text_start": np.array(starts, np.int32),
+           "task.classifier.weight": np.zeros((n, cfg.hidden_size, width), np.float32),
+           "task.classifier.bias": np.zeros((n, width), np.float32)}
+    for i in range(past_from, layers):
+        out[f"task.past.{i}"] = np.zeros((2, n, cfg.num_kv_heads, q, cfg.head_dim), np.float32)
+    for t, (task, cache, first, own) in enumerate(zip(tasks, caches, firsts, values)):
+        for i in range(first, layers):
+            p = cache[f"key.{i}"].shape[1]
+            out[f"task.past.{i}"][0, t, :, q - p :] = cache[f"key.{i}"]
+            out[f"task.past.{i}"][1, t, :, q - p :] = cache[f"value.{i}"]
+            out["task.visible"][t, i, q - p :] = 1
+        out["task.classifier.weight"][t, :, : task.num_labels] = np.asarray(own["classifier.weight"], np.float32).T
+        out["task.classifier.bias"][t, : task.num_labels] = own["classifier.bias"]
+    return out
+
+
+class DecoderMultiTask(nn.Cell):
+    """Several tasks' prompts and heads on one frozen causal LM, each row of a batch its own task: the decoder's
+    builder.models.classifier.MultiTaskClassifier (same inputs, output and task tables).
+
+    Each row gathers its prompt's keys and values at every layer (decoder_task_tables), its positions (its text
+    starts after its own prompt) and its head by its task id; a row reads what its own bundle's graph reads.
+    """
+
+    family = "decoder"  # builder.families
+    spec = None
+
+    def __init__(self, decoder: Decoder, tasks: list, values: list, at_least: tuple | None = None):
+        super().__init__()
+        cfg = decoder.config
+        self.decoder = decoder
+        self.specs = tuple(tasks)
+        self.values = [{k: np.asarray(v, np.float32).copy() for k, v in own.items()} for own in values]
+        self.task_count = len(self.specs)
+        self.tables = decoder_task_tables(decoder, self.specs, self.values, at_least)
+        self.layer_count = cfg.num_layers
+        self.past_from = min([i for i in range(cfg.num_layers) if f"task.past.{i}" in self.tables],
+                             default=cfg.num_layers)
+        self.past_len = self.tables["task.visible"].shape[2]
+        self.slots = 0
+        self.shapes = (0, self.past_len, self.tables["task.classifier.bias"].shape[1], self.past_from)
+        const = lambda name: Tensor(self.tables[name])  # noqa: E731
+        self.visible, self.text_start = const("task.visible"), const("task.text_start")
+        self.classifier_weight, self.classifier_bias = const("task.classifier.weight"), const("task.classifier.bias")
+        self.past_keys = tuple(Tensor(self.tables[f"task.past.{i}"][0]) for i in range(self.past_from, cfg.num_layers))
+        self.past_values = tuple(Tensor(self.tables[f"task.past.{i}"][1])
+                                 for i in range(self.past_from, cfg.num_layers))
+        self.index = Tensor(np.arange(cfg.max_positions, dtype=np.int32))
+
+    def construct(self, input_ids, attention_mask, token_type_ids, task_ids):
+        b, s = input_ids.shape
+        x = self.decoder.embed(input_ids)
+        positions = self.index[:s].expand_dims(0) + ops.gather(self.text_start, task_ids, 0).expand_dims(1)
+        cos = ops.gather(self.decoder.cos, positions, 0).expand_dims(1)  # [b, 1, s, head_dim]: a row's own
+        sin = ops.gather(self.decoder.sin, positions, 0).expand_dims(1)
+        text_bias = self.decoder.mask_bias(attention_mask, 0)  # [b, 1, s, s]
+        visible = ops.gather(self.visible, task_ids, 0)  # [b, layers, Q]
+        pick = last_token_rows(attention_mask).expand_dims(2)
+        q = self.past_len
+        for i in range(self.layer_count):
+            past = ()
+            bias = text_bias
+            if i >= self.past_from:
+                keys = ops.gather(self.past_keys[i - self.past_from], task_ids, 0)  # [b, kv, Q, d]
+                values = ops.gather(self.past_values[i - self.past_from], task_ids, 0)
+                past = (keys, values)
+                prompt_bias = (1.0 - visible[:, i].astype(ms.float32)) * MASK_FILL
+                bias = ops.concat((ops.broadcast_to(prompt_bias.reshape(b, 1, 1, q), (b, 1, s, q)), text_bias), 3)
+            if i < self.layer_count - 1:
+                x = self.decoder.layers[i](x, bias, cos, sin, *past)
+            else:
+                x = self.decoder.layers[i].last_row(x, pick, bias, cos, sin, *past)
+        features = self.decoder.norm(x[:, 0])
+        weight = ops.gather(self.classifier_weight, task_ids, 0)  # [b, hidden, width]
+        return ops.matmul(features.expand_dims(1), weight).squeeze(1) + ops.gather(self.classifier_bias, task_ids, 0)
+
+    def head_state(self) -> dict:
+        """Every task's prompt and head, keyed "<task>/<name>" (names as in a one-task bundle), as numpy."""
+        return {f"{spec.name}/{k}": v.copy() for spec, own in zip(self.specs, self.values) for k, v in own.items()}

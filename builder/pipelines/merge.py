@@ -31,10 +31,11 @@ from ..bundles.manifest import backbone_info
 from ..bundles.peft import read_adapter
 from ..bundles.writer import check_replaceable
 from ..errors import BuildError
+from ..families import family_of
 from ..families.encoder import ENCODER
 from ..graphs.quantize import Int8Inputs, union_ranges
 from ..graphs.targets import probe_inputs
-from ..models.classifier import MultiTaskClassifier, PromptClassifier, TaskHead, task_tables
+from ..models.classifier import PromptClassifier, TaskHead
 from ..models.device import eager, use_device
 from ..models.prompts import PROMPTS, PromptSpec
 from ..training.hard import NORMALIZED_HEADS
@@ -171,14 +172,14 @@ def merge(specs: list, destination: Path, backbone_path, device: str, log, add: 
     int8 = int8_ranges(tasks) if quantize else None
     heads = [TaskHead(t.task.name, PromptSpec.recorded(t.task.prompt_method, t.task.num_virtual_tokens, t.task.details),
                       len(t.task.labels), t.task.pooling, t.task.head in NORMALIZED_HEADS) for t in tasks]
-    for head, t in zip(heads, tasks):
-        try:
-            task_tables(backbone.config, [head], [t.state])  # one task alone: an error names its bundle
-        except ValueError as e:
-            raise BuildError(f"{t.bundle}: {PROMPT}: {e}") from e
     base = parse_spec(specs[0])[1] if add else None
     kept = table_shapes(base / GRAPHS["onnx"]) if add else None
-    net = MultiTaskClassifier(ENCODER.model(backbone), heads, [t.state for t in tasks], at_least=kept)
+    try:
+        net = family_of(backbone).multitask(backbone, heads, [t.state for t in tasks], at_least=kept)
+    except ValueError as e:  # the message starts "task NAME:"; say which source it came from
+        name = str(e).split(":", 1)[0].removeprefix("task ")
+        where = next((t.bundle for t in tasks if t.task.name == name), None)
+        raise BuildError(f"{where}: {PROMPT}: {e}" if where else str(e)) from e
     grown = add and net.shapes != kept
     log(f"merging {len(tasks)} tasks on {backbone.name}: {net.slots} prompt slots, prefixes of {net.past_len}"
         + (f"; {len(tasks) - sum(t.bundle == base for t in tasks)} added to {base}" if add else "")

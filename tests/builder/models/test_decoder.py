@@ -460,3 +460,31 @@ def test_qwen2_classifier_bundles_build_and_serve(tmp_path, toy_files):
         assert Bundle.load(out / "q-prefix").manifest.only.prompt_method == "prefix-tuning"
     finally:
         server.stop()
+
+
+def test_decoder_bundles_merge_and_each_row_reads_its_own_prompt(decoder_build, toy_files, tmp_path):
+    """The decoder's zero-shot, probe and prefix bundles and a shallow prompt, merged by the real pt-build on the
+    tiny Llama: every row of a shuffled mixed batch equals its own bundle's (MindSpore's graph and ONNX)."""
+    from conftest import build
+    from ptbundle.runtime import Bundle
+
+    out, _ = decoder_build
+    gguf = out.parent / "tiny.gguf"
+    train, dev = toy_files
+    build(["export", "--train", str(train), "--dev", str(dev), "--backbone", str(gguf), "--prompt", "soft",
+           "--method", "prompt-tuning", "--virtual-tokens", "3", "--epochs", "1", "--batch-size", "8",
+           "--max-length", "64", "--template", DECODER_TEMPLATE, *[x for w in WORDS for x in ("--label-text", w)],
+           "--out", str(tmp_path), "--name", "shallow"])
+    sources = {"prefix": out / "toy-soft", "zeroshot": out / "toy-hard-zeroshot", "probe": out / "toy-hard-probe",
+               "shallow": tmp_path / "shallow"}
+    merged_dir = tmp_path / "merged"
+    build(["merge", *(f"{k}={v}" for k, v in sources.items()), "--backbone", str(gguf), "--out", str(merged_dir)])
+    texts = ["a great movie", "the worst film ever", "boring acting and a weak story", "great", "a dull , weak film"]
+    rng = np.random.RandomState(0)
+    rows = [(name, texts[rng.randint(len(texts))]) for name in rng.choice(list(sources), 24)]
+    for backend in ("onnxruntime", "mindspore"):
+        merged = Bundle.load(merged_dir, backend=backend)
+        got = merged.logits([t for _, t in rows], task=[n for n, _ in rows], batch_size=8)
+        for (name, text), row in zip(rows, got):
+            want = Bundle.load(sources[name]).logits([text])[0]
+            np.testing.assert_allclose(row[: len(want)], want, atol=1e-4, err_msg=f"{backend} {name}")
