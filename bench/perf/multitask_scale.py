@@ -23,9 +23,12 @@ it and int8 is recorded as skipped with the error's first line.  Then:
   fp32 and int8 where the bundle has model.int8.onnx, at each batch size;
   the rows of a merged bundle go to its N tasks uniformly at random (seeded:
   "mixed" batches); median and min-max of --repeats passes after a warm-up
-  of two batches.  The one-task bundle runs the same passes first, and again
-  at the end (baseline_end: how far the machine drifted); ratio = merged /
-  one-task median, per (N, precision, batch size);
+  of two batches, each merged pass paired with a pass of the one-task bundle
+  in the same window (one-task, merged, one-task, merged, ...): ratio =
+  merged median / one-task median of those passes, per (N, precision, batch
+  size), so that a machine that drifts moves both alike.  The one-task
+  bundle also runs alone first and again at the end (baseline_end: how far
+  the machine drifted over the run);
 - load: a new process per bundle and precision times `Bundle.load` (files
   hashed, as pt-run does) and reports its peak RSS after one small predict
   (VmHWM: ru_maxrss would start at this process's, which it inherits);
@@ -224,6 +227,29 @@ def throughput_rows(path: Path, precisions: list, texts: list, tasks, sizes_: li
     return rows
 
 
+def paired_rows(path: Path, source: Path, precisions: list, texts: list, tasks, sizes_: list, repeats: int,
+                label: str) -> list:
+    """throughput_rows of the merged bundle with the one-task bundle timed in the same window, pass for pass
+    (one-task, merged, one-task, ...): ratio = merged median / one-task median of those passes, so that other
+    work on the machine, or its clock, moves both alike."""
+    rows = []
+    for precision in precisions:
+        merged = common.open_bundle(path, int8=precision == "int8")
+        single = common.open_bundle(source, int8=precision == "int8")
+        for size in sizes_:
+            pairs = [(throughput(single, texts, None, size, 1)[0], throughput(merged, texts, tasks, size, 1)[0])
+                     for _ in range(repeats)]
+            rate = common.spread([len(texts) / m for _, m in pairs], 2)
+            base = common.spread([len(texts) / b for b, _ in pairs], 2)
+            rows.append({"precision": precision, "batch_size": size, "sentences": len(texts),
+                         "sentences_per_second": rate, "one_task_same_window": base,
+                         "ratio": round(rate["median"] / base["median"], 3)})
+            log(f"{label} {precision} batch {size}: {rate['median']:.1f} sentences/s, one task {base['median']:.1f}"
+                f" in the same passes ({rows[-1]['ratio']:.3f})")
+        del merged, single
+    return rows
+
+
 def with_ratios(rows: list, single: list) -> list:
     base = {(r["precision"], r["batch_size"]): r["sentences_per_second"]["median"] for r in single}
     for r in rows:
@@ -366,11 +392,14 @@ def print_tables(rows: list, add: dict | None, task_bytes: int) -> None:
     click.echo(f"(one task's table entries: {task_bytes / 1024:.1f} KiB; expected = backbone + N x task, the backbone"
                f" being the one-task model.onnx less one task; copies = bytes each task beyond the first adds / task"
                f" bytes)")
-    click.echo(f"\n{'N':>5} {'prec':>5} {'batch':>6} {'sentences/s [min-max]':>26} {'ratio':>7}")
+    click.echo(f"\n{'N':>5} {'prec':>5} {'batch':>6} {'sentences/s [min-max]':>26} {'one task, same passes':>26}"
+               f" {'ratio':>7}")
     for r in rows:
         for t in r["throughput"]:
             ratio = f"{t['ratio']:.3f}" if t.get("ratio") is not None else "-"
-            click.echo(f"{r['tasks']:>5} {t['precision']:>5} {t['batch_size']:>6} {fmt_rate(t):>26} {ratio:>7}")
+            same = fmt_rate({"sentences_per_second": t["one_task_same_window"]}) if "one_task_same_window" in t else "-"
+            click.echo(f"{r['tasks']:>5} {t['precision']:>5} {t['batch_size']:>6} {fmt_rate(t):>26} {same:>26}"
+                       f" {ratio:>7}")
     for r in rows:
         if r["int8"]["skipped"] and r["tasks"] > 1:
             click.echo(f"N={r['tasks']}: int8 skipped: {r['int8']['skipped']}")
@@ -464,12 +493,14 @@ def main(backbone, data, smoke, results, bundle_path, counts, batch_sizes, repea
                 tasks = mixed_tasks(names, len(texts))
                 probe_tasks = [names[k % n] for k in range(len(probe_texts))]
             precisions = ["fp32"] + (["int8"] if int8["measured"] else [])
-            rates = throughput_rows(path, precisions, texts, tasks, sizes_, repeats, f"N={n}")
             if n == 1:
-                single_rates = rates
+                rates = throughput_rows(path, precisions, texts, tasks, sizes_, repeats, "N=1")
+                rates = single_rates = with_ratios(rates, rates)
+            else:
+                rates = paired_rows(path, source, precisions, texts, tasks, sizes_, repeats, f"N={n}")
             row = {"tasks": n, "bundle": "source" if n == 1 else "merged", "merge": merge, "int8": int8,
                    "size": size_row(n, sizes(path), single_sizes, task["bytes"]),
-                   "throughput": with_ratios(rates, single_rates),
+                   "throughput": rates,
                    "load": {p: load_row(path, p, probe_texts, probe_tasks) for p in precisions}}
             if n > 1:
                 row["correctness"] = c = correctness(path, n, check_texts, refs, int8["measured"])

@@ -51,11 +51,7 @@ def classifier_graph(weights: dict, cfg, cache: dict, start: int, first_layer: i
     rope = Rope(g, kernels.rotary, *rotary_tables(cfg), positions)
 
     # Bias [b, 1, s, past + s]: the text is causal and padded; a prompt's P keys are visible to every position.
-    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [text_index, i64("axis0", [0])]),
-                                  g.op("Unsqueeze", [text_index, i64("axis1", [1])])])  # [s, s]
-    text_mask = g.op("Cast", [g.op("Unsqueeze", [mask, i64("axes12", [1, 2])])], to=TensorProto.BOOL)
-    zero, fill = g.const("zero_f", 0.0, np.float32), g.const("mask_fill", MASK_FILL, np.float32)
-    text_bias = g.op("Where", [g.op("And", [causal, text_mask]), zero, fill])  # [b, 1, s, s]
+    text_bias, zero, fill = causal_text_bias(g, text_index, mask)
     biases = {0: text_bias}
     if p:
         prompt_rows = g.op("Concat", [batch, i64("prompt_bias_dims", [1]), seq, i64("prompt_len", [p])], axis=0)
@@ -74,12 +70,27 @@ def classifier_graph(weights: dict, cfg, cache: dict, start: int, first_layer: i
     if layers is not None:
         g.op("Identity", [x], output=LOWER_OUTPUT)
         return proto(g, LOWER_OUTPUT, ["batch", "seq", cfg.hidden_size])
-    last = g.op("ReduceMax", [g.op("Mul", [g.op("Cast", [mask], to=TensorProto.INT64), text_index]),
-                              i64("axis1", [1])], keepdims=1)  # [b, 1]: each row's last text token
-    x = g.op("GatherND", [x, last], batch_dims=1)  # [b, h]
-    x = rms_norm(g, x, g.const("norm.weight", w["norm.weight"]), cfg.rms_norm_eps, kernels.norm)
+    x = last_token_features(g, w, x, mask, text_index, cfg, kernels)
     linear(g, {k: f32(v) for k, v in head.items()}, "classifier", x, output=OUTPUT_NAME)  # the encoders' head node
     return proto(g, OUTPUT_NAME, ["batch", head["classifier.bias"].shape[0]])
+
+
+def causal_text_bias(g: Graph, text_index: str, mask: str) -> tuple:
+    """(bias [b, 1, s, s]: the text causal and padded; the 0 and fill constants a prompt's part is made of)."""
+    i64 = lambda name, v: g.const(name, np.asarray(v, np.int64))  # noqa: E731
+    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [text_index, i64("axis0", [0])]),
+                                  g.op("Unsqueeze", [text_index, i64("axis1", [1])])])  # [s, s]
+    text_mask = g.op("Cast", [g.op("Unsqueeze", [mask, i64("axes12", [1, 2])])], to=TensorProto.BOOL)
+    zero, fill = g.const("zero_f", 0.0, np.float32), g.const("mask_fill", MASK_FILL, np.float32)
+    return g.op("Where", [g.op("And", [causal, text_mask]), zero, fill]), zero, fill
+
+
+def last_token_features(g: Graph, w: dict, x: str, mask: str, text_index: str, cfg, kernels) -> str:
+    """Each row's last text token (the answer slot) through the final norm: [b, hidden]."""
+    last = g.op("ReduceMax", [g.op("Mul", [g.op("Cast", [mask], to=TensorProto.INT64), text_index]),
+                              g.const("axis1", np.asarray([1], np.int64))], keepdims=1)  # [b, 1]
+    x = g.op("GatherND", [x, last], batch_dims=1)  # [b, h]
+    return rms_norm(g, x, g.const("norm.weight", w["norm.weight"]), cfg.rms_norm_eps, kernels.norm)
 
 
 def proto(g: Graph, output: str, axes: list) -> onnx.ModelProto:
@@ -121,11 +132,7 @@ def multitask_graph(weights: dict, cfg, tables: dict, kernels=KERNELS) -> onnx.M
     positions = g.op("Add", [g.op("Unsqueeze", [text_index, i64("axis0", [0])]), start])  # [b, s]: a row's own
     rope = Rope(g, kernels.rotary, *rotary_tables(cfg), positions)
 
-    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [text_index, i64("axis0", [0])]),
-                                  g.op("Unsqueeze", [text_index, i64("axis1", [1])])])  # [s, s]
-    text_mask = g.op("Cast", [g.op("Unsqueeze", [mask, i64("axes12", [1, 2])])], to=TensorProto.BOOL)
-    zero, fill = g.const("zero_f", 0.0, np.float32), g.const("mask_fill", MASK_FILL, np.float32)
-    text_bias = g.op("Where", [g.op("And", [causal, text_mask]), zero, fill])  # [b, 1, s, s]
+    text_bias, zero, fill = causal_text_bias(g, text_index, mask)
     visible = g.op("Cast", [table("task.visible")], to=TensorProto.BOOL)  # [b, layers, Q]
     prompt_rows = g.op("Concat", [batch, i64("prompt_bias_dims", [1]), seq, i64("prompt_len", [q])], axis=0)
 
@@ -148,10 +155,7 @@ def multitask_graph(weights: dict, cfg, tables: dict, kernels=KERNELS) -> onnx.M
             bias = text_bias
         x = decoder_layer(g, w, i, x, cfg, kernels, rope, bias, batch, seq)
 
-    last = g.op("ReduceMax", [g.op("Mul", [g.op("Cast", [mask], to=TensorProto.INT64), text_index]),
-                              i64("axis1", [1])], keepdims=1)  # [b, 1]: each row's last text token
-    x = g.op("GatherND", [x, last], batch_dims=1)  # [b, h]
-    x = rms_norm(g, x, g.const("norm.weight", w["norm.weight"]), cfg.rms_norm_eps, kernels.norm)
+    x = last_token_features(g, w, x, mask, text_index, cfg, kernels)
     logits = g.op("MatMul", [g.op("Unsqueeze", [x, i64("axis1", [1])]), table("task.classifier.weight")],
                   name="classifier")
     g.op("Add", [g.op("Squeeze", [logits, i64("axis1", [1])]), table("task.classifier.bias")], output=OUTPUT_NAME)
