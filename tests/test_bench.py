@@ -56,11 +56,14 @@ def run_peer(script: str, *args) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def pairs_dir(tmp_path_factory):
-    """The toy task as sentence pairs in GLUE MRPC's columns."""
+    """The toy task as sentence pairs in GLUE MRPC's columns, and a labelled test file as MSR's (IDs and all)."""
     d = tmp_path_factory.mktemp("pairs")
     header = ("Quality", "#1 String", "#2 String")
     for name, rows in (("train.tsv", toy_rows(64)), ("dev.tsv", toy_rows(24, seed=1))):
         write_tsv(d / name, [("1" if label == "pos" else "0", text, "a great film") for text, label in rows], header)
+    write_tsv(d / "msr_paraphrase_test.txt", [("1" if label == "pos" else "0", str(i), str(i + 1), text, "a great film")
+                                              for i, (text, label) in enumerate(toy_rows(16, seed=2))],
+              ("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"))
     return d
 
 
@@ -385,6 +388,23 @@ def test_multitask_merged_rows_match_their_own_bundles(smoke):
         assert row["merged_accuracy"] == row["single_accuracy"], (task, row)
     assert result["parity_ok"] and result["speed"]["mixed_sentences_per_second"]["median"] > 0
     assert [line.split("\t")[0] for line in result["predict_cli"]] == ["mr", "mrpc", "spam"]  # pt-run predict's tasks
+    assert set(result["methods"].values()) == {"prefix-tuning"}  # the default recipe's: merge folds it
+    assert (Path(result["merged"]) / "model.int8.onnx").is_file()  # pt-build merge --quantize int8
+    # int8 on each task's test split: MR's toy data has none (dev), MRPC's is msr_paraphrase_test.txt, spam's one file
+    tests = result["test_accuracy"]
+    assert {t: (r["split"], r["n"]) for t, r in tests.items()} == {"mr": ("dev", 24), "mrpc": ("test", 16),
+                                                                    "spam": ("test", 24)}
+    for task, row in tests.items():
+        assert all(0 <= row[k] <= 1 for k in ("own_fp32", "own_int8", "merged_fp32", "merged_int8")), (task, row)
+        assert row["merged_fp32"] == row["own_fp32"], (task, row)  # the parity above, on other rows
+        assert row["int8_merged_minus_own_fp32"] == round(100 * (row["merged_int8"] - row["own_fp32"]), 2)
+    parity, claim = result["claims"]
+    assert parity["met"] and parity["exit_1_if_not"] and parity["verdict"] == "yes"
+    assert claim["claim"] == "each task's merged int8 within 0.5 pt of its own fp32 bundle"
+    assert claim["values"] == {t: r["int8_merged_minus_own_fp32"] for t, r in tests.items()}
+    assert not claim["exit_1_if_not"] and claim["target_points"] == 0.5
+    assert claim["met"] == all(abs(v) <= 0.5 for v in claim["values"].values())  # reported, not an exit 1
+    assert claim["verdict"] == ("yes" if claim["met"] else "NO")
 
 
 def test_serve_load_checks_every_answer_in_every_phase(smoke):
@@ -472,3 +492,33 @@ def test_multitask_scale_times_merged_bundles_against_their_one_task_source(tiny
     assert all(r["ratio"] == 1.0 for r in rows[1]["throughput"])
     add = result["add"]
     assert add["tasks_before"] == 5 and add["tasks_after"] == 6 and add["bit_identical"] and add["ok"]
+
+
+def test_merge_check_merges_the_three_bundles_and_checks_each_task_against_its_own(tiny_build, tiny_bert, toy_files,
+                                                                                   tmp_path):
+    done = run("experiments/merge_check.py", "--exports", tiny_build[0], "--name", "toy", "--backbone", tiny_bert,
+               "--data", toy_files[0].parent, "--results", tmp_path)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    result = read(tmp_path, "merge_check")
+    assert result["smoke"] and (result["split"], result["sentences"]) == ("dev", 24)  # the toy data has no test split
+    assert result["merge_seconds"] > 0 and "--quantize" in result["merge_command"]
+    tasks = result["tasks"]
+    assert set(tasks) == {"soft", "zeroshot", "probe"}
+    assert sum(row["mixed_rows"] for row in tasks.values()) == 24  # every row went to one task, at random
+    for task, row in tasks.items():
+        assert row["mixed_rows"] > 0 and row["labels"] == ["neg", "pos"], (task, row)
+        assert row["fp32_mixed_max_abs_diff"] <= 1e-4 and row["fp32_alone_max_abs_diff"] <= 1e-4, (task, row)
+        assert row["merged_fp32"] == row["own_fp32"], (task, row)  # the same sentences right
+        assert all(0 <= row[k]["accuracy"] <= 1 for k in ("own_fp32", "own_int8", "merged_fp32", "merged_int8"))
+        cli = row["predict_cli"]
+        assert cli["ok"] and cli["lines"] == cli["labels_equal"] == 8 and cli["max_probability_diff"] <= 1e-4, cli
+    assert result["parity_ok"] and result["failed"] == []
+    assert [c["met"] for c in result["claims"] if c["exit_1_if_not"]] == [True, True, True]
+    precision = result["table_precision"]
+    assert precision["task"] == "soft" and precision["tables"] and all(n.startswith("task.") for n in precision["tables"])
+    assert set(precision["rows"]) == {"fp32", "fp16", "bf16"}
+    for kind in ("fp16", "bf16"):
+        row = precision["rows"][kind]
+        assert row["max_abs_diff"] >= 0 and 0 <= row["accuracy"] <= 1 and 0 <= row["predictions_changed"] <= 24
+        assert row["tables_rounded"] == len(precision["tables"]) and row["max_abs_rounding"] > 0
+    assert result["merged"] is None  # no --workdir: the temporary one is removed
