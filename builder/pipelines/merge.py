@@ -121,10 +121,17 @@ def read_adapter_source(spec: str, backbone, max_length: int) -> SourceTask:
 def int8_ranges(tasks: list) -> Int8Inputs:
     """What the merged int8 graph is made from: every task's recorded activation ranges, joined (union_ranges)."""
     for t in tasks:
-        if CALIBRATION_DETAIL not in t.task.details:
+        ranges = t.task.details.get(CALIBRATION_DETAIL)
+        if ranges is None:
             raise BuildError(f"{t.bundle}: task {t.task.name!r} records no int8 calibration ranges (its bundle has no"
                              f" int8 graph, or was built before they were recorded): rebuild it with --quantize int8,"
                              f" or merge without --quantize int8")
+        well_formed = isinstance(ranges, dict) and all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and v[0] <= v[1]
+            for v in ranges.values())
+        if not well_formed:
+            raise BuildError(f"{t.bundle}: task {t.task.name!r}: its int8 calibration ranges are not"
+                             f" {{node: [min, max]}}")
     return Int8Inputs([], {}, union_ranges([t.task.details[CALIBRATION_DETAIL] for t in tasks]))
 
 

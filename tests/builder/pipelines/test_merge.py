@@ -208,3 +208,12 @@ def test_int8_merge_from_the_ranges_each_source_records(merged_bundle, tiny_bert
                                                                "--quantize", "int8", "--out", tmp_path / "no",
                                                                "--backbone", tiny_bert])
     assert not (tmp_path / "no").exists()
+
+
+def test_int8_merge_refuses_malformed_calibration_beside_an_adapter(merged_bundle, tiny_bert, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(merged_bundle[1]["prefix"] / "peft", adapter)
+    (adapter / "ptbundle_calibration.json").write_text(json.dumps({"layers.0.attention": [3.0, "x"]}))
+    error = merge_error([f"a={adapter}", f"prefix={merged_bundle[1]['prefix']}", "--quantize", "int8",
+                         "--out", tmp_path / "m", "--backbone", tiny_bert])
+    assert f"{adapter}: task 'a': its int8 calibration ranges are not" in error and not (tmp_path / "m").exists()
