@@ -43,7 +43,7 @@ class Family:
         """The model that scores `net` outside training, called as the runtime calls a backend."""
         raise NotImplementedError
 
-    def multitask(self, backbone, tasks: list, values: list, at_least: tuple | None = None):
+    def multitask(self, backbone, tasks: list, values: list):
         """The merged net of `tasks` (builder.models.classifier.TaskHead) with their folded prompt and head
         `values`, each row gathering its own from task tables (pt-build merge); ValueError naming a task whose
         values do not fit."""

@@ -66,8 +66,8 @@ class DecoderFamily(Family):
     def lower_model(self, net):
         return ScratchOnnx(net, lower=True)
 
-    def multitask(self, backbone, tasks: list, values: list, at_least: tuple | None = None):
-        return DecoderMultiTask(self.model(backbone), tasks, values, at_least)
+    def multitask(self, backbone, tasks: list, values: list):
+        return DecoderMultiTask(self.model(backbone), tasks, values)
 
     def pooling(self, recipe) -> str:
         return "last"

@@ -9,7 +9,7 @@ import numpy as np
 from .base import Family
 from ..models.device import frozen
 from ..graphs.runners import CellModel
-from ..models.classifier import MultiTaskClassifier, PromptClassifier, task_tables
+from ..models.classifier import MultiTaskClassifier, PromptClassifier
 from ..models.encoder import Encoder
 
 # Chosen on MR dev only, by bench/experiments/zero_shot_search.py (docs/prompts.md, "The zero-shot search");
@@ -83,10 +83,8 @@ class EncoderFamily(Family):
     def inference_model(self, net, batch_size: int = 64):
         return CellModel(net, batch_size)
 
-    def multitask(self, backbone, tasks: list, values: list, at_least: tuple | None = None):
-        for task, own in zip(tasks, values):
-            task_tables(backbone.config, [task], [own])  # each alone first: an error names one task
-        return MultiTaskClassifier(self.model(backbone), tasks, values, at_least)
+    def multitask(self, backbone, tasks: list, values: list):
+        return MultiTaskClassifier(self.model(backbone), tasks, values)
 
     def default_template(self, dataset) -> str:
         if dataset.name == "mr":

@@ -111,7 +111,7 @@ def export_decoder_classifier(net: DecoderClassifier, path, lower: bool = False)
     return Path(path)
 
 
-def multitask_graph(weights: dict, cfg, tables: dict, kernels=KERNELS) -> onnx.ModelProto:
+def multitask_graph(weights: dict, cfg, tables: dict, shape, kernels=KERNELS) -> onnx.ModelProto:
     """builder.models.decoder.DecoderMultiTask as ONNX: classifier_graph with every per-task constant gathered by
     the rows' task_ids [batch] from the task tables (decoder_task_tables): each layer's past, the rows' positions,
     which prompt keys a row sees, and the head."""
@@ -120,8 +120,7 @@ def multitask_graph(weights: dict, cfg, tables: dict, kernels=KERNELS) -> onnx.M
     ids, mask, _ = INPUT_NAMES
     i64 = lambda name, v: g.const(name, np.asarray(v, np.int64))  # noqa: E731
     table = lambda name: g.op("Gather", [g.const(name, tables[name]), TASK_INPUT], axis=0)  # noqa: E731
-    q = tables["task.visible"].shape[2]
-    past_from = min([i for i in range(cfg.num_layers) if f"task.past.{i}" in tables], default=cfg.num_layers)
+    _, q, width, past_from = shape  # decoder_table_shape
 
     shape = g.op("Shape", [ids])
     batch = g.op("Gather", [shape, i64("zero", [0])], axis=0)
@@ -159,7 +158,6 @@ def multitask_graph(weights: dict, cfg, tables: dict, kernels=KERNELS) -> onnx.M
     logits = g.op("MatMul", [g.op("Unsqueeze", [x, i64("axis1", [1])]), table("task.classifier.weight")],
                   name="classifier")
     g.op("Add", [g.op("Squeeze", [logits, i64("axis1", [1])]), table("task.classifier.bias")], output=OUTPUT_NAME)
-    width = tables["task.classifier.bias"].shape[1]
     return model_proto(g, "ptbundle_decoder_classifier",
                        [(n, TensorProto.INT32, ["batch", "seq"]) for n in INPUT_NAMES]
                        + [(TASK_INPUT, TensorProto.INT32, ["batch"])],
@@ -169,7 +167,7 @@ def multitask_graph(weights: dict, cfg, tables: dict, kernels=KERNELS) -> onnx.M
 def export_decoder_multitask(net: DecoderMultiTask, path) -> Path:
     """builder.graphs.targets.export_onnx's part for a DecoderMultiTask: writes `path`."""
     weights = {k: v.asnumpy() for k, v in net.decoder.parameters_and_names()}
-    model = multitask_graph(weights, net.decoder.config, net.tables)
+    model = multitask_graph(weights, net.decoder.config, net.tables, net.shape)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return Path(path)

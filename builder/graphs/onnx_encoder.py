@@ -33,7 +33,7 @@ from onnx import TensorProto
 
 from ptbundle.runtime.format import INPUT_NAMES, OUTPUT_NAME, TASK_INPUT
 
-from ..models.classifier import MultiTaskClassifier, PromptClassifier
+from ..models.classifier import MultiTaskClassifier, PromptClassifier, pooling_kinds, table_shape
 from ..models.onnx_ops import CONTRIB, MASK_FILL, Graph, f32, layer_norm, linear, model_proto
 from ..models.pooling import POOLING
 from ..models.prompts import PROMPTS, PromptSpec, prefix_rows
@@ -82,9 +82,7 @@ def build_multitask_graph(weights: dict, config, tasks: list) -> onnx.ModelProto
     token_types = "embeddings.token_type" in weights
     table = lambda name: g.op("Gather", [g.const(name, weights[name]), TASK_INPUT], axis=0)  # noqa: E731
     layers = config.num_layers
-    past_from = min([i for i in range(layers) if f"task.past.{i}" in weights], default=layers)
-    q = weights[f"task.past.{past_from}"].shape[3] if past_from < layers else 0
-    slots = weights["task.visible"].shape[2] - q
+    slots, q, width, past_from = table_shape(config, tasks)
     x = g.op("Gather", [g.const("embeddings.word", weights["embeddings.word"]), ids], axis=0)
     full_types = types if token_types else None
     if slots:
@@ -133,7 +131,7 @@ def build_multitask_graph(weights: dict, config, tasks: list) -> onnx.ModelProto
                                   g.const("text_end", [np.iinfo(np.int64).max], np.int64), g.const("axis1", [1], np.int64)])
         layer_mask = g.op("Concat", [seen, mask], axis=1) if q + slots else mask
         x = encoder_layer(g, weights, i, x, layer_mask, config.num_heads, config.layer_norm_eps, past)
-    kinds = sorted({t.pooling for t in tasks}, key=list(POOLING).index)
+    kinds = pooling_kinds(tasks)
     first = g.op("Cast", [g.op("Equal", [g.op("Unsqueeze", [g.const("first_index", np.arange(slots + 1, dtype=np.int32)),
                                                              g.const("axis0", [0], np.int64)]),
                                          g.op("Unsqueeze", [table("task.first"), g.const("axis1", [1], np.int64)])])],
@@ -152,7 +150,7 @@ def build_multitask_graph(weights: dict, config, tasks: list) -> onnx.ModelProto
                              table("task.classifier.weight")], name="classifier")
     g.op("Add", [g.op("Squeeze", [logits, g.const("axis1", [1], np.int64)]), table("task.classifier.bias")],
          output=OUTPUT_NAME)
-    return classifier_proto(g, list(INPUT_NAMES) + [TASK_INPUT], weights["task.classifier.bias"].shape[1])
+    return classifier_proto(g, list(INPUT_NAMES) + [TASK_INPUT], width)
 
 
 def batch_and_seq(g: Graph) -> tuple:

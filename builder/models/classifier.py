@@ -5,15 +5,16 @@ named arrays, which the decoder's classifier shares."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Tensor, nn, ops
 
 from ..errors import RecipeError
 from .encoder import Encoder, TrainDropout, attention_bias
 from .pooling import POOLING
-from .prompts import PROMPTS, PromptSpec
+from .prompts import PROMPTS, PrefixTuning, PromptSpec
 
 
 class HeadState:
@@ -174,7 +175,32 @@ class TaskHead:
     normalize: bool
 
 
-def task_tables(config, tasks: list, values: list, at_least: tuple | None = None) -> dict:
+class TableShape(NamedTuple):
+    """The task tables' sizes, all derived from the tasks: prompt slots in front of the text (S), prefix keys in
+    front of each layer's own (Q), logits width, the first layer with prefix keys (layers: none)."""
+
+    slots: int
+    past: int
+    width: int
+    past_from: int
+
+
+def table_shape(config, tasks: list) -> TableShape:
+    """An encoder's TableShape of `tasks` (TaskHead): what task_tables lays out."""
+    roles = [PROMPTS[t.spec.method].table_role for t in tasks]
+    return TableShape(
+        max([t.spec.virtual_tokens for t, r in zip(tasks, roles) if r in ("embedded", "entered")], default=0),
+        max([t.spec.virtual_tokens for t, r in zip(tasks, roles) if r == "past"], default=0),
+        max(t.num_labels for t in tasks),
+        min([t.spec.layer for t, r in zip(tasks, roles) if r == "past"], default=config.num_layers))
+
+
+def pooling_kinds(tasks: list) -> tuple:
+    """The poolings the tasks use, in POOLING's order: task.pooling's values index it."""
+    return tuple(sorted({t.pooling for t in tasks}, key=list(POOLING).index))
+
+
+def task_tables(config, tasks: list, values: list) -> dict:
     """Every task's prompt and head as stacked arrays, one row per task (`tasks`: TaskHead; `values`: each task's
     folded prompt and head as a one-task bundle's prompt.safetensors holds them).  Names are the graphs' own.
 
@@ -184,19 +210,14 @@ def task_tables(config, tasks: list, values: list, at_least: tuple | None = None
     right-aligned too.  `visible` [T, layers, Q + S] says which of them a row's keys include at each layer;
     `text_start` the position of each row's first state in slot 0's place (positions count from a task's first
     prompt slot; a prefix shifts the text by its length, as PEFT's does); `first` the state a first-token
-    pooling reads; `enters` [T, layers] where an entered prompt replaces the slots' states.  `at_least`:
-    (S, Q, label width) the tables keep if their tasks need no more (`pt-build merge --add`).
+    pooling reads; `enters` [T, layers] where an entered prompt replaces the slots' states.  Sizes: table_shape.
     """
     layers, h, heads = config.num_layers, config.hidden_size, config.num_heads
     d, n = h // heads, len(tasks)
     roles = [PROMPTS[t.spec.method].table_role for t in tasks]
     lengths = [t.spec.virtual_tokens for t in tasks]
-    s = max([p for p, r in zip(lengths, roles) if r in ("embedded", "entered")], default=0)
-    q = max([p for p, r in zip(lengths, roles) if r == "past"], default=0)
-    width = max(t.num_labels for t in tasks)
-    if at_least is not None:
-        s, q, width = max(s, at_least[0]), max(q, at_least[1]), max(width, at_least[2])
-    kinds = sorted({t.pooling for t in tasks}, key=list(POOLING).index)
+    s, q, width, past_from = table_shape(config, tasks)
+    kinds = pooling_kinds(tasks)
     out = {"task.visible": np.zeros((n, layers, q + s), np.int32), "task.text_start": np.zeros(n, np.int32),
            "task.first": np.zeros(n, np.int32), "task.enters": np.zeros((n, layers), np.int32),
            "task.pooling": np.array([kinds.index(t.pooling) for t in tasks], np.int32),
@@ -207,9 +228,6 @@ def task_tables(config, tasks: list, values: list, at_least: tuple | None = None
         out["task.slot_embeds"] = np.zeros((n, s, h), np.float32)
     if "entered" in roles:
         out["task.late"] = np.zeros((n, s, h), np.float32)
-    past_from = min([t.spec.layer for t, r in zip(tasks, roles) if r == "past"], default=layers)
-    if at_least is not None:
-        past_from = min(past_from, at_least[3])
     for i in range(past_from, layers):
         out[f"task.past.{i}"] = np.zeros((2, n, heads, q, d), np.float32)
     for kind in kinds:
@@ -240,9 +258,7 @@ def task_tables(config, tasks: list, values: list, at_least: tuple | None = None
             if prompt.shape != (p, rows):
                 raise ValueError(f"task {task.name}: prompt_embeddings {prompt.shape}, expected {(p, rows)}")
             for i in range(first, layers):
-                j = i - first
-                block = prompt[:, 2 * j * h : (2 * j + 2) * h].reshape(p, 2, heads, d)
-                out[f"task.past.{i}"][:, t, :, q - p :] = block.transpose(1, 2, 0, 3)
+                out[f"task.past.{i}"][:, t, :, q - p :] = PrefixTuning.past(prompt, task.spec, config, i)
             out["task.visible"][t, first:, q - p : q] = 1
         wanted = {"classifier.weight", "classifier.bias", *POOLING[task.pooling].table_params}
         if set(own) != wanted:
@@ -261,7 +277,25 @@ def task_tables(config, tasks: list, values: list, at_least: tuple | None = None
     return out
 
 
-class MultiTaskClassifier(nn.Cell):
+class TaskTableNet:
+    """What both merged nets (MultiTaskClassifier, builder.models.decoder.DecoderMultiTask) hold: the tasks, each
+    one's folded prompt and head as given (head_state), and the shape of their tables."""
+
+    spec = None  # one prompt per task (specs), not one for the graph
+
+    def hold_tasks(self, tasks: list, values: list, shape: TableShape) -> None:
+        self.specs = tuple(tasks)
+        self.values = [{k: np.asarray(v, np.float32).copy() for k, v in own.items()} for own in values]
+        self.task_count = len(self.specs)
+        self.shape = shape
+        self.slots, self.past_len, self.past_from = shape.slots, shape.past, shape.past_from
+
+    def head_state(self) -> dict:
+        """Every task's prompt and head, keyed "<task>/<name>" (names as in a one-task bundle), as numpy."""
+        return {f"{spec.name}/{k}": v.copy() for spec, own in zip(self.specs, self.values) for k, v in own.items()}
+
+
+class MultiTaskClassifier(TaskTableNet, nn.Cell):
     """Several tasks' prompts and heads on one frozen encoder, each row of a batch its own task.
 
     inputs:  input_ids, attention_mask, token_type_ids  (int32, [batch, seq]), task_ids (int32, [batch])
@@ -278,22 +312,16 @@ class MultiTaskClassifier(nn.Cell):
     """
 
     family = "encoder"  # builder.families
-    spec = None  # one prompt per task (specs), not one for the graph
+    shape_of = staticmethod(table_shape)
 
-    def __init__(self, encoder: Encoder, tasks: list, values: list, at_least: tuple | None = None):
+    def __init__(self, encoder: Encoder, tasks: list, values: list):
         super().__init__()
         cfg = encoder.config
         self.encoder = encoder
-        self.specs = tuple(tasks)
-        self.values = [{k: np.asarray(v, np.float32).copy() for k, v in own.items()} for own in values]
-        self.task_count = len(self.specs)
-        tables = task_tables(cfg, self.specs, self.values, at_least)
-        self.kinds = tuple(sorted({t.pooling for t in tasks}, key=list(POOLING).index))
+        self.hold_tasks(tasks, values, table_shape(cfg, tasks))
+        tables = task_tables(cfg, self.specs, self.values)
+        self.kinds = pooling_kinds(tasks)
         self.layer_count = cfg.num_layers
-        self.past_from = min([i for i in range(cfg.num_layers) if f"task.past.{i}" in tables], default=cfg.num_layers)
-        self.past_len = tables[f"task.past.{self.past_from}"].shape[3] if self.past_from < cfg.num_layers else 0
-        self.slots = tables["task.visible"].shape[2] - self.past_len
-        self.shapes = (self.slots, self.past_len, tables["task.classifier.bias"].shape[1], self.past_from)
         self.enter_at = tuple(bool(e) for e in tables["task.enters"].any(0))  # layers where some prompt enters
         self.room = cfg.max_positions - cfg.position_offset
         self.position_offset = cfg.position_offset
@@ -357,10 +385,6 @@ class MultiTaskClassifier(nn.Cell):
         pooled = ops.select(normalize, unit_length(pooled), pooled)
         weight = ops.gather(self.classifier_weight, task_ids, 0)  # [b, hidden, width]
         return ops.matmul(pooled.expand_dims(1), weight).squeeze(1) + ops.gather(self.classifier_bias, task_ids, 0)
-
-    def head_state(self) -> dict:
-        """Every task's prompt and head, keyed "<task>/<name>" (names as in a one-task bundle), as numpy."""
-        return {f"{spec.name}/{k}": v.copy() for spec, own in zip(self.specs, self.values) for k, v in own.items()}
 
 
 class Features(nn.Cell):

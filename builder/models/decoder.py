@@ -26,7 +26,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from ..backbones.configs import DecoderConfig
 from ..errors import RecipeError
-from .classifier import HeadState, TaskHead
+from .classifier import HeadState, TableShape, TaskTableNet
 from .device import eager
 from .onnx_ops import MASK_FILL
 from .prompts import PROMPTS, PromptSpec
@@ -375,17 +375,26 @@ def sequence_cache(decoder: Decoder, embeds) -> tuple:
 
 
 
-def decoder_task_tables(decoder: Decoder, tasks: list, values: list, at_least: tuple | None = None) -> dict:
+def decoder_table_shape(config, tasks: list) -> TableShape:
+    """A decoder's TableShape of `tasks` (TaskHead): no slots; every prompt is keys and values, P of them (a
+    shallow prompt's cache is as long as the prompt), from its first layer (a shallow prompt's: 0)."""
+    prompted = [t for t in tasks if t.spec.virtual_tokens]
+    return TableShape(0, max([t.spec.virtual_tokens for t in prompted], default=0), max(t.num_labels for t in tasks),
+                      min([t.spec.layer for t in prompted], default=config.num_layers))
+
+
+def decoder_task_tables(decoder: Decoder, tasks: list, values: list) -> dict:
     """Every task's prompt cache and head as stacked arrays (builder.models.classifier.task_tables' names and
     layout, with no slots: on a decoder every prompt is keys and values in front of the text's own).
 
     A task's cache is what its own classifier graph holds (DecoderClassifier.prompt_cache: a prefix's table,
     or a shallow prompt run once through the layers), Q keys at each layer from the first one any task's prompt
     reaches, right-aligned; `visible` [T, layers, Q] says which a row sees; `text_start` the position of its
-    text's first token (the prompt's length: PEFT's positions).  `at_least`: as task_tables'.
+    text's first token (the prompt's length: PEFT's positions).  Sizes: decoder_table_shape.
     """
     cfg = decoder.config
-    layers, width = cfg.num_layers, max(t.num_labels for t in tasks)
+    layers = cfg.num_layers
+    _, q, width, past_from = decoder_table_shape(cfg, tasks)
     caches, starts, firsts = [], [], []
     for task, own in zip(tasks, values):
         if not PROMPTS[task.spec.method].decoders:
@@ -400,10 +409,6 @@ def decoder_task_tables(decoder: Decoder, tasks: list, values: list, at_least: t
         caches.append(net.prompt_cache())
         starts.append(task.spec.positions())
         firsts.append(net.split if caches[-1] else layers)
-    q = max([c[f"key.{f}"].shape[1] for c, f in zip(caches, firsts) if c], default=0)
-    past_from = min(firsts)
-    if at_least is not None:
-        q, width, past_from = max(q, at_least[1]), max(width, at_least[2]), min(past_from, at_least[3])
     n = len(tasks)
     out = {"task.visible": np.zeros((n, layers, q), np.int32), "task.text_start": np.array(starts, np.int32),
            "task.classifier.weight": np.zeros((n, cfg.hidden_size, width), np.float32),
@@ -421,7 +426,7 @@ def decoder_task_tables(decoder: Decoder, tasks: list, values: list, at_least: t
     return out
 
 
-class DecoderMultiTask(nn.Cell):
+class DecoderMultiTask(TaskTableNet, nn.Cell):
     """Several tasks' prompts and heads on one frozen causal LM, each row of a batch its own task: the decoder's
     builder.models.classifier.MultiTaskClassifier (same inputs, output and task tables).
 
@@ -430,22 +435,15 @@ class DecoderMultiTask(nn.Cell):
     """
 
     family = "decoder"  # builder.families
-    spec = None
+    shape_of = staticmethod(decoder_table_shape)
 
-    def __init__(self, decoder: Decoder, tasks: list, values: list, at_least: tuple | None = None):
+    def __init__(self, decoder: Decoder, tasks: list, values: list):
         super().__init__()
         cfg = decoder.config
         self.decoder = decoder
-        self.specs = tuple(tasks)
-        self.values = [{k: np.asarray(v, np.float32).copy() for k, v in own.items()} for own in values]
-        self.task_count = len(self.specs)
-        self.tables = decoder_task_tables(decoder, self.specs, self.values, at_least)
+        self.hold_tasks(tasks, values, decoder_table_shape(cfg, tasks))
+        self.tables = decoder_task_tables(decoder, self.specs, self.values)
         self.layer_count = cfg.num_layers
-        self.past_from = min([i for i in range(cfg.num_layers) if f"task.past.{i}" in self.tables],
-                             default=cfg.num_layers)
-        self.past_len = self.tables["task.visible"].shape[2]
-        self.slots = 0
-        self.shapes = (0, self.past_len, self.tables["task.classifier.bias"].shape[1], self.past_from)
         const = lambda name: Tensor(self.tables[name])  # noqa: E731
         self.visible, self.text_start = const("task.visible"), const("task.text_start")
         self.classifier_weight, self.classifier_bias = const("task.classifier.weight"), const("task.classifier.bias")
@@ -480,7 +478,3 @@ class DecoderMultiTask(nn.Cell):
         features = self.decoder.norm(x[:, 0])
         weight = ops.gather(self.classifier_weight, task_ids, 0)  # [b, hidden, width]
         return ops.matmul(features.expand_dims(1), weight).squeeze(1) + ops.gather(self.classifier_bias, task_ids, 0)
-
-    def head_state(self) -> dict:
-        """Every task's prompt and head, keyed "<task>/<name>" (names as in a one-task bundle), as numpy."""
-        return {f"{spec.name}/{k}": v.copy() for spec, own in zip(self.specs, self.values) for k, v in own.items()}

@@ -30,6 +30,12 @@ from onnx import TensorProto
 from .onnx_ops import linear
 
 
+def mean_of(text, text_mask):
+    """The mean of the unmasked rows of `text` [b, s, h]."""
+    m = text_mask.astype(ms.float32).expand_dims(2)
+    return (text * m).sum(1) / ops.maximum(m.sum(1), 1e-9)
+
+
 def text_states(states, text_mask):
     """The text's states: the last text_mask.shape[1] of `states` (prompt states come first)."""
     return states[:, states.shape[1] - text_mask.shape[1] :]
@@ -43,17 +49,14 @@ class MeanPooling(nn.Cell):
         self.text_start = offset + num_virtual_tokens
 
     def construct(self, states, attention_mask):
-        text = states[:, self.text_start :]
-        m = attention_mask.astype(ms.float32).expand_dims(2)
-        return (text * m).sum(1) / ops.maximum(m.sum(1), 1e-9)
+        return mean_of(states[:, self.text_start :], attention_mask)
 
     def params(self) -> dict:
         return {}
 
     @staticmethod
     def rows(states, text_mask, first, params: tuple):
-        m = text_mask.astype(ms.float32).expand_dims(2)
-        return (text_states(states, text_mask) * m).sum(1) / ops.maximum(m.sum(1), 1e-9)
+        return mean_of(text_states(states, text_mask), text_mask)
 
     @staticmethod
     def onnx(g, weights: dict, states: str, mask: str, num_virtual_tokens: int, offset: int = 0,

@@ -319,13 +319,19 @@ class PrefixTuning(PromptMethod):
                 " in block 2i, values in 2i + 1 (PEFT's); text positions start at P"}
 
     @staticmethod
+    def past(table: np.ndarray, spec: PromptSpec, config, i: int) -> np.ndarray:
+        """Layer i's keys and values of a folded table [P, layers x 2 x hidden], as onnxruntime's Attention takes
+        its `past`: [2, heads, P, head_dim] (an encoder's; i from spec.layer on)."""
+        h, p, heads = config.hidden_size, spec.virtual_tokens, config.num_heads
+        j = i - spec.layer
+        return table[:, 2 * j * h : (2 * j + 2) * h].reshape(p, 2, heads, h // heads).transpose(1, 2, 0, 3)
+
+    @staticmethod
     def onnx_past(g, w: dict, spec: PromptSpec, config, i: int, batch: str):
         if i < spec.layer:
             return None
         h, p, heads = config.hidden_size, spec.virtual_tokens, config.num_heads
-        j = i - spec.layer
-        block = w["prompt_embeddings"][:, 2 * j * h : (2 * j + 2) * h].reshape(p, 2, heads, h // heads)
-        past = np.ascontiguousarray(block.transpose(1, 2, 0, 3)[:, None])  # [2, 1, heads, P, head_dim]
+        past = np.ascontiguousarray(PrefixTuning.past(w["prompt_embeddings"], spec, config, i)[:, None])
         shape = g.op("Concat", [g.const("two", [2], np.int64), batch,
                                 g.const("past_dims", [heads, p, h // heads], np.int64)], axis=0)
         return g.op("Expand", [g.const(f"prefix.{i}", past), shape])

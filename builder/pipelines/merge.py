@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import mindspore  # noqa: F401  (before onnx: see builder.models.onnx_ops)
-import onnx
 from mindspore import Tensor
 from safetensors.numpy import load_file
 
@@ -180,14 +178,14 @@ def merge(specs: list, destination: Path, backbone_path, device: str, log, add: 
     heads = [TaskHead(t.task.name, PromptSpec.recorded(t.task.prompt_method, t.task.num_virtual_tokens, t.task.details),
                       len(t.task.labels), t.task.pooling, t.task.head in NORMALIZED_HEADS) for t in tasks]
     base = parse_spec(specs[0])[1] if add else None
-    kept = table_shapes(base / GRAPHS["onnx"]) if add else None
     try:
-        net = family_of(backbone).multitask(backbone, heads, [t.state for t in tasks], at_least=kept)
+        net = family_of(backbone).multitask(backbone, heads, [t.state for t in tasks])
     except ValueError as e:  # the message starts "task NAME:"; say which source it came from
         name = str(e).split(":", 1)[0].removeprefix("task ")
         where = next((t.bundle for t in tasks if t.task.name == name), None)
         raise BuildError(f"{where}: {PROMPT}: {e}" if where else str(e)) from e
-    grown = add and net.shapes != kept
+    # The tables are sized by their tasks, so the bundle joined keeps its shape unless a new task needs more.
+    grown = add and net.shape != net.shape_of(backbone.config, [h for h, t in zip(heads, tasks) if t.bundle == base])
     log(f"merging {len(tasks)} tasks on {backbone.name}: {net.slots} prompt slots, prefixes of {net.past_len}"
         + (f"; {len(tasks) - sum(t.bundle == base for t in tasks)} added to {base}" if add else "")
         + ("; its tables grow for them, so its tasks' outputs may move in the last bits" if grown else ""))
@@ -261,8 +259,9 @@ def check_sources(merged_graph: Path, tasks: list, backbone, pad_id: int, exact=
             if exact is not None:  # the same batch through the bundle as it was: its tasks come first, as numbered
                 before = sum(t.bundle == exact for t in tasks)
                 rows = np.flatnonzero(task_ids < before)
-                base = models.setdefault(exact, source_model(tasks[0], backbone))
-                was = base(ids, mask, types, np.where(task_ids < before, task_ids, 0))
+                if exact not in models:
+                    models[exact] = source_model(tasks[0], backbone)
+                was = models[exact](ids, mask, types, np.where(task_ids < before, task_ids, 0))
                 if not np.array_equal(got[rows, : was.shape[1]], was[rows]):
                     moved = float(np.abs(got[rows, : was.shape[1]] - was[rows]).max())
                     raise BuildError(f"--add: the tasks of {exact} would change (by {moved:.2e})")
@@ -282,13 +281,3 @@ def check_sources(merged_graph: Path, tasks: list, backbone, pad_id: int, exact=
                          f" (> {SOURCE_TOLERANCE})")
     return worst, len(sample)
 
-
-def table_shapes(graph: Path) -> tuple:
-    """(slots, prefix length, label width, first layer with a prefix) of a merged graph's task tables
-    (MultiTaskClassifier.shapes)."""
-    model = onnx.load(str(graph), load_external_data=False)
-    dims = {t.name: tuple(t.dims) for t in model.graph.initializer if t.name.startswith("task.")}
-    past = {int(k.rsplit(".", 1)[1]): v for k, v in dims.items() if k.startswith("task.past.")}
-    q = next(iter(past.values()))[3] if past else 0
-    layers = dims["task.visible"][1]
-    return dims["task.visible"][2] - q, q, dims["task.classifier.bias"][1], min(past, default=layers)

@@ -78,21 +78,16 @@ def test_tasks_per_row_must_match_the_texts(bundle):
         bundle.predict(["a great movie"], task=["toy-soft", "toy-soft"])
 
 
-def test_empty_text_is_refused_in_the_cli_words_too(tiny_bundle, tmp_path):
-    """The CLI refuses the empty text the API refuses, in the same words (`... is empty`)."""
+@pytest.mark.parametrize("line, message", [
+    ('{"text": ""}', "in.jsonl:2: field 'text' is empty"),  # the words the API refuses it in (`... is empty`)
+    ('{"text": "ok \\ud83d"}', "in.jsonl:2: field 'text' holds a lone surrogate (U+D83D at character 4)"),
+])
+def test_a_bad_jsonl_line_is_refused_naming_file_line_and_field(tiny_bundle, tmp_path, line, message):
     f = tmp_path / "in.jsonl"
-    f.write_text('{"text": "a great movie"}\n{"text": ""}\n', encoding="utf-8")
+    f.write_text('{"text": "a great movie"}\n' + line + "\n", encoding="utf-8")
     code, err, out = pt_run("predict", f, "--bundle", tiny_bundle)
     assert code == 1 and "Traceback" not in err and out == ""
-    assert "in.jsonl:2: field 'text' is empty" in err
-
-
-def test_a_lone_surrogate_in_a_jsonl_line_names_file_and_line(tiny_bundle, tmp_path):
-    f = tmp_path / "in.jsonl"
-    f.write_text('{"text": "a great movie"}\n{"text": "ok \\ud83d"}\n', encoding="utf-8")
-    code, err, out = pt_run("predict", f, "--bundle", tiny_bundle)
-    assert code == 1 and "Traceback" not in err and out == ""
-    assert "in.jsonl:2: field 'text' holds a lone surrogate (U+D83D at character 4)" in err
+    assert message in err
 
 
 @pytest.fixture(scope="module")

@@ -200,8 +200,13 @@ def test_int8_merge_from_the_ranges_each_source_records(merged_bundle, tiny_bert
            "--out", str(out), "--backbone", str(tiny_bert)])
     merged = Bundle.load(out, int8=True)
     own = Bundle.load(sources["prefix"], int8=True)
+    fp32 = Bundle.load(sources["prefix"]).logits(TEXTS)
     for name in ("prefix", "adapter"):
-        np.testing.assert_allclose(merged.logits(TEXTS, task=name), own.logits(TEXTS), atol=1e-6)  # same ranges
+        got = merged.logits(TEXTS, task=name)
+        # The same ranges give the same scales; the two graphs' fp32 activations may still differ in the last bits
+        # on another CPU's kernels and round to a neighbouring int8 step, hence not equality.
+        np.testing.assert_allclose(got, own.logits(TEXTS), atol=1e-2)
+        assert np.abs(got - fp32).max() > 1e-5  # it is the int8 graph that answered
     assert all("int8" not in t.metrics for t in merged.manifest.tasks)  # its sources' int8 figures are not its own
     # A source without ranges is refused by name, and nothing is written.
     assert "records no int8 calibration ranges" in merge_error([f"prefix={sources['prefix']}", sources["late"],
