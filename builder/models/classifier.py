@@ -175,6 +175,14 @@ class TaskHead:
     normalize: bool
 
 
+class TaskTableError(ValueError):
+    """A task's prompt or head does not fit the task tables; `task` names it (pt-build merge names its source)."""
+
+    def __init__(self, task: str, message: str):
+        super().__init__(f"task {task}: {message}")
+        self.task = task
+
+
 class TableShape(NamedTuple):
     """The task tables' sizes, all derived from the tasks: prompt slots in front of the text (S), prefix keys in
     front of each layer's own (Q), logits width, the first layer with prefix keys (layers: none)."""
@@ -237,12 +245,12 @@ def task_tables(config, tasks: list, values: list) -> dict:
         own = dict(own)
         prompt = own.pop("prompt_embeddings", None)
         if role is None:
-            raise ValueError(f"task {task.name}: prompt method {task.spec.method!r} has no place in a task table")
+            raise TaskTableError(task.name, f"prompt method {task.spec.method!r} has no place in a task table")
         if (prompt is None) != (p == 0 or role == ""):
-            raise ValueError(f"task {task.name}: prompt_embeddings do not match its {p} virtual tokens")
+            raise TaskTableError(task.name, f"prompt_embeddings do not match its {p} virtual tokens")
         if role in ("embedded", "entered"):
             if prompt.shape != (p, h):
-                raise ValueError(f"task {task.name}: prompt_embeddings {prompt.shape}, expected {(p, h)}")
+                raise TaskTableError(task.name, f"prompt_embeddings {prompt.shape}, expected {(p, h)}")
             out["task.slot_embeds" if role == "embedded" else "task.late"][t, s - p :] = prompt
             seen_from = 0 if role == "embedded" else task.spec.layer
             out["task.visible"][t, seen_from:, q + s - p :] = 1
@@ -256,16 +264,16 @@ def task_tables(config, tasks: list, values: list) -> dict:
         if role == "past":
             first, rows = task.spec.layer, (layers - task.spec.layer) * 2 * h
             if prompt.shape != (p, rows):
-                raise ValueError(f"task {task.name}: prompt_embeddings {prompt.shape}, expected {(p, rows)}")
+                raise TaskTableError(task.name, f"prompt_embeddings {prompt.shape}, expected {(p, rows)}")
             for i in range(first, layers):
                 out[f"task.past.{i}"][:, t, :, q - p :] = PrefixTuning.past(prompt, task.spec, config, i)
             out["task.visible"][t, first:, q - p : q] = 1
         wanted = {"classifier.weight", "classifier.bias", *POOLING[task.pooling].table_params}
         if set(own) != wanted:
-            raise ValueError(f"task {task.name}: head has {sorted(own)}, expected {sorted(wanted)}")
+            raise TaskTableError(task.name, f"head has {sorted(own)}, expected {sorted(wanted)}")
         weight, bias = np.asarray(own.pop("classifier.weight"), np.float32), own.pop("classifier.bias")
         if weight.shape != (task.num_labels, h):
-            raise ValueError(f"task {task.name}: classifier.weight {weight.shape}, expected {(task.num_labels, h)}")
+            raise TaskTableError(task.name, f"classifier.weight {weight.shape}, expected {(task.num_labels, h)}")
         out["task.classifier.weight"][t, :, : task.num_labels] = weight.T
         out["task.classifier.bias"][t, : task.num_labels] = bias
         for name, value in own.items():  # the pooling's own: a [out, in] weight stored transposed

@@ -26,7 +26,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from ..backbones.configs import DecoderConfig
 from ..errors import RecipeError
-from .classifier import HeadState, TableShape, TaskTableNet
+from .classifier import HeadState, TableShape, TaskTableError, TaskTableNet
 from .device import eager
 from .onnx_ops import MASK_FILL
 from .prompts import PROMPTS, PromptSpec
@@ -398,14 +398,14 @@ def decoder_task_tables(decoder: Decoder, tasks: list, values: list) -> dict:
     caches, starts, firsts = [], [], []
     for task, own in zip(tasks, values):
         if not PROMPTS[task.spec.method].decoders:
-            raise ValueError(f"task {task.name}: prompt method {task.spec.method!r} does not run on a decoder")
+            raise TaskTableError(task.name, f"prompt method {task.spec.method!r} does not run on a decoder")
         net = DecoderClassifier(decoder, task.num_labels, task.spec)
         try:
             net.load_head_state(own)
         except KeyError as e:
-            raise ValueError(f"task {task.name}: {e.args[0]}") from e
+            raise TaskTableError(task.name, f"{e.args[0]}") from e
         except ValueError as e:
-            raise ValueError(f"task {task.name}: {e}") from e
+            raise TaskTableError(task.name, f"{e}") from e
         caches.append(net.prompt_cache())
         starts.append(task.spec.positions())
         firsts.append(net.split if caches[-1] else layers)

@@ -33,7 +33,7 @@ from ..families import family_of
 from ..families.encoder import ENCODER
 from ..graphs.quantize import Int8Inputs, union_ranges
 from ..graphs.targets import probe_inputs
-from ..models.classifier import PromptClassifier, TaskHead
+from ..models.classifier import PromptClassifier, TaskHead, TaskTableError
 from ..models.device import eager, use_device
 from ..models.prompts import PROMPTS, PromptSpec
 from ..training.hard import NORMALIZED_HEADS
@@ -153,6 +153,9 @@ def merge(specs: list, destination: Path, backbone_path, device: str, log, add: 
         per_spec.append(own)
     if add and (not manifests or next(iter(manifests)) != parse_spec(specs[0])[1]):
         raise BuildError(f"--add {specs[0]}: not a bundle")
+    if add and not next(iter(manifests.values())).multi_task:
+        raise BuildError(f"--add {specs[0]}: a one-task bundle, not a merged one; merge it with the new tasks"
+                         f" into --out instead")
     if manifests:
         check_compatible(manifests)
 
@@ -180,10 +183,9 @@ def merge(specs: list, destination: Path, backbone_path, device: str, log, add: 
     base = parse_spec(specs[0])[1] if add else None
     try:
         net = family_of(backbone).multitask(backbone, heads, [t.state for t in tasks])
-    except ValueError as e:  # the message starts "task NAME:"; say which source it came from
-        name = str(e).split(":", 1)[0].removeprefix("task ")
-        where = next((t.bundle for t in tasks if t.task.name == name), None)
-        raise BuildError(f"{where}: {PROMPT}: {e}" if where else str(e)) from e
+    except TaskTableError as e:  # say which source the task came from
+        where = next(t.bundle for t in tasks if t.task.name == e.task)
+        raise BuildError(f"{where}: {PROMPT}: {e}") from e
     # The tables are sized by their tasks, so the bundle joined keeps its shape unless a new task needs more.
     grown = add and net.shape != net.shape_of(backbone.config, [h for h, t in zip(heads, tasks) if t.bundle == base])
     log(f"merging {len(tasks)} tasks on {backbone.name}: {net.slots} prompt slots, prefixes of {net.past_len}"

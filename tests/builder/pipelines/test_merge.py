@@ -184,6 +184,8 @@ def test_add_joins_a_merged_bundle_and_leaves_its_tasks_unchanged_to_the_bit(mer
     np.testing.assert_allclose(again.logits(TEXTS, task="prefix"), before["prefix"], atol=1e-5)
     # --add takes a bundle; a task already there is refused, and the bundle stays as it was.
     assert "appears twice" in merge_error(["--add", base, f"late={sources['late']}", "--backbone", tiny_bert])
+    assert "a one-task bundle, not a merged one" in merge_error(["--add", sources["late"], f"x={sources['probe']}",
+                                                                "--backbone", tiny_bert])
     assert Bundle.load(base).task_names == ["zeroshot", "prefix", "late", "prefix1", "probe", "shallow"]
 
 
@@ -222,3 +224,20 @@ def test_int8_merge_refuses_malformed_calibration_beside_an_adapter(merged_bundl
     error = merge_error([f"a={adapter}", f"prefix={merged_bundle[1]['prefix']}", "--quantize", "int8",
                          "--out", tmp_path / "m", "--backbone", tiny_bert])
     assert f"{adapter}: task 'a': its int8 calibration ranges are not" in error and not (tmp_path / "m").exists()
+
+
+def test_a_task_that_does_not_fit_the_tables_is_refused_naming_its_bundle(merged_bundle, tiny_bert, tmp_path):
+    """A prompt.safetensors whose head has the wrong width (its hash re-sealed, so only the shapes are wrong)."""
+    from safetensors.numpy import load_file, save_file
+    from ptbundle.runtime.format import sha256_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(merged_bundle[1]["probe"], bad)
+    state = load_file(str(bad / "prompt.safetensors"))
+    state["classifier.weight"] = state["classifier.weight"][:, :-1]
+    save_file(state, str(bad / "prompt.safetensors"))
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["files"]["prompt.safetensors"] = sha256_file(bad / "prompt.safetensors")
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    error = merge_error([f"bad={bad}", merged_bundle[1]["prefix"], "--out", tmp_path / "m", "--backbone", tiny_bert])
+    assert f"{bad}: prompt.safetensors: task bad: classifier.weight" in error and not (tmp_path / "m").exists()
