@@ -297,6 +297,7 @@ PRODUCT = {
     "decoder_graph": "ptbundle.builder.lab:decoder_graph",
     # merged multi-task bundles (bench/perf/multitask_scale.py): pt-build merge and pt-build import, in-process
     "merge": "ptbundle.builder:merge", "import_adapter": "ptbundle.builder:import_adapter",
+    "read_tables": "ptbundle.runtime.format:read_tables",  # a merged bundle's task tables, its graphs' inputs
 }
 
 

@@ -24,7 +24,8 @@ import numpy as np
 
 from . import backends
 from .errors import BundleError, InputError, TemplateError
-from .format import DECODER_GRAPHS, MANIFEST, PROMPT_CACHE, TOKENIZER, Manifest, Task, verify_files
+from .format import (DECODER_GRAPHS, MANIFEST, PROMPT, PROMPT_CACHE, TOKENIZER, Manifest, Task, read_tables,
+                     verify_files)
 from .inputs import check_text
 from .generate import Generator, read_prompt_cache
 from .template import Template
@@ -82,13 +83,18 @@ class Bundle:
             hint = ("" if not int8 else " (merge it with pt-build merge --quantize int8)" if manifest.multi_task
                     else " (build it with pt-build export --quantize int8)")
             raise BundleError(f"{directory}: this bundle has no {graph}{hint}")
+        tables = None
+        if manifest.multi_task:  # its task tables feed the graph (runtime.format): checked before they are read
+            if verify:
+                verify_files(directory, manifest, [PROMPT])
+            tables = read_tables(directory / PROMPT)
         with ThreadPoolExecutor(1) as pool:
             # Hash what this process reads (the other graphs may be large and
             # unused) on a second thread while the graph loads: hashlib lets go
             # of the GIL, and a cold start is mostly these two.
             check = pool.submit(verify_files, directory, manifest, [TOKENIZER, graph]) if verify else None
             try:
-                model = runner.open(directory / graph, device)
+                model = runner.open(directory / graph, device, tables)
                 check_width(directory, manifest, model, graph)
                 bundle = cls(directory, manifest, model, directory / TOKENIZER)
             except Exception:

@@ -7,7 +7,8 @@ A bundle is a directory:
     model.onnx           the same graph for onnxruntime
     model.int8.onnx      optional: int8 copy of model.onnx
     tokenizer.json       read with the `tokenizers` library
-    prompt.safetensors   the learned prompt (`prompt_embeddings`, PEFT's key) and the head
+    prompt.safetensors   the learned prompt (`prompt_embeddings`, PEFT's key) and the head; in a merged bundle,
+                         the task tables (below)
     training_log.json    the training curve
     peft/                optional: the prompt and head as a PEFT adapter directory (adapter_config.json,
                          adapter_model.safetensors; a mean-pooling one's head beside it in head.safetensors)
@@ -64,7 +65,18 @@ Every graph has the signature `signature(...)`: int32 `input_ids`,
 tasks on one backbone in one graph: its graph also takes int32 `task_ids`
 [batch], each row's task as an index into the manifest's `tasks`, and its
 `logits` are as wide as the task with most labels (a row's own labels come
-first; the rest is padding).  The builder writes a `Manifest` with
+first; the rest is padding).  Every task's prompt and head are rows of the
+task tables, float32 arrays named "task.*" (`TABLE_PREFIX`; the builder's
+builder.models.classifier.task_tables explains each), one row per task on
+axis 0, or axis 1 for a prefix's keys and values "task.past.{i}" [2, tasks,
+heads, Q, head_dim] (`task_axis`).  They are stored once, in
+prompt.safetensors, and are inputs of every graph of the bundle, named as
+stored (MindIR's inputs are positional: `table_names` gives their order,
+after task_ids): the runtime feeds them on every call, so a bundle of 1,000
+tasks stores them once and not in each graph.  (Merged bundles written
+before the tables were inputs hold them inside their graphs, and their
+prompt.safetensors holds each task's own arrays as "<task>/<name>"; they
+load as before.)  The builder writes a `Manifest` with
 `Manifest.write`; the runtime reads it with `Manifest.read`, which checks
 every field and names the file and field of anything wrong.  Nothing else
 reads or writes manifest.json.
@@ -77,6 +89,9 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
 
 from .errors import BundleError
 
@@ -104,6 +119,7 @@ PEFT_NOT_EXPRESSIBLE = "not expressible: "
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 TASK_INPUT = "task_ids"  # multi-task graphs only: int32 [batch], each row's index into Manifest.tasks
+TABLE_PREFIX = "task."  # a merged bundle's task tables: graph inputs stored once in prompt.safetensors
 OUTPUT_NAME = "logits"
 
 
@@ -113,6 +129,29 @@ def signature(multi_task: bool = False) -> dict:
     if multi_task:
         inputs[TASK_INPUT] = ("int32", ("batch",))
     return {"inputs": inputs, "outputs": {OUTPUT_NAME: ("float32", ("batch", "num_labels"))}}
+
+
+def table_names(names) -> list:
+    """The task tables among `names`, in the order a positional graph (MindIR) takes them after task_ids."""
+    return sorted(n for n in names if n.startswith(TABLE_PREFIX))
+
+
+def task_axis(name: str) -> int:
+    """The axis of a task table that runs over tasks: 1 for a prefix's stacked keys and values, else 0."""
+    return 1 if name.startswith(TABLE_PREFIX + "past.") else 0
+
+
+def read_tables(path: Path) -> dict:
+    """The task tables in a merged bundle's prompt.safetensors (none in one written before they were inputs)."""
+    try:
+        return {k: v for k, v in load_file(str(path)).items() if k.startswith(TABLE_PREFIX)}
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise BundleError(f"{path}: cannot read the task tables ({str(e).splitlines()[0][:200]})") from e
+
+
+def task_rows(tables: dict, index: int) -> dict:
+    """One task's rows of every table, by table name (a merge re-reads a merged bundle's tasks this way)."""
+    return {name: np.take(array, index, axis=task_axis(name)) for name, array in tables.items()}
 
 
 # --- generation bundles (a causal decoder with a KV cache; runtime.generate) ---

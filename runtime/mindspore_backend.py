@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BundleError, DeviceError
+from .format import table_names
 
 
 def import_mindspore():
@@ -74,14 +75,16 @@ class MindSporeModel:
     # at a little extra padding.
     pad_multiple = 8
 
-    def __init__(self, path: Path, device: str = "CPU"):
+    def __init__(self, path: Path, device: str = "CPU", tables: dict | None = None):
         ms = import_mindspore()
 
         self.cell = load_graph(path, device)
         self.tensor = ms.Tensor
+        # A merged bundle's task tables (runtime.format): positional inputs after task_ids, made Tensors once.
+        self.tables = tuple(ms.Tensor(np.ascontiguousarray(tables[n])) for n in table_names(tables or {}))
         self.path = path  # its logits' width is known once run (runtime.bundle.batched_logits checks it then)
 
     def __call__(self, ids, mask, types, task_ids=None) -> np.ndarray:
         """`task_ids` [batch]: a multi-task graph's row tasks (format.TASK_INPUT)."""
         arrays = (ids, mask, types) if task_ids is None else (ids, mask, types, task_ids)
-        return self.cell(*(self.tensor(np.ascontiguousarray(a, np.int32)) for a in arrays)).asnumpy()
+        return self.cell(*(self.tensor(np.ascontiguousarray(a, np.int32)) for a in arrays), *self.tables).asnumpy()

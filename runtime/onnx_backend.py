@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import BundleError
-from .format import INPUT_NAMES, TASK_INPUT
+from .format import INPUT_NAMES, TABLE_PREFIX, TASK_INPUT
 # onnxruntime would fuse Add + LayerNormalization into SkipLayerNormalization
 # and Add + Gelu into BiasGelu; on this CPU those fused kernels take 3.9x and
 # 1.25x the time of the ops they replace (bench/perf/fusion.py).
@@ -49,8 +49,9 @@ class OnnxModel:
     # nothing: pad a batch to its longest row and not a token more.
     pad_multiple = 1
 
-    def __init__(self, path: Path, device: str = "CPU", threads: int | None = None):
-        # `device`: the backends registry opens every model with one (it checked CPU already)
+    def __init__(self, path: Path, device: str = "CPU", threads: int | None = None, tables: dict | None = None):
+        # `device`: the backends registry opens every model with one (it checked CPU already).  `tables`: a merged
+        # bundle's task tables (runtime.format), fed to the graph on every call.
         options = session_options(threads)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
@@ -58,11 +59,17 @@ class OnnxModel:
         except Exception as e:  # onnxruntime raises its own types for unreadable graphs
             raise BundleError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from e
         names = [i.name for i in self.session.get_inputs()]
-        unknown = set(names) - {*INPUT_NAMES, TASK_INPUT}
+        unknown = set(names) - {*INPUT_NAMES, TASK_INPUT} - {n for n in names if n.startswith(TABLE_PREFIX)}
         if unknown:
             raise BundleError(f"{path}: unexpected graph inputs {sorted(unknown)} (expected {', '.join(INPUT_NAMES)}"
-                              f" and, for several tasks, {TASK_INPUT})")
-        self.input_names = names  # a graph may not use all three (e.g. token types)
+                              f" and, for several tasks, {TASK_INPUT} and the task tables)")
+        wanted = [n for n in names if n.startswith(TABLE_PREFIX)]
+        missing = sorted(set(wanted) - set(tables or {}))
+        if missing:
+            raise BundleError(f"{path}: the graph takes task tables the bundle does not hold: {', '.join(missing)}")
+        # Wrapped once: onnxruntime then reads the arrays in place on every call, whatever their size.
+        self.tables = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(tables[n])) for n in wanted}
+        self.input_names = [n for n in names if n not in self.tables]  # a graph may not use all three (e.g. types)
         self.path = path
         width = self.session.get_outputs()[0].shape[-1]
         self.logits_width = width if isinstance(width, int) else None  # pt-build's graphs declare it
@@ -71,4 +78,4 @@ class OnnxModel:
         """`task_ids` [batch]: a multi-task graph's row tasks (format.TASK_INPUT)."""
         arrays = dict(zip((*INPUT_NAMES, TASK_INPUT), (ids, mask, types, task_ids)))
         feed = {name: np.ascontiguousarray(arrays[name], dtype=np.int32) for name in self.input_names}
-        return self.session.run(None, feed)[0]
+        return self.session.run(None, {**feed, **self.tables})[0]

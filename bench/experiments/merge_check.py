@@ -96,23 +96,17 @@ def bf16(a: np.ndarray) -> np.ndarray:
 ROUNDINGS = {"fp16": fp16, "bf16": bf16}
 
 
-def rounded_graph(source: Path, out: Path, rounding) -> dict:
-    """`source` with every task.* float initializer rounded, saved as `out`; what was rounded."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(source))
-    names, values, worst = [], 0, 0.0
-    for t in model.graph.initializer:
-        if t.name.startswith("task.") and t.data_type == onnx.TensorProto.FLOAT:
-            a = numpy_helper.to_array(t)
-            r = rounding(a)
+def rounded_tables(tables: dict, rounding) -> tuple:
+    """The merged bundle's float task tables rounded (the graph takes them as inputs); what was rounded."""
+    out, names, values, worst = dict(tables), [], 0, 0.0
+    for name, a in tables.items():
+        if a.dtype == np.float32:
+            r = rounding(a).astype(np.float32)
             worst = max(worst, float(np.abs(r - a).max()) if a.size else 0.0)
-            t.CopyFrom(numpy_helper.from_array(r.astype(np.float32), t.name))
-            names.append(t.name)
+            out[name] = r
+            names.append(name)
             values += a.size
-    onnx.save(model, str(out))
-    return {"initializers": sorted(names), "values": int(values), "max_abs_rounding": worst}
+    return out, {"initializers": sorted(names), "values": int(values), "max_abs_rounding": worst}
 
 
 def cli_check(merged: Path, task: str, own, texts: list) -> dict:
@@ -244,11 +238,12 @@ def main(backbone, data, smoke, results, exports, bundle_name, batch_size, workd
         labels = figures[PRECISION_TASK]["labels"]
         base = predicted(reference, labels)
         precision_rows = {"fp32": {"accuracy": round(correct(reference, labels, gold) / len(texts), 4)}}
+        tables = common.read_tables(merged / common.PROMPT_FILE)
         for kind, rounding in ROUNDINGS.items():
-            graph = work / f"model.tables-{kind}.onnx"
-            rounded = rounded_graph(merged / FP32_GRAPH, graph, rounding)
+            tables_rounded, rounded = rounded_tables(tables, rounding)
             bundle = common.open_bundle(merged)
-            bundle.model = common.OnnxModel(graph)  # the same bundle (tokenizer, templates), the rounded graph
+            # the same bundle (tokenizer, templates, graph) fed the rounded tables
+            bundle.model = common.OnnxModel(merged / FP32_GRAPH, tables=tables_rounded)
             got = bundle.logits(texts, task=PRECISION_TASK, batch_size=batch_size)
             del bundle
             precision_rows[kind] = {
@@ -257,7 +252,6 @@ def main(backbone, data, smoke, results, exports, bundle_name, batch_size, workd
                 "within_tolerance": max_diff(got, reference) <= TOLERANCE,
                 "tables_rounded": len(rounded["initializers"]), "values_rounded": rounded["values"],
                 "max_abs_rounding": rounded["max_abs_rounding"]}
-            graph.unlink()
         table_precision = {"task": PRECISION_TASK, "tables": rounded["initializers"], "rows": precision_rows,
                            "seconds": round(time.perf_counter() - stage, 1)}
     finally:

@@ -74,6 +74,7 @@ IMPORTED = 2  # perturbed adapters folded by pt-build import as one-task referen
 ADD_AT_LEAST = 100  # --add runs at the largest N when it is at least this (any N with --smoke)
 INT8_GRAPH = "model.int8.onnx"  # runtime.format.GRAPHS["onnx-int8"]
 FP32_GRAPH = "model.onnx"
+SIZE_BOUND = 1.05  # issue 25: a bundle of N tasks at most 1.05 x (backbone + N x one task's bytes)
 SMOKE = {"counts": "1,2,5", "batch_sizes": "1,4", "repeats": 1, "every": 1, "sentences": 16, "check": 8}
 CHECK_TEXTS = 16  # texts each sampled task runs in the correctness check
 ADD_TEXTS = 8  # texts the --add check runs each old task on
@@ -181,11 +182,14 @@ def sizes(bundle: Path) -> dict:
 
 
 def size_row(n: int, own: dict, single: dict, task_bytes: int) -> dict:
+    """The bundle's size against the bound: backbone + N x one task's bytes, within SIZE_BOUND; the backbone is
+    the one-task bundle less its task (every graph, the tokenizer and the rest a bundle of any N carries)."""
     mb = 2 ** 20
-    backbone = single["files"].get(FP32_GRAPH, 0) - task_bytes  # the one-task graph less its task
+    expected = single["total"] - task_bytes + n * task_bytes
     row = {"total_mb": round(own["total"] / mb, 3), "files_mb": {k: round(v / mb, 3) for k, v in own["files"].items()},
            "model_onnx_mb": round(own["files"].get(FP32_GRAPH, 0) / mb, 3),
-           "expected_model_onnx_mb": round((backbone + n * task_bytes) / mb, 3)}
+           "expected_total_mb": round(expected / mb, 3), "total_over_expected": round(own["total"] / expected, 4),
+           "within_bound": own["total"] <= SIZE_BOUND * expected}
     if n > 1:  # what each task beyond the first adds, in task-table copies (graphs, prompt.safetensors...)
         extra = (own["total"] - single["total"]) / (n - 1)
         row.update(marginal_bytes_per_task=round(extra), marginal_task_copies=round(extra / task_bytes, 2))
@@ -379,19 +383,20 @@ def fmt_rate(r: dict) -> str:
 
 
 def print_tables(rows: list, add: dict | None, task_bytes: int) -> None:
-    click.echo(f"\n{'N':>5} {'merge s':>8} {'int8':>5} {'size MB':>9} {'onnx MB':>9} {'expected':>9} {'copies':>7}"
+    click.echo(f"\n{'N':>5} {'merge s':>8} {'int8':>5} {'size MB':>9} {'bound MB':>9} {'ratio':>7} {'copies':>7}"
                f" {'load s':>7} {'RSS MB':>7} {'int8 RSS':>9} {'max|diff|':>10}")
     for r in rows:
         fp32, int8, s = r["load"]["fp32"], r["load"].get("int8") or {}, r["size"]
         c = r.get("correctness")
         click.echo(f"{r['tasks']:>5} {r['merge']['seconds'] if r['merge'] else '-':>8} "
-                   f"{'yes' if r['int8']['measured'] else 'no':>5} {s['total_mb']:>9.2f} {s['model_onnx_mb']:>9.2f} "
-                   f"{s['expected_model_onnx_mb']:>9.2f} {s.get('marginal_task_copies', '-'):>7} "
+                   f"{'yes' if r['int8']['measured'] else 'no':>5} {s['total_mb']:>9.2f} "
+                   f"{SIZE_BOUND * s['expected_total_mb']:>9.2f} {s['total_over_expected']:>7.3f}"
+                   f" {s.get('marginal_task_copies', '-'):>7} "
                    f"{fp32['load_seconds']:>7.2f} {fp32['peak_rss_mb']:>7.0f} {int8.get('peak_rss_mb', '-'):>9} "
                    + (f"{c['max_abs_diff']:>10.2e}" if c else f"{'-':>10}"))
-    click.echo(f"(one task's table entries: {task_bytes / 1024:.1f} KiB; expected = backbone + N x task, the backbone"
-               f" being the one-task model.onnx less one task; copies = bytes each task beyond the first adds / task"
-               f" bytes)")
+    click.echo(f"(one task's table entries: {task_bytes / 1024:.1f} KiB; bound = {SIZE_BOUND} x (backbone + N x task),"
+               f" the backbone being the one-task bundle less its task; ratio = size / (backbone + N x task);"
+               f" copies = bytes each task beyond the first adds / task bytes)")
     click.echo(f"\n{'N':>5} {'prec':>5} {'batch':>6} {'sentences/s [min-max]':>26} {'one task, same passes':>26}"
                f" {'ratio':>7}")
     for r in rows:

@@ -38,7 +38,7 @@ def write_bundle(destination, net, backbone, manifest: Manifest, curve,
         parity, written = {}, manifest
         for target in TARGETS.values():
             path = target.export(net, tmp / target.file)
-            parity[target.name] = check_parity(references, target.load(path, manifest.device), target)
+            parity[target.name] = check_parity(references, target.load(path, manifest.device, net.tables), target)
         if verify is not None:
             parity.update(verify(tmp))
         if int8 is not None:
@@ -55,7 +55,7 @@ def write_bundle(destination, net, backbone, manifest: Manifest, curve,
                                                    details={**task.details, CALIBRATION_DETAIL: ranges})
         # The tokenizer truncates per task at run time (runtime.text.load_tokenizer); the file is the backbone's.
         load_tokenizer(backbone.tokenizer_path, max(t.max_length for t in manifest.tasks)).save(str(tmp / TOKENIZER))
-        save_file(net.head_state(), str(tmp / PROMPT))
+        save_file(net.head_state(), str(tmp / PROMPT))  # a merged net's: its task tables, stored here alone
         (tmp / TRAINING_LOG).write_text(json.dumps(curve, indent=2))
         written = bundle_adapter(tmp, net, written, backbone)
         return written.replace(export={**manifest.export, **parity})

@@ -119,7 +119,7 @@ def multitask_graph(weights: dict, cfg, tables: dict, shape, kernels=KERNELS) ->
     g = Graph()
     ids, mask, _ = INPUT_NAMES
     i64 = lambda name, v: g.const(name, np.asarray(v, np.int64))  # noqa: E731
-    table = lambda name: g.op("Gather", [g.const(name, tables[name]), TASK_INPUT], axis=0)  # noqa: E731
+    table = lambda name: g.op("Gather", [g.table_input(name, tables[name], 0), TASK_INPUT], axis=0)  # noqa: E731
     _, q, width, past_from = shape  # decoder_table_shape
 
     shape = g.op("Shape", [ids])
@@ -139,7 +139,7 @@ def multitask_graph(weights: dict, cfg, tables: dict, shape, kernels=KERNELS) ->
     for i in range(cfg.num_layers):
         key, value = past_names(i)
         if i >= past_from:
-            past = g.op("Gather", [g.const(f"task.past.{i}", tables[f"task.past.{i}"]), TASK_INPUT], axis=1)
+            past = g.op("Gather", [g.table_input(f"task.past.{i}", tables[f"task.past.{i}"], 1), TASK_INPUT], axis=1)
             g.op("Squeeze", [g.op("Slice", [past, i64("first", [0]), i64("second", [1]), i64("axis0", [0])]),
                              i64("axis0", [0])], output=key)
             g.op("Squeeze", [g.op("Slice", [past, i64("second", [1]), i64("third", [2]), i64("axis0", [0])]),

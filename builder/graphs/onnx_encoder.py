@@ -80,7 +80,7 @@ def build_multitask_graph(weights: dict, config, tasks: list) -> onnx.ModelProto
     ids, mask, types = INPUT_NAMES
     batch, seq = batch_and_seq(g)
     token_types = "embeddings.token_type" in weights
-    table = lambda name: g.op("Gather", [g.const(name, weights[name]), TASK_INPUT], axis=0)  # noqa: E731
+    table = lambda name: g.op("Gather", [g.table_input(name, weights[name], 0), TASK_INPUT], axis=0)  # noqa: E731
     layers = config.num_layers
     slots, q, width, past_from = table_shape(config, tasks)
     x = g.op("Gather", [g.const("embeddings.word", weights["embeddings.word"]), ids], axis=0)
@@ -125,7 +125,7 @@ def build_multitask_graph(weights: dict, config, tasks: list) -> onnx.ModelProto
         seen = g.op("Gather", [visible, g.const(f"layer_{i}", i, np.int64)], axis=1)  # [b, Q + S]
         past = None
         if i >= past_from:
-            past = g.op("Gather", [g.const(f"task.past.{i}", weights[f"task.past.{i}"]), TASK_INPUT], axis=1)
+            past = g.op("Gather", [g.table_input(f"task.past.{i}", weights[f"task.past.{i}"], 1), TASK_INPUT], axis=1)
         elif q:
             seen = g.op("Slice", [seen, g.const("past_len", [q], np.int64),
                                   g.const("text_end", [np.iinfo(np.int64).max], np.int64), g.const("axis1", [1], np.int64)])

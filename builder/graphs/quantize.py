@@ -264,8 +264,8 @@ def quantize_int8(onnx_path: Path, int8_path: Path, pad_id: int, eval_sets: dict
         fix_activation_scales(dynamic, onnx_path, int8_path, calibration, ranges)
     finally:
         dynamic.unlink(missing_ok=True)
-    model = OnnxModel(int8_path)
     report = {}
+    model = OnnxModel(int8_path) if eval_sets else None  # a merge scores nothing here (its graph takes tables)
     for split, (encodings, gold, num_labels) in eval_sets.items():
         predicted = batched_logits(model, encodings, pad_id, num_labels).argmax(-1)
         report[split] = classification_metrics(predicted, gold, num_labels)

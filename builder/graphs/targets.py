@@ -12,14 +12,14 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from ptbundle.runtime.format import GRAPHS
+from ptbundle.runtime.format import GRAPHS, task_axis
 from ptbundle.runtime.mindspore_backend import MindSporeModel
 from ptbundle.runtime.onnx_backend import OnnxModel
 
 from ..errors import ExportError
 from .onnx_decoder_classifier import export_decoder_classifier, export_decoder_multitask
 from .onnx_encoder import export_classifier, export_multitask
-from ..models.classifier import MultiTaskClassifier, PromptClassifier
+from ..models.classifier import MultiTaskClassifier, PromptClassifier, TableInputs
 from ..models.decoder import DecoderClassifier, DecoderMultiTask
 from ..models.device import eager
 
@@ -40,11 +40,18 @@ export_onnx.register(DecoderMultiTask, export_decoder_multitask)
 
 
 def export_mindir(net, path: Path) -> Path:
-    """MINDIR with dynamic batch and sequence axes (and task_ids [batch] for a MultiTaskClassifier)."""
+    """MINDIR with dynamic batch and sequence axes (for a merged net, task_ids [batch] and its task tables, any
+    number of tasks: runtime.format)."""
     net.set_train(False)
     spec = Tensor(shape=[None, None], dtype=ms.int32)
-    tasks = (Tensor(shape=[None], dtype=ms.int32),) if net.task_count > 1 else ()
-    ms.export(net, spec, spec, spec, *tasks, file_name=str(Path(path).with_suffix("")), file_format="MINDIR")
+    extra = ()
+    if net.tables is not None:
+        net = TableInputs(net)
+        extra = (Tensor(shape=[None], dtype=ms.int32),) + tuple(
+            Tensor(shape=[None if k == task_axis(name) else d for k, d in enumerate(array.shape)],
+                   dtype=ms.int32 if array.dtype == np.int32 else ms.float32)
+            for name, array in ((n, net.net.tables[n]) for n in net.net.table_order))
+    ms.export(net, spec, spec, spec, *extra, file_name=str(Path(path).with_suffix("")), file_format="MINDIR")
     return Path(path)
 
 
@@ -56,7 +63,7 @@ class Target:
     file: str
     tolerance: float  # max |logit difference| from the trained net on the parity probes
     export: Callable  # (net, path) -> path
-    load: Callable  # (path, device) -> model called like the runtime's backends
+    load: Callable  # (path, device, task tables or None) -> model called like the runtime's backends
 
 
 TARGETS: dict = {}
@@ -71,7 +78,7 @@ def register(target: Target) -> Target:
 # fused kernels sum in another order (the manifest's export.onnx records it:
 # 1.0e-6 on MiniLM).  MindIR is checked on the device the build runs on.
 register(Target("mindir", GRAPHS["mindir"], 1e-5, export_mindir, MindSporeModel))
-register(Target("onnx", GRAPHS["onnx"], 1e-4, export_onnx, lambda path, device: OnnxModel(path)))
+register(Target("onnx", GRAPHS["onnx"], 1e-4, export_onnx, lambda path, device, tables: OnnxModel(path, tables=tables)))
 
 
 def probe_inputs(vocab_size: int, pad_id: int, seed: int = 0, tasks: int = 1):

@@ -11,6 +11,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from ptbundle.runtime.format import TABLE_PREFIX, table_names
+
 from ..errors import RecipeError
 from .encoder import Encoder, TrainDropout, attention_bias
 from .pooling import POOLING
@@ -23,6 +25,7 @@ class HeadState:
     DecoderClassifier (builder.models.decoder) share it; each says what its head_params and prompt are."""
 
     task_count = 1  # tasks the graph serves (a MultiTaskClassifier's task_ids pick among several)
+    tables = None  # a merged net's task tables (TaskTableNet): its graphs' inputs, not in them
 
     def prompt_params(self) -> dict:
         """The prompt's Parameters (trained at the prompt's learning rate)."""
@@ -210,7 +213,8 @@ def pooling_kinds(tasks: list) -> tuple:
 
 def task_tables(config, tasks: list, values: list) -> dict:
     """Every task's prompt and head as stacked arrays, one row per task (`tasks`: TaskHead; `values`: each task's
-    folded prompt and head as a one-task bundle's prompt.safetensors holds them).  Names are the graphs' own.
+    folded prompt and head as a one-task bundle's prompt.safetensors holds them, or its rows of a merged bundle's
+    tables, runtime.format.task_rows, which may be sized for other tasks).  Names are the graphs' own.
 
     A row's sequence is S slots then its text; S is the longest prompt that has states (embedded or entered).
     A prompt's P vectors fill the last P slots, right-aligned against the text; the slots before it are masked.
@@ -242,18 +246,11 @@ def task_tables(config, tasks: list, values: list) -> dict:
         for name in POOLING[kind].table_params:
             out[f"task.{name}"] = None  # filled from the first task that has it
     for t, (task, role, p, own) in enumerate(zip(tasks, roles, lengths, values)):
-        own = dict(own)
-        prompt = own.pop("prompt_embeddings", None)
         if role is None:
             raise TaskTableError(task.name, f"prompt method {task.spec.method!r} has no place in a task table")
-        if (prompt is None) != (p == 0 or role == ""):
-            raise TaskTableError(task.name, f"prompt_embeddings do not match its {p} virtual tokens")
+        # What a row sees and where its text starts follow from the task alone.
         if role in ("embedded", "entered"):
-            if prompt.shape != (p, h):
-                raise TaskTableError(task.name, f"prompt_embeddings {prompt.shape}, expected {(p, h)}")
-            out["task.slot_embeds" if role == "embedded" else "task.late"][t, s - p :] = prompt
-            seen_from = 0 if role == "embedded" else task.spec.layer
-            out["task.visible"][t, seen_from:, q + s - p :] = 1
+            out["task.visible"][t, 0 if role == "embedded" else task.spec.layer :, q + s - p :] = 1
             out["task.first"][t] = s - p
             out["task.text_start"][t] = (p if role == "embedded" else 0) - s
             if role == "entered":
@@ -262,12 +259,24 @@ def task_tables(config, tasks: list, values: list) -> dict:
             out["task.first"][t] = s
             out["task.text_start"][t] = (p if role == "past" else 0) - s
         if role == "past":
-            first, rows = task.spec.layer, (layers - task.spec.layer) * 2 * h
+            out["task.visible"][t, task.spec.layer :, q - p : q] = 1
+        if is_rows(own):
+            place_rows(out, t, task, role, own, q, s)
+            continue
+        own = dict(own)
+        prompt = own.pop("prompt_embeddings", None)
+        if (prompt is None) != (p == 0 or role == ""):
+            raise TaskTableError(task.name, f"prompt_embeddings do not match its {p} virtual tokens")
+        if role in ("embedded", "entered"):
+            if prompt.shape != (p, h):
+                raise TaskTableError(task.name, f"prompt_embeddings {prompt.shape}, expected {(p, h)}")
+            out["task.slot_embeds" if role == "embedded" else "task.late"][t, s - p :] = prompt
+        if role == "past":
+            rows = (layers - task.spec.layer) * 2 * h
             if prompt.shape != (p, rows):
                 raise TaskTableError(task.name, f"prompt_embeddings {prompt.shape}, expected {(p, rows)}")
-            for i in range(first, layers):
+            for i in range(task.spec.layer, layers):
                 out[f"task.past.{i}"][:, t, :, q - p :] = PrefixTuning.past(prompt, task.spec, config, i)
-            out["task.visible"][t, first:, q - p : q] = 1
         wanted = {"classifier.weight", "classifier.bias", *POOLING[task.pooling].table_params}
         if set(own) != wanted:
             raise TaskTableError(task.name, f"head has {sorted(own)}, expected {sorted(wanted)}")
@@ -285,28 +294,82 @@ def task_tables(config, tasks: list, values: list) -> dict:
     return out
 
 
+def is_rows(own: dict) -> bool:
+    """A task given as its rows of a merged bundle's tables (runtime.format.task_rows), not as its own arrays."""
+    return any(k.startswith(TABLE_PREFIX) for k in own)
+
+
+def place_rows(out: dict, t: int, task: TaskHead, role: str, rows: dict, q: int, s: int) -> None:
+    """Row t of the learned tables from a task's rows of another merged bundle's: the same vectors, right-aligned
+    against the text again (the other tables may hold more slots or longer prefixes) and the head's labels first,
+    so its outputs are the same; what task_tables derives from the task itself (visibility, positions) it keeps."""
+    p = task.spec.virtual_tokens
+    if role in ("embedded", "entered") and p:
+        name = "task.slot_embeds" if role == "embedded" else "task.late"
+        out[name][t, s - p :] = rows[name][rows[name].shape[0] - p :]
+    if role == "past":
+        for i in range(task.spec.layer, len(out["task.enters"][t])):
+            past = rows[f"task.past.{i}"]  # [2, heads, Q', head_dim]
+            out[f"task.past.{i}"][:, t, :, q - p :] = past[:, :, past.shape[2] - p :]
+    out["task.classifier.weight"][t, :, : task.num_labels] = rows["task.classifier.weight"][:, : task.num_labels]
+    out["task.classifier.bias"][t, : task.num_labels] = rows["task.classifier.bias"][: task.num_labels]
+    for name in POOLING[task.pooling].table_params:
+        if out[f"task.{name}"] is None:
+            out[f"task.{name}"] = np.zeros((len(out["task.pooling"]),) + rows[f"task.{name}"].shape, np.float32)
+        out[f"task.{name}"][t] = rows[f"task.{name}"]
+
+
 class TaskTableNet:
-    """What both merged nets (MultiTaskClassifier, builder.models.decoder.DecoderMultiTask) hold: the tasks, each
-    one's folded prompt and head as given (head_state), and the shape of their tables."""
+    """What both merged nets (MultiTaskClassifier, builder.models.decoder.DecoderMultiTask) share: the tasks, the
+    shape of their tables, and the tables themselves, which their graphs take as inputs (runtime.format).
+
+    A net's `forward(..., tables)` reads the tables it is given, in table_names' order: `construct` gives it
+    the ones it holds, the graph it exports (TableInputs) the ones the runtime feeds."""
 
     spec = None  # one prompt per task (specs), not one for the graph
+    tables = None
 
-    def hold_tasks(self, tasks: list, values: list, shape: TableShape) -> None:
+    def hold_tasks(self, tasks: list, tables: dict, shape: TableShape) -> None:
         self.specs = tuple(tasks)
-        self.values = [{k: np.asarray(v, np.float32).copy() for k, v in own.items()} for own in values]
         self.task_count = len(self.specs)
         self.shape = shape
         self.slots, self.past_len, self.past_from = shape.slots, shape.past, shape.past_from
+        self.tables = tables
+        self.table_order = tuple(table_names(tables))
+        self.at = {name: k for k, name in enumerate(self.table_order)}
+        self.held = tuple(Tensor(tables[name]) for name in self.table_order)
+
+    def table(self, tables: tuple, name: str):
+        return tables[self.at[name]]
+
+    def rows(self, tables: tuple, name: str, task_ids):
+        """Each row's entry of the table `name` (its task's)."""
+        return ops.gather(tables[self.at[name]], task_ids, 0)
 
     def head_state(self) -> dict:
-        """Every task's prompt and head, keyed "<task>/<name>" (names as in a one-task bundle), as numpy."""
-        return {f"{spec.name}/{k}": v.copy() for spec, own in zip(self.specs, self.values) for k, v in own.items()}
+        """The task tables: what a merged bundle's prompt.safetensors holds (runtime.format)."""
+        return {name: array.copy() for name, array in self.tables.items()}
+
+    def construct(self, input_ids, attention_mask, token_type_ids, task_ids):
+        return self.forward(input_ids, attention_mask, token_type_ids, task_ids, self.held)
+
+
+class TableInputs(nn.Cell):
+    """A merged net whose task tables are inputs after task_ids (runtime.format): what its MindIR holds."""
+
+    def __init__(self, net: TaskTableNet):
+        super().__init__(auto_prefix=False)
+        self.net = net
+
+    def construct(self, input_ids, attention_mask, token_type_ids, task_ids, *tables):
+        return self.net.forward(input_ids, attention_mask, token_type_ids, task_ids, tables)
 
 
 class MultiTaskClassifier(TaskTableNet, nn.Cell):
     """Several tasks' prompts and heads on one frozen encoder, each row of a batch its own task.
 
-    inputs:  input_ids, attention_mask, token_type_ids  (int32, [batch, seq]), task_ids (int32, [batch])
+    inputs:  input_ids, attention_mask, token_type_ids  (int32, [batch, seq]), task_ids (int32, [batch]),
+             and in its graphs the task tables (runtime.format)
     output:  logits [batch, widest task's labels]; a row's own labels first, zeros after
 
     Every prompt method with a `table_role` (builder.models.prompts) and every
@@ -326,46 +389,34 @@ class MultiTaskClassifier(TaskTableNet, nn.Cell):
         super().__init__()
         cfg = encoder.config
         self.encoder = encoder
-        self.hold_tasks(tasks, values, table_shape(cfg, tasks))
-        tables = task_tables(cfg, self.specs, self.values)
+        self.hold_tasks(tasks, task_tables(cfg, tasks, values), table_shape(cfg, tasks))
         self.kinds = pooling_kinds(tasks)
         self.layer_count = cfg.num_layers
-        self.enter_at = tuple(bool(e) for e in tables["task.enters"].any(0))  # layers where some prompt enters
+        # Layers where some prompt enters: the graph's structure, fixed by the tasks it is built for.
+        self.enter_at = tuple(bool(e) for e in self.tables["task.enters"].any(0))
+        self.has_late = "task.late" in self.tables
         self.room = cfg.max_positions - cfg.position_offset
         self.position_offset = cfg.position_offset
         self.slot_index = Tensor(np.arange(self.slots + self.room, dtype=np.int32))
-        self.tables = tables
-        # Constants, not Parameters: nothing here trains, and MindIR then folds them like the encoder's weights.
-        const = lambda name: Tensor(tables[name])  # noqa: E731
-        self.visible, self.text_start, self.first = const("task.visible"), const("task.text_start"), const("task.first")
-        self.enters, self.pooling_kind = const("task.enters"), const("task.pooling")
-        self.normalize = const("task.normalize")
-        self.classifier_weight, self.classifier_bias = const("task.classifier.weight"), const("task.classifier.bias")
-        self.slot_embeds = const("task.slot_embeds") if self.slots else None
-        self.late = const("task.late") if "task.late" in tables else None
-        # A prefix's keys as model.Attention holds them: [T, heads, head_dim, Q]; values [T, heads, Q, head_dim].
-        self.past_keys = tuple(Tensor(np.ascontiguousarray(tables[f"task.past.{i}"][0].transpose(0, 1, 3, 2)))
-                               for i in range(self.past_from, cfg.num_layers))
-        self.past_values = tuple(Tensor(tables[f"task.past.{i}"][1]) for i in range(self.past_from, cfg.num_layers))
-        self.pooling_tables = tuple(tuple(const(f"task.{name}") for name in POOLING[kind].table_params)
-                                    for kind in self.kinds)
+        self.pooling_params = tuple(tuple(f"task.{name}" for name in POOLING[kind].table_params) for kind in self.kinds)
 
-    def construct(self, input_ids, attention_mask, token_type_ids, task_ids):
+    def forward(self, input_ids, attention_mask, token_type_ids, task_ids, tables):
         b, s = input_ids.shape
         slots = self.slots
         emb = self.encoder.embeddings
         x = ops.gather(emb.word, input_ids, 0)
         types = token_type_ids
         if slots > 0:
-            x = ops.concat((ops.gather(self.slot_embeds, task_ids, 0), x), 1)
+            x = ops.concat((self.rows(tables, "task.slot_embeds", task_ids), x), 1)
             types = ops.concat((ops.zeros((b, slots), types.dtype), types), 1)
         # Slot m of a row is position m + text_start (text_start <= 0: slots before the task's prompt clamp to 0).
-        positions = self.slot_index[: slots + s].expand_dims(0) + ops.gather(self.text_start, task_ids, 0).expand_dims(1)
+        positions = (self.slot_index[: slots + s].expand_dims(0)
+                     + self.rows(tables, "task.text_start", task_ids).expand_dims(1))
         positions = ops.minimum(ops.maximum(positions, 0), self.room - 1) + self.position_offset
         x = emb.finish(x + ops.gather(emb.position, positions, 0), types)
-        visible = ops.gather(self.visible, task_ids, 0)  # [b, layers, Q + S]
-        enters = ops.gather(self.enters, task_ids, 0) > 0
-        late = ops.gather(self.late, task_ids, 0) if self.late is not None else None
+        visible = self.rows(tables, "task.visible", task_ids)  # [b, layers, Q + S]
+        enters = self.rows(tables, "task.enters", task_ids) > 0
+        late = self.rows(tables, "task.late", task_ids) if self.has_late else None
         q = self.past_len
         for i in range(self.layer_count):
             if self.enter_at[i]:  # an entered prompt replaces its rows' slot states here
@@ -373,26 +424,27 @@ class MultiTaskClassifier(TaskTableNet, nn.Cell):
                                            late, x[:, :slots]), x[:, slots:]), 1)
             if i >= self.past_from:
                 bias = attention_bias(ops.concat((visible[:, i], attention_mask), 1))
-                keys = ops.gather(self.past_keys[i - self.past_from], task_ids, 0)
-                values = ops.gather(self.past_values[i - self.past_from], task_ids, 0)
-                x = self.encoder.layers[i](x, bias, keys, values)
+                past = ops.gather(self.table(tables, f"task.past.{i}"), task_ids, 1)  # [2, b, heads, Q, head_dim]
+                # keys as model.Attention holds them: [b, heads, head_dim, Q]
+                x = self.encoder.layers[i](x, bias, past[0].transpose(0, 1, 3, 2), past[1])
             else:
                 bias = attention_bias(ops.concat((visible[:, i, q:], attention_mask), 1))
                 x = self.encoder.layers[i](x, bias)
         first = (self.slot_index[: slots + 1].expand_dims(0)
-                 == ops.gather(self.first, task_ids, 0).expand_dims(1)).astype(ms.float32)  # [b, S + 1]
-        kind = ops.gather(self.pooling_kind, task_ids, 0).reshape(b, 1)
+                 == self.rows(tables, "task.first", task_ids).expand_dims(1)).astype(ms.float32)  # [b, S + 1]
+        kind = self.rows(tables, "task.pooling", task_ids).reshape(b, 1)
         pooled = None
         for k in range(len(self.kinds)):
             params = ()
-            for table in self.pooling_tables[k]:
-                params = params + (ops.gather(table, task_ids, 0),)
+            for name in self.pooling_params[k]:
+                params = params + (self.rows(tables, name, task_ids),)
             rows = POOLING[self.kinds[k]].rows(x, attention_mask, first, params)
             pooled = rows if pooled is None else ops.select((kind == k).broadcast_to(rows.shape), rows, pooled)
-        normalize = (ops.gather(self.normalize, task_ids, 0) > 0).reshape(b, 1).broadcast_to(pooled.shape)
+        normalize = (self.rows(tables, "task.normalize", task_ids) > 0).reshape(b, 1).broadcast_to(pooled.shape)
         pooled = ops.select(normalize, unit_length(pooled), pooled)
-        weight = ops.gather(self.classifier_weight, task_ids, 0)  # [b, hidden, width]
-        return ops.matmul(pooled.expand_dims(1), weight).squeeze(1) + ops.gather(self.classifier_bias, task_ids, 0)
+        weight = self.rows(tables, "task.classifier.weight", task_ids)  # [b, hidden, width]
+        return (ops.matmul(pooled.expand_dims(1), weight).squeeze(1)
+                + self.rows(tables, "task.classifier.bias", task_ids))
 
 
 class Features(nn.Cell):

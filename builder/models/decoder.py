@@ -26,7 +26,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from ..backbones.configs import DecoderConfig
 from ..errors import RecipeError
-from .classifier import HeadState, TableShape, TaskTableError, TaskTableNet
+from .classifier import HeadState, TableShape, TaskTableError, TaskTableNet, is_rows
 from .device import eager
 from .onnx_ops import MASK_FILL
 from .prompts import PROMPTS, PromptSpec
@@ -395,10 +395,18 @@ def decoder_task_tables(decoder: Decoder, tasks: list, values: list) -> dict:
     cfg = decoder.config
     layers = cfg.num_layers
     _, q, width, past_from = decoder_table_shape(cfg, tasks)
-    caches, starts, firsts = [], [], []
+    caches, starts, firsts, heads = [], [], [], []
     for task, own in zip(tasks, values):
         if not PROMPTS[task.spec.method].decoders:
             raise TaskTableError(task.name, f"prompt method {task.spec.method!r} does not run on a decoder")
+        starts.append(task.spec.positions())
+        if is_rows(own):  # its rows of another merged bundle's tables: the cache and head as they are there
+            cache, head = cache_of_rows(own, task.num_labels)
+            caches.append(cache)
+            heads.append(head)
+            firsts.append(min([int(k.split(".")[1]) for k in cache], default=layers))
+            continue
+        heads.append(own)
         net = DecoderClassifier(decoder, task.num_labels, task.spec)
         try:
             net.load_head_state(own)
@@ -407,7 +415,6 @@ def decoder_task_tables(decoder: Decoder, tasks: list, values: list) -> dict:
         except ValueError as e:
             raise TaskTableError(task.name, f"{e}") from e
         caches.append(net.prompt_cache())
-        starts.append(task.spec.positions())
         firsts.append(net.split if caches[-1] else layers)
     n = len(tasks)
     out = {"task.visible": np.zeros((n, layers, q), np.int32), "task.text_start": np.array(starts, np.int32),
@@ -415,7 +422,7 @@ def decoder_task_tables(decoder: Decoder, tasks: list, values: list) -> dict:
            "task.classifier.bias": np.zeros((n, width), np.float32)}
     for i in range(past_from, layers):
         out[f"task.past.{i}"] = np.zeros((2, n, cfg.num_kv_heads, q, cfg.head_dim), np.float32)
-    for t, (task, cache, first, own) in enumerate(zip(tasks, caches, firsts, values)):
+    for t, (task, cache, first, own) in enumerate(zip(tasks, caches, firsts, heads)):
         for i in range(first, layers):
             p = cache[f"key.{i}"].shape[1]
             out[f"task.past.{i}"][0, t, :, q - p :] = cache[f"key.{i}"]
@@ -424,6 +431,20 @@ def decoder_task_tables(decoder: Decoder, tasks: list, values: list) -> dict:
         out["task.classifier.weight"][t, :, : task.num_labels] = np.asarray(own["classifier.weight"], np.float32).T
         out["task.classifier.bias"][t, : task.num_labels] = own["classifier.bias"]
     return out
+
+
+def cache_of_rows(rows: dict, num_labels: int) -> tuple:
+    """A task's prompt cache ("key.{i}"/"value.{i}", as prompt_cache gives it) and head (one-task names) from its
+    rows of a merged bundle's tables: the keys it sees, at the layers where it sees any."""
+    cache = {}
+    for i, seen in enumerate(rows["task.visible"]):
+        p = int(seen.sum())
+        if p:
+            past = rows[f"task.past.{i}"]  # [2, kv_heads, Q', head_dim], right-aligned
+            cache[f"key.{i}"], cache[f"value.{i}"] = past[0][:, past.shape[2] - p :], past[1][:, past.shape[2] - p :]
+    head = {"classifier.weight": rows["task.classifier.weight"][:, :num_labels].T,
+            "classifier.bias": rows["task.classifier.bias"][:num_labels]}
+    return cache, head
 
 
 class DecoderMultiTask(TaskTableNet, nn.Cell):
@@ -441,34 +462,26 @@ class DecoderMultiTask(TaskTableNet, nn.Cell):
         super().__init__()
         cfg = decoder.config
         self.decoder = decoder
-        self.hold_tasks(tasks, values, decoder_table_shape(cfg, tasks))
-        self.tables = decoder_task_tables(decoder, self.specs, self.values)
+        self.hold_tasks(tasks, decoder_task_tables(decoder, tasks, values), decoder_table_shape(cfg, tasks))
         self.layer_count = cfg.num_layers
-        const = lambda name: Tensor(self.tables[name])  # noqa: E731
-        self.visible, self.text_start = const("task.visible"), const("task.text_start")
-        self.classifier_weight, self.classifier_bias = const("task.classifier.weight"), const("task.classifier.bias")
-        self.past_keys = tuple(Tensor(self.tables[f"task.past.{i}"][0]) for i in range(self.past_from, cfg.num_layers))
-        self.past_values = tuple(Tensor(self.tables[f"task.past.{i}"][1])
-                                 for i in range(self.past_from, cfg.num_layers))
         self.index = Tensor(np.arange(cfg.max_positions, dtype=np.int32))
 
-    def construct(self, input_ids, attention_mask, token_type_ids, task_ids):
+    def forward(self, input_ids, attention_mask, token_type_ids, task_ids, tables):
         b, s = input_ids.shape
         x = self.decoder.embed(input_ids)
-        positions = self.index[:s].expand_dims(0) + ops.gather(self.text_start, task_ids, 0).expand_dims(1)
+        positions = self.index[:s].expand_dims(0) + self.rows(tables, "task.text_start", task_ids).expand_dims(1)
         cos = ops.gather(self.decoder.cos, positions, 0).expand_dims(1)  # [b, 1, s, head_dim]: a row's own
         sin = ops.gather(self.decoder.sin, positions, 0).expand_dims(1)
         text_bias = self.decoder.mask_bias(attention_mask, 0)  # [b, 1, s, s]
-        visible = ops.gather(self.visible, task_ids, 0)  # [b, layers, Q]
+        visible = self.rows(tables, "task.visible", task_ids)  # [b, layers, Q]
         pick = last_token_rows(attention_mask).expand_dims(2)
         q = self.past_len
         for i in range(self.layer_count):
             past = ()
             bias = text_bias
             if i >= self.past_from:
-                keys = ops.gather(self.past_keys[i - self.past_from], task_ids, 0)  # [b, kv, Q, d]
-                values = ops.gather(self.past_values[i - self.past_from], task_ids, 0)
-                past = (keys, values)
+                cache = ops.gather(self.table(tables, f"task.past.{i}"), task_ids, 1)  # [2, b, kv, Q, d]
+                past = (cache[0], cache[1])
                 prompt_bias = (1.0 - visible[:, i].astype(ms.float32)) * MASK_FILL
                 bias = ops.concat((ops.broadcast_to(prompt_bias.reshape(b, 1, 1, q), (b, 1, s, q)), text_bias), 3)
             if i < self.layer_count - 1:
@@ -476,5 +489,6 @@ class DecoderMultiTask(TaskTableNet, nn.Cell):
             else:
                 x = self.decoder.layers[i].last_row(x, pick, bias, cos, sin, *past)
         features = self.decoder.norm(x[:, 0])
-        weight = ops.gather(self.classifier_weight, task_ids, 0)  # [b, hidden, width]
-        return ops.matmul(features.expand_dims(1), weight).squeeze(1) + ops.gather(self.classifier_bias, task_ids, 0)
+        weight = self.rows(tables, "task.classifier.weight", task_ids)  # [b, hidden, width]
+        return (ops.matmul(features.expand_dims(1), weight).squeeze(1)
+                + self.rows(tables, "task.classifier.bias", task_ids))

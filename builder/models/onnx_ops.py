@@ -27,6 +27,15 @@ class Graph:
 
     def __init__(self):
         self.nodes, self.initializers, self.count = [], [], 0
+        self.inputs = []  # (name, element type, axes) of inputs beyond the caller's: task tables (table_input)
+
+    def table_input(self, name: str, value: np.ndarray, axis: int) -> str:
+        """An input shaped like `value` but for its axis `axis`, which is any length ("tasks"): a merged graph's
+        task table (runtime.format), fed by the runtime instead of stored in the graph."""
+        if name not in {i[0] for i in self.inputs}:
+            dims = [d if k != axis else "tasks" for k, d in enumerate(value.shape)]
+            self.inputs.append((name, helper.np_dtype_to_tensor_dtype(value.dtype), dims))
+        return name
 
     def const(self, name: str, value, dtype=None) -> str:
         """An initializer; a name already taken (an emitter used once per task) gets a suffix."""
@@ -70,7 +79,8 @@ def linear(g: Graph, w: dict, name: str, x: str, output: str | None = None) -> s
 def model_proto(g: Graph, name: str, inputs: list, outputs: list, opset: int = OPSET) -> onnx.ModelProto:
     """The ModelProto of `g`'s nodes and initializers; `inputs`, `outputs`: (name, element type, axes)."""
     info = lambda spec: helper.make_tensor_value_info(*spec)  # noqa: E731
-    graph = helper.make_graph(g.nodes, name, [info(i) for i in inputs], [info(o) for o in outputs], g.initializers)
+    graph = helper.make_graph(g.nodes, name, [info(i) for i in list(inputs) + g.inputs], [info(o) for o in outputs],
+                              g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(CONTRIB, 1)],
                               producer_name="ptbundle")
     model.ir_version = IR_VERSIONS[opset]

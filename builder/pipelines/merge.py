@@ -19,8 +19,9 @@ import numpy as np
 from mindspore import Tensor
 from safetensors.numpy import load_file
 
-from ptbundle.runtime.format import (CALIBRATION_DETAIL, GRAPHS, PEFT_CALIBRATION, PEFT_CONFIG, PROMPT, TOKENIZER,
-                                     TRAINING_LOG, Manifest, Task, parse_bundle_spec, read_json_object, verify_files)
+from ptbundle.runtime.format import (CALIBRATION_DETAIL, GRAPHS, PEFT_CALIBRATION, PEFT_CONFIG, PROMPT, TABLE_PREFIX,
+                                     TOKENIZER, TRAINING_LOG, Manifest, Task, parse_bundle_spec, read_json_object,
+                                     read_tables, task_rows, verify_files)
 from ptbundle.runtime.onnx_backend import OnnxModel
 
 from ..backbones.backbone import load_backbone
@@ -76,7 +77,9 @@ def read_source(spec: str) -> tuple:
             raise BuildError(f"{path}: task {task.name!r} uses prompt method {task.prompt_method!r}; merge can fold"
                              f" {mergeable}")
         if manifest.multi_task:
-            own = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(task.name + "/")}
+            tables = {k: v for k, v in state.items() if k.startswith(TABLE_PREFIX)}
+            own = (task_rows(tables, i) if tables else  # its rows of the tables; before they were, its own arrays
+                   {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(task.name + "/")})
             curve = (curves or {}).get(task.name)
         else:
             own, curve = state, curves
@@ -196,8 +199,8 @@ def merge(specs: list, destination: Path, backbone_path, device: str, log, add: 
                         backbone=first.backbone if first is not None else backbone_info(backbone), device=device)
 
     def against_sources(directory: Path) -> dict:
-        worst, checked = check_sources(directory / GRAPHS["onnx"], tasks, backbone, pad_id,
-                                       exact=base if add and not grown else None)
+        worst, checked = check_sources(OnnxModel(directory / GRAPHS["onnx"], tables=net.tables), tasks, backbone,
+                                       pad_id, exact=base if add and not grown else None)
         return {"sources": worst, "sources_checked": checked}
 
     return write_bundle(destination, net, backbone, manifest, {t.task.name: t.curve for t in tasks}, int8=int8,
@@ -234,7 +237,7 @@ def source_model(t: SourceTask, backbone):
     """What a task's rows must equal: its own bundle's ONNX graph, or for an adapter the net `pt-build import`
     would build of it (an adapter has no graph of its own)."""
     if not is_adapter(t.bundle):
-        return OnnxModel(t.bundle / GRAPHS["onnx"])
+        return OnnxModel(t.bundle / GRAPHS["onnx"], tables=read_tables(t.bundle / PROMPT))
     spec = PromptSpec.recorded(t.task.prompt_method, t.task.num_virtual_tokens, t.task.details)
     net = PromptClassifier(ENCODER.model(backbone), spec.virtual_tokens, len(t.task.labels), t.task.pooling, spec=spec)
     net.load_head_state(t.state)
@@ -246,11 +249,10 @@ def source_model(t: SourceTask, backbone):
     return run
 
 
-def check_sources(merged_graph: Path, tasks: list, backbone, pad_id: int, exact=None) -> tuple:
+def check_sources(merged, tasks: list, backbone, pad_id: int, exact=None) -> tuple:
     """(max |logit difference|, tasks checked): a sample of the tasks (source_sample), their rows in batches
     that mix them, against their own bundle's graph (or adapter's net).  With `exact` (the bundle --add joins,
-    its tables unchanged), its tasks' rows must equal its graph's to the bit."""
-    merged = OnnxModel(merged_graph)
+    its tables unchanged), its tasks' rows must equal its graph's to the bit.  `merged`: its ONNX graph, opened."""
     sample = source_sample(tasks, exact)
     models = {}
     worst = 0.0

@@ -488,3 +488,11 @@ def test_decoder_bundles_merge_and_each_row_reads_its_own_prompt(decoder_build, 
         for (name, text), row in zip(rows, got):
             want = Bundle.load(sources[name]).logits([text])[0]
             np.testing.assert_allclose(row[: len(want)], want, atol=1e-4, err_msg=f"{backend} {name}")
+    # --add re-reads the merged tasks from their rows of the tables (a shallow prompt's cache cannot be undone into
+    # its prompt): the merge itself checks them unchanged to the bit, and the new task equals its own bundle.
+    before = Bundle.load(merged_dir).logits(texts, task="shallow")
+    build(["merge", "--add", str(merged_dir), f"again={sources['shallow']}", "--backbone", str(gguf)])
+    grown = Bundle.load(merged_dir)
+    assert grown.task_names == [*sources, "again"]
+    assert np.array_equal(grown.logits(texts, task="shallow"), before)
+    np.testing.assert_allclose(grown.logits(texts, task="again"), before, atol=1e-5)

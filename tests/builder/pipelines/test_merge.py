@@ -6,11 +6,13 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from safetensors.numpy import load_file
 
 from conftest import MIXED_TEXTS as TEXTS, build, mixed_rows
 from ptbundle.builder.cli import cli as build_cli
 from ptbundle.runtime import Bundle
 from ptbundle.runtime.cli import cli as run_cli
+import onnx  # after MindSpore (builder.cli): the other order breaks protobuf
 
 def test_merged_manifest_keeps_every_task(merged_bundle):
     out, sources = merged_bundle
@@ -116,6 +118,32 @@ def test_merged_bundles_merge_again(merged_bundle, tiny_build, tiny_bert, tmp_pa
     merged = Bundle.load(again)
     assert merged.task_names == ["sentiment", "zeroshot", "probe", "pairs", "prefix", "prefix1", "late", "extra"]
     np.testing.assert_allclose(merged.logits(TEXTS, task="extra"), merged.logits(TEXTS, task="sentiment"), atol=1e-5)
+    np.testing.assert_allclose(Bundle.load(again, backend="mindspore").logits(TEXTS, task="extra"),
+                               merged.logits(TEXTS, task="sentiment"), atol=1e-5)
+
+
+def test_task_tables_are_stored_once_and_fed_to_every_graph(merged_bundle, tiny_bert, tmp_path):
+    """The tables live in prompt.safetensors alone: each graph takes them as inputs, so a graph does not grow with
+    the tasks it serves (7 tasks and 14 give graphs of one size)."""
+    out, sources = merged_bundle
+    tables = load_file(str(out / "prompt.safetensors"))
+    assert tables and all(k.startswith("task.") for k in tables)
+    assert tables["task.classifier.weight"].shape[0] == 7 and tables["task.past.1"].shape[1] == 7
+    for graph in ("model.onnx", "model.int8.onnx"):
+        if not (out / graph).exists():
+            continue
+        model = onnx.load(str(out / graph))
+        assert not [t.name for t in model.graph.initializer if t.name.startswith("task.")]
+        assert {i.name for i in model.graph.input} == {"input_ids", "attention_mask", "token_type_ids", "task_ids",
+                                                       *tables}
+    twice = tmp_path / "twice"
+    build(["merge", str(out), *(f"{k}2={v}" for k, v in sources.items()), "--out", str(twice),
+           "--backbone", str(tiny_bert)])
+    for graph in ("model.onnx", "model.mindir"):
+        assert abs((twice / graph).stat().st_size - (out / graph).stat().st_size) < 1024, graph
+    assert (twice / "prompt.safetensors").stat().st_size > 1.9 * (out / "prompt.safetensors").stat().st_size
+    doubled = Bundle.load(twice)
+    np.testing.assert_array_equal(doubled.logits(TEXTS, task="late2"), doubled.logits(TEXTS, task="late"))
 
 
 def test_one_builds_bundles_merge_without_renaming_and_keep_their_names(tmp_path, tiny_build, tiny_bert):
@@ -210,6 +238,9 @@ def test_int8_merge_from_the_ranges_each_source_records(merged_bundle, tiny_bert
         np.testing.assert_allclose(got, own.logits(TEXTS), atol=1e-2)
         assert np.abs(got - fp32).max() > 1e-5  # it is the int8 graph that answered
     assert all("int8" not in t.metrics for t in merged.manifest.tasks)  # its sources' int8 figures are not its own
+    int8_graph = onnx.load(str(out / "model.int8.onnx"))  # takes the tables like model.onnx, holds none of them
+    assert not [t.name for t in int8_graph.graph.initializer if t.name.startswith("task.")]
+    assert "task.past.0" in {i.name for i in int8_graph.graph.input}
     # A source without ranges is refused by name, and nothing is written.
     assert "records no int8 calibration ranges" in merge_error([f"prefix={sources['prefix']}", sources["late"],
                                                                "--quantize", "int8", "--out", tmp_path / "no",
