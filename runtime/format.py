@@ -91,7 +91,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
 
 from .errors import BundleError
 
@@ -141,11 +140,32 @@ def task_axis(name: str) -> int:
     return 1 if name.startswith(TABLE_PREFIX + "past.") else 0
 
 
+SAFETENSORS_DTYPES = {"F32": np.float32, "I32": np.int32}  # what task tables hold
+
+
 def read_tables(path: Path) -> dict:
-    """The task tables in a merged bundle's prompt.safetensors (none in one written before they were inputs)."""
+    """The task tables in a merged bundle's prompt.safetensors (none in one written before they were inputs), mapped
+    from the file read-only rather than read into memory: a row's pages load when a request first uses it, and
+    processes serving one bundle share them.  (safetensors' own reader copies every tensor.)"""
     try:
-        return {k: v for k, v in load_file(str(path)).items() if k.startswith(TABLE_PREFIX)}
-    except Exception as e:  # safetensors raises its own error types for a damaged file
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        start = 8 + size
+        tables = {}
+        for name, entry in header.items():
+            if not name.startswith(TABLE_PREFIX):
+                continue
+            if entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{name}: dtype {entry['dtype']}, not one of {', '.join(SAFETENSORS_DTYPES)}")
+            begin, end = entry["data_offsets"]
+            dtype, shape = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]]), tuple(entry["shape"])
+            if end - begin != dtype.itemsize * int(np.prod(shape)):
+                raise ValueError(f"{name}: {end - begin} bytes for shape {list(shape)}")
+            tables[name] = (np.memmap(path, dtype, "r", start + begin, shape) if end > begin
+                            else np.zeros(shape, dtype))
+        return tables
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged or foreign file
         raise BundleError(f"{path}: cannot read the task tables ({str(e).splitlines()[0][:200]})") from e
 
 

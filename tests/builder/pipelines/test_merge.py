@@ -272,3 +272,18 @@ def test_a_task_that_does_not_fit_the_tables_is_refused_naming_its_bundle(merged
     (bad / "manifest.json").write_text(json.dumps(manifest))
     error = merge_error([f"bad={bad}", merged_bundle[1]["prefix"], "--out", tmp_path / "m", "--backbone", tiny_bert])
     assert f"{bad}: prompt.safetensors: task bad: classifier.weight" in error and not (tmp_path / "m").exists()
+
+
+def test_damaged_task_tables_are_one_line_errors(merged_bundle, tmp_path):
+    """The tables feed every graph: a changed file fails its hash, and one read unchecked fails by name, never as
+    a traceback from deep inside onnxruntime."""
+    from ptbundle.runtime.errors import BundleError
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(merged_bundle[0], damaged)
+    tables = damaged / "prompt.safetensors"
+    tables.write_bytes(tables.read_bytes()[:-100])
+    with pytest.raises(BundleError, match="prompt.safetensors.*sha256"):
+        Bundle.load(damaged)
+    with pytest.raises(BundleError, match="prompt.safetensors: cannot read the task tables"):
+        Bundle.load(damaged, verify=False)
