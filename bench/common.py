@@ -272,7 +272,8 @@ PRODUCT = {
     "calibration_batches": "ptbundle.builder.lab:calibration_batches",
     "HEAD_NODES": "ptbundle.builder.lab:HEAD_NODES",
     "ENCODER_MASK_FILL": "ptbundle.builder.lab:MASK_FILL",
-    "UNFUSED": "ptbundle.runtime.onnx_backend:UNFUSED",  # the fusion passes the runtime turns off
+    "UNFUSED": "ptbundle.runtime.onnx_backend:UNFUSED",  # the fusion passes the "unfused" variant turns off
+    "TUNING_BUDGETS": "ptbundle.runtime.tuning:BUDGETS",  # the token budgets runtime.tuning times
     "ONNX_PAD_MULTIPLE": "ptbundle.runtime.onnx_backend:OnnxModel.pad_multiple",
     "use_device": "ptbundle.builder.lab:use_device",
     "Recipe": "ptbundle.builder.lab:Recipe",

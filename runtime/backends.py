@@ -6,9 +6,11 @@
                   decoder.mindir (a static KV cache: runtime.mindspore_generate)
 
 A new backend is one module with a model class (opened with the graph's
-path, the device and a merged bundle's task tables; called with int32
-(ids, mask, types[, task_ids]) arrays, returning float32 logits; a
-`pad_multiple` attribute), for generation bundles a decoder session class (the interface
+path, the device, a merged bundle's task tables and a variant; called
+with int32 (ids, mask, types[, task_ids]) arrays, returning float32
+logits; attributes `pad_multiple`, `variants` (ways to open the graph
+that runtime.tuning times on the CPU at hand), `tuned`, `version` and
+`token_budget`), for generation bundles a decoder session class (the interface
 of runtime.generate.DecoderSession, opened by its `open` classmethod), and
 one `register(...)` line here.  Backends are imported only when used, so
 the runtime pulls in neither MindSpore nor onnxruntime until a bundle
@@ -43,9 +45,14 @@ class Backend:
                               if others else f"no backend runs {precision} graphs")
         return files(self)[precision]
 
-    def open(self, path: Path, device: str, tables: dict | None = None):
-        """The graph at `path` as a model; `tables`: a merged bundle's task tables (runtime.format), fed every call."""
-        return self.load_class(self.model_class, device)(path, device, tables=tables)
+    def open(self, path: Path, device: str, tables: dict | None = None, variant: str | None = None):
+        """The graph at `path` as a model; `tables`: a merged bundle's task tables (runtime.format), fed every call;
+        `variant`: one of the model class's `variants` (runtime.tuning chooses)."""
+        return self.load_class(self.model_class, device)(path, device, tables=tables, variant=variant)
+
+    def model_type(self, device: str):
+        """The model class (its `variants`, `tuned`, `version`)."""
+        return self.load_class(self.model_class, device)
 
     def open_decoder(self, path: Path, device: str, prompt_cache: dict, generation: dict):
         """A generation bundle's decoder session; `generation` is its task's details["generation"]."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backends
+from . import backends, tuning
 from .errors import BundleError, InputError, TemplateError
 from .format import (DECODER_GRAPHS, MANIFEST, PROMPT, PROMPT_CACHE, TOKENIZER, Manifest, Task, read_tables,
                      verify_files)
@@ -94,7 +94,7 @@ class Bundle:
             # of the GIL, and a cold start is mostly these two.
             check = pool.submit(verify_files, directory, manifest, [TOKENIZER, graph]) if verify else None
             try:
-                model = runner.open(directory / graph, device, tables)
+                model = open_tuned(runner, directory / graph, device, tables, manifest)
                 check_width(directory, manifest, model, graph)
                 bundle = cls(directory, manifest, model, directory / TOKENIZER)
             except Exception:
@@ -310,22 +310,39 @@ def read_template(task: Task, directory: Path, index: int):
         raise BundleError(f"{directory / MANIFEST}: field 'tasks[{index}].template': {e}") from e
 
 
+def open_tuned(runner, path: Path, device: str, tables: dict | None, manifest: Manifest):
+    """The graph opened as the fastest variant and token budget measured on this CPU (runtime.tuning)."""
+    kind = runner.model_type(device)
+    if not kind.tuned:
+        return runner.open(path, device, tables)
+    key = tuning.key_of(runner.name, kind.version, manifest.backbone.sha256, path.name, manifest.multi_task)
+    about = {"backend": f"{runner.name} {kind.version}", "backbone": manifest.backbone.name, "graph": path.name}
+    model, choice = tuning.tune(lambda variant: runner.open(path, device, tables, variant), kind.variants, key,
+                                manifest.multi_task, about)
+    model.token_budget = choice.token_budget
+    return model
+
+
 def batched_logits(model, encodings, pad_id: int, num_labels: int, batch_size: int = 64,
                    sort_by_length: bool = True, task_ids: np.ndarray | None = None) -> np.ndarray:
     """Run `model` over batches (length-sorted by default); logits come back in input order.
 
-    `task_ids` (a multi-task graph): each row's task; rows of different tasks share batches.
+    `task_ids` (a multi-task graph): each row's task; rows of different tasks share batches.  A batch runs as
+    calls of at most the model's `token_budget` padded tokens (runtime.tuning), which changes its speed only.
     """
     out = np.zeros((len(encodings), num_labels), np.float32)
-    for index in batch_indices([len(e.ids) for e in encodings], batch_size, sort_by_length):
-        arrays = pad([encodings[i] for i in index], pad_id, model.pad_multiple)
-        if task_ids is not None:
-            arrays = (*arrays, task_ids[index])
-        logits = model(*arrays)
-        if logits.shape[-1] < num_labels:  # a backend that does not know its graph's width before running it
-            raise BundleError(f"{getattr(model, 'path', 'the graph')}: {logits.shape[-1]} logits per row, fewer"
-                              f" than the {num_labels} labels its {MANIFEST} lists")
-        out[index] = logits[:, :num_labels]
+    lengths = [len(e.ids) for e in encodings]
+    for batch in batch_indices(lengths, batch_size, sort_by_length):
+        for part in tuning.chunks(len(batch), max(lengths[i] for i in batch), model.token_budget):
+            index = batch[part]
+            arrays = pad([encodings[i] for i in index], pad_id, model.pad_multiple)
+            if task_ids is not None:
+                arrays = (*arrays, task_ids[index])
+            logits = model(*arrays)
+            if logits.shape[-1] < num_labels:  # a backend that does not know its graph's width before running it
+                raise BundleError(f"{getattr(model, 'path', 'the graph')}: {logits.shape[-1]} logits per row, fewer"
+                                  f" than the {num_labels} labels its {MANIFEST} lists")
+            out[index] = logits[:, :num_labels]
     return out
 
 

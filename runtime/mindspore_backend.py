@@ -74,8 +74,12 @@ class MindSporeModel:
     # GraphCell prepares per input shape: multiples of 8 keep the shapes few
     # at a little extra padding.
     pad_multiple = 8
+    variants, variant = (), None
+    # Not timed by runtime.tuning: every new shape compiles, and on GPU or Ascend a CPU's timing says nothing.
+    tuned = False
+    token_budget = None
 
-    def __init__(self, path: Path, device: str = "CPU", tables: dict | None = None):
+    def __init__(self, path: Path, device: str = "CPU", tables: dict | None = None, variant: str | None = None):
         ms = import_mindspore()
 
         self.cell = load_graph(path, device)

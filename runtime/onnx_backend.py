@@ -15,10 +15,11 @@ import onnxruntime as ort
 
 from .errors import BundleError
 from .format import INPUT_NAMES, TABLE_PREFIX, TASK_INPUT
-# onnxruntime would fuse Add + LayerNormalization into SkipLayerNormalization
-# and Add + Gelu into BiasGelu; on this CPU those fused kernels take 3.9x and
-# 1.25x the time of the ops they replace (bench/perf/fusion.py).
-UNFUSED = ["SkipLayerNormFusion", "BiasGeluFusion"]
+# onnxruntime fuses Add + LayerNormalization into SkipLayerNormalization and
+# Add + Gelu into BiasGelu.  Whether that is faster depends on the CPU (on an
+# AMD EPYC the int8 graph lost a fifth of its speed to them, on an Intel
+# Sapphire Rapids fp32 gained 3%), so both are variants runtime.tuning times.
+UNFUSED = ["SkipLayerNormFusion", "BiasGeluFusion"]  # what the "unfused" variant turns off (bench/perf/fusion.py)
 
 
 def default_threads() -> int:
@@ -48,14 +49,20 @@ class OnnxModel:
     # onnxruntime plans every call afresh, so a new sequence length costs
     # nothing: pad a batch to its longest row and not a token more.
     pad_multiple = 1
+    variants = ("fused", "unfused")  # onnxruntime's own graph optimizations first; runtime.tuning times both
+    version = ort.__version__
+    tuned = True
+    token_budget = None  # padded tokens per call (runtime.tuning); None: a caller's batch in one call
 
-    def __init__(self, path: Path, device: str = "CPU", threads: int | None = None, tables: dict | None = None):
+    def __init__(self, path: Path, device: str = "CPU", threads: int | None = None, tables: dict | None = None,
+                 variant: str | None = None):
         # `device`: the backends registry opens every model with one (it checked CPU already).  `tables`: a merged
-        # bundle's task tables (runtime.format), fed to the graph on every call.
+        # bundle's task tables (runtime.format), fed to the graph on every call.  `variant`: one of `variants`.
         options = session_options(threads)
+        self.variant = variant or self.variants[0]
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                                disabled_optimizers=UNFUSED)
+                                                disabled_optimizers=UNFUSED if self.variant == "unfused" else [])
         except Exception as e:  # onnxruntime raises its own types for unreadable graphs
             raise BundleError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from e
         names = [i.name for i in self.session.get_inputs()]

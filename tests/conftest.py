@@ -1,9 +1,14 @@
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # for checkpoints.py
+# runtime.tuning records what it measures per CPU: here, in a directory of this run (CLI and server processes the
+# tests start inherit it), not in the home directory.
+os.environ.setdefault("PTBUNDLE_CACHE_DIR", tempfile.mkdtemp(prefix="ptbundle-test-cache-"))
 
 from checkpoints import write_checkpoint  # noqa: E402
 

@@ -182,7 +182,9 @@ def main(backbone, data, smoke, results, bundle_path, batch_sizes, sorting, back
         bundle = common.open_bundle(bundle_path, **load_args)
         lengths = [len(e.ids) for e in bundle.encode(texts, texts_b)]
         mean_gflop = roofline.flops_of_lengths(lengths, prompt, cfg) / len(lengths) / 1e9
-        row = {"config": name, "throughput": []}
+        # What runtime.tuning chose on this CPU (onnxruntime: measured at the first load, then read back)
+        row = {"config": name, "throughput": [],
+               "tuning": {"variant": bundle.model.variant, "token_budget": bundle.model.token_budget}}
         for size in sizes:
             k = every_batch1 if size == 1 else every
             subset = (common.every_kth(texts, k), texts_b and common.every_kth(texts_b, k))

@@ -26,6 +26,7 @@ class CellModel:
     """
 
     pad_multiple = TRAIN_PAD_MULTIPLE
+    token_budget = None  # whole batches (runtime.bundle.batched_logits): it pads them to one size anyway
 
     def __init__(self, cell, batch_size: int):
         cell.set_train(False)
@@ -53,6 +54,7 @@ class ScratchOnnx:
         export_decoder_classifier(net, path, lower=lower)
         self.model = OnnxModel(path)
         self.pad_multiple = self.model.pad_multiple
+        self.token_budget = None
 
     def __call__(self, *arrays):
         return self.model(*arrays)
