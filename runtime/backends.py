@@ -4,6 +4,7 @@
                   decoder.onnx / decoder.int8.onnx
     mindspore     model.mindir                   CPU, GPU, Ascend (the default on GPU and Ascend)
                   decoder.mindir (a static KV cache: runtime.mindspore_generate)
+    openvino      model.onnx, fp32 and bf16      CPU (optional extra; the default for bf16: the CPU's bf16 units)
 
 A new backend is one module with a model class (opened with the graph's
 path, the device, a merged bundle's task tables and a variant; called
@@ -45,10 +46,12 @@ class Backend:
                               if others else f"no backend runs {precision} graphs")
         return files(self)[precision]
 
-    def open(self, path: Path, device: str, tables: dict | None = None, variant: str | None = None):
+    def open(self, path: Path, device: str, tables: dict | None = None, variant: str | None = None,
+             precision: str = "fp32"):
         """The graph at `path` as a model; `tables`: a merged bundle's task tables (runtime.format), fed every call;
-        `variant`: one of the model class's `variants` (runtime.tuning chooses)."""
-        return self.load_class(self.model_class, device)(path, device, tables=tables, variant=variant)
+        `variant`: one of the model class's `variants` (runtime.tuning chooses); `precision`: one of `files`."""
+        return self.load_class(self.model_class, device)(path, device, tables=tables, variant=variant,
+                                                         precision=precision)
 
     def model_type(self, device: str):
         """The model class (its `variants`, `tuned`, `version`)."""
@@ -80,14 +83,22 @@ register(Backend("onnxruntime", ("CPU",), {"fp32": GRAPHS["onnx"], "int8": GRAPH
                  {"fp32": DECODER_GRAPHS["onnx"], "int8": DECODER_GRAPHS["onnx-int8"]}, ".generate:DecoderSession"))
 register(Backend("mindspore", DEVICES, {"fp32": GRAPHS["mindir"]}, ".mindspore_backend:MindSporeModel",
                  {"fp32": DECODER_GRAPHS["mindir"]}, ".mindspore_generate:StaticDecoderSession"))
+register(Backend("openvino", ("CPU",), {"fp32": GRAPHS["onnx"], "bf16": GRAPHS["onnx"]},
+                 ".openvino_backend:OpenVinoModel", {}, ""))
 
 
-def get(name: str | None, device: str) -> Backend:
-    """The named backend, or the default for `device` (the first registered that runs there)."""
+PRECISIONS = ("fp32", "int8", "bf16")
+
+
+def get(name: str | None, device: str, precision: str = "fp32") -> Backend:
+    """The named backend, or the default for `device` and `precision` (the first registered that runs both)."""
     if device not in DEVICES:
         raise BundleError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    if precision not in PRECISIONS:
+        raise BundleError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if name is None:
-        return next(b for b in BACKENDS.values() if device in b.devices)
+        return next((b for b in BACKENDS.values() if device in b.devices and precision in b.files),
+                    next(b for b in BACKENDS.values() if device in b.devices))
     if name not in BACKENDS:
         raise BundleError(f"backend {name!r} is not one of {', '.join(BACKENDS)}")
     return BACKENDS[name]

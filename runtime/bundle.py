@@ -69,16 +69,19 @@ class Bundle:
 
     @classmethod
     def load(cls, path, device: str = "CPU", backend: str | None = None, int8: bool = False,
-             verify: bool = True) -> "Bundle":
-        """Open a bundle; backend defaults to onnxruntime on CPU, MindSpore elsewhere (runtime.backends)."""
+             verify: bool = True, precision: str | None = None) -> "Bundle":
+        """Open a bundle; backend defaults to onnxruntime on CPU, MindSpore elsewhere, OpenVINO for bf16
+        (runtime.backends).  `precision`: "fp32" (the default), "int8" (as int8=True) or "bf16"."""
         directory = Path(path)
-        runner = backends.get(backend, device)
+        precision = precision or ("int8" if int8 else "fp32")
+        int8 = precision == "int8"
+        runner = backends.get(backend, device, precision)
         if not directory.is_dir():
             raise BundleError(f"{directory}: no such bundle directory")
         manifest = Manifest.read(directory)
         if manifest.generative:
             return cls.load_generation(directory, manifest, device, runner, int8, verify)
-        graph = runner.graph_file("int8" if int8 else "fp32")
+        graph = runner.graph_file(precision)
         if graph not in manifest.files:
             hint = ("" if not int8 else " (merge it with pt-build merge --quantize int8)" if manifest.multi_task
                     else " (build it with pt-build export --quantize int8)")
@@ -94,7 +97,7 @@ class Bundle:
             # of the GIL, and a cold start is mostly these two.
             check = pool.submit(verify_files, directory, manifest, [TOKENIZER, graph]) if verify else None
             try:
-                model = open_tuned(runner, directory / graph, device, tables, manifest)
+                model = open_tuned(runner, directory / graph, device, tables, manifest, precision)
                 check_width(directory, manifest, model, graph)
                 bundle = cls(directory, manifest, model, directory / TOKENIZER)
             except Exception:
@@ -310,15 +313,16 @@ def read_template(task: Task, directory: Path, index: int):
         raise BundleError(f"{directory / MANIFEST}: field 'tasks[{index}].template': {e}") from e
 
 
-def open_tuned(runner, path: Path, device: str, tables: dict | None, manifest: Manifest):
+def open_tuned(runner, path: Path, device: str, tables: dict | None, manifest: Manifest, precision: str):
     """The graph opened as the fastest variant and token budget measured on this CPU (runtime.tuning)."""
     kind = runner.model_type(device)
     if not kind.tuned:
-        return runner.open(path, device, tables)
-    key = tuning.key_of(runner.name, kind.version, manifest.backbone.sha256, path.name, manifest.multi_task)
-    about = {"backend": f"{runner.name} {kind.version}", "backbone": manifest.backbone.name, "graph": path.name}
-    model, choice = tuning.tune(lambda variant: runner.open(path, device, tables, variant), kind.variants, key,
-                                manifest.multi_task, about)
+        return runner.open(path, device, tables, precision=precision)
+    key = tuning.key_of(runner.name, kind.version, manifest.backbone.sha256, path.name, precision, manifest.multi_task)
+    about = {"backend": f"{runner.name} {kind.version}", "backbone": manifest.backbone.name, "graph": path.name,
+             "precision": precision}
+    model, choice = tuning.tune(lambda variant: runner.open(path, device, tables, variant, precision), kind.variants,
+                                key, manifest.multi_task, about)
     model.token_budget = choice.token_budget
     return model
 

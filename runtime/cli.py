@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .backends import BACKENDS
+from .backends import BACKENDS, PRECISIONS
 from .bundle import Bundle
 from .data import Columns
 from .errors import BundleError, ErrorsAsMessages, InputError, PtbundleError
@@ -46,11 +46,14 @@ def cli():
               help="Lines read, checked, length-sorted and predicted together (bounds memory).")
 @click.option("--device", default="CPU", show_default=True, type=click.Choice(DEVICES))
 @click.option("--backend", type=click.Choice(list(BACKENDS)), default=None,
-              help="[default: onnxruntime on CPU, mindspore on GPU/Ascend]")
+              help="[default: onnxruntime on CPU (openvino for bf16), mindspore on GPU/Ascend]")
 @click.option("--int8", is_flag=True, help="Use the bundle's int8 ONNX graph (pt-build export --quantize int8).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="fp32 [default], int8 (as --int8), or bf16 on a CPU with bf16 units (the openvino extra).")
 @click.option("--progress/--no-progress", default=None,
               help="Lines done on stderr every few seconds [default: when stderr is a terminal].")
-def predict(file, bundle_path, task, input_format, fmt, batch_size, chunk_lines, device, backend, int8, progress):
+def predict(file, bundle_path, task, input_format, fmt, batch_size, chunk_lines, device, backend, int8, precision,
+            progress):
     """Predict a label for each line of FILE ('-' for stdin), in order, one output line per input line.
 
     FILE is read --chunk-lines lines at a time, so it may be of any size.
@@ -59,7 +62,7 @@ def predict(file, bundle_path, task, input_format, fmt, batch_size, chunk_lines,
     exactly the predictions of the chunks before its chunk (the message
     says which lines).  A file of at most --chunk-lines lines is all or nothing.
     """
-    bundle = load(bundle_path, device, backend, int8)
+    bundle = load(bundle_path, device, backend, int8, precision)
     name = getattr(file, "name", "<stdin>")
     name = "<stdin>" if name in ("<stdin>", "-") else name
     input_format = input_format or format_of(name)
@@ -143,15 +146,17 @@ def generate(bundle_path, prompt, max_new_tokens, temperature, top_p, seed, stop
 @click.option("--max-body-bytes", default=Limits.max_body, show_default=True, type=click.IntRange(1))
 @click.option("--device", default="CPU", show_default=True, type=click.Choice(DEVICES))
 @click.option("--backend", type=click.Choice(list(BACKENDS)), default=None,
-              help="[default: onnxruntime on CPU, mindspore on GPU/Ascend]")
+              help="[default: onnxruntime on CPU (openvino for bf16), mindspore on GPU/Ascend]")
 @click.option("--int8", is_flag=True, help="Serve the bundles' int8 ONNX graphs.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="fp32 [default], int8 (as --int8), or bf16 on a CPU with bf16 units (the openvino extra).")
 @click.option("--task-store", type=click.Path(file_okay=False), default=None,
               help="A directory of bundles, all loaded at start, loaded and unloaded at run time through"
                    " /v2/repository/... (the V2 model repository extension).")
 @click.option("--repository-token", default=None, envvar="PTBUNDLE_REPOSITORY_TOKEN",
               help="Bearer token the /v2/repository/... endpoints need (env PTBUNDLE_REPOSITORY_TOKEN).")
 def serve(bundle_specs, host, port, max_batch, group, max_wait_ms, max_texts, max_chars, max_body_bytes, device, backend,
-          int8, task_store, repository_token):
+          int8, precision, task_store, repository_token):
     """Serve bundles over HTTP (KServe V1 protocol): POST /v1/models/TASK:predict {"instances": [...]}.
 
     A one-task bundle is served under its directory's name (NAME=BUNDLE
@@ -161,10 +166,10 @@ def serve(bundle_specs, host, port, max_batch, group, max_wait_ms, max_texts, ma
     """
     if repository_token is not None and task_store is None:
         raise InputError("--repository-token guards the task store's endpoints: give --task-store DIR too")
-    store = None if task_store is None else TaskStore(task_store, lambda p: load(p, device, backend, int8),
+    store = None if task_store is None else TaskStore(task_store, lambda p: load(p, device, backend, int8, precision),
                                                       repository_token)
     specs = [parse_bundle_spec(s) for s in (bundle_specs or (() if store else (DEFAULT_BUNDLE,)))]
-    bundles = [load(path, device, backend, int8) for _, path in specs]
+    bundles = [load(path, device, backend, int8, precision) for _, path in specs]
     limits = Limits(max_batch=max_batch, group=group, max_wait=max_wait_ms / 1000, max_body=max_body_bytes, max_texts=max_texts,
                     max_chars=max_chars)
     run(endpoints_of(specs, bundles), host, port, limits, lambda m: click.echo(m, err=True), store)
@@ -180,14 +185,17 @@ def serve(bundle_specs, host, port, max_batch, group, max_wait_ms, max_texts, ma
 @click.option("--text-b-column", default=None, help="Second text column, for sentence pairs.")
 @click.option("--label-column", default="label", show_default=True)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--backend", type=click.Choice(list(BACKENDS)), default=None, help="[default: onnxruntime on CPU]")
+@click.option("--backend", type=click.Choice(list(BACKENDS)), default=None,
+              help="[default: onnxruntime on CPU (openvino for bf16)]")
 @click.option("--int8", is_flag=True, help="Use each bundle's int8 ONNX graph.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="fp32 [default], int8 (as --int8), or bf16 on a CPU with bf16 units (the openvino extra).")
 @click.option("--task", default=None,
               help="The task to score; every bundle must have it [default: a one-task bundle's only task].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also write a bar chart PNG here.")
-def evaluate(bundle_paths, data, split, text_column, text_b_column, label_column, batch_size, backend, int8, task,
-             as_json, plot):
+def evaluate(bundle_paths, data, split, text_column, text_b_column, label_column, batch_size, backend, int8, precision,
+             task, as_json, plot):
     """Accuracy, macro-F1 and throughput of bundles side by side, on the same labelled data."""
     # Everything that can fail is checked before the first bundle is scored (scoring is the long part):
     # the plot's needs, the data, and every bundle loaded and its labels against the data.
@@ -197,7 +205,7 @@ def evaluate(bundle_paths, data, split, text_column, text_b_column, label_column
     loaded = []
     for path in bundle_paths:
         with naming_bundle(path):
-            bundle = load(path, "CPU", backend, int8)
+            bundle = load(path, "CPU", backend, int8, precision)
             spec = task_to_score(bundle, task)
             check_examples(bundle, examples, spec.name, described)
         loaded.append((path, bundle, spec))
@@ -344,8 +352,10 @@ def recipe_items(t) -> list:
     return items
 
 
-def load(path, device, backend, int8):
-    return Bundle.load(path, device=device, backend=backend, int8=int8)
+def load(path, device, backend, int8, precision=None):
+    if int8 and precision not in (None, "int8"):
+        raise InputError(f"--int8 and --precision {precision}: give one")
+    return Bundle.load(path, device=device, backend=backend, int8=int8, precision=precision)
 
 
 def main():

@@ -79,7 +79,8 @@ class MindSporeModel:
     tuned = False
     token_budget = None
 
-    def __init__(self, path: Path, device: str = "CPU", tables: dict | None = None, variant: str | None = None):
+    def __init__(self, path: Path, device: str = "CPU", tables: dict | None = None, variant: str | None = None,
+                 precision: str | None = None):
         ms = import_mindspore()
 
         self.cell = load_graph(path, device)

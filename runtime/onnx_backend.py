@@ -7,7 +7,6 @@ MindSpore or the builder.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,20 +14,13 @@ import onnxruntime as ort
 
 from .errors import BundleError
 from .format import INPUT_NAMES, TABLE_PREFIX, TASK_INPUT
+from .tuning import default_threads
+
 # onnxruntime fuses Add + LayerNormalization into SkipLayerNormalization and
 # Add + Gelu into BiasGelu.  Whether that is faster depends on the CPU (on an
 # AMD EPYC the int8 graph lost a fifth of its speed to them, on an Intel
 # Sapphire Rapids fp32 gained 3%), so both are variants runtime.tuning times.
 UNFUSED = ["SkipLayerNormFusion", "BiasGeluFusion"]  # what the "unfused" variant turns off (bench/perf/fusion.py)
-
-
-def default_threads() -> int:
-    # The cores this process may run on (a container or taskset may allow
-    # fewer than the machine has).
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -55,9 +47,10 @@ class OnnxModel:
     token_budget = None  # padded tokens per call (runtime.tuning); None: a caller's batch in one call
 
     def __init__(self, path: Path, device: str = "CPU", threads: int | None = None, tables: dict | None = None,
-                 variant: str | None = None):
+                 variant: str | None = None, precision: str | None = None):
         # `device`: the backends registry opens every model with one (it checked CPU already).  `tables`: a merged
         # bundle's task tables (runtime.format), fed to the graph on every call.  `variant`: one of `variants`.
+        # `precision`: the graph's own (the backends registry chose the file by it).
         options = session_options(threads)
         self.variant = variant or self.variants[0]
         try:

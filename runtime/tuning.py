@@ -73,6 +73,15 @@ def cpu() -> dict:
     return {"model": fields.get("model name"), "flags": [f for f in CPU_FLAGS if f in flags]}
 
 
+def default_threads() -> int:
+    # The cores this process may run on (a container or taskset may allow
+    # fewer than the machine has).
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def enabled() -> bool:
     return os.environ.get("PTBUNDLE_TUNING", "on").lower() not in ("off", "0", "no", "false")
 
@@ -85,7 +94,8 @@ def cache_file() -> Path:
 
 def key_of(*parts) -> str:
     """The record's key: the CPU and every part given (backend and its version, threads, backbone, graph)."""
-    return hashlib.sha256(json.dumps([CACHE_VERSION, cpu(), *parts], default=str).encode()).hexdigest()[:24]
+    return hashlib.sha256(json.dumps([CACHE_VERSION, cpu(), default_threads(), *parts],
+                                     default=str).encode()).hexdigest()[:24]
 
 
 def recorded(key: str) -> Choice | None:

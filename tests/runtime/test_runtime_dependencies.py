@@ -21,7 +21,7 @@ from helpers import assert_one_error_line, write_chat_bundle
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # The runtime's features that need an extra (each refuses in one line naming it when it is missing): import -> extra.
-EXTRA_IMPORTS = {"mindspore": "mindspore", "uvicorn": "serve", "matplotlib": "plot"}
+EXTRA_IMPORTS = {"mindspore": "mindspore", "uvicorn": "serve", "matplotlib": "plot", "openvino": "openvino"}
 
 
 def declared() -> set:
@@ -101,7 +101,9 @@ def test_every_import_in_runtime_is_declared(path):
     ("mindspore", ["predict", "--bundle", "{bundle}", "--backend", "mindspore", "-"],
      "the mindspore backend needs MindSpore"),
     ("uvicorn", ["serve", "{bundle}", "--port", "0"], "pt-run serve needs the serve extra"),
-], ids=["mindspore", "serve"])
+    ("openvino", ["predict", "--bundle", "{bundle}", "--precision", "bf16", "-"],
+     "the openvino backend needs OpenVINO"),
+], ids=["mindspore", "serve", "openvino"])
 def test_a_missing_extra_is_one_line_naming_it(tiny_bundle, module, args, expected):
     code = (f"import sys; sys.modules[{module!r}] = None  # as if not installed\n"
             "from ptbundle.runtime.cli import main\n"
