@@ -10,6 +10,7 @@ uses it too.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -102,7 +103,13 @@ def time_calls(call, sync, repeats: int, min_seconds: float = 0.05) -> list:
 # --- the machine --------------------------------------------------------------------------
 
 # CPU features that decide which GEMM kernels the libraries pick.
-SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile")
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+              "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def openvino_installed() -> bool:
+    """The openvino extra is there (found without importing it)."""
+    return importlib.util.find_spec("openvino") is not None
 
 
 def machine_info() -> dict:

@@ -34,8 +34,8 @@ COLUMNS = (("figure", "figure"), ("ours", "ours median [min-max]"), ("ours_limit
 MODE_NOTE = {"quick": "`--quick`: a few repeats and steps; figures not for reporting.",
              "smoke": "`--smoke`: a test of the harness on tiny sizes; not figures."}
 # Which way each of run.py's targets points (its checks: value >= target, or <= / <); unknown ones show the number.
-DIRECTION = (("fp32_vs_", ">="), ("int8_vs_", ">="), ("inference_fraction_of_limit", ">="),
-             ("int8_accuracy_loss_points", "<="), ("epoch_vs_peer", "<="), ("cold_start_", "<"),
+DIRECTION = (("fp32_vs_", ">="), ("int8_vs_", ">="), ("bf16_vs_", ">="), ("inference_fraction_of_limit", ">="),
+             ("int8_accuracy_loss_points", "<="), ("bf16_accuracy_loss_points", "<="), ("epoch_vs_peer", "<="), ("cold_start_", "<"),
              ("logits_match", "<="))
 HIGH_LOAD = 0.5  # bench/run.py's threshold for "other work shared the CPU"
 

@@ -18,7 +18,7 @@ from .tuning import default_threads
 
 # onnxruntime fuses Add + LayerNormalization into SkipLayerNormalization and
 # Add + Gelu into BiasGelu.  Whether that is faster depends on the CPU (on an
-# AMD EPYC the int8 graph lost a fifth of its speed to them, on an Intel
+# AMD EPYC the int8 graph lost a quarter of its speed to them, on an Intel
 # Sapphire Rapids fp32 gained 3%), so both are variants runtime.tuning times.
 UNFUSED = ["SkipLayerNormFusion", "BiasGeluFusion"]  # what the "unfused" variant turns off (bench/perf/fusion.py)
 

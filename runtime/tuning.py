@@ -1,11 +1,12 @@
 """Choices that depend on the CPU, made by measuring on the CPU at hand and recorded, never by a constant.
 
 What is fastest differs between machines that all run the same bundle:
-on an AMD EPYC (Zen 4) onnxruntime's fused SkipLayerNormalization and
-BiasGelu kernels cost the int8 graph a fifth of its speed while on an Intel
-Sapphire Rapids they gain fp32 3%; a caller's batch of 64 runs faster as
-chunks of about 1,024 tokens on one and as one call on another
-(bench/perf/tuning.py prints both on the machine it runs on).  So the
+on an AMD EPYC with AVX-512 onnxruntime's fused SkipLayerNormalization and
+BiasGelu kernels cost the int8 graph a quarter of its speed, while on an
+Intel Sapphire Rapids they gain fp32 3%; how many tokens one graph call
+should take (a caller's batch of 64 ran 10-14% faster as calls of 512 on
+that EPYC) depends on the CPU's caches and kernels too
+(bench/perf/tuning.py prints every choice on the machine it runs on).  So the
 first time a graph of a backbone is opened on a CPU, `tune` times a probe
 batch through each variant the backend offers (`variants`) and through
 chunks of each token budget (`BUDGETS`), keeps the fastest, and records it

@@ -3,7 +3,8 @@
     .venv/bin/python bench/perf/inference.py [--bundle exports/mr-soft] [--data mr] [--batch-sizes 1,8,64] [--repeats 5]
 
 For each backend (onnxruntime fp32, onnxruntime int8 when the bundle has it,
-MindSpore fp32):
+MindSpore fp32, and with the openvino extra OpenVINO fp32 and, on a CPU with
+bf16 units, bf16):
 - throughput: sentences/s at each batch size through `Bundle.predict`, with
   its sorted-length batching and without it (`sort_by_length=False`:
   consecutive batches in input order); min/median/max of --repeats passes
@@ -122,6 +123,11 @@ def backend_configs(manifest: dict, backends) -> list:
                             ["--backend", "onnxruntime", "--int8"]))
     if "mindspore" in backends:
         configs.append(("mindspore fp32", {"backend": "mindspore"}, ["--backend", "mindspore"]))
+    if "openvino" in backends and common.openvino_installed():  # the openvino extra; bf16 where the CPU has bf16 units
+        configs.append(("openvino fp32", {"backend": "openvino"}, ["--backend", "openvino"]))
+        if {"avx512_bf16", "amx_bf16"} & set(common.machine_info().get("simd", [])):
+            configs.append(("openvino bf16", {"backend": "openvino", "precision": "bf16"},
+                            ["--backend", "openvino", "--precision", "bf16"]))
     return configs
 
 
@@ -151,7 +157,8 @@ def format_row(name: str, row: dict) -> str:
 @click.option("--batch-sizes", default="1,8,64", show_default=True)
 @click.option("--sorting", type=click.Choice(["both", "on", "off"]), default="both", show_default=True,
               help="Sorted-length batching (the runtime's) and/or input order.")
-@click.option("--backends", default="onnxruntime,mindspore", show_default=True)
+@click.option("--backends", default="onnxruntime,mindspore,openvino", show_default=True,
+              help="openvino: only where the openvino extra is installed.")
 @click.option("--repeats", default=5, show_default=True, help="Timed passes per row.")
 @click.option("--cold-repeats", default=None, type=int, help="pt-run cold starts per backend [default: --repeats].")
 @click.option("--every", default=1, show_default=True, help="Batch 8/64 run on every K-th test sentence.")
@@ -195,7 +202,7 @@ def main(backbone, data, smoke, results, bundle_path, batch_sizes, sorting, back
                                           size, sort, repeats, flops, limit_gflops)
                 row["throughput"].append(measured)
                 click.echo(format_row(name, measured))
-        if load_args["backend"] == "onnxruntime":  # the graphs of the int8 target (MindSpore compiles per shape: slow)
+        if load_args["backend"] != "mindspore":  # int8's and bf16's accuracy (MindSpore compiles per shape: slow)
             row["split_accuracy"] = a = split_accuracy(bundle, texts, texts_b, gold)
             click.echo(f"{name:<18} accuracy on all {a['sentences']} {split} sentences: {a['accuracy']:.4f}")
         del bundle
