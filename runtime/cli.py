@@ -338,6 +338,11 @@ def show_task(t, int8: bool) -> None:
                    f" {metrics.get('train_seconds')} s")
     for split, s in (metrics.get("int8") or {}).items() if int8 else ():
         click.echo(f"  int8 {split:<6} accuracy {s['accuracy']:.4f} (fp32 {metrics[split]['accuracy']:.4f})")
+    bf16 = metrics.get("bf16") or {}  # model.onnx in bf16 (--precision bf16), measured on the build machine
+    for split in ("dev", "test") if "max_abs_logit_diff" in bf16 else ():
+        if split in bf16:
+            click.echo(f"  bf16 {split:<6} accuracy {bf16[split]['accuracy']:.4f} (fp32"
+                       f" {metrics[split]['accuracy']:.4f}), max logit difference {bf16['max_abs_logit_diff'][split]}")
 
 
 def recipe_items(t) -> list:

@@ -14,7 +14,7 @@ from ptbundle.runtime.text import load_tokenizer
 
 from .peft import bundle_adapter
 from .writer import write_atomically
-from ..graphs.quantize import Int8Inputs, calibration_ranges, quantize_int8
+from ..graphs.quantize import Int8Inputs, bf16_report, calibration_ranges, quantize_int8
 from ..graphs.targets import TARGETS, check_parity, reference_outputs
 
 
@@ -26,7 +26,8 @@ def write_bundle(destination, net, backbone, manifest: Manifest, curve,
     `manifest` describes the bundle; this adds what only the export knows
     (parity, files and hashes, versions, time) to a new Manifest, never
     changing the caller's.  With `int8` (builder.pipelines.export.int8_inputs), an int8 ONNX
-    graph is added and its accuracy recorded as the task's metrics["int8"].
+    graph is added and its accuracy recorded as the task's metrics["int8"], and model.onnx's in bf16 on this
+    CPU's bf16 units as metrics["bf16"] (or why not: builder.graphs.quantize.bf16_report).
     The prompt and head also go into peft/ as a PEFT adapter when PEFT can
     express them (builder.bundles.peft); each task's details["peft"] says whether.
     `verify(directory)` checks the written graphs further before the move
@@ -50,8 +51,9 @@ def write_bundle(destination, net, backbone, manifest: Manifest, curve,
                 if manifest.multi_task:  # a merge has no data to score on (pt-run eval --int8 does); its tasks'
                     metrics = {k: v for k, v in task.metrics.items() if k != "int8"}  # own int8 figures are not its
                     written = written.replace_task(task.name, metrics=metrics)
-                else:
-                    written = written.replace_task(task.name, metrics={**task.metrics, "int8": report},
+                else:  # bf16 (the openvino backend) judged on the same splits, where this CPU has bf16 units
+                    bf16 = bf16_report(tmp / GRAPHS["onnx"], manifest.pad_id, int8.eval_sets)
+                    written = written.replace_task(task.name, metrics={**task.metrics, "int8": report, "bf16": bf16},
                                                    details={**task.details, CALIBRATION_DETAIL: ranges})
         # The tokenizer truncates per task at run time (runtime.text.load_tokenizer); the file is the backbone's.
         load_tokenizer(backbone.tokenizer_path, max(t.max_length for t in manifest.tasks)).save(str(tmp / TOKENIZER))

@@ -48,3 +48,21 @@ def test_what_a_backend_cannot_run_is_one_line(tiny_bundle):
         Bundle.load(tiny_bundle, backend="onnxruntime", precision="bf16")
     with pytest.raises(BundleError, match="precision 'fp16' is not one of fp32, int8, bf16"):
         Bundle.load(tiny_bundle, precision="fp16")
+
+
+def test_export_records_bf16_beside_int8(tiny_bundle):
+    """pt-build export --quantize int8 judges model.onnx in bf16 on the same splits as int8 (accuracy and the
+    largest logit difference from fp32), or records why it could not (no bf16 units on the build CPU)."""
+    from click.testing import CliRunner
+    from ptbundle.runtime.cli import cli
+
+    metrics = Bundle.load(tiny_bundle).manifest.only.metrics
+    bf16 = metrics["bf16"]
+    if not BF16_CPU:
+        assert "no bf16 instructions" in bf16["not_measured"]
+        return
+    assert bf16["backend"].startswith("openvino ") and set(bf16["max_abs_logit_diff"]) == {"dev", "test"}
+    for split in ("dev", "test"):
+        assert bf16[split]["n"] == metrics[split]["n"] and 0 < bf16["max_abs_logit_diff"][split] < 0.1
+    shown = CliRunner().invoke(cli, ["info", str(tiny_bundle)])
+    assert shown.exit_code == 0 and "bf16 test   accuracy" in shown.output, shown.output
