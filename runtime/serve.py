@@ -59,7 +59,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import math
 import socket
 import struct
 import sys
@@ -104,54 +103,37 @@ class RequestError(Exception):
 
 
 class Metrics:
-    """Counters and histograms, written out in Prometheus' text format."""
+    """Requests and texts by task and status, batch sizes, latency by task and the queue, exposed in Prometheus'
+    text format by prometheus_client (the serve extra, imported with the server), one registry per server."""
 
     BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
     def __init__(self):
-        self.requests = {}  # (task, status) -> count
-        self.texts = {}  # task -> count
-        self.batch_sizes = [0] * (len(self.BATCH_BUCKETS) + 1)
-        self.batch_total = 0
-        self.batch_count = 0
-        self.latency = [0] * (len(self.LATENCY_BUCKETS) + 1)
-        self.latency_sum = 0.0
-        self.queued = 0
+        import prometheus_client as prometheus  # the serve extra, as uvicorn: not on the runtime's predict path
+
+        self.prometheus = prometheus
+        self.registry = r = prometheus.CollectorRegistry()
+        self.requests = prometheus.Counter("ptbundle_requests", "Requests answered, by task and HTTP status",
+                                           ["task", "code"], registry=r)
+        self.texts = prometheus.Counter("ptbundle_texts", "Texts predicted, by task", ["task"], registry=r)
+        self.batch_sizes = prometheus.Histogram("ptbundle_batch_size", "Texts per gathered batch",
+                                                buckets=self.BATCH_BUCKETS, registry=r)
+        self.latency = prometheus.Histogram("ptbundle_request_seconds", "Seconds to answer a request, by task",
+                                            ["task"], buckets=self.LATENCY_BUCKETS, registry=r)
+        self.queue = prometheus.Gauge("ptbundle_queued_texts", "Texts waiting for a batch", registry=r)
 
     def request(self, task: str, status: int, seconds: float, texts: int) -> None:
-        self.requests[(task, status)] = self.requests.get((task, status), 0) + 1
+        self.requests.labels(task, str(status)).inc()
         if status == 200:
-            self.texts[task] = self.texts.get(task, 0) + texts
-            self.latency[bucket(self.LATENCY_BUCKETS, seconds)] += 1
-            self.latency_sum += seconds
+            self.texts.labels(task).inc(texts)
+            self.latency.labels(task).observe(seconds)
 
     def batch(self, size: int) -> None:
-        self.batch_sizes[bucket(self.BATCH_BUCKETS, size)] += 1
-        self.batch_total += size
-        self.batch_count += 1
+        self.batch_sizes.observe(size)
 
     def text(self) -> str:
-        out = ["# TYPE ptbundle_requests_total counter"]
-        out += [f'ptbundle_requests_total{{task="{t}",code="{c}"}} {n}' for (t, c), n in sorted(self.requests.items())]
-        out += ["# TYPE ptbundle_texts_total counter"]
-        out += [f'ptbundle_texts_total{{task="{t}"}} {n}' for t, n in sorted(self.texts.items())]
-        out += histogram("ptbundle_batch_size", self.BATCH_BUCKETS, self.batch_sizes, self.batch_total)
-        out += histogram("ptbundle_request_seconds", self.LATENCY_BUCKETS, self.latency, self.latency_sum)
-        out += ["# TYPE ptbundle_queued_texts gauge", f"ptbundle_queued_texts {self.queued}"]
-        return "\n".join(out) + "\n"
-
-
-def bucket(bounds, value) -> int:
-    return next((i for i, b in enumerate(bounds) if value <= b), len(bounds))
-
-
-def histogram(name: str, bounds, counts, total) -> list:
-    out, running = [f"# TYPE {name} histogram"], 0
-    for b, n in zip((*bounds, math.inf), counts):
-        running += n
-        out.append(f'{name}_bucket{{le="{"+Inf" if b == math.inf else b}"}} {running}')
-    return out + [f"{name}_sum {total}", f"{name}_count {running}"]
+        return self.prometheus.generate_latest(self.registry).decode()
 
 
 class Batcher:
@@ -180,7 +162,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in encodings]
         self.queue.extend((e, task_index, f) for e, f in zip(encodings, futures))
-        self.metrics.queued = len(self.queue)
+        self.metrics.queue.set(len(self.queue))
         self.ready.set()
         return await asyncio.gather(*futures)
 
@@ -193,7 +175,7 @@ class Batcher:
             if len(self.queue) < self.limits.max_batch and self.limits.max_wait > 0:
                 await asyncio.sleep(self.limits.max_wait)  # let a batch gather
             rows = [self.queue.popleft() for _ in range(min(self.limits.max_batch, len(self.queue)))]
-            self.metrics.queued = len(self.queue)
+            self.metrics.queue.set(len(self.queue))
             self.metrics.batch(len(rows))
             try:
                 logits = await loop.run_in_executor(self.worker, self.compute, rows)
@@ -317,7 +299,7 @@ class App:
         if scope["type"] != "http":
             return
         started = time.perf_counter()
-        task, texts = "-", 0
+        task, texts = self.named_task(scope["path"]), 0  # a refused request counts under the task it named
         try:
             status, body, task, texts = await self.route(scope, receive)
         except RequestError as e:
@@ -388,6 +370,15 @@ class App:
         need(method == "POST", 405, f"{path} takes POST")
         reply, texts = await self.hold(endpoint, self.infer(name, endpoint, receive, header_length(scope)))
         return 200, reply, name, texts
+
+    def named_task(self, path: str) -> str:
+        """The task a /v1/models/NAME... or /v2/models/NAME/... path names, if it is served or was (so the metrics'
+        task label takes only names the server knows); else "-"."""
+        for prefix, end in (("/v1/models/", ":"), ("/v2/models/", "/")):
+            if path.startswith(prefix):
+                name = path[len(prefix):].partition(end)[0]
+                return name if name in self.endpoints or name in self.unloaded else "-"
+        return "-"
 
     def endpoint(self, name: str, kind: str) -> Endpoint:
         """The endpoint serving `name`; 404 naming it (and how to load it again, if it was unloaded)."""
@@ -789,7 +780,8 @@ def endpoints_of(specs: list, bundles: list) -> dict:
 
 def run(bundles: dict, host: str, port: int, limits: Limits, log, store: TaskStore | None = None) -> None:
     """Serve until SIGTERM or Ctrl-C (uvicorn answers the requests in flight first)."""
-    try:  # the serve extra: imported only when a server starts
+    try:  # the serve extra: imported only when a server starts (prometheus_client by Metrics)
+        import prometheus_client  # noqa: F401
         import uvicorn
     except ImportError:
         raise InputError("pt-run serve needs the serve extra: pip install 'ptbundle[serve]'") from None

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 PT_RUN = str(Path(sys.executable).parent / "pt-run")
 
 
@@ -35,3 +37,9 @@ class Server:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=30)
+
+
+def metric_samples(text: str) -> dict:
+    """/metrics read by Prometheus' own parser: (sample name, sorted label items) -> value."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}

@@ -21,7 +21,8 @@ from helpers import assert_one_error_line, write_chat_bundle
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # The runtime's features that need an extra (each refuses in one line naming it when it is missing): import -> extra.
-EXTRA_IMPORTS = {"mindspore": "mindspore", "uvicorn": "serve", "matplotlib": "plot", "openvino": "openvino"}
+EXTRA_IMPORTS = {"mindspore": "mindspore", "uvicorn": "serve", "prometheus_client": "serve", "matplotlib": "plot",
+                 "openvino": "openvino"}
 
 
 def declared() -> set:
@@ -92,7 +93,7 @@ def test_every_import_in_runtime_is_declared(path):
     for name in sorted(imports_of(path) - set(sys.stdlib_module_names) - {"ptbundle", "__future__"}):
         if name in EXTRA_IMPORTS:
             extra = extras[EXTRA_IMPORTS[name]]
-            assert any(canonicalize_name(Requirement(r).name) == name for r in extra), (name, extra)
+            assert any(canonicalize_name(Requirement(r).name) == canonicalize_name(name) for r in extra), (name, extra)
             continue
         assert distributions_of(name) & deps, f"{path.name} imports {name}, not a dependency of the runtime"
 
@@ -101,9 +102,10 @@ def test_every_import_in_runtime_is_declared(path):
     ("mindspore", ["predict", "--bundle", "{bundle}", "--backend", "mindspore", "-"],
      "the mindspore backend needs MindSpore"),
     ("uvicorn", ["serve", "{bundle}", "--port", "0"], "pt-run serve needs the serve extra"),
+    ("prometheus_client", ["serve", "{bundle}", "--port", "0"], "pt-run serve needs the serve extra"),
     ("openvino", ["predict", "--bundle", "{bundle}", "--precision", "bf16", "-"],
      "the openvino backend needs OpenVINO"),
-], ids=["mindspore", "serve", "openvino"])
+], ids=["mindspore", "serve", "serve-metrics", "openvino"])
 def test_a_missing_extra_is_one_line_naming_it(tiny_bundle, module, args, expected):
     code = (f"import sys; sys.modules[{module!r}] = None  # as if not installed\n"
             "from ptbundle.runtime.cli import main\n"

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import mixed_rows
-from serving import PT_RUN, Server
+from serving import PT_RUN, Server, metric_samples
 from ptbundle.runtime import Bundle
 
 @pytest.fixture()
@@ -49,13 +49,15 @@ def test_endpoints(server, merged_bundle, tiny_bundle):
     assert status == 200 and [p["label"] for p in single["predictions"]] == \
         [p.label for p in Bundle.load(tiny_bundle).predict(["a great movie", "the worst film ever"])]
     status, metrics = server.request("GET", "/metrics")
-    assert status == 200 and 'ptbundle_requests_total{task="pairs",code="200"}' in metrics
-    assert "ptbundle_batch_size_bucket" in metrics and "ptbundle_request_seconds_count" in metrics
+    samples = metric_samples(metrics)
+    assert status == 200 and samples[("ptbundle_requests_total", (("code", "200"), ("task", "pairs")))] >= 1
+    assert samples[("ptbundle_request_seconds_count", (("task", "pairs"),))] >= 1  # latency by task
+    assert ("ptbundle_batch_size_bucket", (("le", "+Inf"),)) in samples
 
 
 def batch_sizes(metrics: str) -> tuple:
-    values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("ptbundle_batch_size_"))
-    return float(values["ptbundle_batch_size_sum"]), float(values["ptbundle_batch_size_count"])
+    samples = metric_samples(metrics)
+    return samples[("ptbundle_batch_size_sum", ())], samples[("ptbundle_batch_size_count", ())]
 
 
 def test_concurrent_clients_get_their_own_answers_in_shared_batches(server, merged_bundle):

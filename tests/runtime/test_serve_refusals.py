@@ -6,7 +6,7 @@ A real server process (tests/serving.py) on the real `tiny_bundle`, a real HTTP 
 import pytest
 
 from helpers import assert_one_error_line, pt_run, write_chat_bundle
-from serving import Server
+from serving import Server, metric_samples
 
 
 @pytest.fixture(scope="module")
@@ -57,5 +57,10 @@ def test_the_server_keeps_serving_and_never_answered_500(server):
         server.request("POST", "/v1/models/toy:predict", raw=raw)
     status, body = server.predict("toy", ["a great movie", "ok \U0001F600"])  # a surrogate pair is one character
     assert status == 200 and len(body["predictions"]) == 2
+    server.request("POST", "/v1/models/nobody:predict", raw=b'{"instances": ["a"]}')
     status, metrics = server.request("GET", "/metrics")
-    assert status == 200 and 'code="400"' in metrics and 'code="500"' not in metrics
+    codes = {dict(labels)["code"] for (name, labels) in metric_samples(metrics) if name == "ptbundle_requests_total"}
+    assert status == 200 and "500" not in codes
+    # a refused request counts under the task it named; a name the server does not know, under "-"
+    assert metric_samples(metrics)[("ptbundle_requests_total", (("code", "400"), ("task", "toy")))] >= 2
+    assert metric_samples(metrics)[("ptbundle_requests_total", (("code", "404"), ("task", "-")))] >= 1

@@ -10,7 +10,7 @@ tritonhttp = pytest.importorskip("tritonclient.http")  # the test extra
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from conftest import mixed_rows  # noqa: E402
-from serving import Server  # noqa: E402
+from serving import Server, metric_samples  # noqa: E402
 from ptbundle.runtime import Bundle  # noqa: E402
 
 TEXTS = ["a great movie", "the worst film ever", "boring acting and a weak story but the best script"]
@@ -144,9 +144,8 @@ def test_bad_binary_request_through_the_client(client):
 
 
 def batch_sizes(server) -> tuple:
-    metrics = server.request("GET", "/metrics")[1]
-    values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("ptbundle_batch_size_"))
-    return float(values["ptbundle_batch_size_sum"]), float(values["ptbundle_batch_size_count"])
+    samples = metric_samples(server.request("GET", "/metrics")[1])
+    return samples[("ptbundle_batch_size_sum", ())], samples[("ptbundle_batch_size_count", ())]
 
 
 def test_v1_still_answers_and_shares_batches_with_v2(server, merged_bundle):
