@@ -19,8 +19,9 @@ A token budget splits a batch into graph calls of at most that many padded
 tokens (at least one row each): each row's result does not depend on its
 batch (runtime.bundle.batched_logits), so the split changes speed only.
 
-PTBUNDLE_TUNING=off opens every graph with the backend's first variant and
-whole batches, measuring nothing (PTBUNDLE_CACHE_DIR moves the record).
+PTBUNDLE_TUNING=off opens every graph with the backend's first variant (for
+onnxruntime, the graph's ops as written) and whole batches, measuring
+nothing (PTBUNDLE_CACHE_DIR moves the record).
 """
 
 from __future__ import annotations

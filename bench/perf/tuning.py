@@ -12,7 +12,8 @@ runtime's default): sentences/s, median and min-max of --repeats passes
 after a warm-up, the candidates interleaved pass by pass so that a machine
 that drifts moves them alike.  Then a Bundle.load with an empty record
 measures as a user's first load does (its probe batch) and the table says
-what it chose and how far that choice is from the best measured here.
+what it chose and how far that choice is from the best measured here (an int8
+graph is only ever run unfused: its first load times budgets only).
 Writes <results>/tuning.json, with the CPU model and flags.
 """
 
@@ -105,7 +106,7 @@ def main(backbone, data, smoke, results, bundle_path, batch_size, repeats, every
         g = out["graphs"][graph]
         click.echo(f"first load chose {picked[0]}/{picked[1] or 'whole'} in {tuning_seconds:.2f} s: "
                    f"{g['chosen_over_best']:.3f} x the best here; the best is {g['best_over_untuned']:.3f} x"
-                   f" onnxruntime's defaults on whole batches")
+                   f" the graph's ops as written on whole batches (no tuning)")
     common.write_results(results, "tuning", out)
 
 

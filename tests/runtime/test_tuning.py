@@ -35,8 +35,12 @@ def test_first_load_measures_and_records_later_loads_read_it_back(tiny_bundle, c
     again = Bundle.load(tiny_bundle)
     assert cache.stat().st_mtime_ns == before  # read back, not measured again
     assert (again.model.variant, again.model.token_budget) == (first.model.variant, first.model.token_budget)
-    Bundle.load(tiny_bundle, int8=True)  # another graph of the backbone: a record of its own
-    assert len(json.loads(cache.read_text())) == 2
+    int8 = Bundle.load(tiny_bundle, int8=True)  # another graph of the backbone: a record of its own
+    entries = json.loads(cache.read_text())
+    assert len(entries) == 2
+    (int8_entry,) = [e for e in entries.values() if e["precision"] == "int8"]
+    # an int8 graph runs unfused only: the variant its recorded accuracy was measured with; budgets are timed
+    assert {k.split("/")[0] for k in int8_entry["measured"]} == {"unfused"} and int8.model.variant == "unfused"
 
 
 @pytest.mark.parametrize("variant", OnnxModel.variants)
