@@ -155,8 +155,13 @@ def generate(bundle_path, prompt, max_new_tokens, temperature, top_p, seed, stop
                    " /v2/repository/... (the V2 model repository extension).")
 @click.option("--repository-token", default=None, envvar="PTBUNDLE_REPOSITORY_TOKEN",
               help="Bearer token the /v2/repository/... endpoints need (env PTBUNDLE_REPOSITORY_TOKEN).")
+@click.option("--load-on-demand", is_flag=True,
+              help="Load a store entry when a request names it, none at start (the request waits for the load).")
+@click.option("--max-loaded", type=click.IntRange(1), default=None,
+              help="At most this many store entries loaded: loading one more unloads the least recently used"
+                   " (its requests in flight are answered) [default: no bound].")
 def serve(bundle_specs, host, port, max_batch, group, max_wait_ms, max_texts, max_chars, max_body_bytes, device, backend,
-          int8, precision, task_store, repository_token):
+          int8, precision, task_store, repository_token, load_on_demand, max_loaded):
     """Serve bundles over HTTP (KServe V1 protocol): POST /v1/models/TASK:predict {"instances": [...]}.
 
     A one-task bundle is served under its directory's name (NAME=BUNDLE
@@ -164,10 +169,12 @@ def serve(bundle_specs, host, port, max_batch, group, max_wait_ms, max_texts, ma
     concurrent requests are batched together.  Needs the serve extra
     (pip install 'ptbundle[serve]').  SIGTERM answers the requests in flight, then exits.
     """
-    if repository_token is not None and task_store is None:
-        raise InputError("--repository-token guards the task store's endpoints: give --task-store DIR too")
+    for given, what in ((repository_token is not None, "--repository-token"), (load_on_demand, "--load-on-demand"),
+                        (max_loaded is not None, "--max-loaded")):
+        if given and task_store is None:
+            raise InputError(f"{what} is about the task store: give --task-store DIR too")
     store = None if task_store is None else TaskStore(task_store, lambda p: load(p, device, backend, int8, precision),
-                                                      repository_token)
+                                                      repository_token, load_on_demand, max_loaded)
     specs = [parse_bundle_spec(s) for s in (bundle_specs or (() if store else (DEFAULT_BUNDLE,)))]
     bundles = [load(path, device, backend, int8, precision) for _, path in specs]
     limits = Limits(max_batch=max_batch, group=group, max_wait=max_wait_ms / 1000, max_body=max_body_bytes, max_texts=max_texts,

@@ -122,6 +122,9 @@ class Metrics:
         self.latency = prometheus.Histogram("ptbundle_request_seconds", "Seconds to answer a request, by task",
                                             ["task"], buckets=self.LATENCY_BUCKETS, registry=r)
         self.queue = prometheus.Gauge("ptbundle_queued_texts", "Texts waiting for a batch", registry=r)
+        self.loads = prometheus.Counter("ptbundle_store_loads", "Task store entries loaded at run time", registry=r)
+        self.evictions = prometheus.Counter("ptbundle_store_evictions",
+                                            "Task store entries unloaded to stay within --max-loaded", registry=r)
 
     def request(self, task: str, status: int, seconds: float, texts: int) -> None:
         self.requests.labels(task, str(status)).inc()
@@ -212,11 +215,15 @@ class Endpoint:
 class TaskStore:
     """A directory of bundles loaded and unloaded at run time (the V2 repository extension's "models")."""
 
-    def __init__(self, directory, load, token: str | None = None):
+    def __init__(self, directory, load, token: str | None = None, on_demand: bool = False,
+                 max_loaded: int | None = None):
         self.directory = Path(directory).resolve()
         if not self.directory.is_dir():
             raise InputError(f"--task-store {directory}: no such directory")
         self.open, self.token = load, token  # load: path -> Bundle (pt-run serve's device, backend, int8)
+        # on_demand: an entry loads when a request names it (none at start); max_loaded: at most this many entries
+        # loaded at once, the least recently used unloaded to make room (its requests in flight are answered)
+        self.on_demand, self.max_loaded = on_demand, max_loaded
 
     def entries(self) -> list:
         """The store's bundles: its subdirectories holding a manifest.json, except links leading out of it."""
@@ -259,6 +266,7 @@ class App:
         self.entries = {}  # store entry -> its served names, while loaded
         self.failed = {}  # store entry -> why its last load failed
         self.unloaded = {}  # served name -> the store entry it was unloaded with
+        self.used = {}  # loaded store entry -> when a request last named one of its tasks (least recently used goes)
         self.repository_lock = None
 
     async def startup(self) -> None:
@@ -269,9 +277,9 @@ class App:
                 batchers[id(bundle)].start()
             self.endpoints[name] = Endpoint(bundle, path, task, batchers[id(bundle)])
         self.batchers = list(batchers.values())
-        if self.store is not None:  # the store's entries, all loaded at start (one that fails is UNAVAILABLE)
-            self.repository_lock = asyncio.Lock()
-            for entry in self.store.entries():
+        if self.store is not None:  # the store's entries loaded at start (one that fails is UNAVAILABLE), up to
+            self.repository_lock = asyncio.Lock()  # the bound; with on-demand loading, none until asked for
+            for entry in [] if self.store.on_demand else self.store.entries()[: self.store.max_loaded]:
                 try:
                     self.install(entry, self.store.load(entry))
                 except (PtbundleError, RequestError) as e:
@@ -339,6 +347,7 @@ class App:
             return 200, {"models": list(self.endpoints)}, "-", 0
         if path.startswith("/v1/models/"):
             name, _, verb = path[len("/v1/models/"):].partition(":")
+            await self.on_demand(name)
             endpoint = self.endpoint(name, "task")
             if verb == "":
                 need(method == "GET", 405, f"{path} takes GET")
@@ -359,6 +368,8 @@ class App:
             extensions = list(V2_EXTENSIONS) + (["model_repository"] if self.store is not None else [])
             return 200, {"name": "ptbundle", "version": VERSION, "extensions": extensions}, "-", 0
         name, _, verb = path[len("/v2/models/"):].partition("/")
+        if verb == "infer":
+            await self.on_demand(name)
         endpoint = self.endpoint(name, "model")
         need(not verb.startswith("versions"), 404, f"model {name!r} has no versions (use /v2/models/{name}/...)")
         need(verb in ("", "ready", "infer"), 404, f"no route {path} (use /v2/models/{name}, /ready or /infer)")
@@ -383,6 +394,9 @@ class App:
     def endpoint(self, name: str, kind: str) -> Endpoint:
         """The endpoint serving `name`; 404 naming it (and how to load it again, if it was unloaded)."""
         endpoint = self.endpoints.get(name)
+        owner = self.owner(name) if endpoint is not None else None
+        if owner is not None:
+            self.used[owner] = time.monotonic()
         if endpoint is None and name in self.unloaded:
             raise RequestError(404, f"{kind} {name!r} is unloaded (POST /v2/repository/models/{self.unloaded[name]}"
                                     f"/load loads it again)")
@@ -425,13 +439,38 @@ class App:
                 need(entry in self.entries, 400, f"{entry!r} is not loaded")
                 await self.uninstall(entry)
                 return 200, {}, "-", 0
-            try:  # on a thread: the hashes and the graph take a while, and the other tasks keep serving
-                bundle = await asyncio.get_running_loop().run_in_executor(None, self.store.load, entry)
-                self.install(entry, bundle)
-            except PtbundleError as e:
-                self.failed[entry] = self.store.quiet(str(e))
-                raise RequestError(400, f"{entry}: not loaded: {self.failed[entry]}") from None
+            await self.load_entry(entry)
             return 200, {}, "-", 0
+
+    async def load_entry(self, entry: str) -> None:
+        """Load a store entry (under the repository lock), first unloading the least recently used one if the
+        bound is reached; a load that fails is 400 naming the file, and nothing else changes."""
+        try:  # on a thread: the hashes and the graph take a while, and the other tasks keep serving
+            bundle = await asyncio.get_running_loop().run_in_executor(None, self.store.load, entry)
+        except PtbundleError as e:
+            self.failed[entry] = self.store.quiet(str(e))
+            raise RequestError(400, f"{entry}: not loaded: {self.failed[entry]}") from None
+        bound = self.store.max_loaded
+        while bound is not None and entry not in self.entries and len(self.entries) >= bound:
+            coldest = min(self.entries, key=lambda e: self.used.get(e, 0.0))
+            await self.uninstall(coldest)
+            self.failed[coldest] = f"unloaded to make room (--max-loaded {bound}, least recently used)"
+            self.metrics.evictions.inc()
+        self.install(entry, bundle)
+        self.used[entry] = time.monotonic()
+        self.metrics.loads.inc()
+
+    async def on_demand(self, name: str) -> None:
+        """Load the store entry a request names, if the store loads on demand and it is not loaded."""
+        if self.store is None or not self.store.on_demand or name in self.endpoints:
+            return
+        try:
+            entry = self.store.entry(name)
+        except RequestError:
+            return  # not a store entry: the request's own 404 says so
+        async with self.repository_lock:
+            if name not in self.endpoints:  # another request may have loaded it meanwhile
+                await self.load_entry(entry)
 
     def index(self) -> list:
         rows = []
@@ -468,6 +507,7 @@ class App:
 
     async def uninstall(self, entry: str) -> None:
         names = self.entries.pop(entry)
+        self.used.pop(entry, None)
         batchers = {self.endpoints.pop(n).batcher for n in names}
         self.unloaded.update((n, entry) for n in names)
         for b in batchers:

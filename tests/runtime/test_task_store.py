@@ -3,6 +3,7 @@ client against a real server process."""
 
 import os
 import shutil
+import subprocess
 import threading
 import time
 
@@ -12,7 +13,8 @@ import pytest
 tritonhttp = pytest.importorskip("tritonclient.http")  # the test extra
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from serving import Server  # noqa: E402
+from helpers import assert_one_error_line  # noqa: E402
+from serving import PT_RUN, Server  # noqa: E402
 from ptbundle.runtime import Bundle  # noqa: E402
 
 TEXTS = ["a great movie", "the worst film ever", "boring acting and a weak story but the best script"]
@@ -143,3 +145,39 @@ def test_repository_absent_without_a_store(tiny_bundle):
     finally:
         client.close()
         server.stop()
+
+
+def test_on_demand_loading_within_a_bound_unloads_the_least_recently_used(store, tiny_build):
+    """--load-on-demand --max-loaded 2 over three entries: nothing loaded at start, a request loads what it names,
+    the third unloads the least recently used, which a later request loads again; every answer is its own."""
+    shutil.copytree(tiny_build[0] / "toy-hard-zeroshot", store / "toy-hard-zeroshot")
+    want = {name: [p.label for p in Bundle.load(store / name).predict(TEXTS)] for name in os.listdir(store)}
+    server, client = serve("--task-store", store, "--repository-token", TOKEN, "--load-on-demand", "--max-loaded", "2")
+    try:
+        index = client.get_model_repository_index(headers=AUTH)
+        assert [row["state"] for row in index] == ["UNAVAILABLE"] * 3  # nothing loaded until asked for
+        for name in ("toy-soft", "toy-hard-probe", "toy-soft", "toy-hard-zeroshot"):  # toy-hard-probe is coldest
+            status, body = server.predict(name, TEXTS)
+            assert status == 200 and [p["label"] for p in body["predictions"]] == want[name], (name, body)
+        ready = {row["name"]: row for row in client.get_model_repository_index(headers=AUTH)}
+        assert {n for n, row in ready.items() if row["state"] == "READY"} == {"toy-soft", "toy-hard-zeroshot"}
+        assert "least recently used" in ready["toy-hard-probe"]["reason"]
+        result = client.infer("toy-hard-probe", [texts_input(TEXTS)])  # V2 loads on demand too
+        assert [x.decode() for x in result.as_numpy("label")] == want["toy-hard-probe"]
+        assert server.predict("nobody", TEXTS)[0] == 404  # not an entry: nothing to load
+        # an explicit load within the bound makes room the same way
+        client.load_model("toy-soft", headers=AUTH)
+        loaded = [row["name"] for row in client.get_model_repository_index(headers=AUTH) if row["state"] == "READY"]
+        assert len(loaded) == 2 and "toy-soft" in loaded
+        metrics = server.request("GET", "/metrics")[1]
+        assert "ptbundle_store_evictions_total 3.0" in metrics and "ptbundle_store_loads_total" in metrics
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("flags", [["--load-on-demand"], ["--max-loaded", "2"]])
+def test_store_flags_without_a_store_are_one_line(tiny_bundle, flags):
+    done = subprocess.run([PT_RUN, "serve", str(tiny_bundle), "--port", "0", *flags], capture_output=True, text=True,
+                          timeout=120)
+    assert_one_error_line(done.returncode, done.stderr, f"{flags[0]} is about the task store: give --task-store DIR")
+
