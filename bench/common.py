@@ -102,11 +102,6 @@ def time_calls(call, sync, repeats: int, min_seconds: float = 0.05) -> list:
 
 # --- the machine --------------------------------------------------------------------------
 
-# CPU features that decide which GEMM kernels the libraries pick.
-SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
-              "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
-
-
 def openvino_installed() -> bool:
     """The openvino extra is there (found without importing it)."""
     return importlib.util.find_spec("openvino") is not None
@@ -114,18 +109,10 @@ def openvino_installed() -> bool:
 
 def machine_info() -> dict:
     """CPU model, cores, memory, SIMD flags and load, read from /proc where there is one."""
+    cpu = product("cpu")()  # the runtime's own reading: model name and the flags that decide kernels
     info = {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        fields = {}
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())  # the first processor's values
-        info["cpu_model"] = fields.get("model name")
-        flags = set(fields.get("flags", "").split())
-        info["simd"] = [f for f in SIMD_FLAGS if f in flags]
+            "cpu_count": os.cpu_count(), "usable_cores": product("cpu_threads")(),
+            "cpu_model": cpu["model"], "simd": cpu["flags"], "bf16_units": product("bf16_units")()}
     meminfo = Path("/proc/meminfo")
     if meminfo.is_file():
         total = next((l for l in meminfo.read_text().splitlines() if l.startswith("MemTotal:")), None)
@@ -281,6 +268,7 @@ PRODUCT = {
     "ENCODER_MASK_FILL": "ptbundle.builder.lab:MASK_FILL",
     "UNFUSED": "ptbundle.runtime.onnx_backend:UNFUSED",  # the fusion passes the "unfused" variant turns off
     "TUNING_BUDGETS": "ptbundle.runtime.tuning:BUDGETS",  # the token budgets runtime.tuning times
+    "cpu": "ptbundle.runtime.tuning:cpu", "bf16_units": "ptbundle.runtime.tuning:bf16_units",
     "ONNX_PAD_MULTIPLE": "ptbundle.runtime.onnx_backend:OnnxModel.pad_multiple",
     "use_device": "ptbundle.builder.lab:use_device",
     "Recipe": "ptbundle.builder.lab:Recipe",

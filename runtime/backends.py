@@ -9,9 +9,9 @@
 A new backend is one module with a model class (opened with the graph's
 path, the device, a merged bundle's task tables and a variant; called
 with int32 (ids, mask, types[, task_ids]) arrays, returning float32
-logits; attributes `pad_multiple`, `variants` (ways to open the graph
-that runtime.tuning times on the CPU at hand), `tuned`, `version` and
-`token_budget`), for generation bundles a decoder session class (the interface
+logits; attributes `pad_multiple`, `variants` and `variants_for(precision)`
+(ways to open the graph that runtime.tuning times on the CPU at hand),
+`tuned`, `version` and `token_budget`), for generation bundles a decoder session class (the interface
 of runtime.generate.DecoderSession, opened by its `open` classmethod), and
 one `register(...)` line here.  Backends are imported only when used, so
 the runtime pulls in neither MindSpore nor onnxruntime until a bundle
@@ -54,7 +54,7 @@ class Backend:
                                                          precision=precision)
 
     def model_type(self, device: str):
-        """The model class (its `variants`, `tuned`, `version`)."""
+        """The model class (its `variants_for`, `tuned`, `version`)."""
         return self.load_class(self.model_class, device)
 
     def open_decoder(self, path: Path, device: str, prompt_cache: dict, generation: dict):

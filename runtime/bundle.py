@@ -321,11 +321,8 @@ def open_tuned(runner, path: Path, device: str, tables: dict | None, manifest: M
     key = tuning.key_of(runner.name, kind.version, manifest.backbone.sha256, path.name, precision, manifest.multi_task)
     about = {"backend": f"{runner.name} {kind.version}", "backbone": manifest.backbone.name, "graph": path.name,
              "precision": precision}
-    # An int8 graph's fixed activation steps turn a fused kernel's last-bit differences into a neighbouring step
-    # now and then: its only variant is the one its recorded accuracy was measured with.
-    variants = kind.variants[:1] if precision == "int8" else kind.variants
-    model, choice = tuning.tune(lambda variant: runner.open(path, device, tables, variant, precision), variants,
-                                key, manifest.multi_task, about)
+    model, choice = tuning.tune(lambda variant: runner.open(path, device, tables, variant, precision),
+                                kind.variants_for(precision), key, manifest.multi_task, about)
     model.token_budget = choice.token_budget
     return model
 

@@ -74,7 +74,7 @@ class MindSporeModel:
     # GraphCell prepares per input shape: multiples of 8 keep the shapes few
     # at a little extra padding.
     pad_multiple = 8
-    variants, variant = (), None
+    variant = None
     # Not timed by runtime.tuning: every new shape compiles, and on GPU or Ascend a CPU's timing says nothing.
     tuned = False
     token_budget = None

@@ -42,11 +42,18 @@ class OnnxModel:
     # nothing: pad a batch to its longest row and not a token more.
     pad_multiple = 1
     # The graph's ops as written first: the default, what the builder's checks and recorded metrics ran.
-    # runtime.tuning times both (for fp32: the fused kernels sum in another order, within 1e-6).
+    # runtime.tuning times those `variants_for` a precision allows (fp32: the fused kernels sum in another order,
+    # within 1e-6).
     variants = ("unfused", "fused")
     version = ort.__version__
     tuned = True
     token_budget = None  # padded tokens per call (runtime.tuning); None: a caller's batch in one call
+
+    @classmethod
+    def variants_for(cls, precision: str) -> tuple:
+        # An int8 graph's fixed activation steps turn a fused kernel's last-bit differences into a neighbouring
+        # step now and then: it runs as its recorded accuracy was measured, unfused.
+        return cls.variants[:1] if precision == "int8" else cls.variants
 
     def __init__(self, path: Path, device: str = "CPU", threads: int | None = None, tables: dict | None = None,
                  variant: str | None = None, precision: str | None = None):

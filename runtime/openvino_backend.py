@@ -41,13 +41,17 @@ class OpenVinoModel:
     """Same call as OnnxModel: int32 [batch, seq] arrays in, float32 logits out."""
 
     pad_multiple = 1  # any shape runs; OpenVINO caches what it prepares per shape
-    variants, variant = (), None
+    variant = None
     tuned = True  # its token budget is measured like onnxruntime's (runtime.tuning)
     try:  # without importing it (seconds): the tuning record's key
         version = metadata.version("openvino")
     except metadata.PackageNotFoundError:
         version = None
     token_budget = None
+
+    @staticmethod
+    def variants_for(precision: str) -> tuple:
+        return ()  # one way to open it: runtime.tuning times its token budgets only
 
     def __init__(self, path: Path, device: str = "CPU", tables: dict | None = None, variant: str | None = None,
                  precision: str = "fp32"):

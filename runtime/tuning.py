@@ -26,6 +26,7 @@ nothing (PTBUNDLE_CACHE_DIR moves the record).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -40,9 +41,11 @@ import numpy as np
 BUDGETS = (None, 2048, 1024, 512)  # padded tokens per graph call; None: the caller's whole batch
 PROBE_ROWS, PROBE_SEQ = 64, 32  # the probe batch: the default batch size, a sentence and a prompt long
 REPEATS = 3  # timed passes per candidate (after one warm-up); the median decides
-# Instruction-set flags that decide which kernels the libraries pick (and so what is fastest).
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
-             "amx_tile", "amx_bf16", "amx_int8")
+# Instruction-set flags that decide which kernels the libraries pick (and so what is fastest); the benchmarks
+# record the same (bench/common.machine_info).
+CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+             "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # bf16 units: what OpenVINO's bf16 runs on (runtime.openvino_backend)
 CACHE_VERSION = 1
 
 
@@ -61,6 +64,7 @@ class Choice:
 UNTUNED = Choice()
 
 
+@functools.cache  # a process runs on one CPU: read it once
 def cpu() -> dict:
     """This CPU's model name and the CPU_FLAGS it has (empty where /proc/cpuinfo is not there)."""
     try:
@@ -73,6 +77,11 @@ def cpu() -> dict:
         fields.setdefault(key.strip(), value.strip())  # the first processor's
     flags = set(fields.get("flags", "").split())
     return {"model": fields.get("model name"), "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def bf16_units() -> bool:
+    """This CPU has bf16 instructions (AVX512_BF16 or AMX)."""
+    return bool(set(BF16_FLAGS) & set(cpu()["flags"]))
 
 
 def default_threads() -> int:

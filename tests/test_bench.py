@@ -140,7 +140,7 @@ def test_run_smoke_measures_every_stage_and_skips_the_missing_peer(smoke):
     inference = read(results, "inference")
     configs = {c["config"] for c in inference["results"]}
     # openvino: the test extra installs it; bf16 where this CPU has bf16 units
-    bf16 = bool({"avx512_bf16", "amx_bf16"} & set(summary["machine"].get("simd", [])))
+    bf16 = summary["machine"]["bf16_units"]
     assert configs == {"onnxruntime fp32", "onnxruntime int8", "mindspore fp32", "openvino fp32",
                        *(["openvino bf16"] if bf16 else [])}
     assert inference["prompt"] == roofline["prompt"]

@@ -125,7 +125,7 @@ def backend_configs(manifest: dict, backends) -> list:
         configs.append(("mindspore fp32", {"backend": "mindspore"}, ["--backend", "mindspore"]))
     if "openvino" in backends and common.openvino_installed():  # the openvino extra; bf16 where the CPU has bf16 units
         configs.append(("openvino fp32", {"backend": "openvino"}, ["--backend", "openvino"]))
-        if {"avx512_bf16", "amx_bf16"} & set(common.machine_info().get("simd", [])):
+        if common.machine_info()["bf16_units"]:
             configs.append(("openvino bf16", {"backend": "openvino", "precision": "bf16"},
                             ["--backend", "openvino", "--precision", "bf16"]))
     return configs

@@ -327,7 +327,6 @@ class TaskTableNet:
     the ones it holds, the graph it exports (TableInputs) the ones the runtime feeds."""
 
     spec = None  # one prompt per task (specs), not one for the graph
-    tables = None
 
     def hold_tasks(self, tasks: list, tables: dict, shape: TableShape) -> None:
         self.specs = tuple(tasks)
@@ -337,7 +336,8 @@ class TaskTableNet:
         self.tables = tables
         self.table_order = tuple(table_names(tables))
         self.at = {name: k for k, name in enumerate(self.table_order)}
-        self.held = tuple(Tensor(tables[name]) for name in self.table_order)
+        # Sharing the arrays' memory: at 1,000 tasks the tables are hundreds of MB (prefix keys and values)
+        self.held = tuple(Tensor.from_numpy(np.ascontiguousarray(tables[name])) for name in self.table_order)
 
     def table(self, tables: tuple, name: str):
         return tables[self.at[name]]
@@ -348,7 +348,7 @@ class TaskTableNet:
 
     def head_state(self) -> dict:
         """The task tables: what a merged bundle's prompt.safetensors holds (runtime.format)."""
-        return {name: array.copy() for name, array in self.tables.items()}
+        return dict(self.tables)  # read only by the writer: no copy of what may be hundreds of MB
 
     def construct(self, input_ids, attention_mask, token_type_ids, task_ids):
         return self.forward(input_ids, attention_mask, token_type_ids, task_ids, self.held)

@@ -8,7 +8,7 @@ from conftest import MIXED_TEXTS as TEXTS, mixed_rows
 from ptbundle.runtime import Bundle, tuning
 from ptbundle.runtime.errors import BundleError
 
-BF16_CPU = bool({"avx512_bf16", "amx_bf16"} & set(tuning.cpu()["flags"]))
+BF16_CPU = tuning.bf16_units()
 
 
 def test_fp32_equals_onnxruntime(tiny_bundle):
