@@ -32,7 +32,7 @@ from .format import DECODER_GRAPHS, DEVICES, GRAPHS
 class Backend:
     name: str
     devices: tuple
-    files: dict  # precision ("fp32", "int8") -> graph file in the bundle
+    files: dict  # precision ("fp32", "int8", "bf16") -> graph file in the bundle
     model_class: str  # "module:Class", imported on first use
     decoders: dict  # precision -> decoder graph file of a generation bundle
     decoder_class: str  # "module:Class" of its session, imported on first use
@@ -40,10 +40,11 @@ class Backend:
     def graph_file(self, precision: str, generative: bool = False) -> str:
         """The bundle's graph file this backend runs at `precision` (the decoder's, in a generation bundle)."""
         files = lambda b: b.decoders if generative else b.files  # noqa: E731
+        kind = "decoder graph" if generative else "graph"
         if precision not in files(self):
             others = [b.name for b in BACKENDS.values() if precision in files(b)]
-            raise BundleError(f"backend {self.name!r} has no {precision} graph (use backend={others[0]!r})"
-                              if others else f"no backend runs {precision} graphs")
+            raise BundleError(f"backend {self.name!r} has no {precision} {kind} (use backend={others[0]!r})"
+                              if others else f"no backend runs {precision} {kind}s")
         return files(self)[precision]
 
     def open(self, path: Path, device: str, tables: dict | None = None, variant: str | None = None,

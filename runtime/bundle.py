@@ -80,7 +80,7 @@ class Bundle:
             raise BundleError(f"{directory}: no such bundle directory")
         manifest = Manifest.read(directory)
         if manifest.generative:
-            return cls.load_generation(directory, manifest, device, runner, int8, verify)
+            return cls.load_generation(directory, manifest, device, runner, precision, verify)
         graph = runner.graph_file(precision)
         if graph not in manifest.files:
             hint = ("" if not int8 else " (merge it with pt-build merge --quantize int8)" if manifest.multi_task
@@ -109,10 +109,10 @@ class Bundle:
         return bundle
 
     @classmethod
-    def load_generation(cls, directory: Path, manifest: Manifest, device: str, runner, int8: bool,
+    def load_generation(cls, directory: Path, manifest: Manifest, device: str, runner, precision: str,
                         verify: bool) -> "Bundle":
         task = manifest.only
-        graph = runner.graph_file("int8" if int8 else "fp32", generative=True)
+        graph = runner.graph_file(precision, generative=True)
         for name in (graph, PROMPT_CACHE):
             if name not in manifest.files:
                 hint = {DECODER_GRAPHS["onnx-int8"]: " (build it with int8 quantization)",

@@ -5,10 +5,11 @@ default install stays onnxruntime.  OpenVINO, Intel's inference runtime,
 reads the bundle's model.onnx as it is, onnxruntime's `Attention` with a
 prefix as its `past` included, and with bf16 inference precision runs its
 matrix products on the CPU's bf16 instructions, which onnxruntime's CPU
-kernels do not use: on an AMD EPYC with AVX512_BF16 about 1.7x
-onnxruntime's fp32 (bench/perf/inference.py prints both), with logits that
-move by a few hundredths (bf16 keeps 8 bits of mantissa), recorded per
-bundle by `pt-run eval --precision bf16`.  A CPU without bf16 instructions
+kernels do not use: on an AMD EPYC with AVX512_BF16 1.4-1.6x onnxruntime's
+fp32 at batch 64 (`.venv/bin/python bench/perf/inference.py --backends
+onnxruntime,openvino`; docs/measured.md), with logits that move by a few
+hundredths (bf16 keeps 8 bits of mantissa): `pt-build export --quantize
+int8` records its accuracy, `pt-run eval --precision bf16` scores it.  A CPU without bf16 instructions
 is refused for bf16 by name rather than emulated.  OpenVINO cannot read
 model.int8.onnx (onnxruntime's own quantized operators): int8 stays
 onnxruntime's.

@@ -548,7 +548,7 @@ def test_mindspore_on_a_bundle_without_decoder_mindir_is_one_error_line(bundles,
     assert Bundle.load(old).generate("hello", max_new_tokens=2).token_ids  # onnxruntime still runs it
     code, err, _ = run("generate", old, "hello", "--backend", "mindspore")
     assert_one_error_line(code, err, "no decoder.mindir")
-    with pytest.raises(BundleError, match="no int8 graph"):
+    with pytest.raises(BundleError, match="no int8 decoder graph"):
         Bundle.load(bundles / "plain", backend="mindspore", int8=True)
 
 
@@ -586,3 +586,14 @@ def test_a_bad_mindir_capacity_in_the_manifest_names_the_field(bundles):
         raw["tasks"][0]["details"]["generation"]["mindir_capacity"] = bad
         with pytest.raises(BundleError, match="details.generation.mindir_capacity"):
             Manifest.from_json(raw)
+
+
+def test_a_precision_generation_bundles_lack_is_one_line_naming_it(bundles):
+    """bf16 is the openvino backend's, for classifier graphs: a generation bundle asked for it says so."""
+    from ptbundle.runtime import Bundle
+    from ptbundle.runtime.errors import BundleError
+
+    with pytest.raises(BundleError, match="no backend runs bf16 decoder graphs"):
+        Bundle.load(bundles / "plain", precision="bf16")
+    code, err, _ = run("generate", bundles / "plain", "hello", "--max-new-tokens", 2, "--backend", "openvino")
+    assert_one_error_line(code, err, "backend 'openvino' has no fp32 decoder graph (use backend='onnxruntime')")
