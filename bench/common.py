@@ -294,6 +294,8 @@ PRODUCT = {
     # merged multi-task bundles (bench/perf/multitask_scale.py): pt-build merge and pt-build import, in-process
     "merge": "ptbundle.builder:merge", "import_adapter": "ptbundle.builder:import_adapter",
     "read_tables": "ptbundle.runtime.format:read_tables",  # a merged bundle's task tables, its graphs' inputs
+    "sha256_file": "ptbundle.runtime.format:sha256_file",
+    "PROMPT_FILE": "ptbundle.runtime.format:PROMPT", "MANIFEST_FILE": "ptbundle.runtime.format:MANIFEST",
 }
 
 

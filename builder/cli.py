@@ -146,6 +146,9 @@ def merge(bundles, out_path, add_to, max_length, quantize, backbone, device):
     Each task keeps its name (NAME=BUNDLE renames it), labels, template and
     metrics; `pt-run predict --task NAME` and `pt-run serve` use them.  A PEFT
     adapter directory is folded as `pt-build import` folds it (labels LABEL_0..).
+    One task merged alone is a bundle whose graph takes the task tables: a
+    `pt-run serve --task-store` entry that shares one graph and batcher with
+    the others on its backbone (docs/deploying.md).
     """
     if out_path is None and add_to is None:
         raise click.UsageError("Missing option '--out'.")

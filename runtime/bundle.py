@@ -54,12 +54,15 @@ class TaskInput:
 
 
 class Bundle:
-    def __init__(self, directory: Path, manifest: Manifest, model, tokenizer_path: Path, generator=None):
+    def __init__(self, directory: Path, manifest: Manifest, model, tokenizer_path: Path, generator=None,
+                 tokenizers: dict | None = None):
         self.directory = directory
         self.manifest = manifest
         self.model = model
         self.generator = generator  # runtime.generate.Generator of a generation bundle (model is None then)
-        tokenizers = {}  # one per max_length: truncation is a setting of the tokenizer
+        # one per max_length: truncation is a setting of the tokenizer (`tokenizers`: shared with other bundles of
+        # the same tokenizer file, runtime.store)
+        tokenizers = {} if tokenizers is None else tokenizers
         self.tasks = {}
         for i, task in enumerate(manifest.tasks):
             if task.max_length not in tokenizers:
@@ -210,7 +213,7 @@ class Bundle:
         `sort_by_length` as for `logits`.
         """
         rows, logits = self._run(texts, texts_b, batch_size, sort_by_length, task)
-        shown = self.manifest.multi_task
+        shown = self.manifest.several
         return [prediction(r.task.labels, row, r.task.name if shown else None) for r, row in zip(rows, logits)]
 
     def _run(self, texts, texts_b, batch_size: int, sort_by_length: bool, task) -> tuple:

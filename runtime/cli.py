@@ -67,7 +67,7 @@ def predict(file, bundle_path, task, input_format, fmt, batch_size, chunk_lines,
     name = "<stdin>" if name in ("<stdin>", "-") else name
     input_format = input_format or format_of(name)
     reader = LineReader({n: t.task.pair for n, t in bundle.tasks.items()}, input_format, task)
-    show_task = bundle.manifest.multi_task
+    show_task = bundle.manifest.several
     progress = sys.stderr.isatty() if progress is None else progress
     started = last = time.time()
     done = 0
@@ -173,7 +173,7 @@ def serve(bundle_specs, host, port, max_batch, group, max_wait_ms, max_texts, ma
                         (max_loaded is not None, "--max-loaded")):
         if given and task_store is None:
             raise InputError(f"{what} is about the task store: give --task-store DIR too")
-    store = None if task_store is None else TaskStore(task_store, lambda p: load(p, device, backend, int8, precision),
+    store = None if task_store is None else TaskStore(task_store, device, backend, precision_of(int8, precision),
                                                       repository_token, load_on_demand, max_loaded)
     specs = [parse_bundle_spec(s) for s in (bundle_specs or (() if store else (DEFAULT_BUNDLE,)))]
     bundles = [load(path, device, backend, int8, precision) for _, path in specs]
@@ -220,7 +220,7 @@ def evaluate(bundle_paths, data, split, text_column, text_b_column, label_column
     for path, bundle, spec in loaded:
         with naming_bundle(path):
             metrics = score(bundle, examples, batch_size, spec.name)
-        shown = f"{path} [{spec.name}]" if bundle.manifest.multi_task else path
+        shown = f"{path} [{spec.name}]" if bundle.manifest.several else path
         rows.append({"bundle": shown, "kind": spec.kind_label, **metrics})
     if plot:
         plot_png(rows, described, Path(plot))
@@ -267,10 +267,10 @@ def info(bundle_path):
     click.echo(f"  backbone    {bb.name} ({bb.model_type}, {bb.layers}x{bb.hidden_size}), sha256 {bb.sha256[:12]}")
     # int8 figures are model.int8.onnx's: a bundle without it has none (a merged one keeps its sources' figures).
     int8 = GRAPHS["onnx-int8"] in m.files
-    if not m.multi_task:
+    if not m.several:
         show_task(m.only, int8)
     problems = show_files(bundle_path, m)
-    for t in m.tasks if m.multi_task else ():
+    for t in m.tasks if m.several else ():
         click.echo(task_heading(t))
         show_task(t, int8)
     if problems:  # after every task is shown: the marks above say which files
@@ -297,7 +297,7 @@ def show_files(bundle_path, m) -> list:
 
 def bundle_heading(bundle_path, m) -> str:
     """The first line: what the bundle is (its one task, or its tasks)."""
-    if m.multi_task:
+    if m.several:
         return f"{bundle_path}: multi-task bundle, {len(m.tasks)} tasks in one graph: {', '.join(m.task_names)}"
     t = m.only
     if t.generation:
@@ -365,9 +365,13 @@ def recipe_items(t) -> list:
 
 
 def load(path, device, backend, int8, precision=None):
+    return Bundle.load(path, device=device, backend=backend, precision=precision_of(int8, precision))
+
+
+def precision_of(int8: bool, precision: str | None) -> str:
     if int8 and precision not in (None, "int8"):
         raise InputError(f"--int8 and --precision {precision}: give one")
-    return Bundle.load(path, device=device, backend=backend, int8=int8, precision=precision)
+    return precision or ("int8" if int8 else "fp32")
 
 
 def main():

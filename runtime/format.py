@@ -380,10 +380,18 @@ class Manifest:
     created: str = ""
     versions: dict = field(default_factory=dict)  # libraries that built it
     format_version: int = FORMAT_VERSION
+    # The graphs take task_ids and the task tables (pt-build merge writes it, of one task too: a task store
+    # shares one graph among such bundles).  Absent in a merged bundle written before; it has several tasks.
+    task_tables: bool = False
 
     @property
     def multi_task(self) -> bool:
-        """The graph takes `task_ids` (TASK_INPUT)."""
+        """The graph takes `task_ids` (TASK_INPUT): a merged bundle, of one task or several."""
+        return self.task_tables or len(self.tasks) > 1
+
+    @property
+    def several(self) -> bool:
+        """More than one task: each is named where it is used or shown."""
         return len(self.tasks) > 1
 
     @property
@@ -394,7 +402,7 @@ class Manifest:
     @property
     def only(self) -> Task:
         """The task of a single-task bundle."""
-        if self.multi_task:
+        if self.several:
             raise BundleError(f"this bundle holds {len(self.tasks)} tasks ({', '.join(self.task_names)}): name one")
         return self.tasks[0]
 
@@ -404,7 +412,7 @@ class Manifest:
 
     @property
     def kind_label(self) -> str:
-        return self.tasks[0].kind_label if not self.multi_task else "multi-task"
+        return self.tasks[0].kind_label if not self.several else "multi-task"
 
     def task(self, name: str | None = None) -> Task:
         """The task called `name`; None names the only task of a single-task bundle."""
@@ -482,6 +490,7 @@ class Manifest:
         need(not bad, "files", f"names {bad[0]!r}, not a relative path inside the bundle" if bad else "")
         for name in ("export", "versions"):
             need(isinstance(getattr(self, name), dict), name, "must be a JSON object")
+        need(isinstance(self.task_tables, bool), "task_tables", f"must be true or false, not {self.task_tables!r}")
 
 
 def fields_of(cls, raw: dict, path, where: str = "") -> dict:

@@ -89,6 +89,10 @@ class MindSporeModel:
         self.tables = tuple(ms.Tensor(np.ascontiguousarray(tables[n])) for n in table_names(tables or {}))
         self.path = path  # its logits' width is known once run (runtime.bundle.batched_logits checks it then)
 
+    def swap_tables(self, tables: dict) -> None:
+        """As OnnxModel.swap_tables (Tensor.from_numpy shares the arrays' memory)."""
+        self.tables = tuple(self.tensor.from_numpy(np.ascontiguousarray(tables[n])) for n in table_names(tables))
+
     def __call__(self, ids, mask, types, task_ids=None) -> np.ndarray:
         """`task_ids` [batch]: a multi-task graph's row tasks (format.TASK_INPUT)."""
         arrays = (ids, mask, types) if task_ids is None else (ids, mask, types, task_ids)

@@ -83,6 +83,11 @@ class OnnxModel:
         width = self.session.get_outputs()[0].shape[-1]
         self.logits_width = width if isinstance(width, int) else None  # pt-build's graphs declare it
 
+    def swap_tables(self, tables: dict) -> None:
+        """Feed these task tables from the next call on (a task store's shared table, runtime.store): wrapped in
+        place, so rows written into them later are read too; a call running keeps the ones it started with."""
+        self.tables = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(tables[n])) for n in self.tables}
+
     def __call__(self, ids, mask, types, task_ids=None) -> np.ndarray:
         """`task_ids` [batch]: a multi-task graph's row tasks (format.TASK_INPUT)."""
         arrays = dict(zip((*INPUT_NAMES, TASK_INPUT), (ids, mask, types, task_ids)))

@@ -82,6 +82,10 @@ class OpenVinoModel:
         width = compiled.outputs[0].get_partial_shape()[-1]
         self.logits_width = width.get_length() if width.is_static else None
 
+    def swap_tables(self, tables: dict) -> None:
+        """As OnnxModel.swap_tables: read in place (share_inputs) from the next call on."""
+        self.tables = {n: np.ascontiguousarray(tables[n]) for n in self.tables}
+
     def __call__(self, ids, mask, types, task_ids=None) -> np.ndarray:
         arrays = dict(zip((*INPUT_NAMES, TASK_INPUT), (ids, mask, types, task_ids)))
         feed = {name: np.ascontiguousarray(arrays[name], dtype=np.int32) for name in self.input_names}

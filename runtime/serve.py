@@ -37,9 +37,13 @@ served under the entry's name, a merged one under its tasks' names), all
 loaded at start, and loaded or unloaded at run time:
 
     POST /v2/repository/index            [{"name": ENTRY, "state": "READY" | "UNAVAILABLE", "reason"?}, ...]
-    POST /v2/repository/models/ENTRY/load     every file checked against its sha256, then Bundle.load;
+    POST /v2/repository/models/ENTRY/load     its files checked against their sha256, then Bundle.load;
                                          a failure is a 400 naming the file and changes nothing
     POST /v2/repository/models/ENTRY/unload   requests in flight are answered; new ones get a 404 naming the task
+
+Entries whose graphs take the task tables and are the same file share one
+graph, one table and one batcher (runtime.store); a load joining them reads
+only the entry's own small files.
 
 These answer 404 without a store, and 401 without `Authorization: Bearer TOKEN`
 when `--repository-token` is set.  ENTRY is a plain name of DIR's (no "/",
@@ -67,14 +71,14 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 import numpy as np
 
 from .bundle import batched_logits, prediction
 from .errors import InputError, PtbundleError
-from .format import MANIFEST, Manifest, verify_files
+from .format import MANIFEST
 from .inputs import check_text, lone_surrogate
+from .store import Prepared, Shared, TaskStore
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,8 @@ class Metrics:
         self.loads = prometheus.Counter("ptbundle_store_loads", "Task store entries loaded at run time", registry=r)
         self.evictions = prometheus.Counter("ptbundle_store_evictions",
                                             "Task store entries unloaded to stay within --max-loaded", registry=r)
+        self.graphs = prometheus.Gauge("ptbundle_store_graphs", "Graphs the task store's loaded entries run on"
+                                       " (entries sharing one graph count once)", registry=r)
 
     def request(self, task: str, status: int, seconds: float, texts: int) -> None:
         self.requests.labels(task, str(status)).inc()
@@ -142,8 +148,10 @@ class Metrics:
 class Batcher:
     """Collects (encoding, task index) rows of concurrent requests into batches for one bundle's model."""
 
-    def __init__(self, bundle, limits: Limits, metrics: Metrics):
-        self.bundle, self.limits, self.metrics = bundle, limits, metrics
+    def __init__(self, model, pad_id: int, width: int, task_ids: bool, limits: Limits, metrics: Metrics):
+        # width: logits per row (the widest task's); task_ids: the graph takes each row's (a merged one)
+        self.model, self.pad_id, self.width, self.task_ids = model, pad_id, width, task_ids
+        self.limits, self.metrics = limits, metrics
         self.queue = deque()  # (encoding, task index, future)
         self.ready = asyncio.Event()
         # One thread runs the model (onnxruntime uses every core inside each call);
@@ -153,18 +161,26 @@ class Batcher:
         self.active = 0  # requests holding one of this bundle's endpoints
         self.closing = False  # unloaded: stops once `active` is 0
 
-    def start(self) -> None:
+    @classmethod
+    def of(cls, bundle, limits: Limits, metrics: Metrics) -> "Batcher":
+        manifest = bundle.manifest
+        return cls(bundle.model, manifest.pad_id, max(len(t.labels) for t in manifest.tasks), manifest.multi_task,
+                   limits, metrics)
+
+    def start(self) -> "Batcher":
         self.task = asyncio.get_running_loop().create_task(self.run())
+        return self
 
     async def stop(self) -> None:
         if self.task is not None:
             self.task.cancel()
         self.worker.shutdown(wait=True)
 
-    async def logits(self, encodings, task_index: int) -> list:
+    async def logits(self, encodings, row: int) -> list:
+        """`row`: the task's in the graph's tables (its index in the bundle, or its row of a store's Shared)."""
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in encodings]
-        self.queue.extend((e, task_index, f) for e, f in zip(encodings, futures))
+        self.queue.extend((e, row, f) for e, f in zip(encodings, futures))
         self.metrics.queue.set(len(self.queue))
         self.ready.set()
         return await asyncio.gather(*futures)
@@ -195,62 +211,33 @@ class Batcher:
         """Logits of the rows, in their order.  The rows run in length order, `group` at a time: on CPU a
         sentence alone costs about what it costs in a batch (docs/measured.md, "Merging, serving, streaming"), so a batch
         of mixed lengths padded to its longest would be slower than the same rows in groups of similar length."""
-        manifest = self.bundle.manifest
-        tasks = np.array([t for _, t, _ in rows], np.int32) if manifest.multi_task else None
-        width = max(len(t.labels) for t in manifest.tasks)
-        return batched_logits(self.bundle.model, [e for e, _, _ in rows], manifest.pad_id, width, self.limits.group,
-                              True, tasks)
+        tasks = np.array([t for _, t, _ in rows], np.int32) if self.task_ids else None
+        return batched_logits(self.model, [e for e, _, _ in rows], self.pad_id, self.width, self.limits.group, True,
+                              tasks)
+
+
+@dataclass(eq=False)
+class Installed:
+    """A task store entry being served: what is let go when it is unloaded and no request holds it any more."""
+
+    entry: str
+    shared: Shared | None  # the graph it shares (runtime.store), or None: its own, run by `batcher`
+    rows: list  # its tasks' rows in the shared tables
+    batcher: Batcher | None = None
+    holds: int = 0  # requests holding one of its endpoints
+    unloaded: bool = False
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    """One served task: the bundle that holds it, its name there, its batcher."""
+    """One served task: the bundle that holds it, its name there, its batcher, its row in the graph's tables."""
 
     bundle: object
     path: str
     task: str  # the task's name inside the bundle
     batcher: Batcher
-
-
-class TaskStore:
-    """A directory of bundles loaded and unloaded at run time (the V2 repository extension's "models")."""
-
-    def __init__(self, directory, load, token: str | None = None, on_demand: bool = False,
-                 max_loaded: int | None = None):
-        self.directory = Path(directory).resolve()
-        if not self.directory.is_dir():
-            raise InputError(f"--task-store {directory}: no such directory")
-        self.open, self.token = load, token  # load: path -> Bundle (pt-run serve's device, backend, int8)
-        # on_demand: an entry loads when a request names it (none at start); max_loaded: at most this many entries
-        # loaded at once, the least recently used unloaded to make room (its requests in flight are answered)
-        self.on_demand, self.max_loaded = on_demand, max_loaded
-
-    def entries(self) -> list:
-        """The store's bundles: its subdirectories holding a manifest.json, except links leading out of it."""
-        return sorted(p.name for p in self.directory.iterdir() if self.inside(p) and (p / MANIFEST).is_file())
-
-    def inside(self, path: Path) -> bool:
-        resolved = path.resolve()
-        return resolved != self.directory and resolved.is_relative_to(self.directory)
-
-    def entry(self, name: str) -> str:
-        """`name` if it is a plain entry of the store: 400 for "/", "..", or a link out of it; 404 if absent."""
-        need(name not in ("", ".", "..") and not any(c in name for c in "/\\\0"), 400,
-             f"{name!r} is not a plain name of an entry of the task store")
-        need(self.inside(self.directory / name), 400, f"{name!r} leads out of the task store")
-        need((self.directory / name / MANIFEST).is_file(), 404,
-             f"no bundle {name!r} in the task store (entries: {', '.join(self.entries())})")
-        return name
-
-    def load(self, entry: str):
-        """Every file checked against the manifest's sha256 first, then the bundle loaded (its own checks too)."""
-        directory = self.directory / entry
-        verify_files(directory, Manifest.read(directory))
-        return self.open(directory)
-
-    def quiet(self, message: str) -> str:
-        """A message naming files by their place in the store, not the server's paths."""
-        return message.replace(f"{self.directory}/", "")
+    row: int  # the graph's task id for its rows
+    installed: Installed | None = None  # set for a task store entry's
 
 
 class App:
@@ -264,6 +251,7 @@ class App:
         self.ready = False
         self.store = store
         self.entries = {}  # store entry -> its served names, while loaded
+        self.installed = {}  # store entry -> Installed, while loaded
         self.failed = {}  # store entry -> why its last load failed
         self.unloaded = {}  # served name -> the store entry it was unloaded with
         self.used = {}  # loaded store entry -> when a request last named one of its tasks (least recently used goes)
@@ -273,15 +261,14 @@ class App:
         batchers = {}
         for name, (bundle, path, task) in self.bundles.items():
             if id(bundle) not in batchers:
-                batchers[id(bundle)] = Batcher(bundle, self.limits, self.metrics)
-                batchers[id(bundle)].start()
-            self.endpoints[name] = Endpoint(bundle, path, task, batchers[id(bundle)])
+                batchers[id(bundle)] = Batcher.of(bundle, self.limits, self.metrics).start()
+            self.endpoints[name] = Endpoint(bundle, path, task, batchers[id(bundle)], bundle.tasks[task].index)
         self.batchers = list(batchers.values())
         if self.store is not None:  # the store's entries loaded at start (one that fails is UNAVAILABLE), up to
             self.repository_lock = asyncio.Lock()  # the bound; with on-demand loading, none until asked for
             for entry in [] if self.store.on_demand else self.store.entries()[: self.store.max_loaded]:
                 try:
-                    self.install(entry, self.store.load(entry))
+                    self.install(self.store.prepare(entry, set(self.store.shared)))
                 except (PtbundleError, RequestError) as e:
                     self.failed[entry] = self.store.quiet(str(e))
         self.ready = True
@@ -404,13 +391,20 @@ class App:
         return endpoint
 
     async def hold(self, endpoint: Endpoint, work):
-        """Run a request's work on an endpoint; an unloaded bundle's batcher stops when its last request is done."""
-        batcher = endpoint.batcher
+        """Run a request's work on an endpoint; an unloaded entry's rows are freed, and a batcher no task leads to
+        stops, when the last request holding it is done."""
+        batcher, installed = endpoint.batcher, endpoint.installed
         batcher.active += 1
+        if installed is not None:
+            installed.holds += 1
         try:
             return await work
         finally:
             batcher.active -= 1
+            if installed is not None:
+                installed.holds -= 1
+                if installed.unloaded and installed.holds == 0 and installed.shared is not None:
+                    self.release(installed)
             if batcher.closing and batcher.active == 0:
                 await batcher.stop()
 
@@ -433,30 +427,43 @@ class App:
         name, _, verb = path[len("/v2/repository/models/"):].rpartition("/")
         need(path.startswith("/v2/repository/models/") and verb in ("load", "unload"), 404,
              f"no route {path} (use /v2/repository/index or /v2/repository/models/NAME/load or /unload)")
-        entry = self.store.entry(name)
+        entry = self.store_entry(name)
         async with self.repository_lock:
             if verb == "unload":
                 need(entry in self.entries, 400, f"{entry!r} is not loaded")
-                await self.uninstall(entry)
+                self.uninstall(entry)
                 return 200, {}, "-", 0
             await self.load_entry(entry)
             return 200, {}, "-", 0
+
+    def store_entry(self, name: str) -> str:
+        """`name` if it is a plain entry of the store: 400 for "/", "..", or a link out of it; 404 if absent."""
+        directory = self.store.directory
+        need(name not in ("", ".", "..") and not any(c in name for c in "/\\\0"), 400,
+             f"{name!r} is not a plain name of an entry of the task store")
+        need(self.store.inside(directory / name), 400, f"{name!r} leads out of the task store")
+        need((directory / name / MANIFEST).is_file(), 404,
+             f"no bundle {name!r} in the task store (entries: {', '.join(self.store.entries())})")
+        return name
 
     async def load_entry(self, entry: str) -> None:
         """Load a store entry (under the repository lock), first unloading the least recently used one if the
         bound is reached; a load that fails is 400 naming the file, and nothing else changes."""
         try:  # on a thread: the hashes and the graph take a while, and the other tasks keep serving
-            bundle = await asyncio.get_running_loop().run_in_executor(None, self.store.load, entry)
+            prepared = await asyncio.get_running_loop().run_in_executor(None, self.store.prepare, entry,
+                                                                        set(self.store.shared))
         except PtbundleError as e:
             self.failed[entry] = self.store.quiet(str(e))
             raise RequestError(400, f"{entry}: not loaded: {self.failed[entry]}") from None
         bound = self.store.max_loaded
         while bound is not None and entry not in self.entries and len(self.entries) >= bound:
             coldest = min(self.entries, key=lambda e: self.used.get(e, 0.0))
-            await self.uninstall(coldest)
+            self.uninstall(coldest)
             self.failed[coldest] = f"unloaded to make room (--max-loaded {bound}, least recently used)"
             self.metrics.evictions.inc()
-        self.install(entry, bundle)
+        if prepared.bundle is None and prepared.key not in self.store.shared:  # its graph closed meanwhile
+            prepared = await asyncio.get_running_loop().run_in_executor(None, self.store.prepare, entry, ())
+        self.install(prepared)
         self.used[entry] = time.monotonic()
         self.metrics.loads.inc()
 
@@ -465,7 +472,7 @@ class App:
         if self.store is None or not self.store.on_demand or name in self.endpoints:
             return
         try:
-            entry = self.store.entry(name)
+            entry = self.store_entry(name)
         except RequestError:
             return  # not a store entry: the request's own 404 says so
         async with self.repository_lock:
@@ -481,37 +488,76 @@ class App:
                 rows.append({"name": entry, "state": "UNAVAILABLE", "reason": self.failed.get(entry, "unloaded")})
         return rows
 
-    def install(self, entry: str, bundle) -> None:
+    def install(self, prepared: Prepared) -> None:
         """Serve a store entry's tasks (replacing what it served before); nothing changes if a name clashes."""
-        served = endpoints_of([(None, str(self.store.directory / entry))], [bundle])
-        for name in served:
-            owner = self.endpoints.get(name)
-            need(owner is None or self.owner(name) == entry, 409,
-                 f"{entry}: task {name!r} is already served by {owner.path if owner else ''}")
-        old = [self.endpoints[n].batcher for n in self.entries.get(entry, ()) if n in self.endpoints]
-        for name in self.entries.get(entry, ()):
-            self.endpoints.pop(name, None)
-        batcher = Batcher(bundle, self.limits, self.metrics)
-        batcher.start()
-        self.batchers.append(batcher)
+        entry = prepared.entry
+        bundle, shared, rows = self.store.join(prepared)
+        installed = Installed(entry, shared, rows)
+        try:
+            served = endpoints_of([(None, str(prepared.directory))], [bundle])
+            for name in served:
+                owner = self.endpoints.get(name)
+                need(owner is None or self.owner(name) == entry, 409,
+                     f"{entry}: task {name!r} is already served by {owner.path if owner else ''}")
+        except (RequestError, InputError):
+            self.let_go(installed)
+            raise
+        if entry in self.entries:
+            self.uninstall(entry)
+        batcher = shared.batcher if shared is not None else None
+        if batcher is None:
+            batcher = Batcher.of(bundle, self.limits, self.metrics) if shared is None else Batcher(
+                shared.model, shared.pad_id, shared.width, True, self.limits, self.metrics)
+            self.batchers.append(batcher.start())
+            if shared is not None:
+                shared.batcher = batcher
+        installed.batcher = batcher
         for name, (_, path, task) in served.items():
-            self.endpoints[name] = Endpoint(bundle, path, task, batcher)
+            self.endpoints[name] = Endpoint(bundle, path, task, batcher, rows[bundle.tasks[task].index], installed)
             self.unloaded.pop(name, None)
         self.entries[entry] = list(served)
+        self.installed[entry] = installed
         self.failed.pop(entry, None)
-        for b in set(old):
-            self.close(b)
+        self.count_graphs()
 
     def owner(self, name: str) -> str | None:
         return next((e for e, names in self.entries.items() if name in names), None)
 
-    async def uninstall(self, entry: str) -> None:
+    def uninstall(self, entry: str) -> None:
         names = self.entries.pop(entry)
         self.used.pop(entry, None)
-        batchers = {self.endpoints.pop(n).batcher for n in names}
+        for name in names:
+            self.endpoints.pop(name)
         self.unloaded.update((n, entry) for n in names)
-        for b in batchers:
-            self.close(b)
+        self.let_go(self.installed.pop(entry))
+
+    def let_go(self, installed: Installed) -> None:
+        """An entry unloaded: its own batcher closes once its requests are answered; its rows of a shared graph
+        are freed once no request holds it (hold)."""
+        installed.unloaded = True
+        if installed.shared is None:
+            if installed.batcher is not None:
+                self.close(installed.batcher)
+        elif installed.holds == 0:
+            self.release(installed)
+        self.count_graphs()
+
+    def release(self, installed: Installed) -> None:
+        shared, rows = installed.shared, installed.rows
+        if rows is None:
+            return
+        installed.rows = None
+        shared.release(rows)
+        if shared.empty and self.store.shared.get(shared.key) is shared:  # its last entry: the graph goes
+            del self.store.shared[shared.key]
+            if shared.batcher is not None:
+                self.close(shared.batcher)
+        self.count_graphs()
+
+    def count_graphs(self) -> None:
+        if self.store is not None:
+            own = sum(i.shared is None for i in self.installed.values())
+            self.metrics.graphs.set(own + len(self.store.shared))
 
     def close(self, batcher: Batcher) -> None:
         """Stop a batcher no endpoint leads to any more, once the requests holding it are answered."""
@@ -532,7 +578,7 @@ class App:
             encodings = endpoint.bundle.encode(texts, texts_b if spec.pair else None, endpoint.task)
         except InputError as e:
             raise RequestError(400, str(e)) from None
-        rows = await endpoint.batcher.logits(encodings, endpoint.bundle.tasks[endpoint.task].index)
+        rows = await endpoint.batcher.logits(encodings, endpoint.row)
         predictions = [prediction(spec.labels, row) for row in rows]
         return v2_answer(name, request.get("id"), outputs, spec.labels, predictions), len(texts)
 
@@ -544,8 +590,7 @@ class App:
             encodings = endpoint.bundle.encode(texts, texts_b if spec.pair else None, endpoint.task)
         except InputError as e:
             raise RequestError(422, str(e)) from None
-        runner = endpoint.bundle.tasks[endpoint.task]
-        rows = await endpoint.batcher.logits(encodings, runner.index)
+        rows = await endpoint.batcher.logits(encodings, endpoint.row)
         return [prediction(spec.labels, row).to_dict() for row in rows]
 
 
@@ -803,7 +848,7 @@ def endpoints_of(specs: list, bundles: list) -> dict:
         if bundle.manifest.generative:  # refused at start: its every :predict would fail
             raise InputError(f"{path}: a generation bundle: pt-run serve serves classifiers (:predict answers"
                              f" labels); generate with it by pt-run generate or Bundle.generate")
-        if bundle.manifest.multi_task:
+        if bundle.manifest.several:
             if name:
                 raise InputError(f"{name}={path}: NAME= names a one-task bundle; {path} serves its tasks by their"
                                  f" names ({', '.join(bundle.task_names)})")

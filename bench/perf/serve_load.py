@@ -21,22 +21,50 @@ Reports throughput (requests/s), latency p50/p99, the server's batch-size
 histogram (from /metrics) and errors per phase, and the concurrent/one-at-a-
 time throughput ratio.  Every loop is bounded in count and in --time-limit
 seconds.  Writes <results>/serve_load.json.
+
+With --store-tasks N, the task store instead (`pt-run serve --task-store`):
+
+    .venv/bin/python bench/perf/serve_load.py --store-tasks 100 [--bundle exports/mr-soft] [--int8]
+
+N entries on one graph: the bundle merged alone (`pt-build merge`: its graph
+takes the task tables) as s000, and s001.. copies of it whose float tables
+(prompt and head) are multiplied by (1 + 0.01 * standard normal noise, seeded),
+renamed, their manifests rehashed, their other files hard links to s000's
+(the same graph file, as a store of tasks on one backbone holds it).  Every
+answer is checked against the entry's own `Bundle.predict` of that text alone.
+Phases, one server process:
+
+  baseline    Bundle.logits of s000 in this process on the phase's texts, at batch --clients (all that
+              --clients one-text clients can have in flight) and at 64: sentences/s, median [min-max]
+              of 3 passes
+  store       --clients clients, --requests requests of one text, over the N tasks in turn
+  churn       the same, while every --churn-every seconds one loaded entry is unloaded and the one
+              unloaded before is loaded (POST /v2/repository/models/NAME/unload, /load): requests for
+              the entry being unloaded must be answered or get the 404 naming it; every load timed
+
+Reports served sentences/s over Bundle.logits' (the overhead of the server),
+load times p50 / max, and the errors; exits 1 if an answer is wrong or lost.
+Writes <results>/serve_store.json.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import click
+import numpy as np
+from safetensors.numpy import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
 import common  # noqa: E402
@@ -46,6 +74,7 @@ HOST = "127.0.0.1"  # loopback only: nothing else is ever a target
 
 class Server:
     def __init__(self, bundles, max_batch: int, max_wait_ms: float, group: int, int8: bool):
+        # bundles: pt-run serve's arguments before its options (bundles, or --task-store DIR)
         args = [common.tool("pt-run"), "serve", *bundles, "--host", HOST, "--port", "0", "--max-batch",
                 str(max_batch), "--max-wait-ms", str(max_wait_ms), "--group", str(group)] + (["--int8"] if int8 else [])
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -112,9 +141,11 @@ def body_of(a, b) -> bytes:
 
 
 def run_clients(port: int, rows: list, clients: int, expected: dict, deadline: float,
-                on_start=None) -> dict:
-    """Send `rows` from `clients` threads (each its own keep-alive connection); check every answer."""
-    latencies, counts, lock = [], {"ok": 0, "wrong": 0, "http_errors": 0, "connection_errors": 0}, threading.Lock()
+                on_start=None, allowed_404: str | None = None) -> dict:
+    """Send `rows` from `clients` threads (each its own keep-alive connection); check every answer.  A 404 whose
+    error says `allowed_404` counts as refused_unloaded, not as an error."""
+    latencies, lock = [], threading.Lock()
+    counts = {"ok": 0, "wrong": 0, "refused_unloaded": 0, "http_errors": 0, "connection_errors": 0}
     cursor = iter(range(len(rows)))
 
     def client():
@@ -147,7 +178,8 @@ def run_clients(port: int, rows: list, clients: int, expected: dict, deadline: f
             seconds = time.perf_counter() - started
             with lock:
                 if response.status != 200:
-                    counts["http_errors"] += 1
+                    unloaded = response.status == 404 and allowed_404 and allowed_404 in data.decode()
+                    counts["refused_unloaded" if unloaded else "http_errors"] += 1
                     continue
                 got = json.loads(data)["predictions"][0]
                 want = expected[rows[i]]
@@ -167,7 +199,7 @@ def run_clients(port: int, rows: list, clients: int, expected: dict, deadline: f
     elapsed = time.perf_counter() - started
     latencies.sort()
     pick = lambda q: round(1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))], 2) if latencies else None
-    return {**counts, "sent": counts["ok"] + counts["wrong"] + counts["http_errors"] + counts["connection_errors"],
+    return {**counts, "sent": sum(counts.values()),
             "seconds": round(elapsed, 2), "requests_per_second": round(counts["ok"] / elapsed, 1),
             "latency_ms": {"p50": pick(0.50), "p99": pick(0.99), "max": pick(1.0)}}
 
@@ -203,6 +235,149 @@ def bad_burst(port: int, task: str, n: int) -> dict:
     return statuses
 
 
+# --- the task store (--store-tasks) ----------------------------------------------------------
+
+STORE_NOISE = 0.01  # each float table of a copied entry is x * (1 + STORE_NOISE * standard normal)
+
+
+def entry_name(i: int) -> str:
+    return f"s{i:03d}"
+
+
+def store_entries(bundle: Path, n: int, out: Path, int8: bool) -> list:
+    """The N entries (module docstring) under `out`; their names."""
+    PROMPT, MANIFEST, Manifest = common.PROMPT_FILE, common.MANIFEST_FILE, common.Manifest
+    first = out / entry_name(0)
+    done = subprocess.run([common.tool("pt-build"), "merge", f"{entry_name(0)}={bundle}", "--out", str(first)]
+                          + (["--quantize", "int8"] if int8 else []), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"pt-build merge {bundle} failed: {done.stderr.strip().splitlines()[-1]}")
+    manifest, tables = Manifest.read(first), load_file(str(first / PROMPT))
+    rng = np.random.default_rng(0)
+    for i in range(1, n):
+        d = out / entry_name(i)
+        d.mkdir()
+        for f in first.iterdir():
+            if f.is_file() and f.name not in (PROMPT, MANIFEST):
+                os.link(f, d / f.name)
+        save_file({k: (v * (1 + STORE_NOISE * rng.standard_normal(v.shape))).astype(v.dtype)
+                   if v.dtype == np.float32 else v for k, v in tables.items()}, str(d / PROMPT))
+        task = manifest.only.replace(name=entry_name(i))
+        manifest.replace(tasks=(task,), files={**manifest.files, PROMPT: common.sha256_file(d / PROMPT)}).write(d)
+    return [entry_name(i) for i in range(n)]
+
+
+def store_expected(store: Path, rows: list, int8: bool) -> dict:
+    """(entry, text, None) -> Prediction of the entry's own bundle for that text alone."""
+    out = {}
+    for entry in sorted({r[0] for r in rows}):
+        bundle = common.open_bundle(store / entry, int8=int8)
+        texts = sorted({r[1] for r in rows if r[0] == entry})
+        for text, p in zip(texts, bundle.predict(texts, batch_size=1)):
+            out[(entry, text, None)] = p
+    return out
+
+
+def logits_rate(bundle, texts: list, batch_size: int, repeats: int = 3) -> dict:
+    """Sentences/s of Bundle.logits over `texts`, median [min-max] of `repeats` passes after a warm-up."""
+    bundle.logits(texts[: 2 * batch_size], batch_size=batch_size)
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        bundle.logits(texts, batch_size=batch_size)
+        rates.append(len(texts) / (time.perf_counter() - started))
+    return common.spread(rates, 1)
+
+
+def repository(port: int, path: str) -> tuple:
+    """POST a repository call: (status, seconds)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=120)
+    started = time.perf_counter()
+    conn.request("POST", path, b"{}", {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    return response.status, time.perf_counter() - started
+
+
+def churn(port: int, entries: list, every: float, stop: threading.Event, report: dict) -> None:
+    """Every `every` seconds: unload the next entry, load the one unloaded before (its load timed)."""
+    loads, failures, out = [], [], None
+    for k in range(10**9):
+        if stop.wait(every):
+            break
+        name = entries[(7 * k) % len(entries)]
+        status, _ = repository(port, f"/v2/repository/models/{name}/unload")
+        failures += [f"unload {name}: {status}"] if status != 200 else []
+        if out is not None:
+            status, seconds = repository(port, f"/v2/repository/models/{out}/load")
+            failures += [f"load {out}: {status}"] if status != 200 else []
+            loads.append(seconds)
+        out = name
+    if out is not None:  # everything loaded again for what follows
+        status, seconds = repository(port, f"/v2/repository/models/{out}/load")
+        loads.append(seconds)
+    loads.sort()
+    report.update(cycles=len(loads), failures=failures, load_ms={
+        "p50": round(1000 * loads[len(loads) // 2], 1) if loads else None,
+        "max": round(1000 * loads[-1], 1) if loads else None})
+
+
+def store_run(bundle: Path, n: int, texts: list, clients: int, total: int, max_batch: int, max_wait_ms: float,
+              group: int, int8: bool, every: float, time_limit: float, results, smoke: bool) -> None:
+    with tempfile.TemporaryDirectory(prefix="ptbundle-store-") as work:
+        store = Path(work)
+        started = time.time()
+        entries = store_entries(bundle, n, store, int8)
+        common.log(f"{n} store entries in {time.time() - started:.0f} s")
+        tasks = {e: False for e in entries}
+        rows = {"store": requests_of(tasks, texts, total, 1), "churn": requests_of(tasks, texts, total, 2)}
+        expected = store_expected(store, [r for phase in rows.values() for r in phase], int8)
+        common.log(f"expected answers of {len(expected)} requests, each entry's own bundle")
+        first = common.open_bundle(store / entries[0], int8=int8)
+        phase_texts = [t for _, t, _ in rows["store"]]
+        report = {"machine": common.machine_info(), "bundle": str(bundle), "entries": n, "clients": clients,
+                  "max_batch": max_batch, "max_wait_ms": max_wait_ms, "group": group, "int8": int8, "smoke": smoke,
+                  "churn_every_seconds": every,
+                  "baseline": {f"batch {b}": logits_rate(first, phase_texts, b) for b in (clients, 64)},
+                  "phases": {}}
+        del first
+        print(f"baseline    Bundle.logits: {report['baseline']} sentences/s", flush=True)
+        server = Server(["--task-store", str(store)], max_batch, max_wait_ms, group, int8)
+        try:
+            metrics = server.get("/metrics")
+            report["graphs_open"] = next(float(l.split()[-1]) for l in metrics.splitlines()
+                                         if l.startswith("ptbundle_store_graphs "))
+            for name in ("store", "churn"):
+                cycle, stop = {}, threading.Event()
+                mover = threading.Thread(target=churn, args=(server.port, entries, every, stop, cycle))
+                result = run_clients(server.port, rows[name], clients, expected, time.time() + time_limit,
+                                     mover.start if name == "churn" else None, allowed_404="is unloaded")
+                if name == "churn":
+                    stop.set()
+                    mover.join()
+                    result["repository"] = cycle
+                result["served_over_logits"] = {
+                    k: round(result["requests_per_second"] / v["median"], 3) for k, v in report["baseline"].items()}
+                report["phases"][name] = result
+                print(f"{name:<11} {result['ok']:>6} ok {result['wrong']} wrong {result['refused_unloaded']} refused"
+                      f" as unloaded {result['http_errors']} http errors {result['connection_errors']} connection"
+                      f" errors; {result['requests_per_second']} req/s ({result['served_over_logits']} of"
+                      f" Bundle.logits), p50 {result['latency_ms']['p50']} ms"
+                      + (f"; {cycle['cycles']} loads, p50 {cycle['load_ms']['p50']} ms, max"
+                         f" {cycle['load_ms']['max']} ms, failures {cycle['failures']}" if name == "churn" else ""),
+                      flush=True)
+        finally:
+            server.stop()
+        phases = report["phases"].values()
+        report["ok"] = all(p["wrong"] == 0 and p["http_errors"] == 0 and p["connection_errors"] == 0
+                           and p["sent"] == len(rows["store"]) for p in phases) \
+            and not report["phases"]["churn"]["repository"]["failures"]
+        common.write_results(results, "serve_store", report)
+        if not report["ok"]:
+            raise SystemExit("serve_load --store-tasks: a request was lost, wrong or refused (see the results)")
+
+
 @click.command()
 @click.option("--bundle", "bundles", multiple=True, default=["exports/mr-soft"], show_default=True,
               help="Bundle to serve (NAME=BUNDLE renames a one-task bundle); repeat for several.")
@@ -216,12 +391,19 @@ def bad_burst(port: int, task: str, n: int) -> dict:
 @click.option("--int8", is_flag=True, help="Serve the int8 graphs.")
 @click.option("--sigterm-after", default=5.0, show_default=True, help="Seconds into the sigterm phase.")
 @click.option("--time-limit", default=900.0, show_default=True, help="Seconds each phase may take at most.")
+@click.option("--store-tasks", default=0, show_default=True, help="Run the task store phases over this many entries"
+              " made from the (first) --bundle instead (module docstring).")
+@click.option("--churn-every", default=1.0, show_default=True, help="Seconds between unload/load cycles (store).")
 def main(bundles, backbone, data, smoke, results, clients, total, sequential_requests, max_batch, max_wait_ms, group,
-         int8, sigterm_after, time_limit):
+         int8, sigterm_after, time_limit, store_tasks, churn_every):
     if smoke:
         clients, total, sequential_requests, sigterm_after = 4, 120, 40, 0.5
+        store_tasks = min(store_tasks, 5)
     dataset = common.load_data(data)
     texts = [e.text for e in list(dataset.test or []) + list(dataset.dev)]
+    if store_tasks:
+        return store_run(Path(bundles[0]), store_tasks, texts, clients, total, max_batch, max_wait_ms, group, int8,
+                         churn_every, time_limit, results, smoke)
     server = Server(bundles, max_batch, max_wait_ms, group, int8)
     try:
         models = json.loads(server.get("/v1/models"))["models"]

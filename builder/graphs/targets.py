@@ -81,12 +81,13 @@ register(Target("mindir", GRAPHS["mindir"], 1e-5, export_mindir, MindSporeModel)
 register(Target("onnx", GRAPHS["onnx"], 1e-4, export_onnx, lambda path, device, tables: OnnxModel(path, tables=tables)))
 
 
-def probe_inputs(vocab_size: int, pad_id: int, seed: int = 0, tasks: int = 1):
-    """Random id batches with ragged lengths, padded as the runtime pads; with several tasks, also random task ids."""
+def probe_inputs(vocab_size: int, pad_id: int, seed: int = 0, tasks: int | None = None):
+    """Random id batches with ragged lengths, padded as the runtime pads; for a graph taking task ids (`tasks` of
+    them: a merged one, of one task too), random task ids."""
     rng = np.random.RandomState(seed)
     for ids, mask in ragged_batches(rng, PARITY_SHAPES, vocab_size, pad_id, np.int32, shortest=3):
         arrays = (ids, mask, np.zeros_like(ids))
-        yield arrays + ((rng.randint(0, tasks, len(ids)).astype(np.int32),) if tasks > 1 else ())
+        yield arrays + ((rng.randint(0, tasks, len(ids)).astype(np.int32),) if tasks is not None else ())
 
 
 def ragged_batches(rng, shapes, vocab_size: int, pad_id: int, dtype, shortest: int, first_full: bool = False):
@@ -112,7 +113,8 @@ def reference_outputs(net, vocab_size: int, pad_id: int) -> list:
     net.set_train(False)
     with eager():
         return [(arrays, net(*(Tensor(a) for a in arrays)).asnumpy())
-                for arrays in probe_inputs(vocab_size, pad_id, tasks=net.task_count)]
+                for arrays in probe_inputs(vocab_size, pad_id,
+                                               tasks=net.task_count if net.tables is not None else None)]
 
 
 def check_parity(references: list, reloaded, target: Target) -> float:

@@ -64,7 +64,7 @@ def read_source(spec: str) -> tuple:
         raise BuildError(f"{path}: no such bundle directory")
     manifest = Manifest.read(path)
     verify_files(path, manifest, [PROMPT, TOKENIZER, GRAPHS["onnx"]])
-    if name is not None and manifest.multi_task:
+    if name is not None and manifest.several:
         raise BuildError(f"{spec}: NAME= renames the task of a one-task bundle; {path} holds"
                          f" {', '.join(manifest.task_names)}")
     state = load_file(str(path / PROMPT))
@@ -178,8 +178,6 @@ def merge(specs: list, destination: Path, backbone_path, device: str, log, add: 
             where = ", ".join(str(t.bundle) for t in tasks if t.task.name == name)
             raise BuildError(f"task name {name!r} appears twice ({where}): name them with NAME=BUNDLE")
         seen.add(name)
-    if len(tasks) < 2:
-        raise BuildError("merge needs at least two tasks")
     int8 = int8_ranges(tasks) if quantize else None
     heads = [TaskHead(t.task.name, PromptSpec.recorded(t.task.prompt_method, t.task.num_virtual_tokens, t.task.details),
                       len(t.task.labels), t.task.pooling, t.task.head in NORMALIZED_HEADS) for t in tasks]
@@ -196,7 +194,8 @@ def merge(specs: list, destination: Path, backbone_path, device: str, log, add: 
         + ("; its tables grow for them, so its tasks' outputs may move in the last bits" if grown else ""))
     pad_id = first.pad_id if first is not None else backbone.config.pad_token_id
     manifest = Manifest(tasks=tuple(t.task for t in tasks), pad_id=pad_id,
-                        backbone=first.backbone if first is not None else backbone_info(backbone), device=device)
+                        backbone=first.backbone if first is not None else backbone_info(backbone), device=device,
+                        task_tables=True)
 
     def against_sources(directory: Path) -> dict:
         worst, checked = check_sources(OnnxModel(directory / GRAPHS["onnx"], tables=net.tables), tasks, backbone,

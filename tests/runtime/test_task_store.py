@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ tritonhttp = pytest.importorskip("tritonclient.http")  # the test extra
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from helpers import assert_one_error_line  # noqa: E402
-from serving import PT_RUN, Server  # noqa: E402
+from serving import PT_RUN, Server, metric_samples  # noqa: E402
 from ptbundle.runtime import Bundle  # noqa: E402
 
 TEXTS = ["a great movie", "the worst film ever", "boring acting and a weak story but the best script"]
@@ -181,3 +182,93 @@ def test_store_flags_without_a_store_are_one_line(tiny_bundle, flags):
                           timeout=120)
     assert_one_error_line(done.returncode, done.stderr, f"{flags[0]} is about the task store: give --task-store DIR")
 
+
+
+@pytest.fixture(scope="module")
+def table_entries(tmp_path_factory, tiny_build, tiny_bert):
+    """One-task merged bundles (their graphs take the task tables): two PEFT prefix adapters folded on the same
+    backbone (the same graph file), the toy prefix task (a longer prefix: another graph)."""
+    from conftest import build
+
+    from ptbundle.builder.models.device import use_device
+
+    use_device("CPU")
+    d = tmp_path_factory.mktemp("tables")
+    adapters = Path(__file__).parents[1] / "fixtures" / "peft_adapters"
+    for name, source in (("p1", adapters / "bert-prefix"), ("p2", adapters / "bert-prefix-projection"),
+                         ("toy", tiny_build[0] / "toy-soft")):
+        build(["merge", f"{name}={source}", "--out", str(d / name), "--backbone", str(tiny_bert)])
+    return d
+
+
+def test_entries_on_one_graph_share_it_and_its_batches(tmp_path, table_entries, tiny_build):
+    """Entries whose graphs are the same file run on one graph: one batcher, rows of one table; each answers as
+    its own bundle does, through unloads, reloads (rows reused) and a load that grows the table."""
+    store = tmp_path / "store"
+    store.mkdir()
+    for name in ("p1", "p2", "toy"):
+        shutil.copytree(table_entries / name, store / name)
+    shutil.copytree(tiny_build[0] / "toy-hard-probe", store / "probe")
+    want = {name: Bundle.load(store / name).logits(TEXTS) for name in ("p1", "p2", "toy", "probe")}
+    assert not np.allclose(want["p1"], want["p2"], atol=1e-3)  # two tasks, not one twice
+    server, client = serve("--task-store", store, wait_ms=300)
+
+    def check(names):
+        answers = {}
+
+        def send(name):
+            c = tritonhttp.InferenceServerClient(f"127.0.0.1:{server.port}", network_timeout=60)
+            answers[name] = c.infer(name, [texts_input(TEXTS)]).as_numpy("probabilities")
+            c.close()
+
+        threads = [threading.Thread(target=send, args=(n,)) for n in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for name in names:  # sent together: p1's and p2's rows ran in one batch of the shared graph
+            expected = np.exp(want[name]) / np.exp(want[name]).sum(-1, keepdims=True)
+            assert answers[name] == pytest.approx(expected, abs=1e-5), name
+
+    def graphs():
+        return metric_samples(server.request("GET", "/metrics")[1])[("ptbundle_store_graphs", ())]
+
+    try:
+        assert graphs() == 3  # p1 and p2 share one; toy and probe run their own
+        check(["p1", "p2", "toy", "probe"])
+        batches = metric_samples(server.request("GET", "/metrics")[1])
+        assert batches[("ptbundle_batch_size_count", ())] == 3  # p1 and p2 in one batch
+        client.unload_model("p1")
+        refused(lambda: client.infer("p1", [texts_input(TEXTS)]), 404, "'p1' is unloaded")
+        check(["p2"])
+        shutil.copytree(store / "p1", store / "p3")  # a third entry on the graph takes p1's old row,
+        client.load_model("p3")
+        client.load_model("p1")  # and p1 again grows the table
+        assert graphs() == 3
+        want["p3"] = want["p1"]
+        check(["p1", "p2", "p3"])
+        for name in ("p1", "p2", "p3"):
+            client.unload_model(name)
+        assert graphs() == 2  # the shared graph closed with its last entry
+        client.load_model("p2")
+        check(["p2", "toy"])
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_a_changed_table_file_is_refused_when_joining_a_shared_graph(tmp_path, table_entries):
+    store = tmp_path / "store"
+    store.mkdir()
+    for name in ("p1", "p2"):
+        shutil.copytree(table_entries / name, store / name)
+    server, client = serve("--task-store", store, "--load-on-demand")
+    try:
+        client.load_model("p1")
+        tables = store / "p2" / "prompt.safetensors"
+        tables.write_bytes(tables.read_bytes()[:-1] + b"\1")
+        refused(lambda: client.load_model("p2"), 400, "p2/prompt.safetensors: sha256")
+        assert client.infer("p1", [texts_input(TEXTS)]).as_numpy("label").shape == (3,)
+    finally:
+        client.close()
+        server.stop()

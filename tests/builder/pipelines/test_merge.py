@@ -101,7 +101,6 @@ def test_merge_refuses_what_it_cannot_merge(merged_bundle, tiny_build, tiny_robe
     assert "one of the bundles being merged" in merge_error([f"a={soft}", f"b={probe}", "--out", soft,
                                                              "--backbone", tiny_bert])
     assert "no such bundle directory" in merge_error([soft, tmp_path / "nope", "--out", tmp_path / "m"])
-    assert "at least two tasks" in merge_error([soft, "--out", tmp_path / "m", "--backbone", tiny_bert])
     assert "is not the bundles' backbone" in merge_error([f"a={soft}", f"b={probe}", "--out", tmp_path / "m",
                                                           "--backbone", tiny_roberta])
     corrupt = tmp_path / "corrupt"

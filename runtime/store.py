@@ -1,0 +1,177 @@
+"""The task store of `pt-run serve --task-store DIR`: its entries, how one is checked and opened, and the graphs
+entries share.
+
+An entry is a subdirectory of DIR holding a manifest.json.  Entries whose
+graphs take the task tables (`pt-build merge`, of one task or several) and
+are the same graph file (by the sha256 their manifests record, with the same
+tokenizer, pad id and table shapes) run on one `Shared` graph: one model in
+memory, one table whose rows are their tasks, one batcher, so requests for
+any of them share batches.  Loading such an entry when its graph is open
+checks and reads only what it brings (manifest, tables, tokenizer) and writes
+its rows into a free part of the table; its own copy of the graph is not read.
+Any other entry is opened as a bundle of its own.
+
+Only the server's event loop changes a Shared (rows placed and released);
+the files are checked and read on a worker thread first (`TaskStore.prepare`).
+A row is released only when no request holds its entry, so a row still
+queued or running is never overwritten by another task's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import backends
+from .bundle import Bundle
+from .errors import InputError
+from .format import MANIFEST, PROMPT, TOKENIZER, Manifest, read_tables, task_axis, verify_files
+
+
+@dataclass
+class Prepared:
+    """A store entry checked and read, ready to serve (TaskStore.prepare)."""
+
+    entry: str
+    directory: Path
+    manifest: Manifest
+    key: tuple | None  # the shared graph it runs on (None: a graph of its own)
+    tables: dict | None  # its task tables in memory (on a shared graph)
+    bundle: Bundle | None  # opened on its own graph (or as the first on its key); None: joins an open Shared
+
+
+@dataclass
+class Shared:
+    """One graph open for every loaded entry on it: the task tables with room for `capacity` tasks, which rows no
+    entry holds, the requests' batcher (runtime.serve sets it)."""
+
+    key: tuple
+    model: object
+    pad_id: int
+    tokenizers: dict  # max_length -> tokenizer, shared by the entries' bundles
+    tables: dict = field(default_factory=dict)
+    free: list = field(default_factory=list)  # rows no entry holds, lowest first
+    batcher: object = None
+
+    @property
+    def width(self) -> int:
+        """Logits per row: the widest head the tables hold room for."""
+        return self.tables["task.classifier.bias"].shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.tables["task.classifier.bias"].shape[0]
+
+    @classmethod
+    def open(cls, prepared: Prepared) -> "Shared":
+        bundle = prepared.bundle
+        tokenizers = {t.task.max_length: t.tokenizer for t in bundle.tasks.values()}
+        shared = cls(prepared.key, bundle.model, prepared.manifest.pad_id, tokenizers)
+        shared.tables = {n: np.zeros(resized(a.shape, task_axis(n), 0), a.dtype) for n, a in prepared.tables.items()}
+        return shared
+
+    def place(self, tables: dict) -> list:
+        """Write an entry's task tables into free rows (growing the tables if none are left); its rows."""
+        count = tables["task.classifier.bias"].shape[0]
+        if len(self.free) < count:
+            self.grow(max(2 * self.capacity, self.capacity - len(self.free) + count))
+        rows, self.free = self.free[:count], self.free[count:]
+        for name, array in self.tables.items():
+            axis = task_axis(name)
+            index = [slice(None)] * array.ndim
+            index[axis] = rows
+            array[tuple(index)] = tables[name]  # rows no request reads: the model may be running meanwhile
+        self.model.swap_tables(self.tables)  # a backend that copied them (none here) sees the new rows too
+        return rows
+
+    def release(self, rows: list) -> None:
+        """An entry's rows are free (no request holds it: runtime.serve calls this when the last one is done)."""
+        self.free = sorted(self.free + list(rows))
+
+    @property
+    def empty(self) -> bool:
+        return len(self.free) == self.capacity
+
+    def grow(self, capacity: int) -> None:
+        """Tables with room for `capacity` tasks: new arrays, the rows copied; a call running keeps the old ones."""
+        grown = {}
+        for name, array in self.tables.items():
+            axis = task_axis(name)
+            new = np.zeros(resized(array.shape, axis, capacity), array.dtype)
+            index = [slice(None)] * array.ndim
+            index[axis] = slice(0, array.shape[axis])
+            new[tuple(index)] = array
+            grown[name] = new
+        self.free += list(range(self.capacity, capacity))
+        self.tables = grown
+        self.model.swap_tables(self.tables)
+
+
+def resized(shape: tuple, axis: int, size: int) -> tuple:
+    return shape[:axis] + (size,) + shape[axis + 1:]
+
+
+class TaskStore:
+    """A directory of bundles loaded and unloaded at run time (the V2 repository extension's "models")."""
+
+    def __init__(self, directory, device: str = "CPU", backend: str | None = None, precision: str = "fp32",
+                 token: str | None = None, on_demand: bool = False, max_loaded: int | None = None):
+        self.directory = Path(directory).resolve()
+        if not self.directory.is_dir():
+            raise InputError(f"--task-store {directory}: no such directory")
+        self.device, self.backend, self.precision = device, backend, precision  # as pt-run serve opens bundles
+        self.graph = backends.get(backend, device, precision).graph_file(precision)
+        self.token = token
+        # on_demand: an entry loads when a request names it (none at start); max_loaded: at most this many entries
+        # loaded at once, the least recently used unloaded to make room (its requests in flight are answered)
+        self.on_demand, self.max_loaded = on_demand, max_loaded
+        self.shared = {}  # key -> Shared, while an entry on it is loaded (runtime.serve keeps it)
+
+    def entries(self) -> list:
+        """The store's bundles: its subdirectories holding a manifest.json, except links leading out of it."""
+        return sorted(p.name for p in self.directory.iterdir() if self.inside(p) and (p / MANIFEST).is_file())
+
+    def inside(self, path: Path) -> bool:
+        resolved = path.resolve()
+        return resolved != self.directory and resolved.is_relative_to(self.directory)
+
+    def prepare(self, entry: str, open_keys) -> Prepared:
+        """Check an entry's files against the manifest's sha256 and read it (on a worker thread: hashing takes a
+        while).  On a graph in `open_keys`, only its manifest, tables and tokenizer; else every file, then the
+        bundle opened on its own graph."""
+        directory = self.directory / entry
+        manifest = Manifest.read(directory)
+        key, tables = None, None
+        if manifest.multi_task and self.graph in manifest.files and PROMPT in manifest.files:
+            verify_files(directory, manifest, [PROMPT])
+            mapped = read_tables(directory / PROMPT)
+            if mapped:  # a merged bundle written before the tables were inputs has none: it runs on its own
+                shapes = tuple(sorted((n, a.dtype.str, resized(a.shape, task_axis(n), 0)) for n, a in mapped.items()))
+                key = (manifest.files[self.graph], manifest.files.get(TOKENIZER), manifest.pad_id, shapes)
+                tables = {n: np.array(a) for n, a in mapped.items()}
+        if key is not None and key in open_keys:
+            verify_files(directory, manifest, [TOKENIZER])
+            return Prepared(entry, directory, manifest, key, tables, None)
+        verify_files(directory, manifest)
+        bundle = Bundle.load(directory, self.device, self.backend, precision=self.precision, verify=False)
+        if key is not None and not hasattr(bundle.model, "swap_tables"):
+            key = None  # a backend that cannot be fed a shared table: the entry runs on its own graph
+        return Prepared(entry, directory, manifest, key, tables, bundle)
+
+    def join(self, prepared: Prepared) -> tuple:
+        """(the entry's Bundle, its Shared or None, its tasks' rows in the graph's tables): on the event loop."""
+        if prepared.key is None:
+            return prepared.bundle, None, [t.index for t in prepared.bundle.tasks.values()]
+        shared = self.shared.get(prepared.key)
+        if shared is None:
+            shared = self.shared[prepared.key] = Shared.open(prepared)
+        rows = shared.place(prepared.tables)
+        bundle = Bundle(prepared.directory, prepared.manifest, shared.model, prepared.directory / TOKENIZER,
+                        tokenizers=shared.tokenizers)
+        return bundle, shared, rows
+
+    def quiet(self, message: str) -> str:
+        """A message naming files by their place in the store, not the server's paths."""
+        return message.replace(f"{self.directory}/", "")
