@@ -326,7 +326,7 @@ def open_tuned(runner, path: Path, device: str, tables: dict | None, manifest: M
              "precision": precision}
     model, choice = tuning.tune(lambda variant: runner.open(path, device, tables, variant, precision),
                                 kind.variants_for(precision), key, manifest.multi_task, about)
-    model.token_budget = choice.token_budget
+    model.token_budget, model.call_tokens = choice.token_budget, choice.call_tokens
     return model
 
 
@@ -335,12 +335,14 @@ def batched_logits(model, encodings, pad_id: int, num_labels: int, batch_size: i
     """Run `model` over batches (length-sorted by default); logits come back in input order.
 
     `task_ids` (a multi-task graph): each row's task; rows of different tasks share batches.  A batch runs as
-    calls of at most the model's `token_budget` padded tokens (runtime.tuning), which changes its speed only.
+    calls of at most the model's `token_budget` padded tokens, its rows in order of length and cut where padding
+    would cost more than a call (runtime.tuning.calls), which changes its speed only.
     """
     out = np.zeros((len(encodings), num_labels), np.float32)
-    lengths = [len(e.ids) for e in encodings]
+    lengths = np.array([len(e.ids) for e in encodings], np.int64)
     for batch in batch_indices(lengths, batch_size, sort_by_length):
-        for part in tuning.chunks(len(batch), max(lengths[i] for i in batch), model.token_budget):
+        batch = batch[np.argsort(lengths[batch], kind="stable")]
+        for part in tuning.calls(lengths[batch], model.token_budget, model.call_tokens):
             index = batch[part]
             arrays = pad([encodings[i] for i in index], pad_id, model.pad_multiple)
             if task_ids is not None:

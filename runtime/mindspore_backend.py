@@ -78,6 +78,7 @@ class MindSporeModel:
     # Not timed by runtime.tuning: every new shape compiles, and on GPU or Ascend a CPU's timing says nothing.
     tuned = False
     token_budget = None
+    call_tokens = None  # what one more call costs in padded tokens (runtime.tuning.calls); None: not cut
 
     def __init__(self, path: Path, device: str = "CPU", tables: dict | None = None, variant: str | None = None,
                  precision: str | None = None):

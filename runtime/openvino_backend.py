@@ -49,6 +49,7 @@ class OpenVinoModel:
     except metadata.PackageNotFoundError:
         version = None
     token_budget = None
+    call_tokens = None  # what one more call costs in padded tokens (runtime.tuning.calls); None: not cut
 
     @staticmethod
     def variants_for(precision: str) -> tuple:

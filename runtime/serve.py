@@ -76,7 +76,6 @@ import numpy as np
 
 from .bundle import batched_logits, prediction
 from .errors import InputError, PtbundleError
-from .format import MANIFEST
 from .inputs import check_text, lone_surrogate
 from .store import Prepared, Shared, TaskStore
 
@@ -442,7 +441,7 @@ class App:
         need(name not in ("", ".", "..") and not any(c in name for c in "/\\\0"), 400,
              f"{name!r} is not a plain name of an entry of the task store")
         need(self.store.inside(directory / name), 400, f"{name!r} leads out of the task store")
-        need((directory / name / MANIFEST).is_file(), 404,
+        need(self.store.holds_one(directory / name), 404,
              f"no bundle {name!r} in the task store (entries: {', '.join(self.store.entries())})")
         return name
 

@@ -9,7 +9,9 @@ memory, one table whose rows are their tasks, one batcher, so requests for
 any of them share batches.  Loading such an entry when its graph is open
 checks and reads only what it brings (manifest, tables, tokenizer) and writes
 its rows into a free part of the table; its own copy of the graph is not read.
-Any other entry is opened as a bundle of its own.
+Any other entry is opened as a bundle of its own.  A PEFT adapter directory
+in DIR is listed, unavailable, with the command that folds it into an entry
+(folding needs the builder and the backbone, which a server does not load).
 
 Only the server's event loop changes a Shared (rows placed and released);
 the files are checked and read on a worker thread first (`TaskStore.prepare`).
@@ -26,8 +28,8 @@ import numpy as np
 
 from . import backends
 from .bundle import Bundle
-from .errors import InputError
-from .format import MANIFEST, PROMPT, TOKENIZER, Manifest, read_tables, task_axis, verify_files
+from .errors import BundleError, InputError
+from .format import MANIFEST, PEFT_CONFIG, PROMPT, TOKENIZER, Manifest, read_tables, task_axis, verify_files
 
 
 @dataclass
@@ -130,8 +132,13 @@ class TaskStore:
         self.shared = {}  # key -> Shared, while an entry on it is loaded (runtime.serve keeps it)
 
     def entries(self) -> list:
-        """The store's bundles: its subdirectories holding a manifest.json, except links leading out of it."""
-        return sorted(p.name for p in self.directory.iterdir() if self.inside(p) and (p / MANIFEST).is_file())
+        """The store's bundles (its subdirectories holding a manifest.json) and PEFT adapters (an
+        adapter_config.json), except links leading out of it."""
+        return sorted(p.name for p in self.directory.iterdir() if self.inside(p) and self.holds_one(p))
+
+    @staticmethod
+    def holds_one(path: Path) -> bool:
+        return (path / MANIFEST).is_file() or (path / PEFT_CONFIG).is_file()
 
     def inside(self, path: Path) -> bool:
         resolved = path.resolve()
@@ -142,6 +149,10 @@ class TaskStore:
         while).  On a graph in `open_keys`, only its manifest, tables and tokenizer; else every file, then the
         bundle opened on its own graph."""
         directory = self.directory / entry
+        if not (directory / MANIFEST).is_file():
+            raise BundleError(f"{entry}: a PEFT adapter, not a bundle: `pt-build merge NAME={directory} --backbone"
+                              f" BACKBONE --out {self.directory}/NAME` folds it into an entry that shares its"
+                              f" backbone's graph")
         manifest = Manifest.read(directory)
         key, tables = None, None
         if manifest.multi_task and self.graph in manifest.files and PROMPT in manifest.files:

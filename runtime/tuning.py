@@ -18,6 +18,13 @@ the backbone and the graph.  Later opens on that CPU read the choice back
 A token budget splits a batch into graph calls of at most that many padded
 tokens (at least one row each): each row's result does not depend on its
 batch (runtime.bundle.batched_logits), so the split changes speed only.
+Within that bound a batch's rows, by length, are cut where padding would
+cost more than another call (`calls`): the cost of a call is measured too,
+as the padded tokens the probe runs in the time of a call of one short row
+(`call_tokens`).  A batch of 16 MR sentences in arrival order, padded to
+its longest, ran at 325 sentences/s where the same rows cut into length-
+sorted calls of 4 ran at 469 (fp32, AMD EPYC, 2 vCPUs; bench/perf/serve_load.py
+--store-tasks 100 measures the server that gathers such batches).
 
 PTBUNDLE_TUNING=off opens every graph with the backend's first variant (for
 onnxruntime, the graph's ops as written) and whole batches, measuring
@@ -46,7 +53,7 @@ REPEATS = 3  # timed passes per candidate (after one warm-up); the median decide
 CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
              "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # bf16 units: what OpenVINO's bf16 runs on (runtime.openvino_backend)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: call_tokens
 
 
 @dataclass(frozen=True)
@@ -56,9 +63,11 @@ class Choice:
     variant: str | None = None  # None: the backend's first (its default)
     token_budget: int | None = None  # None: the caller's whole batch in one call
     measured: dict = field(default_factory=dict)  # candidate -> median seconds of the probe, as timed
+    call_tokens: int | None = None  # what one more call costs, in padded tokens; None: batches are not cut by it
 
     def to_json(self) -> dict:
-        return {"variant": self.variant, "token_budget": self.token_budget, "measured": self.measured}
+        return {"variant": self.variant, "token_budget": self.token_budget, "call_tokens": self.call_tokens,
+                "measured": self.measured}
 
 
 UNTUNED = Choice()
@@ -112,7 +121,8 @@ def key_of(*parts) -> str:
 def recorded(key: str) -> Choice | None:
     try:
         entry = json.loads(cache_file().read_text()).get(key)
-        return Choice(entry["variant"], entry["token_budget"], entry.get("measured", {})) if entry else None
+        return Choice(entry["variant"], entry["token_budget"], entry.get("measured", {}),
+                      entry.get("call_tokens")) if entry else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no record yet, or an unreadable one
         return None
 
@@ -148,6 +158,31 @@ def chunks(rows: int, longest: int, budget: int | None) -> list:
     """Row slices of a batch of `rows` padded to `longest` tokens: calls of at most `budget` tokens, >= 1 row."""
     step = rows if budget is None else max(1, budget // max(1, longest))
     return [slice(i, i + step) for i in range(0, rows, step)]
+
+
+def calls(lengths, budget: int | None, call_tokens: int | None) -> list:
+    """Row slices of a batch whose rows are in order of length (`lengths`, ascending): the graph calls that cost
+    least, a call costing `call_tokens` plus its rows times its longest (the padded tokens), each within
+    `budget` tokens (or one row).  Without call_tokens, `chunks` of the whole batch."""
+    lengths = np.asarray(lengths, np.int64)
+    n = len(lengths)
+    if call_tokens is None or n <= 1:
+        return chunks(n, int(lengths.max(initial=1)), budget)
+    # best[j]: the least cost of rows [0, j); a call of rows [i, j) pads them to lengths[j - 1]
+    best, cut = np.zeros(n + 1), np.zeros(n + 1, np.int64)
+    starts = np.arange(n)
+    for j in range(1, n + 1):
+        longest = max(1, int(lengths[j - 1]))
+        cost = best[:j] + call_tokens + (j - starts[:j]) * longest
+        if budget is not None:  # rows over the budget are not a candidate, unless alone
+            cost[: max(0, j - max(1, budget // longest))] = np.inf
+        cut[j] = int(np.argmin(cost))
+        best[j] = cost[cut[j]]
+    out, j = [], n
+    while j > 0:
+        out.append(slice(int(cut[j]), j))
+        j = int(cut[j])
+    return out[::-1]
 
 
 def seconds(model, arrays: tuple, budget: int | None) -> float:
@@ -186,7 +221,13 @@ def tune(open_variant, variants: tuple, key: str, multi_task: bool, about: dict)
     for budget in BUDGETS[1:]:
         measured[f"{variant}/{budget}"] = seconds(model, arrays, budget)
     best = min(BUDGETS, key=lambda b: measured[f"{variant}/{'whole' if b is None else b}"])
-    choice = Choice(variant, best, {k: round(v, 6) for k, v in measured.items()})
+    # One call's cost in padded tokens: a call of one short row, against the probe's time per padded token
+    # (the short row's own tokens and the per-row work a call of any size does are counted in, a little).
+    short = PROBE_SEQ // 4
+    measured["call/1x8"] = seconds(model, tuple(a[:1, :short] if a.ndim == 2 else a[:1] for a in arrays), None)
+    per_token = measured[f"{variant}/{'whole' if best is None else best}"] / (PROBE_ROWS * PROBE_SEQ)
+    call_tokens = max(0, round(measured["call/1x8"] / per_token) - short)
+    choice = Choice(variant, best, {k: round(v, 6) for k, v in measured.items()}, call_tokens)
     record(key, choice, {**about, "cpu": cpu(), "probe": [PROBE_ROWS, PROBE_SEQ],
                          "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return model, choice

@@ -34,9 +34,11 @@ renamed, their manifests rehashed, their other files hard links to s000's
 answer is checked against the entry's own `Bundle.predict` of that text alone.
 Phases, one server process:
 
-  baseline    Bundle.logits of s000 in this process on the phase's texts, at batch --clients (all that
-              --clients one-text clients can have in flight) and at 64: sentences/s, median [min-max]
-              of 3 passes
+  baseline    Bundle.logits of s000 in this process on the phase's texts: at batch --clients (all that
+              --clients one-text clients can have in flight) in the order the requests are sent (the
+              batches the server can form at best), and sorted by length (the default, which no
+              server can do: it never holds the texts to come); at 64 sorted; sentences/s, median
+              [min-max] of 3 passes
   store       --clients clients, --requests requests of one text, over the N tasks in turn
   churn       the same, while every --churn-every seconds one loaded entry is unloaded and the one
               unloaded before is loaded (POST /v2/repository/models/NAME/unload, /load): requests for
@@ -278,13 +280,13 @@ def store_expected(store: Path, rows: list, int8: bool) -> dict:
     return out
 
 
-def logits_rate(bundle, texts: list, batch_size: int, repeats: int = 3) -> dict:
+def logits_rate(bundle, texts: list, batch_size: int, by_length: bool, repeats: int = 3) -> dict:
     """Sentences/s of Bundle.logits over `texts`, median [min-max] of `repeats` passes after a warm-up."""
-    bundle.logits(texts[: 2 * batch_size], batch_size=batch_size)
+    bundle.logits(texts[: 2 * batch_size], batch_size=batch_size, sort_by_length=by_length)
     rates = []
     for _ in range(repeats):
         started = time.perf_counter()
-        bundle.logits(texts, batch_size=batch_size)
+        bundle.logits(texts, batch_size=batch_size, sort_by_length=by_length)
         rates.append(len(texts) / (time.perf_counter() - started))
     return common.spread(rates, 1)
 
@@ -339,7 +341,9 @@ def store_run(bundle: Path, n: int, texts: list, clients: int, total: int, max_b
         report = {"machine": common.machine_info(), "bundle": str(bundle), "entries": n, "clients": clients,
                   "max_batch": max_batch, "max_wait_ms": max_wait_ms, "group": group, "int8": int8, "smoke": smoke,
                   "churn_every_seconds": every,
-                  "baseline": {f"batch {b}": logits_rate(first, phase_texts, b) for b in (clients, 64)},
+                  "baseline": {f"batch {b} {'sorted' if s else 'in request order'}":
+                               logits_rate(first, phase_texts, b, s) for b, s in ((clients, False), (clients, True),
+                                                                                  (64, True))},
                   "phases": {}}
         del first
         print(f"baseline    Bundle.logits: {report['baseline']} sentences/s", flush=True)
@@ -348,6 +352,7 @@ def store_run(bundle: Path, n: int, texts: list, clients: int, total: int, max_b
             metrics = server.get("/metrics")
             report["graphs_open"] = next(float(l.split()[-1]) for l in metrics.splitlines()
                                          if l.startswith("ptbundle_store_graphs "))
+            run_clients(server.port, rows["store"][: 20 * clients], clients, expected, time.time() + time_limit)  # warm-up
             for name in ("store", "churn"):
                 cycle, stop = {}, threading.Event()
                 mover = threading.Thread(target=churn, args=(server.port, entries, every, stop, cycle))

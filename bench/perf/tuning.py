@@ -94,7 +94,7 @@ def main(backbone, data, smoke, results, bundle_path, batch_size, repeats, every
         rows = [{"variant": v, "token_budget": b, "sentences_per_second": r} for (v, b), r in rates.items()]
         out["graphs"][graph] = {
             "rows": rows, "best": {"variant": best[0], "token_budget": best[1]},
-            "chosen_by_first_load": {"variant": picked[0], "token_budget": picked[1],
+            "chosen_by_first_load": {"variant": picked[0], "token_budget": picked[1], "call_tokens": chosen.call_tokens,
                                      "load_seconds_with_measurement": round(tuning_seconds, 2)},
             "chosen_over_best": round(rates[picked]["median"] / rates[best]["median"], 3),
             "best_over_untuned": round(rates[best]["median"]

@@ -27,6 +27,7 @@ class CellModel:
 
     pad_multiple = TRAIN_PAD_MULTIPLE
     token_budget = None  # whole batches (runtime.bundle.batched_logits): it pads them to one size anyway
+    call_tokens = None  # likewise: not cut into calls by length
 
     def __init__(self, cell, batch_size: int):
         cell.set_train(False)
@@ -54,7 +55,7 @@ class ScratchOnnx:
         export_decoder_classifier(net, path, lower=lower)
         self.model = OnnxModel(path)
         self.pad_multiple = self.model.pad_multiple
-        self.token_budget = None
+        self.token_budget = self.call_tokens = None
 
     def __call__(self, *arrays):
         return self.model(*arrays)

@@ -258,12 +258,17 @@ def test_entries_on_one_graph_share_it_and_its_batches(tmp_path, table_entries, 
 
 
 def test_a_changed_table_file_is_refused_when_joining_a_shared_graph(tmp_path, table_entries):
+    """...and a PEFT adapter in the store is listed, unavailable, with the command that folds it into an entry."""
     store = tmp_path / "store"
     store.mkdir()
     for name in ("p1", "p2"):
         shutil.copytree(table_entries / name, store / name)
+    shutil.copytree(Path(__file__).parents[1] / "fixtures" / "peft_adapters" / "bert-prefix", store / "adapter")
     server, client = serve("--task-store", store, "--load-on-demand")
     try:
+        refused(lambda: client.load_model("adapter"), 400, "adapter: a PEFT adapter, not a bundle: `pt-build merge")
+        row = [r for r in client.get_model_repository_index() if r["name"] == "adapter"][0]
+        assert row["state"] == "UNAVAILABLE" and "pt-build merge" in row["reason"]
         client.load_model("p1")
         tables = store / "p2" / "prompt.safetensors"
         tables.write_bytes(tables.read_bytes()[:-1] + b"\1")
