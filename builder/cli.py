@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import _thread
 import shlex
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -291,4 +293,24 @@ def eval_data_args(data: str, train_file, dev_file, test_file, text_column, text
 
 
 def main():
+    ctrl_c_as_keyboard_interrupt()
     cli()
+
+
+def ctrl_c_as_keyboard_interrupt() -> None:
+    """Ctrl-C reaches Python as KeyboardInterrupt, not through MindSpore's own SIGINT handler, which each graph run
+    installs again: that handler logs (allocating memory) inside the signal handler, so a Ctrl-C that lands while
+    the thread it interrupts is allocating memory hangs the process for good (seen once in a run of
+    tests/builder/training/test_checkpoint.py).  SIGINT is blocked in this thread, and so in every thread started
+    from here on (MindSpore's workers too), and one thread takes it with sigwait, outside any handler, and
+    interrupts the main thread."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        return
+
+    def forward():
+        while True:
+            signal.sigwait({signal.SIGINT})
+            _thread.interrupt_main()
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    threading.Thread(target=forward, name="ptbundle-ctrl-c", daemon=True).start()
