@@ -105,6 +105,7 @@ def smoke(request, tiny_bert, toy_files, pairs_dir, tmp_path_factory):
     start("int8_decoder", "experiments/int8_decoder.py", "--smoke")  # a generation bundle of its own tiny Llama
     merged = request.getfixturevalue("merged_bundle")[0]
     start("serve_load", "perf/serve_load.py", "--data", data, "--bundle", merged, "--bundle", f"single={bundle}")
+    start("serve_store", "perf/serve_load.py", *common, "--bundle", bundle, "--store-tasks", "5")
     yield started
     pool.shutdown(wait=True)
 
@@ -421,6 +422,17 @@ def test_serve_load_checks_every_answer_in_every_phase(smoke):
     assert set(result["tasks"]) == {"sentiment", "zeroshot", "probe", "pairs", "prefix", "prefix1", "late", "single"}
     assert sum(phases["concurrent"]["batch_sizes"].values()) > 0 and phases["faults"]["disconnected"] == 20
     assert sum(phases["faults"]["bad"].values()) == 20 and all(400 <= int(k) < 500 for k in phases["faults"]["bad"])
+
+
+def test_serve_store_runs_its_entries_on_one_graph_through_loads_and_unloads(smoke):
+    _, results = finished(smoke, "serve_store")
+    result = read(results, "serve_store")
+    assert result["ok"] and result["entries"] == 5 and result["graphs_open"] == 1
+    store, churn = result["phases"]["store"], result["phases"]["churn"]
+    assert store["ok"] == 120 and store["wrong"] == 0  # --smoke: 120 requests a phase, every answer checked
+    assert churn["ok"] + churn["refused_unloaded"] == 120 and churn["wrong"] == 0
+    assert churn["repository"]["cycles"] >= 1 and not churn["repository"]["failures"]
+    assert set(result["baseline"]) == {"batch 4 in request order", "batch 4 sorted", "batch 64 sorted"}
 
 
 def test_stream_memory_reads_back_every_line_in_order(smoke):

@@ -246,12 +246,13 @@ def entry_name(i: int) -> str:
     return f"s{i:03d}"
 
 
-def store_entries(bundle: Path, n: int, out: Path, int8: bool) -> list:
+def store_entries(bundle: Path, n: int, out: Path, int8: bool, backbone) -> list:
     """The N entries (module docstring) under `out`; their names."""
     PROMPT, MANIFEST, Manifest = common.PROMPT_FILE, common.MANIFEST_FILE, common.Manifest
     first = out / entry_name(0)
     done = subprocess.run([common.tool("pt-build"), "merge", f"{entry_name(0)}={bundle}", "--out", str(first)]
-                          + (["--quantize", "int8"] if int8 else []), capture_output=True, text=True)
+                          + (["--quantize", "int8"] if int8 else []) + (["--backbone", str(backbone)] if backbone else []),
+                          capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"pt-build merge {bundle} failed: {done.stderr.strip().splitlines()[-1]}")
     manifest, tables = Manifest.read(first), load_file(str(first / PROMPT))
@@ -291,6 +292,15 @@ def logits_rate(bundle, texts: list, batch_size: int, by_length: bool, repeats: 
     return common.spread(rates, 1)
 
 
+def peak_rss_mb(pid: int) -> float | None:
+    """A process's peak resident memory (VmHWM), where /proc has it."""
+    try:
+        line = next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("VmHWM:"))
+        return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, StopIteration):
+        return None
+
+
 def repository(port: int, path: str) -> tuple:
     """POST a repository call: (status, seconds)."""
     conn = http.client.HTTPConnection(HOST, port, timeout=120)
@@ -326,11 +336,11 @@ def churn(port: int, entries: list, every: float, stop: threading.Event, report:
 
 
 def store_run(bundle: Path, n: int, texts: list, clients: int, total: int, max_batch: int, max_wait_ms: float,
-              group: int, int8: bool, every: float, time_limit: float, results, smoke: bool) -> None:
+              group: int, int8: bool, every: float, time_limit: float, results, smoke: bool, backbone) -> None:
     with tempfile.TemporaryDirectory(prefix="ptbundle-store-") as work:
         store = Path(work)
         started = time.time()
-        entries = store_entries(bundle, n, store, int8)
+        entries = store_entries(bundle, n, store, int8, backbone)
         common.log(f"{n} store entries in {time.time() - started:.0f} s")
         tasks = {e: False for e in entries}
         rows = {"store": requests_of(tasks, texts, total, 1), "churn": requests_of(tasks, texts, total, 2)}
@@ -372,6 +382,9 @@ def store_run(bundle: Path, n: int, texts: list, clients: int, total: int, max_b
                       + (f"; {cycle['cycles']} loads, p50 {cycle['load_ms']['p50']} ms, max"
                          f" {cycle['load_ms']['max']} ms, failures {cycle['failures']}" if name == "churn" else ""),
                       flush=True)
+            report["server_peak_rss_mb"] = peak_rss_mb(server.process.pid)
+            print(f"server: {report['graphs_open']:g} graph(s) open for {n} entries, peak RSS"
+                  f" {report['server_peak_rss_mb']} MB", flush=True)
         finally:
             server.stop()
         phases = report["phases"].values()
@@ -403,12 +416,12 @@ def main(bundles, backbone, data, smoke, results, clients, total, sequential_req
          int8, sigterm_after, time_limit, store_tasks, churn_every):
     if smoke:
         clients, total, sequential_requests, sigterm_after = 4, 120, 40, 0.5
-        store_tasks = min(store_tasks, 5)
+        store_tasks, churn_every = min(store_tasks, 5), min(churn_every, 0.02)
     dataset = common.load_data(data)
     texts = [e.text for e in list(dataset.test or []) + list(dataset.dev)]
     if store_tasks:
         return store_run(Path(bundles[0]), store_tasks, texts, clients, total, max_batch, max_wait_ms, group, int8,
-                         churn_every, time_limit, results, smoke)
+                         churn_every, time_limit, results, smoke, backbone)
     server = Server(bundles, max_batch, max_wait_ms, group, int8)
     try:
         models = json.loads(server.get("/v1/models"))["models"]
