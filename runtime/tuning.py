@@ -21,10 +21,11 @@ batch (runtime.bundle.batched_logits), so the split changes speed only.
 Within that bound a batch's rows, by length, are cut where padding would
 cost more than another call (`calls`): the cost of a call is measured too,
 as the padded tokens the probe runs in the time of a call of one short row
-(`call_tokens`).  A batch of 16 MR sentences in arrival order, padded to
-its longest, ran at 325 sentences/s where the same rows cut into length-
-sorted calls of 4 ran at 469 (fp32, AMD EPYC, 2 vCPUs; bench/perf/serve_load.py
---store-tasks 100 measures the server that gathers such batches).
+(`call_tokens`).  Batches of 16 random MR sentences, padded to their
+longest, ran at 309 sentences/s fp32 and 1042 int8; cut this way, 404-411
+and 1226 (AMD EPYC, 2 vCPUs, an ad hoc A/B: docs/measured.md, "A task
+store of 100 tasks on one graph", which `bench/perf/serve_load.py
+--store-tasks 100` measures through the server that gathers such batches).
 
 PTBUNDLE_TUNING=off opens every graph with the backend's first variant (for
 onnxruntime, the graph's ops as written) and whole batches, measuring
