@@ -136,7 +136,8 @@ def generate(bundle_path, prompt, max_new_tokens, temperature, top_p, seed, stop
 @click.option("--max-batch", default=Limits.max_batch, show_default=True, type=click.IntRange(1),
               help="Texts gathered from concurrent requests (of any of a bundle's tasks) into one batch.")
 @click.option("--group", default=Limits.group, show_default=True, type=click.IntRange(1),
-              help="Texts per model call: a gathered batch runs in length-sorted groups of this size.")
+              help="Texts per model call at most: a gathered batch runs in length-sorted groups of this size"
+                   " (cut further where padding costs more than a call).")
 @click.option("--max-wait-ms", default=Limits.max_wait * 1000, show_default=True, type=click.FloatRange(0),
               help="How long the first text of a batch waits for others.")
 @click.option("--max-texts", default=Limits.max_texts, show_default=True, type=click.IntRange(1),
