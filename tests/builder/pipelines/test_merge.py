@@ -164,6 +164,30 @@ def test_one_builds_bundles_merge_without_renaming_and_keep_their_names(tmp_path
         assert g["probabilities"] == pytest.approx(p.probabilities, abs=1e-4)
 
 
+def test_one_task_merged_alone_takes_the_tables_and_predicts_as_its_source(tiny_build, tiny_bert, tmp_path):
+    """A task store's entry: one task whose graphs take task ids and the tables, used like a one-task bundle
+    (no --task, shown as its task), its rows what its source bundle gives."""
+    source = tiny_build[0] / "toy-soft"
+    build(["merge", f"reviews={source}", "--backbone", str(tiny_bert), "--out", str(tmp_path / "reviews")])
+    m = json.loads((tmp_path / "reviews" / "manifest.json").read_text())
+    assert m["task_tables"] is True and [t["name"] for t in m["tasks"]] == ["reviews"]
+    assert "task_ids" in m["signature"]["inputs"] and m["export"]["sources"] <= 1e-4
+    graph = onnx.load(str(tmp_path / "reviews" / "model.onnx"), load_external_data=False)
+    assert "task_ids" in {i.name for i in graph.graph.input}
+    merged, own = Bundle.load(tmp_path / "reviews"), Bundle.load(source)
+    np.testing.assert_allclose(merged.logits(TEXTS, batch_size=2), own.logits(TEXTS), atol=1e-4)
+    for backend in ("onnxruntime", "mindspore"):
+        np.testing.assert_allclose(Bundle.load(tmp_path / "reviews", backend=backend).logits(TEXTS),
+                                   own.logits(TEXTS), atol=1e-4, err_msg=backend)
+    result = CliRunner().invoke(run_cli, ["predict", "--bundle", str(tmp_path / "reviews"), "--format", "jsonl", "-"],
+                                input="\n".join(TEXTS) + "\n")
+    assert result.exit_code == 0, result.output
+    got = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [g["label"] for g in got] == [p.label for p in own.predict(TEXTS)] and "task" not in got[0]
+    info = CliRunner().invoke(run_cli, ["info", str(tmp_path / "reviews")])
+    assert info.exit_code == 0 and "soft prompt bundle for reviews" in info.output.splitlines()[0]
+
+
 def test_peft_adapters_merge_beside_bundles(merged_bundle, tiny_bert, tmp_path):
     """A PEFT adapter directory is a merge source as `pt-build import` would fold it: here the prefix bundle's own
     adapter (FEATURE_EXTRACTION, its mean head beside it) and the pairs bundle's (SEQ_CLS, cls pooling)."""
