@@ -277,3 +277,26 @@ def test_a_changed_table_file_is_refused_when_joining_a_shared_graph(tmp_path, t
     finally:
         client.close()
         server.stop()
+
+
+def test_an_entry_refused_for_a_name_clash_gives_its_rows_back(tmp_path, table_entries, tiny_bundle):
+    """p1 is served from the command line too: the store's p1 is refused (409 at start, listed with the reason),
+    the rows it was given are freed, and p2 on the same graph answers as its own bundle."""
+    store = tmp_path / "store"
+    store.mkdir()
+    for name in ("p1", "p2"):
+        shutil.copytree(table_entries / name, store / name)
+    server, client = serve(f"p1={tiny_bundle}", "--task-store", store)
+    try:
+        row = [r for r in client.get_model_repository_index() if r["name"] == "p1"][0]
+        assert row["state"] == "UNAVAILABLE" and "already served" in row["reason"]
+        refused(lambda: client.load_model("p1"), 409, "already served")
+        got = client.infer("p2", [texts_input(TEXTS)]).as_numpy("probabilities")
+        want = Bundle.load(store / "p2").logits(TEXTS)
+        assert got == pytest.approx(np.exp(want) / np.exp(want).sum(-1, keepdims=True), abs=1e-5)
+        assert [x.decode() for x in client.infer("p1", [texts_input(TEXTS)]).as_numpy("label")] == \
+            [p.label for p in Bundle.load(tiny_bundle).predict(TEXTS)]  # the command line's p1
+        assert metric_samples(server.request("GET", "/metrics")[1])[("ptbundle_store_graphs", ())] == 1
+    finally:
+        client.close()
+        server.stop()
