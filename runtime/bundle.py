@@ -341,7 +341,8 @@ def batched_logits(model, encodings, pad_id: int, num_labels: int, batch_size: i
     out = np.zeros((len(encodings), num_labels), np.float32)
     lengths = np.array([len(e.ids) for e in encodings], np.int64)
     for batch in batch_indices(lengths, batch_size, sort_by_length):
-        batch = batch[np.argsort(lengths[batch], kind="stable")]
+        if not sort_by_length:  # consecutive rows: by length within their batch (batch_indices sorted the others)
+            batch = batch[np.argsort(lengths[batch], kind="stable")]
         for part in tuning.calls(lengths[batch], model.token_budget, model.call_tokens):
             index = batch[part]
             arrays = pad([encodings[i] for i in index], pad_id, model.pad_multiple)

@@ -47,8 +47,8 @@ class OnnxModel:
     variants = ("unfused", "fused")
     version = ort.__version__
     tuned = True
-    token_budget = None
-    call_tokens = None  # what one more call costs in padded tokens (runtime.tuning.calls); None: not cut  # padded tokens per call (runtime.tuning); None: a caller's batch in one call
+    token_budget = None  # padded tokens per call (runtime.tuning); None: a caller's batch in one call
+    call_tokens = None  # what one more call costs in padded tokens (runtime.tuning.calls); None: not cut
 
     @classmethod
     def variants_for(cls, precision: str) -> tuple:

@@ -222,8 +222,10 @@ class Installed:
     entry: str
     shared: Shared | None  # the graph it shares (runtime.store), or None: its own, run by `batcher`
     rows: list  # its tasks' rows in the shared tables
+    names: tuple = ()  # the tasks it serves, by their served names
     batcher: Batcher | None = None
     holds: int = 0  # requests holding one of its endpoints
+    used: float = 0.0  # when a request last named one of its tasks (the least recently used is unloaded first)
     unloaded: bool = False
 
 
@@ -249,11 +251,9 @@ class App:
         self.endpoints = {}
         self.ready = False
         self.store = store
-        self.entries = {}  # store entry -> its served names, while loaded
         self.installed = {}  # store entry -> Installed, while loaded
         self.failed = {}  # store entry -> why its last load failed
         self.unloaded = {}  # served name -> the store entry it was unloaded with
-        self.used = {}  # loaded store entry -> when a request last named one of its tasks (least recently used goes)
         self.repository_lock = None
 
     async def startup(self) -> None:
@@ -380,9 +380,8 @@ class App:
     def endpoint(self, name: str, kind: str) -> Endpoint:
         """The endpoint serving `name`; 404 naming it (and how to load it again, if it was unloaded)."""
         endpoint = self.endpoints.get(name)
-        owner = self.owner(name) if endpoint is not None else None
-        if owner is not None:
-            self.used[owner] = time.monotonic()
+        if endpoint is not None and endpoint.installed is not None:
+            endpoint.installed.used = time.monotonic()
         if endpoint is None and name in self.unloaded:
             raise RequestError(404, f"{kind} {name!r} is unloaded (POST /v2/repository/models/{self.unloaded[name]}"
                                     f"/load loads it again)")
@@ -429,7 +428,7 @@ class App:
         entry = self.store_entry(name)
         async with self.repository_lock:
             if verb == "unload":
-                need(entry in self.entries, 400, f"{entry!r} is not loaded")
+                need(entry in self.installed, 400, f"{entry!r} is not loaded")
                 self.uninstall(entry)
                 return 200, {}, "-", 0
             await self.load_entry(entry)
@@ -455,15 +454,14 @@ class App:
             self.failed[entry] = self.store.quiet(str(e))
             raise RequestError(400, f"{entry}: not loaded: {self.failed[entry]}") from None
         bound = self.store.max_loaded
-        while bound is not None and entry not in self.entries and len(self.entries) >= bound:
-            coldest = min(self.entries, key=lambda e: self.used.get(e, 0.0))
+        while bound is not None and entry not in self.installed and len(self.installed) >= bound:
+            coldest = min(self.installed.values(), key=lambda i: i.used).entry
             self.uninstall(coldest)
             self.failed[coldest] = f"unloaded to make room (--max-loaded {bound}, least recently used)"
             self.metrics.evictions.inc()
         if prepared.bundle is None and prepared.key not in self.store.shared:  # its graph closed meanwhile
             prepared = await asyncio.get_running_loop().run_in_executor(None, self.store.prepare, entry, ())
-        self.install(prepared)
-        self.used[entry] = time.monotonic()
+        self.install(prepared).used = time.monotonic()
         self.metrics.loads.inc()
 
     async def on_demand(self, name: str) -> None:
@@ -481,13 +479,13 @@ class App:
     def index(self) -> list:
         rows = []
         for entry in self.store.entries():
-            if entry in self.entries:
+            if entry in self.installed:
                 rows.append({"name": entry, "state": "READY"})
             else:
                 rows.append({"name": entry, "state": "UNAVAILABLE", "reason": self.failed.get(entry, "unloaded")})
         return rows
 
-    def install(self, prepared: Prepared) -> None:
+    def install(self, prepared: Prepared) -> Installed:
         """Serve a store entry's tasks (replacing what it served before); nothing changes if a name clashes."""
         entry = prepared.entry
         bundle, shared, rows = self.store.join(prepared)
@@ -496,12 +494,16 @@ class App:
             served = endpoints_of([(None, str(prepared.directory))], [bundle])
             for name in served:
                 owner = self.endpoints.get(name)
-                need(owner is None or self.owner(name) == entry, 409,
+                need(owner is None or (owner.installed is not None and owner.installed.entry == entry), 409,
                      f"{entry}: task {name!r} is already served by {owner.path if owner else ''}")
-        except (RequestError, InputError):
+        except InputError as e:  # a bundle pt-run serve cannot serve (a generation bundle): the entry's 400
+            self.let_go(installed)
+            self.failed[entry] = self.store.quiet(str(e))
+            raise RequestError(400, f"{entry}: not loaded: {self.failed[entry]}") from None
+        except RequestError:
             self.let_go(installed)
             raise
-        if entry in self.entries:
+        if entry in self.installed:
             self.uninstall(entry)
         batcher = shared.batcher if shared is not None else None
         if batcher is None:
@@ -510,25 +512,21 @@ class App:
             self.batchers.append(batcher.start())
             if shared is not None:
                 shared.batcher = batcher
-        installed.batcher = batcher
+        installed.batcher, installed.names = batcher, tuple(served)
         for name, (_, path, task) in served.items():
             self.endpoints[name] = Endpoint(bundle, path, task, batcher, rows[bundle.tasks[task].index], installed)
             self.unloaded.pop(name, None)
-        self.entries[entry] = list(served)
         self.installed[entry] = installed
         self.failed.pop(entry, None)
         self.count_graphs()
-
-    def owner(self, name: str) -> str | None:
-        return next((e for e, names in self.entries.items() if name in names), None)
+        return installed
 
     def uninstall(self, entry: str) -> None:
-        names = self.entries.pop(entry)
-        self.used.pop(entry, None)
-        for name in names:
+        installed = self.installed.pop(entry)
+        for name in installed.names:
             self.endpoints.pop(name)
-        self.unloaded.update((n, entry) for n in names)
-        self.let_go(self.installed.pop(entry))
+        self.unloaded.update((n, entry) for n in installed.names)
+        self.let_go(installed)
 
     def let_go(self, installed: Installed) -> None:
         """An entry unloaded: its own batcher closes once its requests are answered; its rows of a shared graph

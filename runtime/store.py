@@ -80,11 +80,8 @@ class Shared:
         if len(self.free) < count:
             self.grow(max(2 * self.capacity, self.capacity - len(self.free) + count))
         rows, self.free = self.free[:count], self.free[count:]
-        for name, array in self.tables.items():
-            axis = task_axis(name)
-            index = [slice(None)] * array.ndim
-            index[axis] = rows
-            array[tuple(index)] = tables[name]  # rows no request reads: the model may be running meanwhile
+        for name, array in self.tables.items():  # rows no request reads: the model may be running meanwhile
+            array[along(array.ndim, task_axis(name), rows)] = tables[name]
         self.model.swap_tables(self.tables)  # a backend that copied them (none here) sees the new rows too
         return rows
 
@@ -101,11 +98,8 @@ class Shared:
         grown = {}
         for name, array in self.tables.items():
             axis = task_axis(name)
-            new = np.zeros(resized(array.shape, axis, capacity), array.dtype)
-            index = [slice(None)] * array.ndim
-            index[axis] = slice(0, array.shape[axis])
-            new[tuple(index)] = array
-            grown[name] = new
+            grown[name] = np.zeros(resized(array.shape, axis, capacity), array.dtype)
+            grown[name][along(array.ndim, axis, slice(0, array.shape[axis]))] = array
         self.free += list(range(self.capacity, capacity))
         self.tables = grown
         self.model.swap_tables(self.tables)
@@ -113,6 +107,11 @@ class Shared:
 
 def resized(shape: tuple, axis: int, size: int) -> tuple:
     return shape[:axis] + (size,) + shape[axis + 1:]
+
+
+def along(ndim: int, axis: int, which) -> tuple:
+    """An index picking `which` (rows or a slice) on the tables' task axis and everything on the others."""
+    return (slice(None),) * axis + (which,) + (slice(None),) * (ndim - axis - 1)
 
 
 class TaskStore:
@@ -145,9 +144,9 @@ class TaskStore:
         return resolved != self.directory and resolved.is_relative_to(self.directory)
 
     def prepare(self, entry: str, open_keys) -> Prepared:
-        """Check an entry's files against the manifest's sha256 and read it (on a worker thread: hashing takes a
-        while).  On a graph in `open_keys`, only its manifest, tables and tokenizer; else every file, then the
-        bundle opened on its own graph."""
+        """Check the files of an entry the server reads against the manifest's sha256, each once, and read them
+        (on a worker thread: hashing takes a while).  On a graph in `open_keys`, its tables and tokenizer; else
+        those and the graph, then the bundle opened on it (a bundle's other graphs are not read, as Bundle.load)."""
         directory = self.directory / entry
         if not (directory / MANIFEST).is_file():
             raise BundleError(f"{entry}: a PEFT adapter, not a bundle: `pt-build merge NAME={directory} --backbone"
@@ -165,7 +164,8 @@ class TaskStore:
         if key is not None and key in open_keys:
             verify_files(directory, manifest, [TOKENIZER])
             return Prepared(entry, directory, manifest, key, tables, None)
-        verify_files(directory, manifest)
+        # the tables were checked above; a graph the bundle lacks is Bundle.load's to name
+        verify_files(directory, manifest, [n for n in (TOKENIZER, self.graph) if n in manifest.files])
         bundle = Bundle.load(directory, self.device, self.backend, precision=self.precision, verify=False)
         if key is not None and not hasattr(bundle.model, "swap_tables"):
             key = None  # a backend that cannot be fed a shared table: the entry runs on its own graph

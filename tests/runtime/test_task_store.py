@@ -14,7 +14,7 @@ import pytest
 tritonhttp = pytest.importorskip("tritonclient.http")  # the test extra
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from helpers import assert_one_error_line  # noqa: E402
+from helpers import assert_one_error_line, write_chat_bundle  # noqa: E402
 from serving import PT_RUN, Server, metric_samples  # noqa: E402
 from ptbundle.runtime import Bundle  # noqa: E402
 
@@ -297,6 +297,19 @@ def test_an_entry_refused_for_a_name_clash_gives_its_rows_back(tmp_path, table_e
         assert [x.decode() for x in client.infer("p1", [texts_input(TEXTS)]).as_numpy("label")] == \
             [p.label for p in Bundle.load(tiny_bundle).predict(TEXTS)]  # the command line's p1
         assert metric_samples(server.request("GET", "/metrics")[1])[("ptbundle_store_graphs", ())] == 1
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_a_generation_bundle_in_the_store_is_refused_by_name_and_the_others_serve(store, tmp_path):
+    shutil.copytree(write_chat_bundle(tmp_path / "built"), store / "chat")
+    server, client = serve("--task-store", store)
+    try:
+        row = [r for r in client.get_model_repository_index() if r["name"] == "chat"][0]
+        assert row["state"] == "UNAVAILABLE" and "a generation bundle: pt-run serve serves classifiers" in row["reason"]
+        refused(lambda: client.load_model("chat"), 400, "chat: not loaded: .*a generation bundle")
+        assert client.infer("toy-soft", [texts_input(TEXTS)]).as_numpy("label").shape == (3,)
     finally:
         client.close()
         server.stop()
