@@ -151,7 +151,7 @@ class Batcher:
         # width: logits per row (the widest task's); task_ids: the graph takes each row's (a merged one)
         self.model, self.pad_id, self.width, self.task_ids = model, pad_id, width, task_ids
         self.limits, self.metrics = limits, metrics
-        self.queue = deque()  # (encoding, task index, future)
+        self.queue = deque()  # (encoding, task index, future, loop time it arrived)
         self.ready = asyncio.Event()
         # One thread runs the model (onnxruntime uses every core inside each call);
         # the event loop stays free to read and answer requests meanwhile.
@@ -179,7 +179,8 @@ class Batcher:
         """`row`: the task's in the graph's tables (its index in the bundle, or its row of a store's Shared)."""
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in encodings]
-        self.queue.extend((e, row, f) for e, f in zip(encodings, futures))
+        now = loop.time()
+        self.queue.extend((e, row, f, now) for e, f in zip(encodings, futures))
         self.metrics.queue.set(len(self.queue))
         self.ready.set()
         return await asyncio.gather(*futures)
@@ -190,19 +191,23 @@ class Batcher:
             if not self.queue:
                 self.ready.clear()
                 await self.ready.wait()
-            if len(self.queue) < self.limits.max_batch and self.limits.max_wait > 0:
-                await asyncio.sleep(self.limits.max_wait)  # let a batch gather
+            # The oldest text waits at most max_wait for a batch to gather, counted from its arrival: texts
+            # that queued while the model ran have waited already (a fresh wait after every batch cost int8
+            # 16% of its throughput under 16 clients, docs/measured.md "The batcher's wait").
+            waited = loop.time() - self.queue[0][3]
+            if len(self.queue) < self.limits.max_batch and waited < self.limits.max_wait:
+                await asyncio.sleep(self.limits.max_wait - waited)
             rows = [self.queue.popleft() for _ in range(min(self.limits.max_batch, len(self.queue)))]
             self.metrics.queue.set(len(self.queue))
             self.metrics.batch(len(rows))
             try:
                 logits = await loop.run_in_executor(self.worker, self.compute, rows)
             except Exception as e:  # a failing model call fails its rows' requests, not the server
-                for _, _, f in rows:
+                for _, _, f, _ in rows:
                     if not f.done():
                         f.set_exception(e)
                 continue
-            for (_, _, f), row in zip(rows, logits):
+            for (_, _, f, _), row in zip(rows, logits):
                 if not f.done():  # a request whose client went away may have been cancelled
                     f.set_result(row)
 
@@ -210,8 +215,8 @@ class Batcher:
         """Logits of the rows, in their order.  The rows run in length order, `group` at a time: on CPU a
         sentence alone costs about what it costs in a batch (docs/measured.md, "Merging, serving, streaming"), so a batch
         of mixed lengths padded to its longest would be slower than the same rows in groups of similar length."""
-        tasks = np.array([t for _, t, _ in rows], np.int32) if self.task_ids else None
-        return batched_logits(self.model, [e for e, _, _ in rows], self.pad_id, self.width, self.limits.group, True,
+        tasks = np.array([t for _, t, _, _ in rows], np.int32) if self.task_ids else None
+        return batched_logits(self.model, [e for e, *_ in rows], self.pad_id, self.width, self.limits.group, True,
                               tasks)
 
 
