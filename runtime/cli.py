@@ -139,7 +139,7 @@ def generate(bundle_path, prompt, max_new_tokens, temperature, top_p, seed, stop
               help="Texts per model call at most: a gathered batch runs in length-sorted groups of this size"
                    " (cut further where padding costs more than a call).")
 @click.option("--max-wait-ms", default=Limits.max_wait * 1000, show_default=True, type=click.FloatRange(0),
-              help="How long the first text of a batch waits for others.")
+              help="How long the first text of a batch waits for others, counted from its arrival.")
 @click.option("--max-texts", default=Limits.max_texts, show_default=True, type=click.IntRange(1),
               help="Instances per request.")
 @click.option("--max-chars", default=Limits.max_chars, show_default=True, type=click.IntRange(1),

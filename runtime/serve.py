@@ -193,7 +193,7 @@ class Batcher:
                 await self.ready.wait()
             # The oldest text waits at most max_wait for a batch to gather, counted from its arrival: texts
             # that queued while the model ran have waited already (a fresh wait after every batch cost int8
-            # 16% of its throughput under 16 clients, docs/measured.md "The batcher's wait").
+            # 15% of its throughput under 16 clients, docs/measured.md "The batcher's wait").
             waited = loop.time() - self.queue[0][3]
             if len(self.queue) < self.limits.max_batch and waited < self.limits.max_wait:
                 await asyncio.sleep(self.limits.max_wait - waited)

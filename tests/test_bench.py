@@ -353,6 +353,7 @@ def test_time_to_accuracy_reads_our_training_log_and_skips_a_missing_peer(smoke)
     assert result["ours"]["dev_accuracy"] == best["dev"]["accuracy"] and result["ours"]["seconds"] == best["seconds"]
     assert result["ours"]["train_seconds"] == curve[-1]["seconds"] > 0
     assert result["peer_skipped"] and result["peers"] == {} and result["ratio"] is None and result["met"] is None
+    assert result["at_common_accuracy"] is None
 
 
 @needs_peer
@@ -370,6 +371,9 @@ def test_time_to_accuracy_trains_both_peft_methods_to_our_accuracy(tiny_build, t
         assert all(c["train_seconds"] > 0 and c["eval_seconds"] >= 0 for c in checks)
         assert peer["reached"] == (checks[-1]["dev_accuracy"] >= peer["target"])  # it stops once there
     assert result["ratio"] > 0 and "ours / PEFT" in done.stdout
+    point, peer = result["at_common_accuracy"], result["peers"][result["better"]]  # the lower of the two bests
+    assert point["dev_accuracy"] == min(round(result["ours"]["dev_accuracy"], 4), peer["best_accuracy"])
+    assert 0 < point["ours_seconds"] <= result["ours"]["seconds"] and 0 < point["peer_seconds"] <= peer["best_seconds"]
 
 
 def test_product_code_is_imported_in_one_place():

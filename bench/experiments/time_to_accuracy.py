@@ -29,9 +29,12 @@ dev scoring is reported apart.  A method that never gets there reports its
 best accuracy and the training time to it.
 
 The ratio is our time over the better PEFT method's time to our accuracy
-(target: at most 0.5).  When neither method gets there, our time over the
+(target, issue 27: at most 0.7).  When neither method gets there, our time over the
 better one's whole training bounds the ratio from above: the target is met
-if the bound is, undecided otherwise (raise --max-epochs).
+if the bound is, undecided otherwise (raise --max-epochs).  Reported beside
+it, with no target: both sides' time to the lower of the two best
+accuracies (so where PEFT peaks below ours, what each takes to PEFT's best;
+ours at epoch granularity, PEFT's at its checks).
 Writes <results>/time_to_accuracy.json (and each method's
 time_to_accuracy_peer_<method>.json).
 """
@@ -50,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "peer"))  # for pee
 import common  # noqa: E402
 import peer_inputs  # noqa: E402
 
-TARGET = 0.5  # ours at most half of PEFT's time
+TARGET = 0.7  # ours at most 0.7x PEFT's time (issue 27)
 PEER_SCRIPT = common.ROOT / "bench" / "peer" / "peer_time_to_accuracy.py"
 
 
@@ -81,6 +84,17 @@ def outcome_of(ours: dict, peer: dict | None) -> dict:
     return {"ratio": round(bound, 3), "ratio_is_upper_bound": True, "met": True if bound <= TARGET else None}
 
 
+def at_common_accuracy(ours: dict, peer: dict | None) -> dict | None:
+    """Each side's time to the lower of the two best dev accuracies, and ours over PEFT's."""
+    if peer is None:
+        return None
+    accuracy = min(round(ours["dev_accuracy"], 4), peer["best_accuracy"])
+    mine = next(p["seconds"] for p in ours["curve"] if round(p["dev_accuracy"], 4) >= accuracy)
+    theirs = next(c["train_seconds"] for c in peer["checks"] if c["dev_accuracy"] >= accuracy)
+    return {"dev_accuracy": accuracy, "ours_seconds": mine, "peer_seconds": theirs,
+            "ratio": round(mine / theirs, 3) if theirs else None}
+
+
 def peer_recipe(method: str, virtual_tokens: int, prompt_lr: float, head_lr: float, epochs: int):
     """What PEFT trains: fixed here, not taken from the default recipe (which may change)."""
     return common.recipe(method=method, virtual_tokens=virtual_tokens, prompt_lr=prompt_lr, head_lr=head_lr,
@@ -98,7 +112,8 @@ def run_peer(python: Path, inputs: Path, results: Path, target: float, max_epoch
     return json.loads((results / f"time_to_accuracy_peer_{method}.json").read_text())
 
 
-def table(name: str, method: str, ours: dict, peers: dict, best: str | None, outcome: dict) -> str:
+def table(name: str, method: str, ours: dict, peers: dict, best: str | None, outcome: dict,
+          common_point: dict | None) -> str:
     def line(side, accuracy, reached, train, evaluation):
         return f"{side:<36}{accuracy:>8}  {reached:<30}{train:>11}{evaluation:>8}"
 
@@ -114,6 +129,10 @@ def table(name: str, method: str, ours: dict, peers: dict, best: str | None, out
         bound = "at most " if outcome["ratio_is_upper_bound"] else ""
         lines.append(f"ours / PEFT {best}: {bound}{outcome['ratio']:.2f}x (target <= {TARGET}x): "
                      f"{common.verdict(outcome['met'])}")
+    if common_point and common_point["ratio"] is not None:
+        lines.append(f"to dev {common_point['dev_accuracy']:.4f}, the lower of the two bests: ours"
+                     f" {common_point['ours_seconds']:.0f} s, PEFT {best} {common_point['peer_seconds']:.0f} s:"
+                     f" {common_point['ratio']:.2f}x (no target)")
     return "\n".join(lines)
 
 
@@ -162,11 +181,12 @@ def main(backbone, data, smoke, results, bundle_path, methods, max_epochs, check
             peers[method] = run_peer(python, inputs, results, target, max_epochs, checks_per_epoch, peer_init, smoke)
     best = better(peers)
     outcome = outcome_of(ours, peers.get(best))
+    common_point = at_common_accuracy(ours, peers.get(best))
     name = Path(bundle_path).resolve().name
     differs = common.recipe_differences(manifest.get("recipe") or {}, common.recipe().to_json())
     click.echo(f"\ntime to accuracy on {data} dev: ours to its final dev accuracy, PyTorch + PEFT to the same; "
                f"{common.cpu_threads()} threads{' (--smoke: a test, not figures)' if smoke else ''}")
-    click.echo(table(name, manifest["prompt_method"], ours, peers, best, outcome))
+    click.echo(table(name, manifest["prompt_method"], ours, peers, best, outcome, common_point))
     if differs:
         click.echo(f"note: {name} was not trained with the default recipe ({', '.join(differs)} differ)")
     if python is None:
@@ -179,6 +199,7 @@ def main(backbone, data, smoke, results, bundle_path, methods, max_epochs, check
         "ours": dict(ours, prompt_method=manifest["prompt_method"], recipe=manifest.get("recipe"),
                      recipe_differs_from_default=differs, source="the bundle's training_log.json"),
         "peer_skipped": python is None, "peers": peers, "better": best, **outcome,
+        "at_common_accuracy": common_point,
         "settings": {"methods": methods, "max_epochs": max_epochs, "checks_per_epoch": checks_per_epoch,
                      "virtual_tokens": virtual_tokens, "prompt_lr": prompt_lr, "head_lr": head_lr,
                      "peer_init": peer_init, "threads": common.cpu_threads()},
