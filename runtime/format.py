@@ -152,6 +152,9 @@ def read_tables(path: Path) -> dict:
             size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(size))
         start = 8 + size
+        # One map of the file, each table a view of it: a map per table took about a quarter of a task store
+        # entry's load (docs/measured.md, "Loading on demand").
+        whole = np.memmap(path, np.uint8, "r")
         tables = {}
         for name, entry in header.items():
             if not name.startswith(TABLE_PREFIX):
@@ -162,7 +165,7 @@ def read_tables(path: Path) -> dict:
             dtype, shape = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]]), tuple(entry["shape"])
             if end - begin != dtype.itemsize * int(np.prod(shape)):
                 raise ValueError(f"{name}: {end - begin} bytes for shape {list(shape)}")
-            tables[name] = (np.memmap(path, dtype, "r", start + begin, shape) if end > begin
+            tables[name] = (whole[start + begin:start + end].view(dtype).reshape(shape) if end > begin
                             else np.zeros(shape, dtype))
         return tables
     except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged or foreign file

@@ -260,6 +260,7 @@ class App:
         self.installed = {}  # store entry -> Installed, while loaded
         self.failed = {}  # store entry -> why its last load failed
         self.unloaded = {}  # served name -> the store entry it was unloaded with
+        self.loading = {}  # store entry -> its load on demand, while it runs
         self.repository_lock = None
 
     async def startup(self) -> None:
@@ -432,13 +433,13 @@ class App:
         need(path.startswith("/v2/repository/models/") and verb in ("load", "unload"), 404,
              f"no route {path} (use /v2/repository/index or /v2/repository/models/NAME/load or /unload)")
         entry = self.store_entry(name)
-        async with self.repository_lock:
-            if verb == "unload":
+        if verb == "unload":
+            async with self.repository_lock:
                 need(entry in self.installed, 400, f"{entry!r} is not loaded")
                 self.uninstall(entry)
-                return 200, {}, "-", 0
-            await self.load_entry(entry)
             return 200, {}, "-", 0
+        await self.load_entry(entry)
+        return 200, {}, "-", 0
 
     def store_entry(self, name: str) -> str:
         """`name` if it is a plain entry of the store: 400 for "/", "..", or a link out of it; 404 if absent."""
@@ -446,29 +447,43 @@ class App:
         need(name not in ("", ".", "..") and not any(c in name for c in "/\\\0"), 400,
              f"{name!r} is not a plain name of an entry of the task store")
         need(self.store.inside(directory / name), 400, f"{name!r} leads out of the task store")
-        need(self.store.holds_one(directory / name), 404,
-             f"no bundle {name!r} in the task store (entries: {', '.join(self.store.entries())})")
+        if not self.store.holds_one(directory / name):  # the listing only then: it reads the whole store
+            raise RequestError(404, f"no bundle {name!r} in the task store (entries: {', '.join(self.store.entries())})")
         return name
 
-    async def load_entry(self, entry: str) -> None:
-        """Load a store entry (under the repository lock), first unloading the least recently used one if the
-        bound is reached; a load that fails is 400 naming the file, and nothing else changes."""
-        try:  # on a thread: the hashes and the graph take a while, and the other tasks keep serving
-            prepared = await asyncio.get_running_loop().run_in_executor(None, self.store.prepare, entry,
-                                                                        set(self.store.shared))
+    async def load_entry(self, entry: str, unless_served: str | None = None) -> None:
+        """Load a store entry: its files checked and read on a worker thread, other loads alongside; then, under the
+        repository lock, the least recently used entry unloaded if the bound is reached, and this one installed.
+        `unless_served`: nothing happens if a task of that name is served by then (another request loaded it).
+        A load that fails is 400 naming the file, and nothing else changes."""
+        loop = asyncio.get_running_loop()
+        try:  # on a thread and outside the lock: with more entries in use than --max-loaded, every request may
+            # need a load, and loads one after another cost 3.2x the throughput (docs/measured.md, "Loading on demand")
+            prepared = await loop.run_in_executor(None, self.store.prepare, entry, set(self.store.shared))
         except PtbundleError as e:
-            self.failed[entry] = self.store.quiet(str(e))
-            raise RequestError(400, f"{entry}: not loaded: {self.failed[entry]}") from None
-        bound = self.store.max_loaded
-        while bound is not None and entry not in self.installed and len(self.installed) >= bound:
-            coldest = min(self.installed.values(), key=lambda i: i.used).entry
-            self.uninstall(coldest)
-            self.failed[coldest] = f"unloaded to make room (--max-loaded {bound}, least recently used)"
-            self.metrics.evictions.inc()
-        if prepared.bundle is None and prepared.key not in self.store.shared:  # its graph closed meanwhile
-            prepared = await asyncio.get_running_loop().run_in_executor(None, self.store.prepare, entry, ())
-        self.install(prepared).used = time.monotonic()
-        self.metrics.loads.inc()
+            raise self.not_loaded(entry, e) from None
+        async with self.repository_lock:
+            if unless_served is not None and unless_served in self.endpoints:
+                return
+            bound = self.store.max_loaded
+            while bound is not None and entry not in self.installed and len(self.installed) >= bound:
+                coldest = min(self.installed.values(), key=lambda i: i.used).entry
+                self.uninstall(coldest)
+                self.failed[coldest] = f"unloaded to make room (--max-loaded {bound}, least recently used)"
+                self.metrics.evictions.inc()
+            if prepared.bundle is None and prepared.key not in self.store.shared:  # its graph closed meanwhile
+                prepared = await loop.run_in_executor(None, self.store.prepare, entry, ())
+            try:
+                installed = self.install(prepared)
+            except PtbundleError as e:  # a file checked only now (TaskStore.join)
+                raise self.not_loaded(entry, e) from None
+            installed.used = time.monotonic()
+            self.metrics.loads.inc()
+
+    def not_loaded(self, entry: str, error: Exception) -> RequestError:
+        """A failed load's 400, naming the file; the index lists the entry UNAVAILABLE with the same reason."""
+        self.failed[entry] = self.store.quiet(str(error))
+        return RequestError(400, f"{entry}: not loaded: {self.failed[entry]}")
 
     async def on_demand(self, name: str) -> None:
         """Load the store entry a request names, if the store loads on demand and it is not loaded."""
@@ -478,9 +493,11 @@ class App:
             entry = self.store_entry(name)
         except RequestError:
             return  # not a store entry: the request's own 404 says so
-        async with self.repository_lock:
-            if name not in self.endpoints:  # another request may have loaded it meanwhile
-                await self.load_entry(entry)
+        loading = self.loading.get(entry)
+        if loading is None:  # the first request for it loads it; the others wait for that load, and share its error
+            loading = self.loading[entry] = asyncio.ensure_future(self.load_entry(entry, unless_served=name))
+            loading.add_done_callback(lambda done: (self.loading.pop(entry, None), done.cancelled() or done.exception()))
+        await asyncio.shield(loading)  # a request whose client goes away does not cancel the others' load
 
     def index(self) -> list:
         rows = []
@@ -504,8 +521,7 @@ class App:
                      f"{entry}: task {name!r} is already served by {owner.path if owner else ''}")
         except InputError as e:  # a bundle pt-run serve cannot serve (a generation bundle): the entry's 400
             self.let_go(installed)
-            self.failed[entry] = self.store.quiet(str(e))
-            raise RequestError(400, f"{entry}: not loaded: {self.failed[entry]}") from None
+            raise self.not_loaded(entry, e) from None
         except RequestError:
             self.let_go(installed)
             raise

@@ -80,9 +80,10 @@ class Shared:
         if len(self.free) < count:
             self.grow(max(2 * self.capacity, self.capacity - len(self.free) + count))
         rows, self.free = self.free[:count], self.free[count:]
-        for name, array in self.tables.items():  # rows no request reads: the model may be running meanwhile
+        # Written in place, into rows no request reads (the model may be running meanwhile): every backend's
+        # swap_tables shares the arrays' memory, so the model reads the new rows from its next call on.
+        for name, array in self.tables.items():
             array[along(array.ndim, task_axis(name), rows)] = tables[name]
-        self.model.swap_tables(self.tables)  # a backend that copied them (none here) sees the new rows too
         return rows
 
     def release(self, rows: list) -> None:
@@ -162,7 +163,11 @@ class TaskStore:
                 key = (manifest.files[self.graph], manifest.files.get(TOKENIZER), manifest.pad_id, shapes)
                 tables = {n: np.array(a) for n, a in mapped.items()}
         if key is not None and key in open_keys:
-            verify_files(directory, manifest, [TOKENIZER])
+            # It runs on the open graph and that graph's tokenizers, whose sha256 (the same as its manifest records)
+            # was checked when the graph opened; its own copies are not read, so not checked either, unless it needs
+            # a tokenizer of a max_length the graph has none of yet (then read from its file: join).
+            if self.reads_tokenizer(key, manifest):
+                verify_files(directory, manifest, [TOKENIZER])
             return Prepared(entry, directory, manifest, key, tables, None)
         # the tables were checked above; a graph the bundle lacks is Bundle.load's to name
         verify_files(directory, manifest, [n for n in (TOKENIZER, self.graph) if n in manifest.files])
@@ -171,6 +176,11 @@ class TaskStore:
             key = None  # a backend that cannot be fed a shared table: the entry runs on its own graph
         return Prepared(entry, directory, manifest, key, tables, bundle)
 
+    def reads_tokenizer(self, key: tuple, manifest: Manifest) -> bool:
+        """Whether an entry joining the graph of `key` needs its own tokenizer file (a max_length it has none of)."""
+        shared = self.shared.get(key)
+        return shared is None or any(t.max_length not in shared.tokenizers for t in manifest.tasks)
+
     def join(self, prepared: Prepared) -> tuple:
         """(the entry's Bundle, its Shared or None, its tasks' rows in the graph's tables): on the event loop."""
         if prepared.key is None:
@@ -178,6 +188,8 @@ class TaskStore:
         shared = self.shared.get(prepared.key)
         if shared is None:
             shared = self.shared[prepared.key] = Shared.open(prepared)
+        elif prepared.bundle is None and self.reads_tokenizer(prepared.key, prepared.manifest):
+            verify_files(prepared.directory, prepared.manifest, [TOKENIZER])  # the graph reopened since prepare
         rows = shared.place(prepared.tables)
         bundle = Bundle(prepared.directory, prepared.manifest, shared.model, prepared.directory / TOKENIZER,
                         tokenizers=shared.tokenizers)

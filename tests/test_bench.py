@@ -105,7 +105,7 @@ def smoke(request, tiny_bert, toy_files, pairs_dir, tmp_path_factory):
     start("int8_decoder", "experiments/int8_decoder.py", "--smoke")  # a generation bundle of its own tiny Llama
     merged = request.getfixturevalue("merged_bundle")[0]
     start("serve_load", "perf/serve_load.py", "--data", data, "--bundle", merged, "--bundle", f"single={bundle}")
-    start("serve_store", "perf/serve_load.py", *common, "--bundle", bundle, "--store-tasks", "5")
+    start("serve_store", "perf/serve_load.py", *common, "--bundle", bundle, "--store-tasks", "5", "--max-loaded", "3")
     yield started
     pool.shutdown(wait=True)
 
@@ -437,6 +437,9 @@ def test_serve_store_runs_its_entries_on_one_graph_through_loads_and_unloads(smo
     assert churn["ok"] + churn["refused_unloaded"] == 120 and churn["wrong"] == 0
     assert churn["repository"]["cycles"] >= 1 and not churn["repository"]["failures"]
     assert set(result["baseline"]) == {"batch 4 in request order", "batch 4 sorted", "batch 64 sorted"}
+    bounded = result["phases"]["bounded"]  # 5 entries in turn, at most 3 loaded: requests load and unload them
+    assert bounded["ok"] == 120 and bounded["wrong"] == 0 and bounded["max_loaded"] == 3
+    assert bounded["loads"] >= bounded["evictions"] > 0
 
 
 def test_stream_memory_reads_back_every_line_in_order(smoke):

@@ -44,6 +44,11 @@ Phases, one server process:
               unloaded before is loaded (POST /v2/repository/models/NAME/unload, /load): requests for
               the entry being unloaded must be answered or get the 404 naming it; every load timed
 
+  bounded    with --max-loaded M (M < N): the store phase's requests against a second server,
+              `--load-on-demand --max-loaded M`: more tasks in use than may be loaded, so requests load
+              entries and unload the least recently used (in turn over N tasks, nearly every request);
+              loads and unloads counted from /metrics
+
 Reports served sentences/s over Bundle.logits' (the overhead of the server),
 load times p50 / max, and the errors; exits 1 if an answer is wrong or lost.
 Writes <results>/serve_store.json.
@@ -336,7 +341,8 @@ def churn(port: int, entries: list, every: float, stop: threading.Event, report:
 
 
 def store_run(bundle: Path, n: int, texts: list, clients: int, total: int, max_batch: int, max_wait_ms: float,
-              group: int, int8: bool, every: float, time_limit: float, results, smoke: bool, backbone) -> None:
+              group: int, int8: bool, every: float, time_limit: float, results, smoke: bool, backbone,
+              max_loaded: int | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="ptbundle-store-") as work:
         store = Path(work)
         started = time.time()
@@ -387,6 +393,9 @@ def store_run(bundle: Path, n: int, texts: list, clients: int, total: int, max_b
                   f" {report['server_peak_rss_mb']} MB", flush=True)
         finally:
             server.stop()
+        if max_loaded:
+            report["phases"]["bounded"] = bounded_run(store, max_loaded, rows["store"], clients, expected, max_batch,
+                                                      max_wait_ms, group, int8, time_limit, report["baseline"])
         phases = report["phases"].values()
         report["ok"] = all(p["wrong"] == 0 and p["http_errors"] == 0 and p["connection_errors"] == 0
                            and p["sent"] == len(rows["store"]) for p in phases) \
@@ -394,6 +403,37 @@ def store_run(bundle: Path, n: int, texts: list, clients: int, total: int, max_b
         common.write_results(results, "serve_store", report)
         if not report["ok"]:
             raise SystemExit("serve_load --store-tasks: a request was lost, wrong or refused (see the results)")
+
+
+def bounded_run(store: Path, max_loaded: int, rows: list, clients: int, expected: dict, max_batch: int,
+                max_wait_ms: float, group: int, int8: bool, time_limit: float, baseline: dict) -> dict:
+    """The store phase's requests against a server that loads on demand and keeps at most `max_loaded` entries."""
+    server = Server(["--task-store", str(store), "--load-on-demand", "--max-loaded", str(max_loaded)], max_batch,
+                    max_wait_ms, group, int8)
+    try:
+        run_clients(server.port, rows[: 20 * clients], clients, expected, time.time() + time_limit)  # warm-up
+        counted = lambda: {k: v for k, v in metric_values(server.get("/metrics")).items()  # noqa: E731
+                           if k in ("ptbundle_store_loads_total", "ptbundle_store_evictions_total")}
+        before = counted()
+        result = run_clients(server.port, rows, clients, expected, time.time() + time_limit)
+        after = counted()
+    finally:
+        server.stop()
+    result.update(max_loaded=max_loaded, loads=after["ptbundle_store_loads_total"] - before["ptbundle_store_loads_total"],
+                  evictions=after["ptbundle_store_evictions_total"] - before["ptbundle_store_evictions_total"],
+                  served_over_logits={k: round(result["requests_per_second"] / v["median"], 3)
+                                      for k, v in baseline.items()})
+    print(f"bounded     {result['ok']:>6} ok {result['wrong']} wrong {result['http_errors']} http errors"
+          f" {result['connection_errors']} connection errors; {result['requests_per_second']} req/s with at most"
+          f" {max_loaded} loaded: {result['loads']:g} loads, {result['evictions']:g} unloaded to make room,"
+          f" p50 {result['latency_ms']['p50']} ms", flush=True)
+    return result
+
+
+def metric_values(metrics: str) -> dict:
+    """Unlabelled samples of a /metrics text: name -> value."""
+    return {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+            if line and not line.startswith("#") and "{" not in line}
 
 
 @click.command()
@@ -412,8 +452,10 @@ def store_run(bundle: Path, n: int, texts: list, clients: int, total: int, max_b
 @click.option("--store-tasks", default=0, show_default=True, help="Run the task store phases over this many entries"
               " made from the (first) --bundle instead (module docstring).")
 @click.option("--churn-every", default=1.0, show_default=True, help="Seconds between unload/load cycles (store).")
+@click.option("--max-loaded", type=click.IntRange(1), default=None, help="With --store-tasks: also the bounded phase,"
+              " at most this many entries loaded (module docstring).")
 def main(bundles, backbone, data, smoke, results, clients, total, sequential_requests, max_batch, max_wait_ms, group,
-         int8, sigterm_after, time_limit, store_tasks, churn_every):
+         int8, sigterm_after, time_limit, store_tasks, churn_every, max_loaded):
     if smoke:
         clients, total, sequential_requests, sigterm_after = 4, 120, 40, 0.5
         store_tasks, churn_every = min(store_tasks, 5), min(churn_every, 0.02)
@@ -421,7 +463,7 @@ def main(bundles, backbone, data, smoke, results, clients, total, sequential_req
     texts = [e.text for e in list(dataset.test or []) + list(dataset.dev)]
     if store_tasks:
         return store_run(Path(bundles[0]), store_tasks, texts, clients, total, max_batch, max_wait_ms, group, int8,
-                         churn_every, time_limit, results, smoke, backbone)
+                         churn_every, time_limit, results, smoke, backbone, max_loaded)
     server = Server(bundles, max_batch, max_wait_ms, group, int8)
     try:
         models = json.loads(server.get("/v1/models"))["models"]

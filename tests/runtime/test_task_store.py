@@ -279,6 +279,41 @@ def test_a_changed_table_file_is_refused_when_joining_a_shared_graph(tmp_path, t
         server.stop()
 
 
+def test_an_entry_joining_an_open_graph_checks_the_tokenizer_only_where_it_reads_its_own(tmp_path, table_entries):
+    """An entry on an open graph runs on that graph's tokenizer (the same sha256 in both manifests): its own
+    tokenizer.json is not read, so a change to it does not matter and its answers are the graph's.  An entry whose
+    task has a max_length the graph has no tokenizer for reads its own file, which is checked: a change is a 400."""
+    import json
+
+    store = tmp_path / "store"
+    store.mkdir()
+    for name in ("p1", "p2"):  # p2 keeps the graph open
+        shutil.copytree(table_entries / name, store / name)
+    want = Bundle.load(store / "p1").logits(TEXTS)
+    shutil.copytree(store / "p1", store / "unread")
+    shutil.copytree(store / "p1", store / "longer")
+    for name in ("unread", "longer"):
+        tokenizer = store / name / "tokenizer.json"
+        tokenizer.write_text(tokenizer.read_text() + " ")  # still a tokenizer, no longer the recorded one
+    manifest = json.loads((store / "longer" / "manifest.json").read_text())
+    manifest["tasks"][0]["max_length"] += 1
+    (store / "longer" / "manifest.json").write_text(json.dumps(manifest))
+    server, client = serve("--task-store", store, "--load-on-demand")
+    try:
+        for name in ("p2", "p1"):
+            client.load_model(name)
+        client.unload_model("p1")  # its task name is free again; the graph stays open for p2
+        client.load_model("unread")
+        result = client.infer("p1", [texts_input(TEXTS)]).as_numpy("probabilities")  # the task's name inside
+        assert result == pytest.approx(np.exp(want) / np.exp(want).sum(-1, keepdims=True), abs=1e-5)
+        client.unload_model("unread")
+        refused(lambda: client.load_model("longer"), 400, "longer/tokenizer.json: sha256")
+        assert metric_samples(server.request("GET", "/metrics")[1])[("ptbundle_store_graphs", ())] == 1  # all on one
+    finally:
+        client.close()
+        server.stop()
+
+
 def test_an_entry_refused_for_a_name_clash_gives_its_rows_back(tmp_path, table_entries, tiny_bundle):
     """p1 is served from the command line too: the store's p1 is refused (409 at start, listed with the reason),
     the rows it was given are freed, and p2 on the same graph answers as its own bundle."""
