@@ -7,8 +7,9 @@ are the same graph file (by the sha256 their manifests record, with the same
 tokenizer, pad id and table shapes) run on one `Shared` graph: one model in
 memory, one table whose rows are their tasks, one batcher, so requests for
 any of them share batches.  Loading such an entry when its graph is open
-checks and reads only what it brings (manifest, tables, tokenizer) and writes
-its rows into a free part of the table; its own copy of the graph is not read.
+checks and reads only what it brings (manifest and tables) and writes its
+rows into a free part of the table; its own copies of the graph and the
+tokenizer are not read (the open ones have the sha256 its manifest records).
 Any other entry is opened as a bundle of its own.  A PEFT adapter directory
 in DIR is listed, unavailable, with the command that folds it into an entry
 (folding needs the builder and the backbone, which a server does not load).
@@ -146,8 +147,9 @@ class TaskStore:
 
     def prepare(self, entry: str, open_keys) -> Prepared:
         """Check the files of an entry the server reads against the manifest's sha256, each once, and read them
-        (on a worker thread: hashing takes a while).  On a graph in `open_keys`, its tables and tokenizer; else
-        those and the graph, then the bundle opened on it (a bundle's other graphs are not read, as Bundle.load)."""
+        (on a worker thread: hashing takes a while).  On a graph in `open_keys`, its tables (and its tokenizer if it
+        reads it: reads_tokenizer); else those, the tokenizer and the graph, then the bundle opened on it (a bundle's
+        other graphs are not read, as Bundle.load)."""
         directory = self.directory / entry
         if not (directory / MANIFEST).is_file():
             raise BundleError(f"{entry}: a PEFT adapter, not a bundle: `pt-build merge NAME={directory} --backbone"
