@@ -448,7 +448,8 @@ class App:
              f"{name!r} is not a plain name of an entry of the task store")
         need(self.store.inside(directory / name), 400, f"{name!r} leads out of the task store")
         if not self.store.holds_one(directory / name):  # the listing only then: it reads the whole store
-            raise RequestError(404, f"no bundle {name!r} in the task store (entries: {', '.join(self.store.entries())})")
+            entries = ", ".join(self.store.entries())
+            raise RequestError(404, f"no bundle {name!r} in the task store (entries: {entries})")
         return name
 
     async def load_entry(self, entry: str, unless_served: str | None = None) -> None:
@@ -471,11 +472,11 @@ class App:
                 self.uninstall(coldest)
                 self.failed[coldest] = f"unloaded to make room (--max-loaded {bound}, least recently used)"
                 self.metrics.evictions.inc()
-            if prepared.bundle is None and prepared.key not in self.store.shared:  # its graph closed meanwhile
-                prepared = await loop.run_in_executor(None, self.store.prepare, entry, ())
             try:
-                installed = self.install(prepared)
-            except PtbundleError as e:  # a file checked only now (TaskStore.join)
+                if prepared.bundle is None and prepared.key not in self.store.shared:  # its graph closed meanwhile
+                    prepared = await loop.run_in_executor(None, self.store.prepare, entry, ())
+                installed = self.install(prepared)  # (TaskStore.join may check a file too)
+            except PtbundleError as e:
                 raise self.not_loaded(entry, e) from None
             installed.used = time.monotonic()
             self.metrics.loads.inc()
@@ -496,7 +497,9 @@ class App:
         loading = self.loading.get(entry)
         if loading is None:  # the first request for it loads it; the others wait for that load, and share its error
             loading = self.loading[entry] = asyncio.ensure_future(self.load_entry(entry, unless_served=name))
-            loading.add_done_callback(lambda done: (self.loading.pop(entry, None), done.cancelled() or done.exception()))
+            # (its error read here too, or asyncio would log it as never retrieved once no request waits for it)
+            loading.add_done_callback(lambda done: (self.loading.pop(entry, None),
+                                                    done.cancelled() or done.exception()))
         await asyncio.shield(loading)  # a request whose client goes away does not cancel the others' load
 
     def index(self) -> list:

@@ -419,8 +419,9 @@ def bounded_run(store: Path, max_loaded: int, rows: list, clients: int, expected
         after = counted()
     finally:
         server.stop()
-    result.update(max_loaded=max_loaded, loads=after["ptbundle_store_loads_total"] - before["ptbundle_store_loads_total"],
-                  evictions=after["ptbundle_store_evictions_total"] - before["ptbundle_store_evictions_total"],
+    grew = {name: after[name] - before[name] for name in after}
+    result.update(max_loaded=max_loaded, loads=grew["ptbundle_store_loads_total"],
+                  evictions=grew["ptbundle_store_evictions_total"],
                   served_over_logits={k: round(result["requests_per_second"] / v["median"], 3)
                                       for k, v in baseline.items()})
     print(f"bounded     {result['ok']:>6} ok {result['wrong']} wrong {result['http_errors']} http errors"
