@@ -143,18 +143,18 @@ def task_axis(name: str) -> int:
 SAFETENSORS_DTYPES = {"F32": np.float32, "I32": np.int32}  # what task tables hold
 
 
-def read_tables(path: Path) -> dict:
-    """The task tables in a merged bundle's prompt.safetensors (none in one written before they were inputs), mapped
-    from the file read-only rather than read into memory: a row's pages load when a request first uses it, and
-    processes serving one bundle share them.  (safetensors' own reader copies every tensor.)"""
+def read_tables(path: Path, data: bytes | None = None) -> dict:
+    """The task tables in a merged bundle's prompt.safetensors (none in one written before they were inputs), as
+    views of the file mapped read-only rather than read into memory: a row's pages load when a request first uses
+    it, and processes serving one bundle share them.  (safetensors' own reader copies every tensor.)  `data`: the
+    file's bytes, already read and checked (read_verified), viewed instead."""
     try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-        start = 8 + size
-        # One map of the file, each table a view of it: a map per table took about a quarter of a task store
+        # One buffer for the file, each table a view of it: a map per table took about a quarter of a task store
         # entry's load (docs/measured.md, "Loading on demand").
-        whole = np.memmap(path, np.uint8, "r")
+        whole = np.memmap(path, np.uint8, "r") if data is None else np.frombuffer(data, np.uint8)
+        size = int.from_bytes(whole[:8].tobytes(), "little")
+        header = json.loads(whole[8:8 + size].tobytes())
+        start = 8 + size
         tables = {}
         for name, entry in header.items():
             if not name.startswith(TABLE_PREFIX):
@@ -560,7 +560,25 @@ def file_problem(directory: Path, name: str, expected: str) -> str | None:
     path = Path(directory) / name
     if not path.is_file():
         return f"{path}: missing (listed in {MANIFEST})"
-    actual = sha256_file(path)
-    if actual != expected:
-        return f"{path}: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}..."
-    return None
+    return hash_problem(path, sha256_file(path), expected)
+
+
+def hash_problem(path: Path, actual: str, expected: str) -> str | None:
+    return None if actual == expected else \
+        f"{path}: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}..."
+
+
+def read_verified(directory: Path, manifest: Manifest, name: str) -> bytes:
+    """A file the manifest lists, read once and checked against its recorded sha256: what is used is what was
+    checked, and the file is not read twice (verify_files, then reading it)."""
+    if name not in manifest.files:
+        raise BundleError(f"{directory}: this bundle has no {name}")
+    path = Path(directory) / name
+    try:
+        data = path.read_bytes()
+    except OSError:
+        raise BundleError(f"{path}: missing (listed in {MANIFEST})") from None
+    problem = hash_problem(path, hashlib.sha256(data).hexdigest(), manifest.files[name])
+    if problem:
+        raise BundleError(problem)
+    return data

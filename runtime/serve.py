@@ -71,6 +71,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from typing import NamedTuple
 
 import numpy as np
 
@@ -144,6 +145,15 @@ class Metrics:
         return self.prometheus.generate_latest(self.registry).decode()
 
 
+class Queued(NamedTuple):
+    """A text waiting for a batch."""
+
+    encoding: object  # tokenizers' Encoding
+    row: int  # its task's row in the graph's tables
+    future: asyncio.Future  # its logits
+    arrived: float  # loop time
+
+
 class Batcher:
     """Collects (encoding, task index) rows of concurrent requests into batches for one bundle's model."""
 
@@ -151,7 +161,7 @@ class Batcher:
         # width: logits per row (the widest task's); task_ids: the graph takes each row's (a merged one)
         self.model, self.pad_id, self.width, self.task_ids = model, pad_id, width, task_ids
         self.limits, self.metrics = limits, metrics
-        self.queue = deque()  # (encoding, task index, future, loop time it arrived)
+        self.queue = deque()  # Queued
         self.ready = asyncio.Event()
         # One thread runs the model (onnxruntime uses every core inside each call);
         # the event loop stays free to read and answer requests meanwhile.
@@ -180,7 +190,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in encodings]
         now = loop.time()
-        self.queue.extend((e, row, f, now) for e, f in zip(encodings, futures))
+        self.queue.extend(Queued(e, row, f, now) for e, f in zip(encodings, futures))
         self.metrics.queue.set(len(self.queue))
         self.ready.set()
         return await asyncio.gather(*futures)
@@ -195,7 +205,7 @@ class Batcher:
             # The oldest text waits at most max_wait for a batch to gather, counted from its arrival: texts
             # that queued while the model ran have waited already (a fresh wait after every batch cost int8
             # 15% of its throughput under 16 clients, docs/measured.md "The batcher's wait").
-            waited = loop.time() - self.queue[0][3]
+            waited = loop.time() - self.queue[0].arrived
             if len(self.queue) < self.limits.max_batch and waited < self.limits.max_wait:
                 await asyncio.sleep(self.limits.max_wait - waited)
             rows = [self.queue.popleft() for _ in range(min(self.limits.max_batch, len(self.queue)))]
@@ -204,20 +214,20 @@ class Batcher:
             try:
                 logits = await loop.run_in_executor(self.worker, self.compute, rows)
             except Exception as e:  # a failing model call fails its rows' requests, not the server
-                for _, _, f, _ in rows:
-                    if not f.done():
-                        f.set_exception(e)
+                for q in rows:
+                    if not q.future.done():
+                        q.future.set_exception(e)
                 continue
-            for (_, _, f, _), row in zip(rows, logits):
-                if not f.done():  # a request whose client went away may have been cancelled
-                    f.set_result(row)
+            for q, row in zip(rows, logits):
+                if not q.future.done():  # a request whose client went away may have been cancelled
+                    q.future.set_result(row)
 
     def compute(self, rows) -> np.ndarray:
         """Logits of the rows, in their order.  The rows run in length order, `group` at a time: on CPU a
         sentence alone costs about what it costs in a batch (docs/measured.md, "Merging, serving, streaming"), so a batch
         of mixed lengths padded to its longest would be slower than the same rows in groups of similar length."""
-        tasks = np.array([t for _, t, _, _ in rows], np.int32) if self.task_ids else None
-        return batched_logits(self.model, [e for e, *_ in rows], self.pad_id, self.width, self.limits.group, True,
+        tasks = np.array([q.row for q in rows], np.int32) if self.task_ids else None
+        return batched_logits(self.model, [q.encoding for q in rows], self.pad_id, self.width, self.limits.group, True,
                               tasks)
 
 
@@ -466,12 +476,6 @@ class App:
         async with self.repository_lock:
             if unless_served is not None and unless_served in self.endpoints:
                 return
-            bound = self.store.max_loaded
-            while bound is not None and entry not in self.installed and len(self.installed) >= bound:
-                coldest = min(self.installed.values(), key=lambda i: i.used).entry
-                self.uninstall(coldest)
-                self.failed[coldest] = f"unloaded to make room (--max-loaded {bound}, least recently used)"
-                self.metrics.evictions.inc()
             try:
                 if prepared.bundle is None and prepared.key not in self.store.shared:  # its graph closed meanwhile
                     prepared = await loop.run_in_executor(None, self.store.prepare, entry, ())
@@ -480,6 +484,14 @@ class App:
                 raise self.not_loaded(entry, e) from None
             installed.used = time.monotonic()
             self.metrics.loads.inc()
+            # Room is made once the load has succeeded, so a load that fails unloads nothing; the entry just
+            # loaded is the most recently used, never the one to go.
+            bound = self.store.max_loaded
+            while bound is not None and len(self.installed) > bound:
+                coldest = min(self.installed.values(), key=lambda i: i.used).entry
+                self.uninstall(coldest)
+                self.failed[coldest] = f"unloaded to make room (--max-loaded {bound}, least recently used)"
+                self.metrics.evictions.inc()
 
     def not_loaded(self, entry: str, error: Exception) -> RequestError:
         """A failed load's 400, naming the file; the index lists the entry UNAVAILABLE with the same reason."""

@@ -30,7 +30,8 @@ import numpy as np
 from . import backends
 from .bundle import Bundle
 from .errors import BundleError, InputError
-from .format import MANIFEST, PEFT_CONFIG, PROMPT, TOKENIZER, Manifest, read_tables, task_axis, verify_files
+from .format import (MANIFEST, PEFT_CONFIG, PROMPT, TOKENIZER, Manifest, read_tables, read_verified, task_axis,
+                     verify_files)
 
 
 @dataclass
@@ -158,12 +159,12 @@ class TaskStore:
         manifest = Manifest.read(directory)
         key, tables = None, None
         if manifest.multi_task and self.graph in manifest.files and PROMPT in manifest.files:
-            verify_files(directory, manifest, [PROMPT])
-            mapped = read_tables(directory / PROMPT)
-            if mapped:  # a merged bundle written before the tables were inputs has none: it runs on its own
-                shapes = tuple(sorted((n, a.dtype.str, resized(a.shape, task_axis(n), 0)) for n, a in mapped.items()))
+            # read once and checked, held in memory (Shared.place copies the rows out of it)
+            read = read_tables(directory / PROMPT, read_verified(directory, manifest, PROMPT))
+            if read:  # a merged bundle written before the tables were inputs has none: it runs on its own
+                shapes = tuple(sorted((n, a.dtype.str, resized(a.shape, task_axis(n), 0)) for n, a in read.items()))
                 key = (manifest.files[self.graph], manifest.files.get(TOKENIZER), manifest.pad_id, shapes)
-                tables = {n: np.array(a) for n, a in mapped.items()}
+                tables = read
         if key is not None and key in open_keys:
             # It runs on the open graph and that graph's tokenizers, whose sha256 (the same as its manifest records)
             # was checked when the graph opened; its own copies are not read, so not checked either, unless it needs

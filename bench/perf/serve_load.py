@@ -71,6 +71,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families  # the serve extra, as pt-run serve needs
 from safetensors.numpy import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
@@ -103,14 +104,14 @@ class Server:
         return self.process.wait(timeout=60)
 
 
+def samples(metrics: str) -> list:
+    """A /metrics text read by Prometheus' own parser: its samples (name, labels, value), in order."""
+    return [s for family in text_string_to_metric_families(metrics) for s in family.samples]
+
+
 def batch_histogram(metrics: str) -> dict:
     """Cumulative bucket counts of ptbundle_batch_size -> {upper bound: batches}."""
-    out = {}
-    for line in metrics.splitlines():
-        if line.startswith("ptbundle_batch_size_bucket"):
-            bound = line.split('le="')[1].split('"')[0]
-            out[bound] = int(float(line.rsplit(" ", 1)[1]))
-    return out
+    return {s.labels["le"]: int(s.value) for s in samples(metrics) if s.name == "ptbundle_batch_size_bucket"}
 
 
 def histogram_delta(before: dict, after: dict) -> dict:
@@ -366,8 +367,7 @@ def store_run(bundle: Path, n: int, texts: list, clients: int, total: int, max_b
         server = Server(["--task-store", str(store)], max_batch, max_wait_ms, group, int8)
         try:
             metrics = server.get("/metrics")
-            report["graphs_open"] = next(float(l.split()[-1]) for l in metrics.splitlines()
-                                         if l.startswith("ptbundle_store_graphs "))
+            report["graphs_open"] = next(s.value for s in samples(metrics) if s.name == "ptbundle_store_graphs")
             run_clients(server.port, rows["store"][: 20 * clients], clients, expected, time.time() + time_limit)  # warm-up
             for name in ("store", "churn"):
                 cycle, stop = {}, threading.Event()
@@ -412,8 +412,8 @@ def bounded_run(store: Path, max_loaded: int, rows: list, clients: int, expected
                     max_wait_ms, group, int8)
     try:
         run_clients(server.port, rows[: 20 * clients], clients, expected, time.time() + time_limit)  # warm-up
-        counted = lambda: {k: v for k, v in metric_values(server.get("/metrics")).items()  # noqa: E731
-                           if k in ("ptbundle_store_loads_total", "ptbundle_store_evictions_total")}
+        counted = lambda: {s.name: s.value for s in samples(server.get("/metrics"))  # noqa: E731
+                           if s.name in ("ptbundle_store_loads_total", "ptbundle_store_evictions_total")}
         before = counted()
         result = run_clients(server.port, rows, clients, expected, time.time() + time_limit)
         after = counted()
@@ -429,12 +429,6 @@ def bounded_run(store: Path, max_loaded: int, rows: list, clients: int, expected
           f" {max_loaded} loaded: {result['loads']:g} loads, {result['evictions']:g} unloaded to make room,"
           f" p50 {result['latency_ms']['p50']} ms", flush=True)
     return result
-
-
-def metric_values(metrics: str) -> dict:
-    """Unlabelled samples of a /metrics text: name -> value."""
-    return {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
-            if line and not line.startswith("#") and "{" not in line}
 
 
 @click.command()

@@ -337,6 +337,29 @@ def test_an_entry_refused_for_a_name_clash_gives_its_rows_back(tmp_path, table_e
         server.stop()
 
 
+def test_a_load_that_fails_within_the_bound_unloads_nothing(store, tmp_path):
+    """--max-loaded 2 with both slots taken: a load refused at install (a generation bundle) leaves the two loaded
+    entries serving; a load that succeeds then unloads the least recently used."""
+    shutil.copytree(write_chat_bundle(tmp_path / "built"), store / "chat")
+    shutil.copytree(store / "toy-soft", store / "toy-soft-2")
+    server, client = serve("--task-store", store, "--load-on-demand", "--max-loaded", "2")
+    try:
+        for name in ("toy-soft", "toy-hard-probe"):
+            assert server.predict(name, TEXTS)[0] == 200
+        refused(lambda: client.load_model("chat"), 400, "chat: not loaded: .*a generation bundle")
+        ready = {r["name"] for r in client.get_model_repository_index() if r["state"] == "READY"}
+        assert ready == {"toy-soft", "toy-hard-probe"}
+        evictions = ("ptbundle_store_evictions_total", ())
+        assert metric_samples(server.request("GET", "/metrics")[1])[evictions] == 0
+        client.load_model("toy-soft-2")  # the coldest, toy-soft, makes room
+        ready = {r["name"] for r in client.get_model_repository_index() if r["state"] == "READY"}
+        assert ready == {"toy-hard-probe", "toy-soft-2"}
+        assert metric_samples(server.request("GET", "/metrics")[1])[evictions] == 1
+    finally:
+        client.close()
+        server.stop()
+
+
 def test_a_generation_bundle_in_the_store_is_refused_by_name_and_the_others_serve(store, tmp_path):
     shutil.copytree(write_chat_bundle(tmp_path / "built"), store / "chat")
     server, client = serve("--task-store", store)
