@@ -152,8 +152,9 @@ def generate(bundle_path, prompt, max_new_tokens, temperature, top_p, seed, stop
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="fp32 [default], int8 (as --int8), or bf16 on a CPU with bf16 units (the openvino extra).")
 @click.option("--task-store", type=click.Path(file_okay=False), default=None,
-              help="A directory of bundles, all loaded at start, loaded and unloaded at run time through"
-                   " /v2/repository/... (the V2 model repository extension).")
+              help="A directory of bundles and PEFT adapters (served on a merged bundle's graph of their backbone),"
+                   " all loaded at start, loaded and unloaded at run time through /v2/repository/... (the V2 model"
+                   " repository extension).")
 @click.option("--repository-token", default=None, envvar="PTBUNDLE_REPOSITORY_TOKEN",
               help="Bearer token the /v2/repository/... endpoints need (env PTBUNDLE_REPOSITORY_TOKEN).")
 @click.option("--load-on-demand", is_flag=True,

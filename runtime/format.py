@@ -119,6 +119,11 @@ PEFT_NOT_EXPRESSIBLE = "not expressible: "
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 TASK_INPUT = "task_ids"  # multi-task graphs only: int32 [batch], each row's index into Manifest.tasks
 TABLE_PREFIX = "task."  # a merged bundle's task tables: graph inputs stored once in prompt.safetensors
+# Beside them in a merged bundle's prompt.safetensors, not graph inputs: the checkpoint's own pooler ([out, in] and
+# [out], as the checkpoint holds it) where the backbone has one (BERT), which a SEQ_CLS PEFT adapter's head reads
+# and does not carry, so that a task store can serve such an adapter on the bundle's graph (runtime.adapter).
+BACKBONE_PREFIX = "backbone."
+BACKBONE_POOLER = ("backbone.pooler.weight", "backbone.pooler.bias")
 OUTPUT_NAME = "logits"
 
 
@@ -143,8 +148,9 @@ def task_axis(name: str) -> int:
 SAFETENSORS_DTYPES = {"F32": np.float32, "I32": np.int32}  # what task tables hold
 
 
-def read_tables(path: Path, data: bytes | None = None) -> dict:
-    """The task tables in a merged bundle's prompt.safetensors (none in one written before they were inputs), as
+def read_tables(path: Path, data: bytes | None = None, prefix: str = TABLE_PREFIX) -> dict:
+    """The task tables in a merged bundle's prompt.safetensors (none in one written before they were inputs), or
+    the tensors named with another `prefix` (BACKBONE_PREFIX), as
     views of the file mapped read-only rather than read into memory: a row's pages load when a request first uses
     it, and processes serving one bundle share them.  (safetensors' own reader copies every tensor.)  `data`: the
     file's bytes, already read and checked (read_verified), viewed instead."""
@@ -157,7 +163,7 @@ def read_tables(path: Path, data: bytes | None = None) -> dict:
         start = 8 + size
         tables = {}
         for name, entry in header.items():
-            if not name.startswith(TABLE_PREFIX):
+            if not name.startswith(prefix):
                 continue
             if entry["dtype"] not in SAFETENSORS_DTYPES:
                 raise ValueError(f"{name}: dtype {entry['dtype']}, not one of {', '.join(SAFETENSORS_DTYPES)}")
@@ -175,6 +181,30 @@ def read_tables(path: Path, data: bytes | None = None) -> dict:
 def task_rows(tables: dict, index: int) -> dict:
     """One task's rows of every table, by table name (a merge re-reads a merged bundle's tasks this way)."""
     return {name: np.take(array, index, axis=task_axis(name)) for name, array in tables.items()}
+
+
+def lay_out_row(tables: dict, t: int, role: str, p: int, layer: int, q: int, s: int) -> None:
+    """What row t of the task tables sees and where its text starts, which follow from its prompt alone: role
+    ("embedded", "entered", "past", or "" for none; builder.models.prompts' table_role), P vectors from `layer`,
+    in tables of Q prefix keys and S slots (builder.models.classifier.task_tables explains each table)."""
+    if role in ("embedded", "entered"):
+        tables["task.visible"][t, 0 if role == "embedded" else layer :, q + s - p :] = 1
+        tables["task.first"][t] = s - p
+        tables["task.text_start"][t] = (p if role == "embedded" else 0) - s
+        if role == "entered":
+            tables["task.enters"][t, layer] = 1
+    else:
+        tables["task.first"][t] = s
+        tables["task.text_start"][t] = (p if role == "past" else 0) - s
+    if role == "past":
+        tables["task.visible"][t, layer:, q - p : q] = 1
+
+
+def prefix_keys(table: np.ndarray, j: int, heads: int, hidden: int) -> np.ndarray:
+    """The keys and values a prefix's folded table [P, layers x 2 x hidden] puts in front of its j-th layer (from
+    its first), as onnxruntime's Attention takes its `past`: [2, heads, P, head_dim]; PEFT's layout."""
+    p = table.shape[0]
+    return table[:, 2 * j * hidden : (2 * j + 2) * hidden].reshape(p, 2, heads, hidden // heads).transpose(1, 2, 0, 3)
 
 
 # --- generation bundles (a causal decoder with a KV cache; runtime.generate) ---

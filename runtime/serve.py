@@ -282,7 +282,9 @@ class App:
         self.batchers = list(batchers.values())
         if self.store is not None:  # the store's entries loaded at start (one that fails is UNAVAILABLE), up to
             self.repository_lock = asyncio.Lock()  # the bound; with on-demand loading, none until asked for
-            for entry in [] if self.store.on_demand else self.store.entries()[: self.store.max_loaded]:
+            # bundles first: a PEFT adapter loads onto the graph of a merged bundle on its backbone
+            entries = sorted(self.store.entries(), key=self.store.is_adapter)
+            for entry in [] if self.store.on_demand else entries[: self.store.max_loaded]:
                 try:
                     self.install(self.store.prepare(entry, set(self.store.shared)))
                 except (PtbundleError, RequestError) as e:

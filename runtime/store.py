@@ -10,9 +10,20 @@ any of them share batches.  Loading such an entry when its graph is open
 checks and reads only what it brings (manifest and tables) and writes its
 rows into a free part of the table; its own copies of the graph and the
 tokenizer are not read (the open ones have the sha256 its manifest records).
-Any other entry is opened as a bundle of its own.  A PEFT adapter directory
-in DIR is listed, unavailable, with the command that folds it into an entry
-(folding needs the builder and the backbone, which a server does not load).
+Any other entry is opened as a bundle of its own.
+
+A PEFT adapter directory in DIR (runtime.adapter reads it) loads onto an open
+shared graph of the backbone it names (base_model_name_or_path, its sizes
+checked): its prompt and head become one row of that graph's tables, as
+`pt-build merge` would lay them out, so it answers as the merged bundle of it
+would.  It needs a merged entry on that backbone loaded first, with room in
+its tables (prompt slots or prefix keys, labels, pooling); a SEQ_CLS adapter on
+BERT also needs the checkpoint's pooler, which merged bundles record.  It is
+served as one task named after its entry, labels LABEL_0.. (transformers'
+default), one text per input, at the graph's first max_length; for other
+labels or pairs, `pt-build merge NAME=ADAPTER --backbone ...` makes an entry.
+An adapter's files have no recorded sha256 to check: they are read once and
+checked for shape and type.
 
 Only the server's event loop changes a Shared (rows placed and released);
 the files are checked and read on a worker thread first (`TaskStore.prepare`).
@@ -27,11 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backends
+from . import adapter, backends
 from .bundle import Bundle
 from .errors import BundleError, InputError
-from .format import (MANIFEST, PEFT_CONFIG, PROMPT, TOKENIZER, Manifest, read_tables, read_verified, task_axis,
-                     verify_files)
+from .format import (BACKBONE_PREFIX, MANIFEST, PEFT_CONFIG, PROMPT, TOKENIZER, Manifest, read_json_object, read_tables,
+                     read_verified, task_axis, verify_files)
 
 
 @dataclass
@@ -44,6 +55,7 @@ class Prepared:
     key: tuple | None  # the shared graph it runs on (None: a graph of its own)
     tables: dict | None  # its task tables in memory (on a shared graph)
     bundle: Bundle | None  # opened on its own graph (or as the first on its key); None: joins an open Shared
+    pooler: dict | None = None  # the checkpoint's pooler its tables record (BACKBONE_POOLER), if any
 
 
 @dataclass
@@ -55,9 +67,12 @@ class Shared:
     model: object
     pad_id: int
     tokenizers: dict  # max_length -> tokenizer, shared by the entries' bundles
+    backbone: object  # the entries' BackboneInfo (a PEFT adapter joins the graph of the backbone it names)
     tables: dict = field(default_factory=dict)
     free: list = field(default_factory=list)  # rows no entry holds, lowest first
     batcher: object = None
+    poolings: dict = field(default_factory=dict)  # pooling name -> its index in task.pooling, as entries use them
+    pooler: dict | None = None  # the checkpoint's pooler, as an entry's tables record it (BACKBONE_POOLER)
 
     @property
     def width(self) -> int:
@@ -72,9 +87,20 @@ class Shared:
     def open(cls, prepared: Prepared) -> "Shared":
         bundle = prepared.bundle
         tokenizers = {t.task.max_length: t.tokenizer for t in bundle.tasks.values()}
-        shared = cls(prepared.key, bundle.model, prepared.manifest.pad_id, tokenizers)
+        shared = cls(prepared.key, bundle.model, prepared.manifest.pad_id, tokenizers, prepared.manifest.backbone)
         shared.tables = {n: np.zeros(resized(a.shape, task_axis(n), 0), a.dtype) for n, a in prepared.tables.items()}
         return shared
+
+    @property
+    def max_length(self) -> int:
+        """The max_length a task without its own (a PEFT adapter) runs at: the first entry's first task's."""
+        return next(iter(self.tokenizers))
+
+    def learn(self, prepared: Prepared) -> None:
+        """What an entry's tables say of the graph: which index each of its tasks' poolings has, the pooler."""
+        for i, task in enumerate(prepared.manifest.tasks):
+            self.poolings.setdefault(task.pooling, int(prepared.tables["task.pooling"][i]))
+        self.pooler = self.pooler or prepared.pooler
 
     def place(self, tables: dict) -> list:
         """Write an entry's task tables into free rows (growing the tables if none are left); its rows."""
@@ -138,6 +164,9 @@ class TaskStore:
         adapter_config.json), except links leading out of it."""
         return sorted(p.name for p in self.directory.iterdir() if self.inside(p) and self.holds_one(p))
 
+    def is_adapter(self, entry: str) -> bool:
+        return adapter.is_adapter(self.directory / entry)
+
     @staticmethod
     def holds_one(path: Path) -> bool:
         return (path / MANIFEST).is_file() or (path / PEFT_CONFIG).is_file()
@@ -152,32 +181,57 @@ class TaskStore:
         reads it: reads_tokenizer); else those, the tokenizer and the graph, then the bundle opened on it (a bundle's
         other graphs are not read, as Bundle.load)."""
         directory = self.directory / entry
-        if not (directory / MANIFEST).is_file():
-            raise BundleError(f"{entry}: a PEFT adapter, not a bundle: `pt-build merge NAME={directory} --backbone"
-                              f" BACKBONE --out {self.directory}/NAME` folds it into an entry that shares its"
-                              f" backbone's graph")
+        if adapter.is_adapter(directory):
+            return self.prepare_adapter(entry, directory, open_keys)
         manifest = Manifest.read(directory)
-        key, tables = None, None
+        key, tables, pooler = None, None, None
         if manifest.multi_task and self.graph in manifest.files and PROMPT in manifest.files:
             # read once and checked, held in memory (Shared.place copies the rows out of it)
-            read = read_tables(directory / PROMPT, read_verified(directory, manifest, PROMPT))
+            data = read_verified(directory, manifest, PROMPT)
+            read = read_tables(directory / PROMPT, data)
             if read:  # a merged bundle written before the tables were inputs has none: it runs on its own
                 shapes = tuple(sorted((n, a.dtype.str, resized(a.shape, task_axis(n), 0)) for n, a in read.items()))
                 key = (manifest.files[self.graph], manifest.files.get(TOKENIZER), manifest.pad_id, shapes)
-                tables = read
+                tables, pooler = read, read_tables(directory / PROMPT, data, BACKBONE_PREFIX) or None
         if key is not None and key in open_keys:
             # It runs on the open graph and that graph's tokenizers, whose sha256 (the same as its manifest records)
             # was checked when the graph opened; its own copies are not read, so not checked either, unless it needs
             # a tokenizer of a max_length the graph has none of yet (then read from its file: join).
             if self.reads_tokenizer(key, manifest):
                 verify_files(directory, manifest, [TOKENIZER])
-            return Prepared(entry, directory, manifest, key, tables, None)
+            return Prepared(entry, directory, manifest, key, tables, None, pooler)
         # the tables were checked above; a graph the bundle lacks is Bundle.load's to name
         verify_files(directory, manifest, [n for n in (TOKENIZER, self.graph) if n in manifest.files])
         bundle = Bundle.load(directory, self.device, self.backend, precision=self.precision, verify=False)
         if key is not None and not hasattr(bundle.model, "swap_tables"):
             key = None  # a backend that cannot be fed a shared table: the entry runs on its own graph
-        return Prepared(entry, directory, manifest, key, tables, bundle)
+        return Prepared(entry, directory, manifest, key, tables, bundle, pooler)
+
+    def prepare_adapter(self, entry: str, directory: Path, open_keys) -> Prepared:
+        """A PEFT adapter read onto an open graph of the backbone it names: its rows of that graph's tables."""
+        config = read_json_object(directory / PEFT_CONFIG, BundleError)
+        open_graphs = [s for k, s in list(self.shared.items()) if k in open_keys]
+        graphs = [s for s in open_graphs if adapter.trained_on(config, s.backbone)]
+        if not graphs:
+            names = sorted({s.backbone.name for s in open_graphs})
+            raise BundleError(f"{directory / PEFT_CONFIG}: base_model_name_or_path"
+                              f" {config.get('base_model_name_or_path')!r}: no loaded entry runs a merged graph of"
+                              f" that backbone (loaded: {', '.join(names) or 'none'}); load one first, or fold the"
+                              f" adapter into an entry with `pt-build merge {entry}={directory} --backbone BACKBONE"
+                              f" --out {self.directory}/NAME`")
+        problem = None
+        for shared in graphs:  # the first graph with room for it
+            try:
+                read = adapter.read(directory, shared.backbone, BundleError)
+                rows = adapter.table_rows(read, shared.tables, shared.poolings, shared.pooler, directory, BundleError)
+            except BundleError as e:
+                problem = problem or e
+                continue
+            task = adapter.task(read, directory, entry, shared.max_length)
+            manifest = Manifest(tasks=(task,), pad_id=shared.pad_id, backbone=shared.backbone, device=self.device,
+                                task_tables=True)
+            return Prepared(entry, directory, manifest, shared.key, rows, None)
+        raise problem
 
     def reads_tokenizer(self, key: tuple, manifest: Manifest) -> bool:
         """Whether an entry joining the graph of `key` needs its own tokenizer file (a max_length it has none of)."""
@@ -193,6 +247,7 @@ class TaskStore:
             shared = self.shared[prepared.key] = Shared.open(prepared)
         elif prepared.bundle is None and self.reads_tokenizer(prepared.key, prepared.manifest):
             verify_files(prepared.directory, prepared.manifest, [TOKENIZER])  # the graph reopened since prepare
+        shared.learn(prepared)
         rows = shared.place(prepared.tables)
         bundle = Bundle(prepared.directory, prepared.manifest, shared.model, prepared.directory / TOKENIZER,
                         tokenizers=shared.tokenizers)

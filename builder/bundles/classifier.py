@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 from safetensors.numpy import save_file
 
-from ptbundle.runtime.format import CALIBRATION_DETAIL, GRAPHS, PROMPT, TOKENIZER, TRAINING_LOG, Manifest
+from ptbundle.runtime.format import (BACKBONE_POOLER, CALIBRATION_DETAIL, GRAPHS, PROMPT, TOKENIZER, TRAINING_LOG,
+                                     Manifest)
 from ptbundle.runtime.text import load_tokenizer
 
 from .peft import bundle_adapter
@@ -57,9 +59,18 @@ def write_bundle(destination, net, backbone, manifest: Manifest, curve,
                                                    details={**task.details, CALIBRATION_DETAIL: ranges})
         # The tokenizer truncates per task at run time (runtime.text.load_tokenizer); the file is the backbone's.
         load_tokenizer(backbone.tokenizer_path, max(t.max_length for t in manifest.tasks)).save(str(tmp / TOKENIZER))
-        save_file(net.head_state(), str(tmp / PROMPT))  # a merged net's: its task tables, stored here alone
+        # a merged net's task tables are stored here alone, with the backbone's pooler beside them
+        extra = backbone_pooler(backbone) if manifest.multi_task else {}
+        save_file({**net.head_state(), **extra}, str(tmp / PROMPT))
         (tmp / TRAINING_LOG).write_text(json.dumps(curve, indent=2))
         written = bundle_adapter(tmp, net, written, backbone)
         return written.replace(export={**manifest.export, **parity})
 
     return write_atomically(destination, fill)
+
+
+def backbone_pooler(backbone) -> dict:
+    """A merged bundle's record of the checkpoint's own pooler, where it has one (BACKBONE_POOLER): what a SEQ_CLS
+    PEFT adapter on it reads, so that a task store can serve one on this bundle's graph."""
+    pooler = backbone.pooler_weights()
+    return {} if pooler is None else {n: np.ascontiguousarray(a, np.float32) for n, a in zip(BACKBONE_POOLER, pooler)}

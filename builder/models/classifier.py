@@ -11,7 +11,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from ptbundle.runtime.format import TABLE_PREFIX, table_names
+from ptbundle.runtime.format import TABLE_PREFIX, lay_out_row, table_names
 
 from ..errors import RecipeError
 from .encoder import Encoder, TrainDropout, attention_bias
@@ -248,18 +248,7 @@ def task_tables(config, tasks: list, values: list) -> dict:
     for t, (task, role, p, own) in enumerate(zip(tasks, roles, lengths, values)):
         if role is None:
             raise TaskTableError(task.name, f"prompt method {task.spec.method!r} has no place in a task table")
-        # What a row sees and where its text starts follow from the task alone.
-        if role in ("embedded", "entered"):
-            out["task.visible"][t, 0 if role == "embedded" else task.spec.layer :, q + s - p :] = 1
-            out["task.first"][t] = s - p
-            out["task.text_start"][t] = (p if role == "embedded" else 0) - s
-            if role == "entered":
-                out["task.enters"][t, task.spec.layer] = 1
-        else:
-            out["task.first"][t] = s
-            out["task.text_start"][t] = (p if role == "past" else 0) - s
-        if role == "past":
-            out["task.visible"][t, task.spec.layer :, q - p : q] = 1
+        lay_out_row(out, t, role, p, task.spec.layer, q, s)  # what it sees and where its text starts
         if is_rows(own):
             place_rows(out, t, task, role, own, q, s)
             continue

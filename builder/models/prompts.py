@@ -50,6 +50,8 @@ import numpy as np
 import mindspore as ms  # noqa: F401  (before onnx: see builder.models.onnx_ops)
 from mindspore import Parameter, nn, ops
 
+from ptbundle.runtime.format import prefix_keys
+
 from ..errors import RecipeError
 
 
@@ -322,9 +324,7 @@ class PrefixTuning(PromptMethod):
     def past(table: np.ndarray, spec: PromptSpec, config, i: int) -> np.ndarray:
         """Layer i's keys and values of a folded table [P, layers x 2 x hidden], as onnxruntime's Attention takes
         its `past`: [2, heads, P, head_dim] (an encoder's; i from spec.layer on)."""
-        h, p, heads = config.hidden_size, spec.virtual_tokens, config.num_heads
-        j = i - spec.layer
-        return table[:, 2 * j * h : (2 * j + 2) * h].reshape(p, 2, heads, h // heads).transpose(1, 2, 0, 3)
+        return prefix_keys(table, i - spec.layer, config.num_heads, config.hidden_size)
 
     @staticmethod
     def onnx_past(g, w: dict, spec: PromptSpec, config, i: int, batch: str):

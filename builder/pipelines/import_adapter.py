@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from ptbundle.runtime import adapter as peft_in
 from ptbundle.runtime.format import PEFT_HEAD, PEFT_WEIGHTS, Manifest, Task
 from ptbundle.runtime.text import load_tokenizer
 
@@ -57,13 +58,10 @@ def import_adapter(adapter_dir, destination, backbone_path, dataset, labels, pai
 
 def adapter_task(adapter, adapter_dir, name: str, labels: tuple, pair: bool, max_length: int, metrics: dict) -> Task:
     """The manifest's task of a folded adapter: what it was made from, under `recipe`."""
-    config, spec = adapter.config, adapter.spec
-    recipe = {"source": "peft", "adapter": str(adapter_dir), "peft_type": config["peft_type"],
-              "task_type": config["task_type"], "base_model_name_or_path": config.get("base_model_name_or_path"),
-              "peft_version": config.get("peft_version")}
+    spec = adapter.spec
     return Task(name=name, kind="soft", labels=labels, pair=pair, max_length=max_length, pooling=adapter.pooling,
-                head="linear", prompt_method=spec.method, num_virtual_tokens=spec.virtual_tokens, recipe=recipe,
-                details=spec.details(), metrics=metrics)
+                head="linear", prompt_method=spec.method, num_virtual_tokens=spec.virtual_tokens,
+                recipe=peft_in.recipe(adapter.config, adapter_dir), details=spec.details(), metrics=metrics)
 
 
 def label_names(given, dataset, n: int, weights: Path) -> tuple:
@@ -82,7 +80,7 @@ def label_names(given, dataset, n: int, weights: Path) -> tuple:
             raise BuildError(f"the data has {len(dataset.labels)} labels ({', '.join(dataset.labels)}); the classifier"
                              f" in {weights} has {n} outputs")
         return tuple(dataset.labels)
-    return tuple(f"LABEL_{i}" for i in range(n))  # transformers' id2label default
+    return peft_in.default_labels(n)
 
 
 def score(net, backbone, dataset, max_length: int) -> dict:

@@ -19,7 +19,8 @@ import numpy as np
 from mindspore import Tensor
 from safetensors.numpy import load_file
 
-from ptbundle.runtime.format import (CALIBRATION_DETAIL, GRAPHS, PEFT_CALIBRATION, PEFT_CONFIG, PROMPT, TABLE_PREFIX,
+from ptbundle.runtime.adapter import is_adapter
+from ptbundle.runtime.format import (CALIBRATION_DETAIL, GRAPHS, PEFT_CALIBRATION, PROMPT, TABLE_PREFIX,
                                      TOKENIZER, TRAINING_LOG, Manifest, Task, parse_bundle_spec, read_json_object,
                                      read_tables, task_rows, verify_files)
 from ptbundle.runtime.onnx_backend import OnnxModel
@@ -99,11 +100,6 @@ def check_compatible(manifests: dict) -> None:
                     (lambda v, mm: str(v)[:12])
                 raise BuildError(f"cannot merge {first} and {path}: {what} differs ({shown(a, m0)} vs {shown(b, m)});"
                                  f" merged bundles share one backbone")
-
-
-def is_adapter(path: Path) -> bool:
-    """A PEFT adapter directory (adapter_config.json, no manifest): merged as `pt-build import` would fold it."""
-    return (path / PEFT_CONFIG).is_file() and not (path / "manifest.json").is_file()
 
 
 def read_adapter_source(spec: str, backbone, max_length: int) -> SourceTask:

@@ -258,17 +258,12 @@ def test_entries_on_one_graph_share_it_and_its_batches(tmp_path, table_entries, 
 
 
 def test_a_changed_table_file_is_refused_when_joining_a_shared_graph(tmp_path, table_entries):
-    """...and a PEFT adapter in the store is listed, unavailable, with the command that folds it into an entry."""
     store = tmp_path / "store"
     store.mkdir()
     for name in ("p1", "p2"):
         shutil.copytree(table_entries / name, store / name)
-    shutil.copytree(Path(__file__).parents[1] / "fixtures" / "peft_adapters" / "bert-prefix", store / "adapter")
     server, client = serve("--task-store", store, "--load-on-demand")
     try:
-        refused(lambda: client.load_model("adapter"), 400, "adapter: a PEFT adapter, not a bundle: `pt-build merge")
-        row = [r for r in client.get_model_repository_index() if r["name"] == "adapter"][0]
-        assert row["state"] == "UNAVAILABLE" and "pt-build merge" in row["reason"]
         client.load_model("p1")
         tables = store / "p2" / "prompt.safetensors"
         tables.write_bytes(tables.read_bytes()[:-1] + b"\1")
@@ -368,6 +363,99 @@ def test_a_generation_bundle_in_the_store_is_refused_by_name_and_the_others_serv
         assert row["state"] == "UNAVAILABLE" and "a generation bundle: pt-run serve serves classifiers" in row["reason"]
         refused(lambda: client.load_model("chat"), 400, "chat: not loaded: .*a generation bundle")
         assert client.infer("toy-soft", [texts_input(TEXTS)]).as_numpy("label").shape == (3,)
+    finally:
+        client.close()
+        server.stop()
+
+
+ADAPTERS = Path(__file__).parents[1] / "fixtures" / "peft_adapters"
+
+
+def adapter_entry(store, name, source, base_model):
+    """A PEFT adapter directory as an entry of the store, naming `base_model` as PEFT records a hub id."""
+    import json
+
+    shutil.copytree(source, store / name)
+    config = json.loads((store / name / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base_model
+    (store / name / "adapter_config.json").write_text(json.dumps(config))
+
+
+def softmax(logits):
+    return np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+
+
+def test_a_peft_adapter_loads_onto_the_open_graph_of_its_backbone(tmp_path, table_entries):
+    """A SEQ_CLS prefix adapter on BERT (its head reads the checkpoint's pooler, which the merged entry records)
+    becomes a row of p1's graph and answers as `pt-build merge` of it (p2) does, sharing p1's batches; it keeps the
+    graph open when p1 goes.  Adapters the graph has no room for, or on another backbone, are 400s naming the file,
+    and the others keep serving."""
+    from ptbundle.runtime.format import Manifest
+
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copytree(table_entries / "p1", store / "p1")
+    backbone = Manifest.read(store / "p1").backbone.name
+    adapter_entry(store, "adapter", ADAPTERS / "bert-prefix-projection", f"someone/{backbone}")
+    adapter_entry(store, "shallow", ADAPTERS / "bert-prompt-tuning", f"someone/{backbone}")  # needs prompt slots
+    adapter_entry(store, "other", ADAPTERS / "bert-prefix", "bert-base-uncased")
+    want = Bundle.load(table_entries / "p2").logits(TEXTS)  # the same adapter, merged
+    server, client = serve("--task-store", store, wait_ms=300)
+    try:
+        states = {r["name"]: r for r in client.get_model_repository_index()}
+        assert states["p1"]["state"] == states["adapter"]["state"] == "READY"  # bundles load first
+        assert "its 3 virtual tokens do not fit the graph's 0 prompt slots" in states["shallow"]["reason"]
+        assert "'bert-base-uncased': no loaded entry runs a merged graph of that backbone" in states["other"]["reason"]
+        assert metric_samples(server.request("GET", "/metrics")[1])[("ptbundle_store_graphs", ())] == 1
+        answers = {}
+
+        def send(name):
+            c = tritonhttp.InferenceServerClient(f"127.0.0.1:{server.port}", network_timeout=60)
+            answers[name] = c.infer(name, [texts_input(TEXTS)])
+            c.close()
+
+        threads = [threading.Thread(target=send, args=(n,)) for n in ("p1", "adapter")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert answers["adapter"].as_numpy("probabilities") == pytest.approx(softmax(want), abs=1e-5)
+        assert {x.decode() for x in answers["adapter"].as_numpy("label")} <= {"LABEL_0", "LABEL_1"}
+        assert metric_samples(server.request("GET", "/metrics")[1])[("ptbundle_batch_size_count", ())] == 1
+        refused(lambda: client.load_model("shallow"), 400, "shallow: not loaded: shallow: its 3 virtual tokens")
+        client.unload_model("p1")
+        got = client.infer("adapter", [texts_input(TEXTS)]).as_numpy("probabilities")
+        assert got == pytest.approx(softmax(want), abs=1e-5)
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_a_mean_pooled_adapter_reads_its_own_head_and_needs_an_open_graph(tmp_path, tiny_bert):
+    """The default bundle's kind: a FEATURE_EXTRACTION prefix with head.safetensors beside it.  On demand, it is
+    refused until a merged entry on its backbone is loaded; then it runs on that graph with its own head (a bias
+    moved by +1 and -1 moves the logits by exactly that from the merged entry's)."""
+    from conftest import build
+    from safetensors.numpy import load_file, save_file
+
+    from ptbundle.runtime.format import Manifest
+
+    store = tmp_path / "store"
+    store.mkdir()
+    build(["merge", f"mean={ADAPTERS / 'bert-prefix-mean'}", "--out", str(store / "mean"), "--backbone",
+           str(tiny_bert)])
+    adapter_entry(store, "moved", ADAPTERS / "bert-prefix-mean", Manifest.read(store / "mean").backbone.name)
+    head = load_file(str(store / "moved" / "head.safetensors"))
+    save_file({**head, "bias": head["bias"] + np.array([1.0, -1.0], np.float32)}, str(store / "moved" /
+                                                                                       "head.safetensors"))
+    want = Bundle.load(store / "mean").logits(TEXTS) + np.array([1.0, -1.0])
+    server, client = serve("--task-store", store, "--load-on-demand")
+    try:
+        refused(lambda: client.infer("moved", [texts_input(TEXTS)]), 400,
+                "moved/adapter_config.json: base_model_name_or_path .* no loaded entry .*loaded: none")
+        assert server.predict("mean", TEXTS)[0] == 200
+        got = client.infer("moved", [texts_input(TEXTS)]).as_numpy("probabilities")
+        assert got == pytest.approx(softmax(want), abs=1e-5)
     finally:
         client.close()
         server.stop()

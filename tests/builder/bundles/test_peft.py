@@ -147,7 +147,7 @@ def prompt_only(path):
 
 
 REFUSALS = {
-    "lora": (dict(config={"peft_type": "LORA"}), "adapter_config.json: peft_type 'LORA': pt-build import folds"
+    "lora": (dict(config={"peft_type": "LORA"}), "adapter_config.json: peft_type 'LORA': ptbundle folds"
              " PROMPT_TUNING, P_TUNING and PREFIX_TUNING adapters"),
     "multitask": (dict(config={"peft_type": "MULTITASK_PROMPT_TUNING"}), "task id"),
     "feature-extraction": (dict(config={"task_type": "FEATURE_EXTRACTION"}),
@@ -162,7 +162,7 @@ REFUSALS = {
     "no-config": (dict(drop=["adapter_config.json"]), "not a PEFT adapter directory (no adapter_config.json)"),
     "no-weights": (dict(drop=["adapter_model.safetensors"]), "missing adapter_model.safetensors"),
     "pickle": (dict(drop=["adapter_model.safetensors"], files={"adapter_model.bin": b"\x80\x04K\x00."}),
-               "adapter_model.bin: pt-build import reads adapter_model.safetensors only; re-save"),
+               "adapter_model.bin: ptbundle reads adapter_model.safetensors only; re-save"),
     "corrupt": (dict(files={"adapter_model.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"}),
                 "adapter_model.safetensors: cannot read safetensors"),
     "truncated": (dict(files={"adapter_model.safetensors": (ADAPTERS / "bert-prefix" / "adapter_model.safetensors")
@@ -171,7 +171,7 @@ REFUSALS = {
                       "no classifier tensor 'base_model.classifier.weight'"),
     "roberta-head-on-bert": (dict(source="roberta-prefix"), "it holds a roberta head, the backbone is bert"),
     "mean-head-of-a-prompt": (dict(source="bert-prefix-mean", config={"peft_type": "PROMPT_TUNING"}),
-                              "with head.safetensors: pt-build import folds it for PREFIX_TUNING only"),
+                              "with head.safetensors: ptbundle folds it for PREFIX_TUNING only"),
     "mean-head-key": (dict(source="bert-prefix-mean", files={"head.safetensors": lambda p: save_file(
         {"weight": np.zeros((2, 32), np.float32)}, str(p))}), "head.safetensors: no tensor 'bias'"),
     "mean-head-shape": (dict(source="bert-prefix-mean", files={"head.safetensors": lambda p: save_file(

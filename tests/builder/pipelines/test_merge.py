@@ -126,6 +126,8 @@ def test_task_tables_are_stored_once_and_fed_to_every_graph(merged_bundle, tiny_
     the tasks it serves (7 tasks and 14 give graphs of one size)."""
     out, sources = merged_bundle
     tables = load_file(str(out / "prompt.safetensors"))
+    pooler = {k: tables.pop(k) for k in ("backbone.pooler.weight", "backbone.pooler.bias")}  # BERT's, recorded
+    assert pooler["backbone.pooler.weight"].shape == (32, 32) and pooler["backbone.pooler.bias"].shape == (32,)
     assert tables and all(k.startswith("task.") for k in tables)
     assert tables["task.classifier.weight"].shape[0] == 7 and tables["task.past.1"].shape[1] == 7
     for graph in ("model.onnx", "model.int8.onnx"):
