@@ -73,7 +73,8 @@ heads, Q, head_dim] (`task_axis`).  They are stored once, in
 prompt.safetensors, and are inputs of every graph of the bundle, named as
 stored (MindIR's inputs are positional: `table_names` gives their order,
 after task_ids): the runtime feeds them on every call, so a bundle of 1,000
-tasks stores them once and not in each graph.  (Merged bundles written
+tasks stores them once and not in each graph.  Beside them, not graph inputs: the
+checkpoint's pooler where it has one (`BACKBONE_POOLER`).  (Merged bundles written
 before the tables were inputs hold them inside their graphs, and their
 prompt.safetensors holds each task's own arrays as "<task>/<name>"; they
 load as before.)  The builder writes a `Manifest` with
