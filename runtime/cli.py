@@ -18,7 +18,8 @@ from .evaluate import check_examples, check_plot, load_eval_examples, plot as pl
 from .format import (DEVICES, GRAPHS, MINDIR_CAPACITY, PEFT_DETAIL, PEFT_DIR, Manifest, file_problem,
                      parse_bundle_spec)
 from .inputs import BOM, CHUNK_LINES, FORMATS, LineReader, chunks, format_of
-from .serve import Limits, TaskStore, endpoints_of, run
+from .protocol import Limits
+from .serve import TaskStore, endpoints_of, run
 
 DEFAULT_BUNDLE = "exports/mr-soft"
 
