@@ -38,8 +38,8 @@ from typing import NamedTuple
 import numpy as np
 from safetensors.numpy import load_file
 
-from .format import (BACKBONE_POOLER, PEFT_CONFIG, PEFT_HEAD, PEFT_WEIGHTS, TABLE_PREFIX, BackboneInfo, Task,
-                     lay_out_row, prefix_keys, read_json_object, task_axis)
+from .format import (BACKBONE_POOLER, PEFT_CALIBRATION, PEFT_CONFIG, PEFT_HEAD, PEFT_WEIGHTS, TABLE_PREFIX,
+                     BackboneInfo, Task, lay_out_row, prefix_keys, read_json_object, task_axis, well_formed_ranges)
 
 PROMPT_KEY = "prompt_embeddings"
 METHODS = {"PROMPT_TUNING": "prompt-tuning", "P_TUNING": "prompt-tuning", "PREFIX_TUNING": "prefix-tuning"}
@@ -275,6 +275,27 @@ def table_rows(adapter: Adapter, tables: dict, poolings: dict, backbone_pooler: 
             raise error(f"{path}: the graph has no table for {name}")
         rows[TABLE_PREFIX + name][0] = value.T if value.ndim == 2 else value
     return rows
+
+
+def check_int8(directory: Path, graph_ranges: dict | None, error: type) -> None:
+    """An adapter runs on a merged int8 graph only within the activation ranges its scales were made from (the
+    union of its tasks' CALIBRATION_DETAIL): its own, recorded beside it as a bundle's peft/ records them
+    (PEFT_CALIBRATION), must fall inside them, or its activations would be clipped.  Else `error` naming why."""
+    path = directory / PEFT_CALIBRATION
+    fix = "serve fp32, or fold it with `pt-build merge --quantize int8`, which makes scales that cover it"
+    if graph_ranges is None:
+        raise error(f"{directory}: the open int8 graph's entries record no activation ranges to check it against; {fix}")
+    if not path.is_file():
+        raise error(f"{directory}: no {PEFT_CALIBRATION} (its int8 activation ranges, which a bundle's peft/ holds),"
+                    f" so the open graph's int8 scales cannot be checked to cover it; {fix}")
+    ranges = read_json_object(path, error)
+    if not well_formed_ranges(ranges):
+        raise error(f"{path}: not {{node: [min, max]}}")
+    for role, (lo, hi) in sorted(ranges.items()):
+        have = graph_ranges.get(role)
+        if have is None or lo < have[0] or hi > have[1]:
+            raise error(f"{path}: {role} ranges over [{lo:.4g}, {hi:.4g}], outside the open int8 graph's scales"
+                        f" ({'none' if have is None else f'[{have[0]:.4g}, {have[1]:.4g}]'}); {fix}")
 
 
 def task(adapter: Adapter, directory, name: str, max_length: int) -> Task:

@@ -184,6 +184,25 @@ def task_rows(tables: dict, index: int) -> dict:
     return {name: np.take(array, index, axis=task_axis(name)) for name, array in tables.items()}
 
 
+def union_ranges(ranges: list) -> dict:
+    """Each role's range covering all of `ranges` (CALIBRATION_DETAIL, one per task of a merge): what a merged int8
+    graph's scales are made from; every task's activations keep within them, at the cost of coarser steps for the
+    tasks with the smaller ranges."""
+    out = {}
+    for one in ranges:
+        for role, (lo, hi) in one.items():
+            was = out.get(role, (lo, hi))
+            out[role] = [min(was[0], lo), max(was[1], hi)]
+    return out
+
+
+def well_formed_ranges(ranges) -> bool:
+    """CALIBRATION_DETAIL's shape: {role: [min, max]} with min <= max."""
+    return isinstance(ranges, dict) and all(
+        isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                    for x in v) and v[0] <= v[1] for v in ranges.values())
+
+
 def lay_out_row(tables: dict, t: int, role: str, p: int, layer: int, q: int, s: int) -> None:
     """What row t of the task tables sees and where its text starts, which follow from its prompt alone: role
     ("embedded", "entered", "past", or "" for none; builder.models.prompts' table_role), P vectors from `layer`,

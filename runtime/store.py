@@ -41,8 +41,9 @@ import numpy as np
 from . import adapter, backends
 from .bundle import Bundle
 from .errors import BundleError, InputError
-from .format import (BACKBONE_PREFIX, MANIFEST, PEFT_CONFIG, PROMPT, TOKENIZER, Manifest, read_json_object, read_tables,
-                     read_verified, task_axis, verify_files)
+from .format import (BACKBONE_PREFIX, CALIBRATION_DETAIL, MANIFEST, PEFT_CONFIG, PROMPT, TOKENIZER, Manifest,
+                     read_json_object, read_tables, read_verified, task_axis, union_ranges, verify_files,
+                     well_formed_ranges)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Shared:
     batcher: object = None
     poolings: dict = field(default_factory=dict)  # pooling name -> its index in task.pooling, as entries use them
     pooler: dict | None = None  # the checkpoint's pooler, as an entry's tables record it (BACKBONE_POOLER)
+    ranges: dict | None = None  # the activation ranges its int8 scales cover: union of its tasks' recorded ones
 
     @property
     def width(self) -> int:
@@ -101,6 +103,9 @@ class Shared:
         for i, task in enumerate(prepared.manifest.tasks):
             self.poolings.setdefault(task.pooling, int(prepared.tables["task.pooling"][i]))
         self.pooler = self.pooler or prepared.pooler
+        recorded = [t.details.get(CALIBRATION_DETAIL) for t in prepared.manifest.tasks]
+        if self.ranges is None and all(well_formed_ranges(r) for r in recorded):
+            self.ranges = union_ranges(recorded)
 
     def place(self, tables: dict) -> list:
         """Write an entry's task tables into free rows (growing the tables if none are left); its rows."""
@@ -224,6 +229,8 @@ class TaskStore:
             try:
                 read = adapter.read(directory, shared.backbone, BundleError)
                 rows = adapter.table_rows(read, shared.tables, shared.poolings, shared.pooler, directory, BundleError)
+                if self.precision == "int8":
+                    adapter.check_int8(directory, shared.ranges, BundleError)
             except BundleError as e:
                 problem = problem or e
                 continue

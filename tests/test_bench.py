@@ -527,6 +527,10 @@ def test_multitask_scale_times_merged_bundles_against_their_one_task_source(tiny
             # the tables stored once: within 1.05 x (backbone + N x one task's arrays)
             assert row["merge"]["seconds"] > 0 and row["size"]["within_bound"], row["size"]
     assert all(r["ratio"] == 1.0 for r in rows[1]["throughput"])
+    against = rows[5]["against_2"]  # the largest N against 2 tasks, pass for pass
+    assert [(t["precision"], t["batch_size"]) for t in against] == [(t["precision"], t["batch_size"])
+                                                                    for t in rows[5]["throughput"]]
+    assert all(t["ratio"] > 0 and t["base_same_window"]["median"] > 0 for t in against)
     add = result["add"]
     assert add["tasks_before"] == 5 and add["tasks_after"] == 6 and add["bit_identical"] and add["ok"]
 

@@ -26,7 +26,9 @@ it and int8 is recorded as skipped with the error's first line.  Then:
   of two batches, each merged pass paired with a pass of the one-task bundle
   in the same window (one-task, merged, one-task, merged, ...): ratio =
   merged median / one-task median of those passes, per (N, precision, batch
-  size), so that a machine that drifts moves both alike.  The one-task
+  size), so that a machine that drifts moves both alike.  The largest N runs
+  the same way against N = 2 too ("against_2": does the cost per row grow
+  with the tasks the tables hold?), when both are in --counts.  The one-task
   bundle also runs alone first and again at the end (baseline_end: how far
   the machine drifted over the run);
 - load: a new process per bundle and precision times `Bundle.load` (files
@@ -232,24 +234,24 @@ def throughput_rows(path: Path, precisions: list, texts: list, tasks, sizes_: li
 
 
 def paired_rows(path: Path, source: Path, precisions: list, texts: list, tasks, sizes_: list, repeats: int,
-                label: str) -> list:
-    """throughput_rows of the merged bundle with the one-task bundle timed in the same window, pass for pass
-    (one-task, merged, one-task, ...): ratio = merged median / one-task median of those passes, so that other
-    work on the machine, or its clock, moves both alike."""
+                label: str, base_tasks=None, base_label: str = "one task") -> list:
+    """throughput_rows of the merged bundle with the one-task bundle (or another merged one, its rows going to
+    `base_tasks`) timed in the same window, pass for pass (base, merged, base, ...): ratio = merged median / base
+    median of those passes, so that other work on the machine, or its clock, moves both alike."""
     rows = []
     for precision in precisions:
         merged = common.open_bundle(path, int8=precision == "int8")
         single = common.open_bundle(source, int8=precision == "int8")
         for size in sizes_:
-            pairs = [(throughput(single, texts, None, size, 1)[0], throughput(merged, texts, tasks, size, 1)[0])
+            pairs = [(throughput(single, texts, base_tasks, size, 1)[0], throughput(merged, texts, tasks, size, 1)[0])
                      for _ in range(repeats)]
             rate = common.spread([len(texts) / m for _, m in pairs], 2)
             base = common.spread([len(texts) / b for b, _ in pairs], 2)
             rows.append({"precision": precision, "batch_size": size, "sentences": len(texts),
-                         "sentences_per_second": rate, "one_task_same_window": base,
+                         "sentences_per_second": rate, "base_same_window": base,
                          "ratio": round(rate["median"] / base["median"], 3)})
-            log(f"{label} {precision} batch {size}: {rate['median']:.1f} sentences/s, one task {base['median']:.1f}"
-                f" in the same passes ({rows[-1]['ratio']:.3f})")
+            log(f"{label} {precision} batch {size}: {rate['median']:.1f} sentences/s, {base_label}"
+                f" {base['median']:.1f} in the same passes ({rows[-1]['ratio']:.3f})")
         del merged, single
     return rows
 
@@ -402,9 +404,17 @@ def print_tables(rows: list, add: dict | None, task_bytes: int) -> None:
     for r in rows:
         for t in r["throughput"]:
             ratio = f"{t['ratio']:.3f}" if t.get("ratio") is not None else "-"
-            same = fmt_rate({"sentences_per_second": t["one_task_same_window"]}) if "one_task_same_window" in t else "-"
+            same = fmt_rate({"sentences_per_second": t["base_same_window"]}) if "base_same_window" in t else "-"
             click.echo(f"{r['tasks']:>5} {t['precision']:>5} {t['batch_size']:>6} {fmt_rate(t):>26} {same:>26}"
                        f" {ratio:>7}")
+    for r in rows:
+        if "against_2" in r:
+            click.echo(f"\n{'N':>5} {'prec':>5} {'batch':>6} {'sentences/s [min-max]':>26} {'N=2, same passes':>26}"
+                       f" {'ratio':>7}")
+            for t in r["against_2"]:
+                same = fmt_rate({"sentences_per_second": t["base_same_window"]})
+                click.echo(f"{r['tasks']:>5} {t['precision']:>5} {t['batch_size']:>6} {fmt_rate(t):>26} {same:>26}"
+                           f" {t['ratio']:>7.3f}")
     for r in rows:
         if r["int8"]["skipped"] and r["tasks"] > 1:
             click.echo(f"N={r['tasks']}: int8 skipped: {r['int8']['skipped']}")
@@ -482,6 +492,7 @@ def main(backbone, data, smoke, results, bundle_path, counts, batch_sizes, repea
         probe_texts = texts[:8]
         rows, add, failed = [], None, []
         single_rates = []
+        two = None  # the 2-task bundle (path, row tasks, precisions), kept until the largest N runs against it
         for n in counts:
             names = [task_name(i) for i in range(n)]
             if n == 1:
@@ -503,10 +514,15 @@ def main(backbone, data, smoke, results, bundle_path, counts, batch_sizes, repea
                 rates = single_rates = with_ratios(rates, rates)
             else:
                 rates = paired_rows(path, source, precisions, texts, tasks, sizes_, repeats, f"N={n}")
+            if n == 2:
+                two = (path, tasks, precisions)
             row = {"tasks": n, "bundle": "source" if n == 1 else "merged", "merge": merge, "int8": int8,
                    "size": size_row(n, sizes(path), single_sizes, task["bytes"]),
                    "throughput": rates,
                    "load": {p: load_row(path, p, probe_texts, probe_tasks) for p in precisions}}
+            if n == largest and n > 2 and two is not None:  # the issue's "N tasks within 5% of 2", pass for pass
+                row["against_2"] = paired_rows(path, two[0], [p for p in precisions if p in two[2]], texts, tasks,
+                                               sizes_, repeats, f"N={n}", two[1], "N=2")
             if n > 1:
                 row["correctness"] = c = correctness(path, n, check_texts, refs, int8["measured"])
                 log(f"N={n}: max |diff| {c['max_abs_diff']:.2e} against {c['checked_against_reference']} reference(s)")
@@ -518,8 +534,10 @@ def main(backbone, data, smoke, results, bundle_path, counts, batch_sizes, repea
                 if not add["ok"]:
                     failed.append("--add")
             rows.append(row)
-            if path != source and own_dir:
+            if path != source and own_dir and not (n == 2 and largest > 2):
                 shutil.rmtree(path)  # a 1,000-task bundle is GBs; with --workdir it is kept
+        if two is not None and own_dir and two[0].exists():
+            shutil.rmtree(two[0])
         end_rates = with_ratios(throughput_rows(source, single_precisions, texts, None, sizes_, repeats,
                                                 "N=1 (again)"), single_rates)
     finally:

@@ -156,17 +156,6 @@ def calibration_ranges(onnx_path: Path, calibration) -> dict:
     return {roles[t]: [float(lo), float(hi)] for t, (lo, hi) in ranges.items()}
 
 
-def union_ranges(ranges: list) -> dict:
-    """Each role's range covering all of `ranges` (one per task of a merge): every task's activations keep
-    within the scale, at the cost of coarser steps for the tasks with the smaller ranges."""
-    out = {}
-    for one in ranges:
-        for role, (lo, hi) in one.items():
-            was = out.get(role, (lo, hi))
-            out[role] = [min(was[0], lo), max(was[1], hi)]
-    return out
-
-
 def fix_activation_scales(dynamic_path: Path, fp32_path: Path, out_path: Path, calibration=None,
                           ranges: dict | None = None) -> int:
     """Replace every DynamicQuantizeLinear of `dynamic_path` by a QuantizeLinear of constant scale.

@@ -22,7 +22,8 @@ from safetensors.numpy import load_file
 from ptbundle.runtime.adapter import is_adapter
 from ptbundle.runtime.format import (CALIBRATION_DETAIL, GRAPHS, PEFT_CALIBRATION, PROMPT, TABLE_PREFIX,
                                      TOKENIZER, TRAINING_LOG, Manifest, Task, parse_bundle_spec, read_json_object,
-                                     read_tables, task_rows, verify_files)
+                                     read_tables, task_rows, union_ranges, verify_files,
+                                     well_formed_ranges)
 from ptbundle.runtime.onnx_backend import OnnxModel
 
 from ..backbones.backbone import load_backbone
@@ -33,7 +34,7 @@ from ..bundles.writer import check_replaceable
 from ..errors import BuildError
 from ..families import family_of
 from ..families.encoder import ENCODER
-from ..graphs.quantize import Int8Inputs, union_ranges
+from ..graphs.quantize import Int8Inputs
 from ..graphs.targets import probe_inputs
 from ..models.classifier import PromptClassifier, TaskHead, TaskTableError
 from ..models.device import eager, use_device
@@ -123,10 +124,7 @@ def int8_ranges(tasks: list) -> Int8Inputs:
             raise BuildError(f"{t.bundle}: task {t.task.name!r} records no int8 calibration ranges (its bundle has no"
                              f" int8 graph, or was built before they were recorded): rebuild it with --quantize int8,"
                              f" or merge without --quantize int8")
-        well_formed = isinstance(ranges, dict) and all(
-            isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and v[0] <= v[1]
-            for v in ranges.values())
-        if not well_formed:
+        if not well_formed_ranges(ranges):
             raise BuildError(f"{t.bundle}: task {t.task.name!r}: its int8 calibration ranges are not"
                              f" {{node: [min, max]}}")
     return Int8Inputs([], {}, union_ranges([t.task.details[CALIBRATION_DETAIL] for t in tasks]))

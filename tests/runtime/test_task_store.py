@@ -459,3 +459,41 @@ def test_a_mean_pooled_adapter_reads_its_own_head_and_needs_an_open_graph(tmp_pa
     finally:
         client.close()
         server.stop()
+
+
+def test_an_adapter_on_an_int8_graph_needs_its_ranges_inside_the_graphs_scales(tmp_path, tiny_build, tiny_bert):
+    """pt-run serve --int8: an adapter runs with the merged int8 graph's scales, made for the graph's own tasks, so
+    it loads only when its recorded activation ranges (a bundle's peft/ holds them) fall inside them."""
+    import json
+
+    from conftest import build
+
+    from ptbundle.runtime.format import Manifest
+
+    store = tmp_path / "store"
+    store.mkdir()
+    source = tiny_build[0] / "toy-soft"
+    build(["merge", f"toy={source}", "--quantize", "int8", "--out", str(store / "toy"), "--backbone",
+           str(tiny_bert)])
+    name = Manifest.read(store / "toy").backbone.name
+    for entry in ("same", "wider", "bare"):
+        adapter_entry(store, entry, source / "peft", name)
+    ranges_file = store / "wider" / "ptbundle_calibration.json"
+    ranges = json.loads(ranges_file.read_text())
+    role = sorted(ranges)[0]
+    ranges[role][1] = 2 * abs(ranges[role][1]) + 1
+    ranges_file.write_text(json.dumps(ranges))
+    (store / "bare" / "ptbundle_calibration.json").unlink()
+    want = Bundle.load(store / "toy", int8=True).logits(TEXTS)
+    server, client = serve("--task-store", store, "--int8")
+    try:
+        states = {r["name"]: r for r in client.get_model_repository_index()}
+        assert states["toy"]["state"] == states["same"]["state"] == "READY"
+        assert f"wider/ptbundle_calibration.json: {role} ranges over" in states["wider"]["reason"]
+        assert "outside the open int8 graph's scales" in states["wider"]["reason"]
+        assert "bare: no ptbundle_calibration.json" in states["bare"]["reason"]
+        got = client.infer("same", [texts_input(TEXTS)]).as_numpy("probabilities")
+        assert got == pytest.approx(softmax(want), abs=1e-5)
+    finally:
+        client.close()
+        server.stop()
