@@ -440,6 +440,9 @@ def test_serve_store_runs_its_entries_on_one_graph_through_loads_and_unloads(smo
     bounded = result["phases"]["bounded"]  # 5 entries in turn, at most 3 loaded: requests load and unload them
     assert bounded["ok"] == 120 and bounded["wrong"] == 0 and bounded["max_loaded"] == 3
     assert bounded["loads"] >= bounded["evictions"] > 0
+    adapters = result["adapters"]  # 3 copies of toy-soft's peft/, loaded as rows of the open graph
+    assert adapters["repository"]["adapters"] == 3 and not adapters["repository"]["failures"]
+    assert adapters["ok"] == 120 and adapters["wrong"] == 0 and adapters["repository"]["load_ms"]["p50"] > 0
 
 
 def test_stream_memory_reads_back_every_line_in_order(smoke):

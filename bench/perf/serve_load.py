@@ -44,6 +44,11 @@ Phases, one server process:
               unloaded before is loaded (POST /v2/repository/models/NAME/unload, /load): requests for
               the entry being unloaded must be answered or get the 404 naming it; every load timed
 
+  adapters    --store-adapters K copies of the bundle's own PEFT adapter (its peft/) put into the store as
+              entries a000.. and loaded one by one through the repository (each load timed): each becomes
+              a row of the open graph; then the store phase's requests over the adapters and the entries,
+              an adapter's answers checked against s000's (the same task, merged)
+
   bounded    with --max-loaded M (M < N): the store phase's requests against a second server,
               `--load-on-demand --max-loaded M`: more tasks in use than may be loaded, so requests load
               entries and unload the least recently used (in turn over N tasks, nearly every request);
@@ -56,10 +61,12 @@ Writes <results>/serve_store.json.
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -276,13 +283,46 @@ def store_entries(bundle: Path, n: int, out: Path, int8: bool, backbone) -> list
     return [entry_name(i) for i in range(n)]
 
 
+def adapter_name(i: int) -> str:
+    return f"a{i:03d}"
+
+
+def adapters_phase(port: int, bundle: Path, store: Path, k: int, entries: list, texts: list, clients: int,
+                   total: int, expected_of, time_limit: float) -> dict:
+    """K copies of the bundle's peft/ loaded into the running store, then requests over them and the entries."""
+    source = bundle / "peft"
+    if not (source / "adapter_config.json").is_file():
+        return {"skipped": f"{bundle} has no PEFT adapter (peft/)"}
+    names = [adapter_name(i) for i in range(k)]
+    loads, failures = [], []
+    for name in names:
+        shutil.copytree(source, store / name)
+        status, seconds = repository(port, f"/v2/repository/models/{name}/load")
+        failures += [f"load {name}: {status}"] if status != 200 else []
+        loads.append(seconds)
+    loads.sort()
+    rows = requests_of({n: False for n in names + entries}, texts, total, 4)
+    expected = expected_of(rows)
+    result = run_clients(port, rows, clients, expected, time.time() + time_limit)
+    result["repository"] = {"adapters": k, "failures": failures, "load_ms": {
+        "p50": round(1000 * loads[len(loads) // 2], 1), "max": round(1000 * loads[-1], 1)}}
+    return result
+
+
 def store_expected(store: Path, rows: list, int8: bool) -> dict:
     """(entry, text, None) -> Prediction of the entry's own bundle for that text alone."""
     out = {}
     for entry in sorted({r[0] for r in rows}):
-        bundle = common.open_bundle(store / entry, int8=int8)
+        # an adapter a000.. is a copy of the bundle's peft/: the task s000 is, merged, its labels named as
+        # transformers names them (a PEFT adapter does not carry names)
+        adapter = not entry.startswith("s")
+        bundle = common.open_bundle(store / (entry_name(0) if adapter else entry), int8=int8)
         texts = sorted({r[1] for r in rows if r[0] == entry})
         for text, p in zip(texts, bundle.predict(texts, batch_size=1)):
+            if adapter:
+                names = {label: f"LABEL_{i}" for i, label in enumerate(bundle.manifest.only.labels)}
+                p = dataclasses.replace(p, label=names[p.label],
+                                        probabilities={names[k]: v for k, v in p.probabilities.items()})
             out[(entry, text, None)] = p
     return out
 
@@ -343,7 +383,7 @@ def churn(port: int, entries: list, every: float, stop: threading.Event, report:
 
 def store_run(bundle: Path, n: int, texts: list, clients: int, total: int, max_batch: int, max_wait_ms: float,
               group: int, int8: bool, every: float, time_limit: float, results, smoke: bool, backbone,
-              max_loaded: int | None = None) -> None:
+              max_loaded: int | None = None, adapters: int = 0) -> None:
     with tempfile.TemporaryDirectory(prefix="ptbundle-store-") as work:
         store = Path(work)
         started = time.time()
@@ -388,6 +428,21 @@ def store_run(bundle: Path, n: int, texts: list, clients: int, total: int, max_b
                       + (f"; {cycle['cycles']} loads, p50 {cycle['load_ms']['p50']} ms, max"
                          f" {cycle['load_ms']['max']} ms, failures {cycle['failures']}" if name == "churn" else ""),
                       flush=True)
+            if adapters:
+                result = adapters_phase(server.port, bundle, store, adapters, entries, texts, clients, total,
+                                        lambda r: store_expected(store, r, int8), time_limit)
+                if "skipped" not in result:
+                    result["served_over_logits"] = {k: round(result["requests_per_second"] / v["median"], 3)
+                                                    for k, v in report["baseline"].items()}
+                    cycle = result["repository"]
+                    print(f"adapters    {result['ok']:>6} ok {result['wrong']} wrong {result['http_errors']} http"
+                          f" errors {result['connection_errors']} connection errors; {result['requests_per_second']}"
+                          f" req/s over {adapters} adapters and {n} entries; {adapters} adapter loads, p50"
+                          f" {cycle['load_ms']['p50']} ms, max {cycle['load_ms']['max']} ms, failures"
+                          f" {cycle['failures']}", flush=True)
+                else:
+                    print(f"adapters    skipped: {result['skipped']}", flush=True)
+                report["adapters"] = result
             report["server_peak_rss_mb"] = peak_rss_mb(server.process.pid)
             print(f"server: {report['graphs_open']:g} graph(s) open for {n} entries, peak RSS"
                   f" {report['server_peak_rss_mb']} MB", flush=True)
@@ -397,9 +452,12 @@ def store_run(bundle: Path, n: int, texts: list, clients: int, total: int, max_b
             report["phases"]["bounded"] = bounded_run(store, max_loaded, rows["store"], clients, expected, max_batch,
                                                       max_wait_ms, group, int8, time_limit, report["baseline"])
         phases = report["phases"].values()
+        adapted = report.get("adapters") or {"skipped": "not asked for"}
         report["ok"] = all(p["wrong"] == 0 and p["http_errors"] == 0 and p["connection_errors"] == 0
                            and p["sent"] == len(rows["store"]) for p in phases) \
-            and not report["phases"]["churn"]["repository"]["failures"]
+            and not report["phases"]["churn"]["repository"]["failures"] \
+            and ("skipped" in adapted or (adapted["wrong"] == adapted["http_errors"] == adapted["connection_errors"]
+                                          == 0 and adapted["sent"] == total and not adapted["repository"]["failures"]))
         common.write_results(results, "serve_store", report)
         if not report["ok"]:
             raise SystemExit("serve_load --store-tasks: a request was lost, wrong or refused (see the results)")
@@ -449,16 +507,18 @@ def bounded_run(store: Path, max_loaded: int, rows: list, clients: int, expected
 @click.option("--churn-every", default=1.0, show_default=True, help="Seconds between unload/load cycles (store).")
 @click.option("--max-loaded", type=click.IntRange(1), default=None, help="With --store-tasks: also the bounded phase,"
               " at most this many entries loaded (module docstring).")
+@click.option("--store-adapters", "adapters", default=10, show_default=True, help="With --store-tasks: PEFT adapter"
+              " entries loaded into the running store (the adapters phase; 0: none).")
 def main(bundles, backbone, data, smoke, results, clients, total, sequential_requests, max_batch, max_wait_ms, group,
-         int8, sigterm_after, time_limit, store_tasks, churn_every, max_loaded):
+         int8, sigterm_after, time_limit, store_tasks, churn_every, max_loaded, adapters):
     if smoke:
         clients, total, sequential_requests, sigterm_after = 4, 120, 40, 0.5
-        store_tasks, churn_every = min(store_tasks, 5), min(churn_every, 0.02)
+        store_tasks, churn_every, adapters = min(store_tasks, 5), min(churn_every, 0.02), min(adapters, 3)
     dataset = common.load_data(data)
     texts = [e.text for e in list(dataset.test or []) + list(dataset.dev)]
     if store_tasks:
         return store_run(Path(bundles[0]), store_tasks, texts, clients, total, max_batch, max_wait_ms, group, int8,
-                         churn_every, time_limit, results, smoke, backbone, max_loaded)
+                         churn_every, time_limit, results, smoke, backbone, max_loaded, adapters)
     server = Server(bundles, max_batch, max_wait_ms, group, int8)
     try:
         models = json.loads(server.get("/v1/models"))["models"]
