@@ -64,6 +64,7 @@ HEADS = {
                 "base_model.classifier.out_proj.weight": "classifier.weight",
                 "base_model.classifier.out_proj.bias": "classifier.bias"},
 }
+FILES = (PEFT_CONFIG, PEFT_WEIGHTS, PEFT_HEAD, PEFT_CALIBRATION)  # what is read of an adapter directory
 OTHER_WEIGHT_FILES = ("adapter_model.bin", "adapter_model.ckpt", "adapter_model.pt", "adapter_model.pth")
 CONFIG_SIZES = {"token_dim": ("hidden_size", "hidden size"), "num_layers": ("layers", "layers"),
                 "num_attention_heads": ("heads", "attention heads")}  # adapter field -> BackboneInfo field

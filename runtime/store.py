@@ -180,6 +180,13 @@ class TaskStore:
         resolved = path.resolve()
         return resolved != self.directory and resolved.is_relative_to(self.directory)
 
+    def stays_inside(self, entry: str, names) -> None:
+        """The server reads only the store: a file of the entry that is a link leading out of it is refused."""
+        for name in names:
+            path = self.directory / entry / name
+            if (path.is_symlink() or path.exists()) and not self.inside(path):  # a link anywhere on its path
+                raise BundleError(f"{entry}/{name} leads out of the task store")
+
     def prepare(self, entry: str, open_keys) -> Prepared:
         """Check the files of an entry the server reads against the manifest's sha256, each once, and read them
         (on a worker thread: hashing takes a while).  On a graph in `open_keys`, its tables (and its tokenizer if it
@@ -187,8 +194,11 @@ class TaskStore:
         other graphs are not read, as Bundle.load)."""
         directory = self.directory / entry
         if adapter.is_adapter(directory):
+            self.stays_inside(entry, adapter.FILES)
             return self.prepare_adapter(entry, directory, open_keys)
+        self.stays_inside(entry, [MANIFEST])
         manifest = Manifest.read(directory)
+        self.stays_inside(entry, manifest.files)
         key, tables, pooler = None, None, None
         if manifest.multi_task and self.graph in manifest.files and PROMPT in manifest.files:
             # read once and checked, held in memory (Shared.place copies the rows out of it)

@@ -497,3 +497,31 @@ def test_an_adapter_on_an_int8_graph_needs_its_ranges_inside_the_graphs_scales(t
     finally:
         client.close()
         server.stop()
+
+
+def test_files_of_an_entry_that_lead_out_of_the_store_are_refused(tmp_path, table_entries, tiny_bundle):
+    """The server reads only the store: a bundle whose tokenizer.json is a link to an identical file outside it (its
+    sha256 would pass), and an adapter whose weights are a link out, are 400s naming the file; the rest serve."""
+    from ptbundle.runtime.format import Manifest
+
+    store, outside = tmp_path / "store", tmp_path / "outside"
+    store.mkdir()
+    outside.mkdir()
+    shutil.copytree(table_entries / "p1", store / "p1")
+    shutil.copytree(table_entries / "p2", store / "linked")
+    shutil.move(store / "linked" / "tokenizer.json", outside / "tokenizer.json")
+    os.symlink(outside / "tokenizer.json", store / "linked" / "tokenizer.json")
+    adapter_entry(store, "adapter", ADAPTERS / "bert-prefix-projection", Manifest.read(store / "p1").backbone.name)
+    shutil.move(store / "adapter" / "adapter_model.safetensors", outside / "adapter_model.safetensors")
+    os.symlink(outside / "adapter_model.safetensors", store / "adapter" / "adapter_model.safetensors")
+    server, client = serve("--task-store", store)
+    try:
+        states = {r["name"]: r for r in client.get_model_repository_index()}
+        assert states["p1"]["state"] == "READY"
+        assert states["linked"]["reason"] == "linked/tokenizer.json leads out of the task store"
+        assert states["adapter"]["reason"] == "adapter/adapter_model.safetensors leads out of the task store"
+        refused(lambda: client.load_model("adapter"), 400, "adapter/adapter_model.safetensors leads out")
+        assert client.infer("p1", [texts_input(TEXTS)]).as_numpy("label").shape == (3,)
+    finally:
+        client.close()
+        server.stop()
