@@ -75,6 +75,7 @@ class Shared:
     poolings: dict = field(default_factory=dict)  # pooling name -> its index in task.pooling, as entries use them
     pooler: dict | None = None  # the checkpoint's pooler, as an entry's tables record it (BACKBONE_POOLER)
     ranges: dict | None = None  # the activation ranges its int8 scales cover: union of its tasks' recorded ones
+    positions: int = 0  # the most positions (prompt + text) any task on it was checked for at build
 
     @property
     def width(self) -> int:
@@ -103,6 +104,7 @@ class Shared:
         for i, task in enumerate(prepared.manifest.tasks):
             self.poolings.setdefault(task.pooling, int(prepared.tables["task.pooling"][i]))
         self.pooler = self.pooler or prepared.pooler
+        self.positions = max([self.positions] + [t.num_virtual_tokens + t.max_length for t in prepared.manifest.tasks])
         recorded = [t.details.get(CALIBRATION_DETAIL) for t in prepared.manifest.tasks]
         if self.ranges is None and all(well_formed_ranges(r) for r in recorded):
             self.ranges = union_ranges(recorded)
@@ -239,6 +241,10 @@ class TaskStore:
             try:
                 read = adapter.read(directory, shared.backbone, BundleError)
                 rows = adapter.table_rows(read, shared.tables, shared.poolings, shared.pooler, directory, BundleError)
+                if read.virtual_tokens + shared.max_length > shared.positions:
+                    raise BundleError(f"{directory}: its {read.virtual_tokens} virtual tokens before"
+                                      f" {shared.max_length} text tokens need more positions than any task on the"
+                                      f" graph was checked for ({shared.positions}); fold it with pt-build merge")
                 if self.precision == "int8":
                     adapter.check_int8(directory, shared.ranges, BundleError)
             except BundleError as e:

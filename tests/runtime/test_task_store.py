@@ -525,3 +525,42 @@ def test_files_of_an_entry_that_lead_out_of_the_store_are_refused(tmp_path, tabl
     finally:
         client.close()
         server.stop()
+
+
+def test_an_adapter_needing_more_positions_than_the_graph_was_checked_for_is_refused(tmp_path, tiny_bert):
+    """An adapter runs at the max_length of the graph's first task.  Here that task has a 3-token prefix and 128 text
+    tokens, and the graph's 10-token prefix slots belong to a task of 64: a 10-token adapter would need positions
+    (138) no task on the graph was built for (131), and is refused; a 3-token one loads."""
+    import json
+
+    from conftest import build
+    from safetensors.numpy import load_file, save_file
+
+    from ptbundle.runtime.format import Manifest
+
+    work, store = tmp_path / "work", tmp_path / "store"
+    work.mkdir()
+    store.mkdir()
+    longer = work / "longer"
+    shutil.copytree(ADAPTERS / "bert-prefix-mean", longer)
+    prompt = load_file(str(longer / "adapter_model.safetensors"))["prompt_embeddings"]
+    save_file({"prompt_embeddings": np.concatenate([prompt, prompt, prompt, prompt[:1]])},
+              str(longer / "adapter_model.safetensors"))
+    config = json.loads((longer / "adapter_config.json").read_text())
+    (longer / "adapter_config.json").write_text(json.dumps({**config, "num_virtual_tokens": 10}))
+    build(["merge", f"short={ADAPTERS / 'bert-prefix-mean'}", "--out", str(work / "short"), "--backbone",
+           str(tiny_bert)])  # max_length 128
+    build(["merge", str(work / "short"), f"long={longer}", "--max-length", "64", "--out", str(store / "both"),
+           "--backbone", str(tiny_bert)])
+    name = Manifest.read(store / "both").backbone.name
+    adapter_entry(store, "fits", ADAPTERS / "bert-prefix-mean", name)
+    adapter_entry(store, "too-long", longer, name)
+    server, client = serve("--task-store", store)
+    try:
+        states = {r["name"]: r for r in client.get_model_repository_index()}
+        assert states["both"]["state"] == states["fits"]["state"] == "READY"
+        assert "too-long: its 10 virtual tokens before 128 text tokens need more positions than any task on the" \
+               " graph was checked for (131)" in states["too-long"]["reason"]
+    finally:
+        client.close()
+        server.stop()
