@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,16 @@ def store(tmp_path, tiny_build):
     return d
 
 
-def serve(*args, wait_ms=5):
+@contextmanager
+def serving(*args, wait_ms=5):
+    """A real `pt-run serve` process and tritonclient's HTTP client to it, both closed at the end."""
     server = Server(*args, "--max-wait-ms", str(wait_ms))
     client = tritonhttp.InferenceServerClient(f"127.0.0.1:{server.port}", network_timeout=60)
-    return server, client
+    try:
+        yield server, client
+    finally:
+        client.close()
+        server.stop()
 
 
 def texts_input(texts):
@@ -51,8 +58,7 @@ def refused(call, status, match):
 
 
 def test_load_unload_round_trip(store):
-    server, client = serve("--task-store", store, "--repository-token", TOKEN)
-    try:
+    with serving("--task-store", store, "--repository-token", TOKEN) as (server, client):
         index = client.get_model_repository_index(headers=AUTH)
         assert index == [{"name": "toy-hard-probe", "state": "READY"}, {"name": "toy-soft", "state": "READY"}]
         client.unload_model("toy-soft", headers=AUTH)
@@ -71,22 +77,18 @@ def test_load_unload_round_trip(store):
                 np.array([[w.probabilities[l] for l in labels] for w in want]), abs=1e-5)
             assert [x.decode() for x in result.as_numpy("label")] == [w.label for w in want]
         assert "model_repository" in client.get_server_metadata()["extensions"]
-    finally:
-        client.close()
-        server.stop()
 
 
 def test_unload_answers_the_requests_in_flight(store):
     # a batch waits 600 ms for more texts: requests sent just before the unload are still queued when it comes
-    server, client = serve("--task-store", store, wait_ms=600)
-    answers = []
+    with serving("--task-store", store, wait_ms=600) as (server, client):
+        answers = []
 
-    def send():
-        c = tritonhttp.InferenceServerClient(f"127.0.0.1:{server.port}", network_timeout=60)
-        answers.append(c.infer("toy-soft", [texts_input(TEXTS)]).as_numpy("label").shape)
-        c.close()
+        def send():
+            c = tritonhttp.InferenceServerClient(f"127.0.0.1:{server.port}", network_timeout=60)
+            answers.append(c.infer("toy-soft", [texts_input(TEXTS)]).as_numpy("label").shape)
+            c.close()
 
-    try:
         threads = [threading.Thread(target=send) for _ in range(4)]
         for t in threads:
             t.start()
@@ -98,16 +100,12 @@ def test_unload_answers_the_requests_in_flight(store):
             t.join(30)
         assert answers == [(3,)] * 4
         assert client.infer("toy-hard-probe", [texts_input(TEXTS)]).as_numpy("label").shape == (3,)
-    finally:
-        client.close()
-        server.stop()
 
 
 def test_token_names_and_changed_files_refused(store, tiny_bundle, tmp_path):
     os.symlink(tiny_bundle, store / "outside")  # a bundle, but outside the store
     shutil.copytree(tiny_bundle, store / "toy-soft-copy")
-    server, client = serve("--task-store", store, "--repository-token", TOKEN)
-    try:
+    with serving("--task-store", store, "--repository-token", TOKEN) as (server, client):
         assert [r["name"] for r in client.get_model_repository_index(headers=AUTH)] == \
             ["toy-hard-probe", "toy-soft", "toy-soft-copy"]
         refused(lambda: client.get_model_repository_index(), 401, "Bearer")
@@ -130,22 +128,15 @@ def test_token_names_and_changed_files_refused(store, tiny_bundle, tmp_path):
         row = [r for r in client.get_model_repository_index(headers=AUTH) if r["name"] == "toy-soft-copy"][0]
         assert row["state"] == "UNAVAILABLE" and "model.onnx: sha256" in row["reason"]
         assert client.is_model_ready("toy-soft") and client.is_model_ready("toy-hard-probe")
-    finally:
-        client.close()
-        server.stop()
 
 
 def test_repository_absent_without_a_store(tiny_bundle):
-    server, client = serve(tiny_bundle)
-    try:
+    with serving(tiny_bundle) as (server, client):
         refused(lambda: client.get_model_repository_index(), 404, "--task-store")
         refused(lambda: client.load_model("toy-soft"), 404, "--task-store")
         refused(lambda: client.unload_model("toy-soft"), 404, "--task-store")
         assert "model_repository" not in client.get_server_metadata()["extensions"]
         assert client.is_model_ready("toy-soft")
-    finally:
-        client.close()
-        server.stop()
 
 
 def test_on_demand_loading_within_a_bound_unloads_the_least_recently_used(store, tiny_build):
@@ -153,8 +144,8 @@ def test_on_demand_loading_within_a_bound_unloads_the_least_recently_used(store,
     the third unloads the least recently used, which a later request loads again; every answer is its own."""
     shutil.copytree(tiny_build[0] / "toy-hard-zeroshot", store / "toy-hard-zeroshot")
     want = {name: [p.label for p in Bundle.load(store / name).predict(TEXTS)] for name in os.listdir(store)}
-    server, client = serve("--task-store", store, "--repository-token", TOKEN, "--load-on-demand", "--max-loaded", "2")
-    try:
+    flags = ("--repository-token", TOKEN, "--load-on-demand", "--max-loaded", "2")
+    with serving("--task-store", store, *flags) as (server, client):
         index = client.get_model_repository_index(headers=AUTH)
         assert [row["state"] for row in index] == ["UNAVAILABLE"] * 3  # nothing loaded until asked for
         for name in ("toy-soft", "toy-hard-probe", "toy-soft", "toy-hard-zeroshot"):  # toy-hard-probe is coldest
@@ -172,8 +163,6 @@ def test_on_demand_loading_within_a_bound_unloads_the_least_recently_used(store,
         assert len(loaded) == 2 and "toy-soft" in loaded
         metrics = server.request("GET", "/metrics")[1]
         assert "ptbundle_store_evictions_total 3.0" in metrics and "ptbundle_store_loads_total" in metrics
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize("flags", [["--load-on-demand"], ["--max-loaded", "2"]])
@@ -211,29 +200,28 @@ def test_entries_on_one_graph_share_it_and_its_batches(tmp_path, table_entries, 
     shutil.copytree(tiny_build[0] / "toy-hard-probe", store / "probe")
     want = {name: Bundle.load(store / name).logits(TEXTS) for name in ("p1", "p2", "toy", "probe")}
     assert not np.allclose(want["p1"], want["p2"], atol=1e-3)  # two tasks, not one twice
-    server, client = serve("--task-store", store, wait_ms=300)
+    with serving("--task-store", store, wait_ms=300) as (server, client):
 
-    def check(names):
-        answers = {}
+        def check(names):
+            answers = {}
 
-        def send(name):
-            c = tritonhttp.InferenceServerClient(f"127.0.0.1:{server.port}", network_timeout=60)
-            answers[name] = c.infer(name, [texts_input(TEXTS)]).as_numpy("probabilities")
-            c.close()
+            def send(name):
+                c = tritonhttp.InferenceServerClient(f"127.0.0.1:{server.port}", network_timeout=60)
+                answers[name] = c.infer(name, [texts_input(TEXTS)]).as_numpy("probabilities")
+                c.close()
 
-        threads = [threading.Thread(target=send, args=(n,)) for n in names]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        for name in names:  # sent together: p1's and p2's rows ran in one batch of the shared graph
-            expected = np.exp(want[name]) / np.exp(want[name]).sum(-1, keepdims=True)
-            assert answers[name] == pytest.approx(expected, abs=1e-5), name
+            threads = [threading.Thread(target=send, args=(n,)) for n in names]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            for name in names:  # sent together: p1's and p2's rows ran in one batch of the shared graph
+                expected = np.exp(want[name]) / np.exp(want[name]).sum(-1, keepdims=True)
+                assert answers[name] == pytest.approx(expected, abs=1e-5), name
 
-    def graphs():
-        return metric_samples(server.request("GET", "/metrics")[1])[("ptbundle_store_graphs", ())]
+        def graphs():
+            return metric_samples(server.request("GET", "/metrics")[1])[("ptbundle_store_graphs", ())]
 
-    try:
         assert graphs() == 3  # p1 and p2 share one; toy and probe run their own
         check(["p1", "p2", "toy", "probe"])
         batches = metric_samples(server.request("GET", "/metrics")[1])
@@ -252,9 +240,6 @@ def test_entries_on_one_graph_share_it_and_its_batches(tmp_path, table_entries, 
         assert graphs() == 2  # the shared graph closed with its last entry
         client.load_model("p2")
         check(["p2", "toy"])
-    finally:
-        client.close()
-        server.stop()
 
 
 def test_a_changed_table_file_is_refused_when_joining_a_shared_graph(tmp_path, table_entries):
@@ -262,16 +247,12 @@ def test_a_changed_table_file_is_refused_when_joining_a_shared_graph(tmp_path, t
     store.mkdir()
     for name in ("p1", "p2"):
         shutil.copytree(table_entries / name, store / name)
-    server, client = serve("--task-store", store, "--load-on-demand")
-    try:
+    with serving("--task-store", store, "--load-on-demand") as (server, client):
         client.load_model("p1")
         tables = store / "p2" / "prompt.safetensors"
         tables.write_bytes(tables.read_bytes()[:-1] + b"\1")
         refused(lambda: client.load_model("p2"), 400, "p2/prompt.safetensors: sha256")
         assert client.infer("p1", [texts_input(TEXTS)]).as_numpy("label").shape == (3,)
-    finally:
-        client.close()
-        server.stop()
 
 
 def test_an_entry_joining_an_open_graph_checks_the_tokenizer_only_where_it_reads_its_own(tmp_path, table_entries):
@@ -293,8 +274,7 @@ def test_an_entry_joining_an_open_graph_checks_the_tokenizer_only_where_it_reads
     manifest = json.loads((store / "longer" / "manifest.json").read_text())
     manifest["tasks"][0]["max_length"] += 1
     (store / "longer" / "manifest.json").write_text(json.dumps(manifest))
-    server, client = serve("--task-store", store, "--load-on-demand")
-    try:
+    with serving("--task-store", store, "--load-on-demand") as (server, client):
         for name in ("p2", "p1"):
             client.load_model(name)
         client.unload_model("p1")  # its task name is free again; the graph stays open for p2
@@ -304,9 +284,6 @@ def test_an_entry_joining_an_open_graph_checks_the_tokenizer_only_where_it_reads
         client.unload_model("unread")
         refused(lambda: client.load_model("longer"), 400, "longer/tokenizer.json: sha256")
         assert metric_samples(server.request("GET", "/metrics")[1])[("ptbundle_store_graphs", ())] == 1  # all on one
-    finally:
-        client.close()
-        server.stop()
 
 
 def test_an_entry_refused_for_a_name_clash_gives_its_rows_back(tmp_path, table_entries, tiny_bundle):
@@ -316,8 +293,7 @@ def test_an_entry_refused_for_a_name_clash_gives_its_rows_back(tmp_path, table_e
     store.mkdir()
     for name in ("p1", "p2"):
         shutil.copytree(table_entries / name, store / name)
-    server, client = serve(f"p1={tiny_bundle}", "--task-store", store)
-    try:
+    with serving(f"p1={tiny_bundle}", "--task-store", store) as (server, client):
         row = [r for r in client.get_model_repository_index() if r["name"] == "p1"][0]
         assert row["state"] == "UNAVAILABLE" and "already served" in row["reason"]
         refused(lambda: client.load_model("p1"), 409, "already served")
@@ -327,9 +303,6 @@ def test_an_entry_refused_for_a_name_clash_gives_its_rows_back(tmp_path, table_e
         assert [x.decode() for x in client.infer("p1", [texts_input(TEXTS)]).as_numpy("label")] == \
             [p.label for p in Bundle.load(tiny_bundle).predict(TEXTS)]  # the command line's p1
         assert metric_samples(server.request("GET", "/metrics")[1])[("ptbundle_store_graphs", ())] == 1
-    finally:
-        client.close()
-        server.stop()
 
 
 def test_a_load_that_fails_within_the_bound_unloads_nothing(store, tmp_path):
@@ -337,8 +310,7 @@ def test_a_load_that_fails_within_the_bound_unloads_nothing(store, tmp_path):
     entries serving; a load that succeeds then unloads the least recently used."""
     shutil.copytree(write_chat_bundle(tmp_path / "built"), store / "chat")
     shutil.copytree(store / "toy-soft", store / "toy-soft-2")
-    server, client = serve("--task-store", store, "--load-on-demand", "--max-loaded", "2")
-    try:
+    with serving("--task-store", store, "--load-on-demand", "--max-loaded", "2") as (server, client):
         for name in ("toy-soft", "toy-hard-probe"):
             assert server.predict(name, TEXTS)[0] == 200
         refused(lambda: client.load_model("chat"), 400, "chat: not loaded: .*a generation bundle")
@@ -350,22 +322,15 @@ def test_a_load_that_fails_within_the_bound_unloads_nothing(store, tmp_path):
         ready = {r["name"] for r in client.get_model_repository_index() if r["state"] == "READY"}
         assert ready == {"toy-hard-probe", "toy-soft-2"}
         assert metric_samples(server.request("GET", "/metrics")[1])[evictions] == 1
-    finally:
-        client.close()
-        server.stop()
 
 
 def test_a_generation_bundle_in_the_store_is_refused_by_name_and_the_others_serve(store, tmp_path):
     shutil.copytree(write_chat_bundle(tmp_path / "built"), store / "chat")
-    server, client = serve("--task-store", store)
-    try:
+    with serving("--task-store", store) as (server, client):
         row = [r for r in client.get_model_repository_index() if r["name"] == "chat"][0]
         assert row["state"] == "UNAVAILABLE" and "a generation bundle: pt-run serve serves classifiers" in row["reason"]
         refused(lambda: client.load_model("chat"), 400, "chat: not loaded: .*a generation bundle")
         assert client.infer("toy-soft", [texts_input(TEXTS)]).as_numpy("label").shape == (3,)
-    finally:
-        client.close()
-        server.stop()
 
 
 ADAPTERS = Path(__file__).parents[1] / "fixtures" / "peft_adapters"
@@ -400,8 +365,7 @@ def test_a_peft_adapter_loads_onto_the_open_graph_of_its_backbone(tmp_path, tabl
     adapter_entry(store, "shallow", ADAPTERS / "bert-prompt-tuning", f"someone/{backbone}")  # needs prompt slots
     adapter_entry(store, "other", ADAPTERS / "bert-prefix", "bert-base-uncased")
     want = Bundle.load(table_entries / "p2").logits(TEXTS)  # the same adapter, merged
-    server, client = serve("--task-store", store, wait_ms=300)
-    try:
+    with serving("--task-store", store, wait_ms=300) as (server, client):
         states = {r["name"]: r for r in client.get_model_repository_index()}
         assert states["p1"]["state"] == states["adapter"]["state"] == "READY"  # bundles load first
         assert "its 3 virtual tokens do not fit the graph's 0 prompt slots" in states["shallow"]["reason"]
@@ -426,9 +390,6 @@ def test_a_peft_adapter_loads_onto_the_open_graph_of_its_backbone(tmp_path, tabl
         client.unload_model("p1")
         got = client.infer("adapter", [texts_input(TEXTS)]).as_numpy("probabilities")
         assert got == pytest.approx(softmax(want), abs=1e-5)
-    finally:
-        client.close()
-        server.stop()
 
 
 def test_a_mean_pooled_adapter_reads_its_own_head_and_needs_an_open_graph(tmp_path, tiny_bert):
@@ -449,16 +410,12 @@ def test_a_mean_pooled_adapter_reads_its_own_head_and_needs_an_open_graph(tmp_pa
     save_file({**head, "bias": head["bias"] + np.array([1.0, -1.0], np.float32)}, str(store / "moved" /
                                                                                        "head.safetensors"))
     want = Bundle.load(store / "mean").logits(TEXTS) + np.array([1.0, -1.0])
-    server, client = serve("--task-store", store, "--load-on-demand")
-    try:
+    with serving("--task-store", store, "--load-on-demand") as (server, client):
         refused(lambda: client.infer("moved", [texts_input(TEXTS)]), 400,
                 "moved/adapter_config.json: base_model_name_or_path .* no loaded entry .*loaded: none")
         assert server.predict("mean", TEXTS)[0] == 200
         got = client.infer("moved", [texts_input(TEXTS)]).as_numpy("probabilities")
         assert got == pytest.approx(softmax(want), abs=1e-5)
-    finally:
-        client.close()
-        server.stop()
 
 
 def test_an_adapter_on_an_int8_graph_needs_its_ranges_inside_the_graphs_scales(tmp_path, tiny_build, tiny_bert):
@@ -485,8 +442,7 @@ def test_an_adapter_on_an_int8_graph_needs_its_ranges_inside_the_graphs_scales(t
     ranges_file.write_text(json.dumps(ranges))
     (store / "bare" / "ptbundle_calibration.json").unlink()
     want = Bundle.load(store / "toy", int8=True).logits(TEXTS)
-    server, client = serve("--task-store", store, "--int8")
-    try:
+    with serving("--task-store", store, "--int8") as (server, client):
         states = {r["name"]: r for r in client.get_model_repository_index()}
         assert states["toy"]["state"] == states["same"]["state"] == "READY"
         assert f"wider/ptbundle_calibration.json: {role} ranges over" in states["wider"]["reason"]
@@ -494,9 +450,6 @@ def test_an_adapter_on_an_int8_graph_needs_its_ranges_inside_the_graphs_scales(t
         assert "bare: no ptbundle_calibration.json" in states["bare"]["reason"]
         got = client.infer("same", [texts_input(TEXTS)]).as_numpy("probabilities")
         assert got == pytest.approx(softmax(want), abs=1e-5)
-    finally:
-        client.close()
-        server.stop()
 
 
 def test_files_of_an_entry_that_lead_out_of_the_store_are_refused(tmp_path, table_entries, tiny_bundle):
@@ -514,17 +467,13 @@ def test_files_of_an_entry_that_lead_out_of_the_store_are_refused(tmp_path, tabl
     adapter_entry(store, "adapter", ADAPTERS / "bert-prefix-projection", Manifest.read(store / "p1").backbone.name)
     shutil.move(store / "adapter" / "adapter_model.safetensors", outside / "adapter_model.safetensors")
     os.symlink(outside / "adapter_model.safetensors", store / "adapter" / "adapter_model.safetensors")
-    server, client = serve("--task-store", store)
-    try:
+    with serving("--task-store", store) as (server, client):
         states = {r["name"]: r for r in client.get_model_repository_index()}
         assert states["p1"]["state"] == "READY"
         assert states["linked"]["reason"] == "linked/tokenizer.json leads out of the task store"
         assert states["adapter"]["reason"] == "adapter/adapter_model.safetensors leads out of the task store"
         refused(lambda: client.load_model("adapter"), 400, "adapter/adapter_model.safetensors leads out")
         assert client.infer("p1", [texts_input(TEXTS)]).as_numpy("label").shape == (3,)
-    finally:
-        client.close()
-        server.stop()
 
 
 def test_an_adapter_needing_more_positions_than_the_graph_was_checked_for_is_refused(tmp_path, tiny_bert):
@@ -555,12 +504,8 @@ def test_an_adapter_needing_more_positions_than_the_graph_was_checked_for_is_ref
     name = Manifest.read(store / "both").backbone.name
     adapter_entry(store, "fits", ADAPTERS / "bert-prefix-mean", name)
     adapter_entry(store, "too-long", longer, name)
-    server, client = serve("--task-store", store)
-    try:
+    with serving("--task-store", store) as (server, client):
         states = {r["name"]: r for r in client.get_model_repository_index()}
         assert states["both"]["state"] == states["fits"]["state"] == "READY"
         assert "too-long: its 10 virtual tokens before 128 text tokens need more positions than any task on the" \
                " graph was checked for (131)" in states["too-long"]["reason"]
-    finally:
-        client.close()
-        server.stop()
