@@ -296,6 +296,8 @@ PRODUCT = {
     "read_tables": "ptbundle.runtime.format:read_tables",  # a merged bundle's task tables, its graphs' inputs
     "sha256_file": "ptbundle.runtime.format:sha256_file",
     "PROMPT_FILE": "ptbundle.runtime.format:PROMPT", "MANIFEST_FILE": "ptbundle.runtime.format:MANIFEST",
+    "adapter_labels": "ptbundle.runtime.adapter:default_labels",  # what a served PEFT adapter's labels are called
+    "is_adapter": "ptbundle.runtime.adapter:is_adapter",
 }
 
 

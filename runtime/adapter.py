@@ -39,7 +39,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from .format import (BACKBONE_POOLER, PEFT_CALIBRATION, PEFT_CONFIG, PEFT_HEAD, PEFT_WEIGHTS, TABLE_PREFIX,
-                     BackboneInfo, Task, lay_out_row, prefix_keys, read_json_object, task_axis, well_formed_ranges)
+                     BackboneInfo, Task, empty_tables, read_json_object, well_formed_ranges, write_task)
 
 PROMPT_KEY = "prompt_embeddings"
 METHODS = {"PROMPT_TUNING": "prompt-tuning", "P_TUNING": "prompt-tuning", "PREFIX_TUNING": "prefix-tuning"}
@@ -257,24 +257,12 @@ def table_rows(adapter: Adapter, tables: dict, poolings: dict, backbone_pooler: 
             raise error(f"{path}: a SEQ_CLS adapter on the checkpoint's own pooler, which the open graph's bundle"
                         f" does not record (merged before it did): merge it again with this version's pt-build")
         head["pooler.weight"], head["pooler.bias"] = (backbone_pooler[n] for n in BACKBONE_POOLER)
-    rows = {name: np.zeros(a.shape[:task_axis(name)] + (1,) + a.shape[task_axis(name) + 1:], a.dtype)
-            for name, a in tables.items()}
-    lay_out_row(rows, 0, role, p, 0, q, slots)
+    rows = empty_tables(tables, 1)
+    missing = [n for n in head if n != PROMPT_KEY and TABLE_PREFIX + n not in rows]
+    if missing:
+        raise error(f"{path}: the graph has no table for {missing[0]}")
+    write_task(rows, 0, role, p, 0, head)
     rows[TABLE_PREFIX + "pooling"][0] = poolings[adapter.pooling]
-    prompt = head.pop(PROMPT_KEY)
-    if role == "embedded":
-        rows[TABLE_PREFIX + "slot_embeds"][0, slots - p:] = prompt
-    else:
-        _, _, heads, _, head_dim = tables[f"{TABLE_PREFIX}past.0"].shape
-        for i in range(layers):
-            rows[f"{TABLE_PREFIX}past.{i}"][:, 0, :, q - p:] = prefix_keys(prompt, i, heads, heads * head_dim)
-    n = adapter.num_labels
-    rows[TABLE_PREFIX + "classifier.weight"][0, :, :n] = head.pop("classifier.weight").T
-    rows[TABLE_PREFIX + "classifier.bias"][0, :n] = head.pop("classifier.bias")
-    for name, value in head.items():  # the pooling's own: a [out, in] weight stored transposed
-        if TABLE_PREFIX + name not in rows:
-            raise error(f"{path}: the graph has no table for {name}")
-        rows[TABLE_PREFIX + name][0] = value.T if value.ndim == 2 else value
     return rows
 
 

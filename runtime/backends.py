@@ -11,7 +11,7 @@ path, the device, a merged bundle's task tables and a variant; called
 with int32 (ids, mask, types[, task_ids]) arrays, returning float32
 logits; attributes `pad_multiple`, `variants` and `variants_for(precision)`
 (ways to open the graph that runtime.tuning times on the CPU at hand),
-`tuned`, `version`, `token_budget` and `call_tokens`; `swap_tables(tables)` to feed a task store's shared table,
+`tuned`, `version`, `token_budget`, `call_tokens` and `platform` (its name in V2 model metadata); `swap_tables(tables)` to feed a task store's shared table,
 runtime.store), for generation bundles a decoder session class (the interface
 of runtime.generate.DecoderSession, opened by its `open` classmethod), and
 one `register(...)` line here.  Backends are imported only when used, so

@@ -149,9 +149,9 @@ def task_axis(name: str) -> int:
 SAFETENSORS_DTYPES = {"F32": np.float32, "I32": np.int32}  # what task tables hold
 
 
-def read_tables(path: Path, data: bytes | None = None, prefix: str = TABLE_PREFIX) -> dict:
+def read_tables(path: Path, data: bytes | None = None, prefix: str | tuple = TABLE_PREFIX) -> dict:
     """The task tables in a merged bundle's prompt.safetensors (none in one written before they were inputs), or
-    the tensors named with another `prefix` (BACKBONE_PREFIX), as
+    the tensors named with other prefixes (`prefix`: one or a tuple; BACKBONE_PREFIX), as
     views of the file mapped read-only rather than read into memory: a row's pages load when a request first uses
     it, and processes serving one bundle share them.  (safetensors' own reader copies every tensor.)  `data`: the
     file's bytes, already read and checked (read_verified), viewed instead."""
@@ -177,6 +177,16 @@ def read_tables(path: Path, data: bytes | None = None, prefix: str = TABLE_PREFI
         return tables
     except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged or foreign file
         raise BundleError(f"{path}: cannot read the task tables ({str(e).splitlines()[0][:200]})") from e
+
+
+def resized(shape: tuple, axis: int, size: int) -> tuple:
+    """`shape` with `size` on `axis` (a table's task axis: task_axis)."""
+    return shape[:axis] + (size,) + shape[axis + 1:]
+
+
+def empty_tables(tables: dict, count: int) -> dict:
+    """Zeroed task tables shaped as `tables` but with room for `count` tasks."""
+    return {n: np.zeros(resized(a.shape, task_axis(n), count), a.dtype) for n, a in tables.items()}
 
 
 def task_rows(tables: dict, index: int) -> dict:
@@ -218,6 +228,32 @@ def lay_out_row(tables: dict, t: int, role: str, p: int, layer: int, q: int, s: 
         tables["task.text_start"][t] = (p if role == "past" else 0) - s
     if role == "past":
         tables["task.visible"][t, layer:, q - p : q] = 1
+
+
+def write_task(tables: dict, t: int, role: str, p: int, layer: int, values: dict) -> None:
+    """Row t of the task tables for one task: what it sees and where its text starts (lay_out_row), then its
+    folded prompt and head, `values` named as a one-task bundle's prompt.safetensors names them
+    (prompt_embeddings; classifier.weight [labels, hidden] and classifier.bias; the pooling's own, a weight
+    [out, in]), the prompt right-aligned against the text and the head's labels first.  The tables' sizes come
+    from the tables themselves.  pt-build merge (builder.models.classifier.task_tables) and a task store's PEFT
+    adapters (runtime.adapter) both write their rows so; the shapes are the caller's to have checked."""
+    s = tables["task.slot_embeds"].shape[1] if "task.slot_embeds" in tables else 0
+    past = sorted(n for n in tables if n.startswith(TABLE_PREFIX + "past."))
+    _, _, heads, q, head_dim = tables[past[0]].shape if past else (0, 0, 0, 0, 0)
+    lay_out_row(tables, t, role, p, layer, q, s)
+    values = dict(values)
+    prompt = values.pop("prompt_embeddings", None)
+    if role in ("embedded", "entered") and p:
+        tables["task.slot_embeds" if role == "embedded" else "task.late"][t, s - p :] = prompt
+    if role == "past":
+        for i in range(layer, tables["task.enters"].shape[1]):
+            tables[f"task.past.{i}"][:, t, :, q - p :] = prefix_keys(prompt, i - layer, heads, heads * head_dim)
+    weight = np.asarray(values.pop("classifier.weight"), np.float32)
+    tables["task.classifier.weight"][t, :, : weight.shape[0]] = weight.T
+    tables["task.classifier.bias"][t, : weight.shape[0]] = values.pop("classifier.bias")
+    for name, value in values.items():  # the pooling's own: a [out, in] weight stored transposed
+        value = np.asarray(value, np.float32)
+        tables[TABLE_PREFIX + name][t] = value.T if value.ndim == 2 else value
 
 
 def prefix_keys(table: np.ndarray, j: int, heads: int, hidden: int) -> np.ndarray:

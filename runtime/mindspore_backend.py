@@ -71,6 +71,8 @@ def load_graph(path: Path, device: str):
 class MindSporeModel:
     """Same call as OnnxModel: int32 [batch, seq] arrays in, float32 logits out."""
 
+    platform = "mindspore_mindir"  # what V2 model metadata calls it
+
     # GraphCell prepares per input shape: multiples of 8 keep the shapes few
     # at a little extra padding.
     pad_multiple = 8

@@ -38,6 +38,8 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 class OnnxModel:
     """Same call as MindSporeModel: int32 [batch, seq] arrays in, float32 logits out."""
 
+    platform = "onnxruntime_onnx"  # what V2 model metadata calls it (Triton's name)
+
     # onnxruntime plans every call afresh, so a new sequence length costs
     # nothing: pad a batch to its longest row and not a token more.
     pad_multiple = 1

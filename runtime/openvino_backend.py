@@ -41,6 +41,7 @@ def import_openvino():
 class OpenVinoModel:
     """Same call as OnnxModel: int32 [batch, seq] arrays in, float32 logits out."""
 
+    platform = "openvino"  # what V2 model metadata calls it (Triton's backend name)
     pad_multiple = 1  # any shape runs; OpenVINO caches what it prepares per shape
     variant = None
     tuned = True  # its token budget is measured like onnxruntime's (runtime.tuning)

@@ -357,8 +357,7 @@ class App:
             if verb == "ready":
                 return (200 if self.ready else 503), {"name": name, "ready": self.ready}, "-", 0
             spec = endpoint.bundle.manifest.task(endpoint.task)
-            platform = "onnxruntime_onnx" if "onnx" in type(endpoint.bundle.model).__module__ else "mindspore_mindir"
-            return 200, v2_metadata(name, spec.labels, spec.pair, platform), "-", 0
+            return 200, v2_metadata(name, spec.labels, spec.pair, endpoint.bundle.model.platform), "-", 0
         need(method == "POST", 405, f"{path} takes POST")
         reply, texts = await self.hold(endpoint, self.infer(name, endpoint, receive, header_length(scope)))
         return 200, reply, name, texts

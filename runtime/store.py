@@ -41,9 +41,9 @@ import numpy as np
 from . import adapter, backends
 from .bundle import Bundle
 from .errors import BundleError, InputError
-from .format import (BACKBONE_PREFIX, CALIBRATION_DETAIL, MANIFEST, PEFT_CONFIG, PROMPT, TOKENIZER, Manifest,
-                     read_json_object, read_tables, read_verified, task_axis, union_ranges, verify_files,
-                     well_formed_ranges)
+from .format import (BACKBONE_POOLER, BACKBONE_PREFIX, CALIBRATION_DETAIL, MANIFEST, PEFT_CONFIG, PROMPT,
+                     TABLE_PREFIX, TOKENIZER, Manifest, empty_tables, read_json_object, read_tables, read_verified,
+                     resized, task_axis, union_ranges, verify_files, well_formed_ranges)
 
 
 @dataclass
@@ -91,7 +91,7 @@ class Shared:
         bundle = prepared.bundle
         tokenizers = {t.task.max_length: t.tokenizer for t in bundle.tasks.values()}
         shared = cls(prepared.key, bundle.model, prepared.manifest.pad_id, tokenizers, prepared.manifest.backbone)
-        shared.tables = {n: np.zeros(resized(a.shape, task_axis(n), 0), a.dtype) for n, a in prepared.tables.items()}
+        shared.tables = empty_tables(prepared.tables, 0)
         return shared
 
     @property
@@ -139,10 +139,6 @@ class Shared:
         self.free += list(range(self.capacity, capacity))
         self.tables = grown
         self.model.swap_tables(self.tables)
-
-
-def resized(shape: tuple, axis: int, size: int) -> tuple:
-    return shape[:axis] + (size,) + shape[axis + 1:]
 
 
 def along(ndim: int, axis: int, which) -> tuple:
@@ -204,12 +200,13 @@ class TaskStore:
         key, tables, pooler = None, None, None
         if manifest.multi_task and self.graph in manifest.files and PROMPT in manifest.files:
             # read once and checked, held in memory (Shared.place copies the rows out of it)
-            data = read_verified(directory, manifest, PROMPT)
-            read = read_tables(directory / PROMPT, data)
+            read = read_tables(directory / PROMPT, read_verified(directory, manifest, PROMPT),
+                               (TABLE_PREFIX, BACKBONE_PREFIX))
+            pooler = {n: read.pop(n) for n in BACKBONE_POOLER if n in read} or None
             if read:  # a merged bundle written before the tables were inputs has none: it runs on its own
                 shapes = tuple(sorted((n, a.dtype.str, resized(a.shape, task_axis(n), 0)) for n, a in read.items()))
                 key = (manifest.files[self.graph], manifest.files.get(TOKENIZER), manifest.pad_id, shapes)
-                tables, pooler = read, read_tables(directory / PROMPT, data, BACKBONE_PREFIX) or None
+                tables = read
         if key is not None and key in open_keys:
             # It runs on the open graph and that graph's tokenizers, whose sha256 (the same as its manifest records)
             # was checked when the graph opened; its own copies are not read, so not checked either, unless it needs

@@ -315,12 +315,13 @@ def store_expected(store: Path, rows: list, int8: bool) -> dict:
     for entry in sorted({r[0] for r in rows}):
         # an adapter a000.. is a copy of the bundle's peft/: the task s000 is, merged, its labels named as
         # transformers names them (a PEFT adapter does not carry names)
-        adapter = not entry.startswith("s")
+        adapter = common.is_adapter(store / entry)
         bundle = common.open_bundle(store / (entry_name(0) if adapter else entry), int8=int8)
         texts = sorted({r[1] for r in rows if r[0] == entry})
         for text, p in zip(texts, bundle.predict(texts, batch_size=1)):
             if adapter:
-                names = {label: f"LABEL_{i}" for i, label in enumerate(bundle.manifest.only.labels)}
+                labels = bundle.manifest.only.labels
+                names = dict(zip(labels, common.adapter_labels(len(labels))))
                 p = dataclasses.replace(p, label=names[p.label],
                                         probabilities={names[k]: v for k, v in p.probabilities.items()})
             out[(entry, text, None)] = p
@@ -336,6 +337,11 @@ def logits_rate(bundle, texts: list, batch_size: int, by_length: bool, repeats: 
         bundle.logits(texts, batch_size=batch_size, sort_by_length=by_length)
         rates.append(len(texts) / (time.perf_counter() - started))
     return common.spread(rates, 1)
+
+
+def over_logits(result: dict, baseline: dict) -> dict:
+    """Served requests/s over each Bundle.logits baseline's median: the server's share of the model's speed."""
+    return {k: round(result["requests_per_second"] / v["median"], 3) for k, v in baseline.items()}
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -418,8 +424,7 @@ def store_run(bundle: Path, n: int, texts: list, clients: int, total: int, max_b
                     stop.set()
                     mover.join()
                     result["repository"] = cycle
-                result["served_over_logits"] = {
-                    k: round(result["requests_per_second"] / v["median"], 3) for k, v in report["baseline"].items()}
+                result["served_over_logits"] = over_logits(result, report["baseline"])
                 report["phases"][name] = result
                 print(f"{name:<11} {result['ok']:>6} ok {result['wrong']} wrong {result['refused_unloaded']} refused"
                       f" as unloaded {result['http_errors']} http errors {result['connection_errors']} connection"
@@ -432,8 +437,7 @@ def store_run(bundle: Path, n: int, texts: list, clients: int, total: int, max_b
                 result = adapters_phase(server.port, bundle, store, adapters, entries, texts, clients, total,
                                         lambda r: store_expected(store, r, int8), time_limit)
                 if "skipped" not in result:
-                    result["served_over_logits"] = {k: round(result["requests_per_second"] / v["median"], 3)
-                                                    for k, v in report["baseline"].items()}
+                    result["served_over_logits"] = over_logits(result, report["baseline"])
                     cycle = result["repository"]
                     print(f"adapters    {result['ok']:>6} ok {result['wrong']} wrong {result['http_errors']} http"
                           f" errors {result['connection_errors']} connection errors; {result['requests_per_second']}"
@@ -480,8 +484,7 @@ def bounded_run(store: Path, max_loaded: int, rows: list, clients: int, expected
     grew = {name: after[name] - before[name] for name in after}
     result.update(max_loaded=max_loaded, loads=grew["ptbundle_store_loads_total"],
                   evictions=grew["ptbundle_store_evictions_total"],
-                  served_over_logits={k: round(result["requests_per_second"] / v["median"], 3)
-                                      for k, v in baseline.items()})
+                  served_over_logits=over_logits(result, baseline))
     print(f"bounded     {result['ok']:>6} ok {result['wrong']} wrong {result['http_errors']} http errors"
           f" {result['connection_errors']} connection errors; {result['requests_per_second']} req/s with at most"
           f" {max_loaded} loaded: {result['loads']:g} loads, {result['evictions']:g} unloaded to make room,"

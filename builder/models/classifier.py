@@ -11,12 +11,12 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from ptbundle.runtime.format import TABLE_PREFIX, lay_out_row, table_names
+from ptbundle.runtime.format import TABLE_PREFIX, lay_out_row, table_names, write_task
 
 from ..errors import RecipeError
 from .encoder import Encoder, TrainDropout, attention_bias
 from .pooling import POOLING
-from .prompts import PROMPTS, PrefixTuning, PromptSpec
+from .prompts import PROMPTS, PromptSpec
 
 
 class HeadState:
@@ -248,38 +248,27 @@ def task_tables(config, tasks: list, values: list) -> dict:
     for t, (task, role, p, own) in enumerate(zip(tasks, roles, lengths, values)):
         if role is None:
             raise TaskTableError(task.name, f"prompt method {task.spec.method!r} has no place in a task table")
-        lay_out_row(out, t, role, p, task.spec.layer, q, s)  # what it sees and where its text starts
         if is_rows(own):
+            lay_out_row(out, t, role, p, task.spec.layer, q, s)  # what it sees and where its text starts
             place_rows(out, t, task, role, own, q, s)
             continue
-        own = dict(own)
-        prompt = own.pop("prompt_embeddings", None)
+        prompt = own.get("prompt_embeddings")
         if (prompt is None) != (p == 0 or role == ""):
             raise TaskTableError(task.name, f"prompt_embeddings do not match its {p} virtual tokens")
-        if role in ("embedded", "entered"):
-            if prompt.shape != (p, h):
-                raise TaskTableError(task.name, f"prompt_embeddings {prompt.shape}, expected {(p, h)}")
-            out["task.slot_embeds" if role == "embedded" else "task.late"][t, s - p :] = prompt
-        if role == "past":
-            rows = (layers - task.spec.layer) * 2 * h
-            if prompt.shape != (p, rows):
-                raise TaskTableError(task.name, f"prompt_embeddings {prompt.shape}, expected {(p, rows)}")
-            for i in range(task.spec.layer, layers):
-                out[f"task.past.{i}"][:, t, :, q - p :] = PrefixTuning.past(prompt, task.spec, config, i)
+        want = {"embedded": (p, h), "entered": (p, h), "past": (p, (layers - task.spec.layer) * 2 * h)}.get(role)
+        if want is not None and prompt.shape != want:
+            raise TaskTableError(task.name, f"prompt_embeddings {prompt.shape}, expected {want}")
+        head = {k: v for k, v in own.items() if k != "prompt_embeddings"}
         wanted = {"classifier.weight", "classifier.bias", *POOLING[task.pooling].table_params}
-        if set(own) != wanted:
-            raise TaskTableError(task.name, f"head has {sorted(own)}, expected {sorted(wanted)}")
-        weight, bias = np.asarray(own.pop("classifier.weight"), np.float32), own.pop("classifier.bias")
-        if weight.shape != (task.num_labels, h):
-            raise TaskTableError(task.name, f"classifier.weight {weight.shape}, expected {(task.num_labels, h)}")
-        out["task.classifier.weight"][t, :, : task.num_labels] = weight.T
-        out["task.classifier.bias"][t, : task.num_labels] = bias
-        for name, value in own.items():  # the pooling's own: a [out, in] weight stored transposed
-            value = np.asarray(value, np.float32)
-            value = value.T if value.ndim == 2 else value
+        if set(head) != wanted:
+            raise TaskTableError(task.name, f"head has {sorted(head)}, expected {sorted(wanted)}")
+        if np.shape(head["classifier.weight"]) != (task.num_labels, h):
+            raise TaskTableError(task.name, f"classifier.weight {np.shape(head['classifier.weight'])}, expected"
+                                            f" {(task.num_labels, h)}")
+        for name in POOLING[task.pooling].table_params:  # sized by the first task that has it
             if out[f"task.{name}"] is None:
-                out[f"task.{name}"] = np.zeros((n,) + value.shape, np.float32)
-            out[f"task.{name}"][t] = value
+                out[f"task.{name}"] = np.zeros((n,) + np.shape(head[name])[::-1], np.float32)
+        write_task(out, t, role, p, task.spec.layer, own)
     return out
 
 

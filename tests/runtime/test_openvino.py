@@ -66,3 +66,17 @@ def test_export_records_bf16_beside_int8(tiny_bundle):
         assert bf16[split]["n"] == metrics[split]["n"] and 0 < bf16["max_abs_logit_diff"][split] < 0.1
     shown = CliRunner().invoke(cli, ["info", str(tiny_bundle)])
     assert shown.exit_code == 0 and "bf16 test   accuracy" in shown.output, shown.output
+
+
+def test_served_through_openvino_its_v2_metadata_names_openvino(tiny_bundle):
+    """The platform V2 metadata reports is the backend's own (it said mindspore_mindir for OpenVINO before)."""
+    tritonhttp = pytest.importorskip("tritonclient.http")
+    from serving import Server
+
+    server = Server(tiny_bundle, "--backend", "openvino")
+    try:
+        client = tritonhttp.InferenceServerClient(f"127.0.0.1:{server.port}")
+        assert client.get_model_metadata("toy-soft")["platform"] == "openvino"
+        client.close()
+    finally:
+        server.stop()
